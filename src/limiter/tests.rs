@@ -1,0 +1,346 @@
+//! Limiter tests with a manual clock and injected randomness.
+
+use super::random::Sequence;
+use super::*;
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn th(ttft: f64, itl: f64, tau: f64) -> Thresholds {
+    Thresholds {
+        ttft,
+        itl,
+        time_constant: tau,
+    }
+}
+
+/// A config builder for tests: defaults 1 s / 50 ms / τ 10 s, one named model "llama".
+fn config() -> LimiterConfig {
+    LimiterConfig {
+        mode: Mode::Enforce,
+        scope: Scope::PerModel,
+        defaults: th(1.0, 0.05, 10.0),
+        models: vec![("llama".into(), th(0.5, 0.03, 10.0))],
+        shedding: Shedding {
+            max_reject_probability: 0.9,
+            ramp: 1.5,
+            max_evidence: 200.0,
+            sheddable_factor: 1.25,
+            retry_after_jitter: 0.0,
+            retry_after_cap: Duration::from_secs(60),
+        },
+        max_dynamic_keys: 4,
+    }
+}
+
+/// Feeds `n` samples of each signal at `now` so the averages equal the values.
+fn load(l: &Limiter, key: KeyId, ttft: f64, itl: f64, now: Duration, n: usize) {
+    for _ in 0..n {
+        l.record(key, Signal::Ttft, ttft, now).unwrap();
+        l.record(key, Signal::Itl, itl, now).unwrap();
+    }
+}
+
+#[test]
+fn below_threshold_admits_with_zero_probability() {
+    let l = Limiter::new(config());
+    let k = l.key("llama");
+    load(&l, k, 0.5, 0.03, SEC, 1); // exactly at both thresholds: r = 1
+    let d = l.decide(k, Priority::Standard, SEC, &mut Sequence::new(vec![0.0]));
+    assert_eq!(d.verdict, Verdict::Admit);
+    assert_eq!(d.reject_probability, 0.0);
+    assert!((d.pressure - 1.0).abs() < 1e-12);
+    assert_eq!(d.retry_after, None);
+}
+
+#[test]
+fn the_binding_signal_sets_the_pressure() {
+    let l = Limiter::new(config());
+    let k = l.key("llama");
+    load(&l, k, 0.25, 0.036, SEC, 10); // ttft ratio 0.5, itl ratio 1.2
+    let d = l.decide(k, Priority::Standard, SEC, &mut Sequence::new(vec![0.99]));
+    assert!((d.pressure - 1.2).abs() < 1e-9, "{}", d.pressure);
+    assert!((d.reject_probability - 0.9 * 0.4).abs() < 1e-9);
+}
+
+#[test]
+fn probability_at_ramp_end_and_beyond_and_draws_decide() {
+    let l = Limiter::new(config());
+    let k = l.key("llama");
+    load(&l, k, 0.75, 0.0, SEC, 10); // r = 1.5 = ramp
+    let d = l.decide(
+        k,
+        Priority::Standard,
+        SEC,
+        &mut Sequence::new(vec![0.899, 0.0]),
+    );
+    assert_eq!(d.verdict, Verdict::Reject);
+    assert!((d.reject_probability - 0.9).abs() < 1e-12);
+    let d = l.decide(k, Priority::Standard, SEC, &mut Sequence::new(vec![0.9]));
+    assert_eq!(
+        d.verdict,
+        Verdict::Admit,
+        "a draw ≥ p admits (the probe trickle)"
+    );
+    load(&l, k, 5.0, 0.0, SEC, 200); // r ≈ 10
+    let d = l.decide(
+        k,
+        Priority::Standard,
+        SEC,
+        &mut Sequence::new(vec![0.5, 0.0]),
+    );
+    assert!((d.reject_probability - 0.9).abs() < 1e-12);
+    assert_eq!(d.verdict, Verdict::Reject);
+}
+
+#[test]
+fn observed_reject_rate_matches_probability() {
+    let l = Limiter::new(config());
+    let k = l.key("llama");
+    load(&l, k, 0.625, 0.0, SEC, 10); // r = 1.25 → p = 0.45
+    let mut rng = SplitMix64::new(42);
+    let n = 20_000;
+    let rejected = (0..n)
+        .filter(|_| !l.decide(k, Priority::Standard, SEC, &mut rng).admitted())
+        .count();
+    let rate = rejected as f64 / n as f64;
+    assert!((rate - 0.45).abs() < 0.015, "rate {rate}");
+}
+
+#[test]
+fn hard_cliff_rejects_every_request_past_the_threshold() {
+    let mut c = config();
+    c.shedding.max_reject_probability = 1.0;
+    c.shedding.ramp = 1.0;
+    let l = Limiter::new(c);
+    let k = l.key("llama");
+    load(&l, k, 0.51, 0.0, SEC, 10);
+    let mut rng = SplitMix64::new(1);
+    for _ in 0..1000 {
+        assert_eq!(
+            l.decide(k, Priority::Standard, SEC, &mut rng).verdict,
+            Verdict::Reject
+        );
+    }
+}
+
+#[test]
+fn shadow_mode_never_rejects_but_reports() {
+    let mut c = config();
+    c.mode = Mode::Shadow;
+    let l = Limiter::new(c);
+    let k = l.key("llama");
+    load(&l, k, 5.0, 0.0, SEC, 10);
+    let d = l.decide(k, Priority::Standard, SEC, &mut Sequence::new(vec![0.0]));
+    assert_eq!(d.verdict, Verdict::ShadowReject);
+    assert!(d.admitted());
+    assert!(d.reject_probability > 0.0);
+    assert!(d.retry_after.is_some());
+}
+
+#[test]
+fn critical_is_never_shed_and_sheddable_is_shed_first() {
+    let l = Limiter::new(config());
+    let k = l.key("llama");
+    load(&l, k, 50.0, 1.0, SEC, 10); // r = 100
+    let d = l.decide(k, Priority::Critical, SEC, &mut Sequence::new(vec![0.0]));
+    assert_eq!(d.verdict, Verdict::Admit);
+    assert_eq!(d.reject_probability, 0.0);
+    assert!(d.pressure > 99.0, "critical still reports the pressure");
+
+    let l = Limiter::new(config());
+    let k = l.key("llama");
+    load(&l, k, 0.45, 0.0, SEC, 10); // r = 0.9: standard admitted, sheddable at 1.125
+    let std = l.decide(k, Priority::Standard, SEC, &mut Sequence::new(vec![0.0]));
+    assert_eq!(std.verdict, Verdict::Admit);
+    assert_eq!(std.reject_probability, 0.0);
+    let shed = l.decide(
+        k,
+        Priority::Sheddable,
+        SEC,
+        &mut Sequence::new(vec![0.0, 0.0]),
+    );
+    assert_eq!(shed.verdict, Verdict::Reject);
+    assert!((shed.pressure - 1.125).abs() < 1e-9);
+    assert!((shed.reject_probability - 0.9 * 0.25).abs() < 1e-9);
+}
+
+#[test]
+fn retry_after_is_when_a_read_falls_back_to_the_threshold() {
+    let clock = ManualClock::starting_at(Duration::from_secs(100));
+    let l = Limiter::new(config());
+    let k = l.key("llama");
+    for _ in 0..50 {
+        l.record(k, Signal::Ttft, 1.5, clock.now()).unwrap(); // r_ttft = 3
+        l.record(k, Signal::Itl, 0.06, clock.now()).unwrap(); // r_itl = 2
+        clock.advance(Duration::from_millis(20));
+    }
+    let d = l.decide(
+        k,
+        Priority::Standard,
+        clock.now(),
+        &mut Sequence::new(vec![0.0, 0.0]),
+    );
+    assert_eq!(d.verdict, Verdict::Reject);
+    let retry = d.retry_after.unwrap();
+    // Just before Retry-After the pressure is still above 1; at it, exactly 1.
+    let start = clock.now();
+    clock.set(start + retry - Duration::from_millis(50));
+    let before = l.decide(
+        k,
+        Priority::Standard,
+        clock.now(),
+        &mut Sequence::new(vec![0.99]),
+    );
+    assert!(before.pressure > 1.0, "{}", before.pressure);
+    clock.set(start + retry);
+    let at = l.decide(
+        k,
+        Priority::Standard,
+        clock.now(),
+        &mut Sequence::new(vec![0.5]),
+    );
+    assert!((at.pressure - 1.0).abs() < 1e-6, "{}", at.pressure);
+    assert!(at.reject_probability < 1e-5);
+    assert_eq!(at.verdict, Verdict::Admit);
+}
+
+#[test]
+fn retry_after_is_jittered_and_capped() {
+    let mut c = config();
+    c.shedding.retry_after_jitter = 0.2;
+    c.shedding.retry_after_cap = Duration::from_secs(5);
+    let l = Limiter::new(c);
+    let k = l.key("llama");
+    load(&l, k, 0.6, 0.0, SEC, 1); // one sample: W = 1, wait = τ·ln(1.2)
+    let base = 10.0 * 1.2f64.ln();
+    let d = l.decide(
+        k,
+        Priority::Standard,
+        SEC,
+        &mut Sequence::new(vec![0.0, 0.5]),
+    );
+    let got = d.retry_after.unwrap().as_secs_f64();
+    assert!((got - base * 1.1).abs() < 1e-6, "{got} vs {}", base * 1.1);
+    load(&l, k, 500.0, 0.0, SEC, 10);
+    let d = l.decide(
+        k,
+        Priority::Standard,
+        SEC,
+        &mut Sequence::new(vec![0.0, 0.99]),
+    );
+    assert_eq!(d.retry_after, Some(Duration::from_secs(5)));
+}
+
+#[test]
+fn an_idle_limiter_reopens() {
+    let mut c = config();
+    c.shedding.retry_after_cap = Duration::from_secs(3600);
+    let l = Limiter::new(c);
+    let k = l.key("llama");
+    load(&l, k, 5.0, 0.5, SEC, 200);
+    let d = l.decide(
+        k,
+        Priority::Standard,
+        SEC,
+        &mut Sequence::new(vec![0.0, 0.0]),
+    );
+    assert_eq!(d.verdict, Verdict::Reject);
+    let later = SEC + d.retry_after.unwrap() + SEC;
+    let d = l.decide(k, Priority::Standard, later, &mut Sequence::new(vec![0.0]));
+    assert_eq!(d.verdict, Verdict::Admit);
+    assert!(d.pressure < 1.0);
+}
+
+#[test]
+fn unknown_models_get_default_thresholds_then_share_other() {
+    let l = Limiter::new(config());
+    let named = l.key("llama");
+    assert_eq!(l.label(named), "llama");
+    assert_eq!(l.thresholds(named).ttft, 0.5);
+    let keys: Vec<KeyId> = (0..6).map(|i| l.key(&format!("m{i}"))).collect();
+    for (i, k) in keys.iter().take(4).enumerate() {
+        assert_eq!(l.label(*k), format!("m{i}"));
+        assert_eq!(l.thresholds(*k), config().defaults);
+        assert_eq!(l.key(&format!("m{i}")), *k, "stable");
+    }
+    assert_eq!(l.label(keys[4]), OTHER_LABEL);
+    assert_eq!(keys[4], keys[5]);
+    assert_eq!(l.key_count(), 1 + 4 + 1);
+    let labels: Vec<&str> = l.readings(SEC).map(|r| r.label).collect();
+    assert_eq!(labels, ["llama", "m0", "m1", "m2", "m3", "other"]);
+}
+
+#[test]
+fn key_bound_holds_under_100k_random_model_names() {
+    let mut c = config();
+    c.max_dynamic_keys = 32;
+    let l = Limiter::new(c);
+    let mut rng = SplitMix64::new(9);
+    let mut name = String::new();
+    for _ in 0..100_000 {
+        name.clear();
+        use std::fmt::Write;
+        write!(name, "model-{:016x}", rng.next_u64()).unwrap();
+        let k = l.key(&name);
+        l.record(k, Signal::Ttft, 0.1, SEC).unwrap();
+    }
+    assert_eq!(l.key_count(), 1 + 32 + 1);
+    assert_eq!(
+        l.dynamic.len(),
+        32,
+        "unknown names beyond the cap are not remembered"
+    );
+    assert_eq!(l.readings(SEC).count(), 34);
+}
+
+#[test]
+fn global_scope_shares_one_key() {
+    let mut c = config();
+    c.scope = Scope::Global;
+    c.models.clear();
+    let l = Limiter::new(c);
+    assert_eq!(l.key("a"), l.key("b"));
+    assert_eq!(l.label(l.key("a")), GLOBAL_LABEL);
+    l.record(l.key("a"), Signal::Ttft, 3.0, SEC).unwrap();
+    assert_eq!(l.averages(l.key("zzz"), SEC).0, 3.0);
+}
+
+#[test]
+fn invalid_samples_are_refused_and_change_nothing() {
+    let l = Limiter::new(config());
+    let k = l.key("llama");
+    l.record(k, Signal::Itl, 0.02, SEC).unwrap();
+    assert_eq!(
+        l.record(k, Signal::Itl, f64::NAN, SEC),
+        Err(InvalidSample::NaN)
+    );
+    assert!(l.record(k, Signal::Ttft, -1.0, SEC).is_err());
+    assert_eq!(l.averages(k, SEC), (0.0, 0.02));
+}
+
+#[test]
+fn carry_over_keeps_state_of_keys_that_remain() {
+    let l = Limiter::new(config());
+    let llama = l.key("llama");
+    let other_model = l.key("mistral");
+    load(&l, llama, 0.4, 0.02, SEC, 5);
+    load(&l, other_model, 0.7, 0.04, SEC, 5);
+
+    // New policy: llama's threshold changes, "mistral" becomes named, a new model appears.
+    let mut c = config();
+    c.models[0].1.ttft = 0.3;
+    c.models.push(("mistral".into(), th(2.0, 0.1, 10.0)));
+    let next = Limiter::carry_over(c, &l);
+    let (llama2, mistral2) = (next.key("llama"), next.key("mistral"));
+    assert_eq!(next.averages(llama2, SEC), (0.4, 0.02));
+    assert_eq!(next.averages(mistral2, SEC), (0.7, 0.04));
+    assert_eq!(next.thresholds(llama2).ttft, 0.3);
+
+    // llama removed from the policy: its state stays, under the defaults.
+    let mut c = config();
+    c.models.clear();
+    let third = Limiter::carry_over(c, &next);
+    let k = third.key("llama");
+    assert_eq!(third.averages(k, SEC), (0.4, 0.02));
+    assert_eq!(third.thresholds(k), config().defaults);
+}

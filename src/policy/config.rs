@@ -1,0 +1,350 @@
+//! Validation of a RateLimitPolicy spec into the [`PolicyConfig`] a gateway runs on.
+//!
+//! The rules are the ones the CRD schema makes the API server enforce (OpenAPI bounds and
+//! CEL rules in [`super::crd`]); they are checked again here because policies also come from
+//! local files, and because an object written while the CRD was older must not reach the
+//! limiter unchecked. Every violation is reported with its field path, all at once.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use super::crd::{MAX_MODELS, Mode, RateLimitPolicy, RateLimitPolicySpec, Scope, SecretKeyRef};
+use super::duration::parse_duration;
+use crate::limiter::{self, DEFAULT_MAX_DYNAMIC_KEYS, LimiterConfig, Thresholds};
+
+/// The `apiVersion` of RateLimitPolicy documents.
+pub const API_VERSION: &str = "sluice.dev/v1alpha1";
+/// The `kind` of RateLimitPolicy documents.
+pub const KIND: &str = "RateLimitPolicy";
+
+/// A validated policy: where to forward, and the limiter's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyConfig {
+    pub upstream: UpstreamConfig,
+    pub limiter: LimiterConfig,
+}
+
+/// The validated upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// Base URL (scheme http or https, with a host).
+    pub url: http::Uri,
+    /// Whole-request timeout.
+    pub timeout: Duration,
+    /// Measure unary requests by streaming them upstream.
+    pub stream_unary: bool,
+    pub api_key_secret: Option<SecretKeyRef>,
+}
+
+/// One violated rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// JSON path of the field, e.g. `spec.models[1].ttft`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Why a policy cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// The spec breaks one or more rules.
+    #[error("invalid RateLimitPolicy: {}", join(.0))]
+    Invalid(Vec<FieldError>),
+    /// The document is not YAML of a RateLimitPolicy.
+    #[error("cannot read RateLimitPolicy YAML: {0}")]
+    Yaml(String),
+    /// The document is some other kind of object.
+    #[error(
+        "expected apiVersion {API_VERSION} and kind {KIND}, found apiVersion {api_version:?} and kind {kind:?}"
+    )]
+    WrongKind { api_version: String, kind: String },
+}
+
+fn join(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl PolicyError {
+    /// The violated rules (empty for YAML and kind errors).
+    pub fn field_errors(&self) -> &[FieldError] {
+        match self {
+            PolicyError::Invalid(e) => e,
+            _ => &[],
+        }
+    }
+}
+
+/// Collects violations while walking the spec.
+#[derive(Default)]
+struct Checker {
+    errors: Vec<FieldError>,
+}
+
+impl Checker {
+    fn fail(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    /// A duration that must be at least `min` (and positive when `min` is zero).
+    fn duration(&mut self, field: &str, text: &str, min: Duration) -> Option<Duration> {
+        match parse_duration(text) {
+            Err(e) => {
+                self.fail(field, e.to_string());
+                None
+            }
+            Ok(d) if min.is_zero() && d.is_zero() => {
+                self.fail(field, format!("{text:?} must be greater than 0"));
+                None
+            }
+            Ok(d) if d < min => {
+                self.fail(
+                    field,
+                    format!("{text:?} must be at least {}s", min.as_secs()),
+                );
+                None
+            }
+            Ok(d) => Some(d),
+        }
+    }
+
+    fn thresholds(
+        &mut self,
+        path: &str,
+        ttft: Option<&str>,
+        itl: Option<&str>,
+        time_constant: Option<&str>,
+        fallback: Thresholds,
+    ) -> Thresholds {
+        let mut t = fallback;
+        if let Some(d) =
+            ttft.and_then(|v| self.duration(&format!("{path}.ttft"), v, Duration::ZERO))
+        {
+            t.ttft = d.as_secs_f64();
+        }
+        if let Some(d) = itl.and_then(|v| self.duration(&format!("{path}.itl"), v, Duration::ZERO))
+        {
+            t.itl = d.as_secs_f64();
+        }
+        let tc_field = format!("{path}.timeConstant");
+        if let Some(d) = time_constant.and_then(|v| self.duration(&tc_field, v, MIN_TIME_CONSTANT))
+        {
+            t.time_constant = d.as_secs_f64();
+        }
+        t
+    }
+}
+
+/// Shortest allowed time constant.
+pub const MIN_TIME_CONSTANT: Duration = Duration::from_secs(1);
+
+fn upstream_url(text: &str) -> Result<http::Uri, String> {
+    let bad = || format!("{text:?} must be an http:// or https:// URL with a host");
+    let uri: http::Uri = text.parse().map_err(|_| bad())?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(bad()),
+    }
+    match uri.host() {
+        Some(h) if !h.is_empty() => Ok(uri),
+        _ => Err(bad()),
+    }
+}
+
+impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
+    type Error = PolicyError;
+
+    fn try_from(spec: &RateLimitPolicySpec) -> Result<Self, PolicyError> {
+        let mut c = Checker::default();
+
+        let url = upstream_url(&spec.upstream.url)
+            .map_err(|m| c.fail("spec.upstream.url", m))
+            .ok();
+        let timeout = c.duration(
+            "spec.upstream.timeout",
+            &spec.upstream.timeout,
+            Duration::ZERO,
+        );
+        if let Some(r) = &spec.upstream.api_key_secret_ref {
+            if r.name.is_empty() {
+                c.fail("spec.upstream.apiKeySecretRef.name", "must not be empty");
+            }
+            if r.key.is_empty() {
+                c.fail("spec.upstream.apiKeySecretRef.key", "must not be empty");
+            }
+        }
+
+        if let Some(g) = &spec.gateway {
+            if let Some(r) = g.replicas.filter(|r| !(0..=1000).contains(r)) {
+                c.fail(
+                    "spec.gateway.replicas",
+                    format!("{r} must be between 0 and 1000"),
+                );
+            }
+            if let Some(p) = g.port.filter(|p| !(1..=65535).contains(p)) {
+                c.fail(
+                    "spec.gateway.port",
+                    format!("{p} must be between 1 and 65535"),
+                );
+            }
+        }
+
+        // Placeholders only used when the defaults themselves are invalid (then the result is
+        // an error anyway).
+        let placeholder = Thresholds {
+            ttft: 1.0,
+            itl: 0.05,
+            time_constant: 15.0,
+        };
+        let d = &spec.defaults;
+        let defaults = c.thresholds(
+            "spec.defaults",
+            Some(&d.ttft),
+            Some(&d.itl),
+            Some(&d.time_constant),
+            placeholder,
+        );
+
+        if spec.models.len() > MAX_MODELS {
+            c.fail(
+                "spec.models",
+                format!(
+                    "{} entries; at most {MAX_MODELS} are allowed",
+                    spec.models.len()
+                ),
+            );
+        }
+        if spec.scope == Scope::Global && !spec.models.is_empty() {
+            c.fail(
+                "spec.models",
+                "per-model entries have no effect with scope Global; remove them or use scope PerModel",
+            );
+        }
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut models = Vec::with_capacity(spec.models.len());
+        for (i, m) in spec.models.iter().enumerate() {
+            let path = format!("spec.models[{i}]");
+            if m.name.is_empty() {
+                c.fail(format!("{path}.name"), "must not be empty");
+            } else if m.name.len() > 256 {
+                c.fail(format!("{path}.name"), "must be at most 256 characters");
+            }
+            if let Some(first) = seen.insert(&m.name, i) {
+                c.fail(
+                    format!("{path}.name"),
+                    format!(
+                        "duplicate model name {:?} (first at spec.models[{first}])",
+                        m.name
+                    ),
+                );
+            }
+            let t = c.thresholds(
+                &path,
+                m.ttft.as_deref(),
+                m.itl.as_deref(),
+                m.time_constant.as_deref(),
+                defaults,
+            );
+            models.push((m.name.clone(), t));
+        }
+
+        let s = &spec.shedding;
+        let p_max = s.max_reject_probability;
+        if !(p_max > 0.0 && p_max <= 1.0) {
+            c.fail(
+                "spec.shedding.maxRejectProbability",
+                format!("{p_max} must be greater than 0 and at most 1"),
+            );
+        }
+        if !(s.ramp >= 1.0 && s.ramp.is_finite()) {
+            c.fail(
+                "spec.shedding.ramp",
+                format!("{} must be at least 1", s.ramp),
+            );
+        }
+        if !(1..=1_000_000).contains(&s.max_evidence) {
+            c.fail(
+                "spec.shedding.maxEvidence",
+                format!("{} must be between 1 and 1000000", s.max_evidence),
+            );
+        }
+
+        match (url, timeout) {
+            (Some(url), Some(timeout)) if c.errors.is_empty() => Ok(PolicyConfig {
+                upstream: UpstreamConfig {
+                    url,
+                    timeout,
+                    stream_unary: spec.upstream.stream_unary,
+                    api_key_secret: spec.upstream.api_key_secret_ref.clone(),
+                },
+                limiter: LimiterConfig {
+                    mode: match spec.mode {
+                        Mode::Enforce => limiter::Mode::Enforce,
+                        Mode::Shadow => limiter::Mode::Shadow,
+                    },
+                    scope: match spec.scope {
+                        Scope::PerModel => limiter::Scope::PerModel,
+                        Scope::Global => limiter::Scope::Global,
+                    },
+                    defaults,
+                    models,
+                    shedding: limiter::Shedding {
+                        max_reject_probability: p_max,
+                        ramp: s.ramp,
+                        max_evidence: f64::from(s.max_evidence),
+                        ..limiter::Shedding::default()
+                    },
+                    max_dynamic_keys: DEFAULT_MAX_DYNAMIC_KEYS,
+                },
+            }),
+            _ => Err(PolicyError::Invalid(c.errors)),
+        }
+    }
+}
+
+/// Reads a RateLimitPolicy YAML document (as `kubectl apply -f` takes it), without validating
+/// its spec.
+pub fn parse_policy_yaml(text: &str) -> Result<RateLimitPolicy, PolicyError> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Header {
+        #[serde(default)]
+        api_version: String,
+        #[serde(default)]
+        kind: String,
+    }
+    let header: Header =
+        serde_yaml::from_str(text).map_err(|e| PolicyError::Yaml(e.to_string()))?;
+    if header.api_version != API_VERSION || header.kind != KIND {
+        return Err(PolicyError::WrongKind {
+            api_version: header.api_version,
+            kind: header.kind,
+        });
+    }
+    serde_yaml::from_str(text).map_err(|e| PolicyError::Yaml(e.to_string()))
+}
+
+impl PolicyConfig {
+    /// Reads and validates a RateLimitPolicy YAML document.
+    pub fn from_yaml(text: &str) -> Result<(RateLimitPolicy, PolicyConfig), PolicyError> {
+        let policy = parse_policy_yaml(text)?;
+        let config = PolicyConfig::try_from(&policy.spec)?;
+        Ok((policy, config))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,233 @@
+//! Validation tests: valid documents parse with defaults applied; each invalid case names
+//! its field precisely.
+
+use super::*;
+
+const MINIMAL: &str = "
+apiVersion: sluice.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: p}
+spec:
+  upstream: {url: http://127.0.0.1:8000}
+";
+
+/// A minimal valid policy with `spec` lines appended (indented two spaces) — the builder the
+/// invalid cases start from.
+fn with_spec(extra: &str) -> String {
+    let mut doc = MINIMAL.to_owned();
+    for line in extra.lines() {
+        doc.push_str("  ");
+        doc.push_str(line);
+        doc.push('\n');
+    }
+    doc
+}
+
+fn errors_of(doc: &str) -> Vec<FieldError> {
+    match PolicyConfig::from_yaml(doc) {
+        Err(PolicyError::Invalid(e)) => e,
+        other => panic!("expected validation errors, got {other:?}"),
+    }
+}
+
+fn assert_single_error(doc: &str, field: &str, needle: &str) {
+    let errors = errors_of(doc);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].field, field, "{errors:?}");
+    assert!(
+        errors[0].message.contains(needle),
+        "message {:?} lacks {needle:?}",
+        errors[0].message
+    );
+}
+
+#[test]
+fn the_example_policy_is_valid() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policy.yaml"))
+            .unwrap();
+    let (policy, config) = PolicyConfig::from_yaml(&text).unwrap();
+    assert_eq!(policy.metadata.name.as_deref(), Some("llama"));
+    assert_eq!(
+        config.upstream.url.host(),
+        Some("vllm.inference.svc.cluster.local")
+    );
+    assert_eq!(config.upstream.timeout, Duration::from_secs(600));
+    let l = &config.limiter;
+    assert_eq!(l.models.len(), 2);
+    assert_eq!(l.models[0].0, "meta-llama/Llama-3.1-8B-Instruct");
+    assert_eq!(l.models[0].1.ttft, 0.8);
+    assert_eq!(l.models[0].1.itl, 0.03);
+    assert_eq!(l.models[0].1.time_constant, 15.0, "inherited from defaults");
+    assert_eq!(l.models[1].1.time_constant, 10.0);
+    assert_eq!(l.shedding.max_reject_probability, 0.95);
+}
+
+#[test]
+fn a_minimal_policy_gets_the_documented_defaults() {
+    let (_, c) = PolicyConfig::from_yaml(MINIMAL).unwrap();
+    assert_eq!(c.limiter.mode, limiter::Mode::Enforce);
+    assert_eq!(c.limiter.scope, limiter::Scope::PerModel);
+    assert_eq!(
+        c.limiter.defaults,
+        Thresholds {
+            ttft: 1.0,
+            itl: 0.05,
+            time_constant: 15.0
+        }
+    );
+    assert_eq!(c.limiter.shedding.ramp, 1.5);
+    assert_eq!(c.limiter.shedding.max_evidence, 200.0);
+    assert!(c.upstream.stream_unary);
+    assert_eq!(c.upstream.timeout, Duration::from_secs(600));
+}
+
+#[test]
+fn shadow_global_and_https_parse() {
+    let doc = "
+apiVersion: sluice.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: p}
+spec:
+  upstream: {url: 'https://api.example.internal/', streamUnary: false}
+  mode: Shadow
+  scope: Global
+  shedding: {maxRejectProbability: 1, ramp: 1}
+";
+    let (_, c) = PolicyConfig::from_yaml(doc).unwrap();
+    assert_eq!(c.limiter.mode, limiter::Mode::Shadow);
+    assert_eq!(c.limiter.scope, limiter::Scope::Global);
+    assert!(!c.upstream.stream_unary);
+    assert_eq!(c.limiter.shedding.max_reject_probability, 1.0);
+}
+
+#[test]
+fn zero_threshold_is_rejected() {
+    assert_single_error(
+        &with_spec("defaults: {ttft: 0s}"),
+        "spec.defaults.ttft",
+        "greater than 0",
+    );
+    assert_single_error(
+        &with_spec("models: [{name: m, itl: 0ms}]"),
+        "spec.models[0].itl",
+        "greater than 0",
+    );
+}
+
+#[test]
+fn negative_threshold_is_rejected_as_a_bad_duration() {
+    assert_single_error(
+        &with_spec("defaults: {itl: -5ms}"),
+        "spec.defaults.itl",
+        "\"-5ms\" is not a duration",
+    );
+}
+
+#[test]
+fn bad_durations_are_rejected() {
+    assert_single_error(
+        &with_spec("defaults: {ttft: 1.5s}"),
+        "spec.defaults.ttft",
+        "not a duration",
+    );
+    assert_single_error(
+        &MINIMAL.replace("8000}", "8000, timeout: '10'}"),
+        "spec.upstream.timeout",
+        "not a duration",
+    );
+    assert_single_error(
+        &with_spec("defaults: {timeConstant: 500ms}"),
+        "spec.defaults.timeConstant",
+        "at least 1s",
+    );
+}
+
+#[test]
+fn duplicate_model_names_are_rejected() {
+    assert_single_error(
+        &with_spec("models: [{name: a}, {name: b}, {name: a, ttft: 2s}]"),
+        "spec.models[2].name",
+        "duplicate model name \"a\" (first at spec.models[0])",
+    );
+}
+
+#[test]
+fn probability_outside_zero_one_is_rejected() {
+    for p in ["0", "-0.1", "1.01", ".nan"] {
+        assert_single_error(
+            &with_spec(&format!("shedding: {{maxRejectProbability: {p}}}")),
+            "spec.shedding.maxRejectProbability",
+            "greater than 0 and at most 1",
+        );
+    }
+}
+
+#[test]
+fn ramp_below_one_is_rejected() {
+    assert_single_error(
+        &with_spec("shedding: {ramp: 0.9}"),
+        "spec.shedding.ramp",
+        "at least 1",
+    );
+}
+
+#[test]
+fn non_http_upstreams_are_rejected() {
+    for url in ["ftp://host/", "vllm:8000", "http://", "/v1", "not a url"] {
+        let doc = MINIMAL.replace("http://127.0.0.1:8000", url);
+        assert_single_error(&doc, "spec.upstream.url", "http:// or https://");
+    }
+}
+
+#[test]
+fn per_model_entries_with_global_scope_are_rejected() {
+    assert_single_error(
+        &with_spec("scope: Global\nmodels: [{name: a}]"),
+        "spec.models",
+        "no effect with scope Global",
+    );
+}
+
+#[test]
+fn every_violation_is_reported_at_once() {
+    let errors = errors_of(&with_spec(
+        "defaults: {ttft: 0s, itl: fast}\nshedding: {ramp: 0, maxRejectProbability: 2}",
+    ));
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.defaults.ttft",
+            "spec.defaults.itl",
+            "spec.shedding.maxRejectProbability",
+            "spec.shedding.ramp"
+        ]
+    );
+    let text = PolicyError::Invalid(errors).to_string();
+    assert!(
+        text.starts_with("invalid RateLimitPolicy: spec.defaults.ttft: "),
+        "{text}"
+    );
+}
+
+#[test]
+fn other_documents_and_broken_yaml_are_refused_clearly() {
+    let err = PolicyConfig::from_yaml("apiVersion: v1\nkind: ConfigMap\n").unwrap_err();
+    assert!(matches!(err, PolicyError::WrongKind { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("found apiVersion \"v1\" and kind \"ConfigMap\"")
+    );
+    let err = PolicyConfig::from_yaml("spec: [unclosed").unwrap_err();
+    assert!(matches!(err, PolicyError::Yaml(_)), "{err}");
+    let err = PolicyConfig::from_yaml(
+        &MINIMAL.replace("upstream: {url: http://127.0.0.1:8000}", "mode: Loud"),
+    )
+    .unwrap_err();
+    assert!(matches!(err, PolicyError::Yaml(_)), "{err}");
+    assert!(
+        err.to_string().contains("upstream") || err.to_string().contains("Loud"),
+        "{err}"
+    );
+}

@@ -1,0 +1,350 @@
+//! The `RateLimitPolicy` custom resource (`sluice.dev/v1alpha1`), as Rust types from which the
+//! CRD (schema, CEL rules, printer columns, field docs for `kubectl explain`) is generated.
+//!
+//! Fields keep the user's text (durations are Gateway API strings); [`super::PolicyConfig`]
+//! is the validated, parsed form. The API server enforces the same rules as the Rust
+//! validation through OpenAPI bounds and `x-kubernetes-validations` CEL rules, so a bad
+//! object is refused by `kubectl apply` before any gateway sees it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Most per-model entries a policy may list (bounds CEL cost and metric label sets).
+pub const MAX_MODELS: usize = 128;
+
+/// Spec of a RateLimitPolicy: where the inference server is, how the gateway pods run, and the
+/// latency targets that decide when new requests are shed.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "RateLimitPolicy",
+    plural = "ratelimitpolicies",
+    singular = "ratelimitpolicy",
+    shortname = "rlp",
+    category = "sluice",
+    namespaced,
+    status = "RateLimitPolicyStatus",
+    derive = "PartialEq",
+    doc = "RateLimitPolicy keeps an OpenAI-compatible inference server inside its latency targets: \
+           a sluice gateway in front of it measures time-to-first-token (TTFT) and inter-token \
+           latency (ITL) and sheds new requests with HTTP 429 when their moving averages cross \
+           the thresholds declared here.",
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(
+        name = "TTFT",
+        type_ = "string",
+        description = "default TTFT threshold",
+        json_path = ".spec.defaults.ttft"
+    ),
+    printcolumn(
+        name = "ITL",
+        type_ = "string",
+        description = "default ITL threshold",
+        json_path = ".spec.defaults.itl"
+    ),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoint",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("!has(self.scope) || self.scope != 'Global' || !has(self.models) || size(self.models) == 0").message("per-model entries have no effect with scope Global; remove them or use scope PerModel").field_path(".models"))]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitPolicySpec {
+    /// The OpenAI-compatible inference server (vLLM, SGLang, TGI, llama.cpp, ...) that the
+    /// gateway forwards requests to.
+    pub upstream: UpstreamSpec,
+
+    /// How the operator runs the gateway pods for this policy. Changing these fields rolls the
+    /// gateway pods; thresholds, time constants, mode and shedding reach the running pods
+    /// through the API without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySpec>,
+
+    /// Enforce sheds requests with HTTP 429; Shadow computes every decision and records it in
+    /// metrics but rejects nothing (for tuning thresholds on live traffic).
+    #[serde(default)]
+    pub mode: Mode,
+
+    /// PerModel keeps separate moving averages and decisions per requested model; Global shares
+    /// one set across all models.
+    #[serde(default)]
+    pub scope: Scope,
+
+    /// Thresholds and time constant for every model without its own entry in `models`.
+    #[serde(default)]
+    pub defaults: Thresholds,
+
+    /// Per-model overrides, keyed by the `model` field of OpenAI requests. Any field left out
+    /// takes its value from `defaults`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub models: Vec<ModelThresholds>,
+
+    /// How hard the gateway sheds once the moving averages cross their thresholds.
+    #[serde(default)]
+    pub shedding: Shedding,
+}
+
+/// The inference server behind the gateway.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamSpec {
+    /// Base URL of the OpenAI-compatible server, e.g. http://vllm.inference.svc:8000
+    /// (requests to /v1/... are forwarded to <url>/v1/...).
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''").message("must be an http:// or https:// URL with a host"))]
+    pub url: String,
+
+    /// Longest time a request may take upstream (whole stream included) before the gateway
+    /// answers 504. Gateway API duration format.
+    #[serde(default = "default_upstream_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
+    pub timeout: String,
+
+    /// Secret key holding an API key the gateway sends upstream as `Authorization: Bearer`,
+    /// replacing the client's header. Without it the client's header is forwarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+
+    /// Ask the upstream for a stream even when the client asked for a unary response, and
+    /// assemble the unary response in the gateway, so unary traffic yields TTFT and ITL
+    /// samples too. Turn off for upstreams that cannot stream; unary requests are then
+    /// measured by end-to-end latency only.
+    #[serde(default = "default_true")]
+    pub stream_unary: bool,
+}
+
+/// A key in a Secret in the policy's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// How the operator runs the gateway pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// Number of gateway pods. Each pod measures and sheds on its own traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: Option<i32>,
+    /// Gateway container image; defaults to the operator's `--gateway-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: Option<String>,
+    /// Port the gateway listens on and its Service exposes (default 8080).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// Compute resources of the gateway container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node selector of the gateway pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations of the gateway pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+}
+
+/// Enforce or only observe.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Shed requests with HTTP 429.
+    #[default]
+    Enforce,
+    /// Record decisions in metrics, reject nothing.
+    Shadow,
+}
+
+/// What shares one set of moving averages.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// One set per requested model.
+    #[default]
+    PerModel,
+    /// One set for all models.
+    Global,
+}
+
+/// Latency thresholds and the time constant of the moving averages compared with them.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Thresholds {
+    /// Time-to-first-token threshold: shedding starts when the moving average of TTFT
+    /// (request sent upstream to first content chunk) exceeds it. Gateway API duration.
+    #[serde(default = "default_ttft")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
+    pub ttft: String,
+
+    /// Inter-token-latency threshold: shedding starts when the moving average of the gap
+    /// between consecutive content chunks exceeds it. Gateway API duration.
+    #[serde(default = "default_itl")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
+    pub itl: String,
+
+    /// Time constant τ of the moving averages: a sample's weight falls to 1/e after τ.
+    /// Longer is steadier, shorter reacts faster. At least 1s. Gateway API duration.
+    #[serde(default = "default_time_constant")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("must be at least 1s"))]
+    pub time_constant: String,
+}
+
+/// Thresholds of one model; any field left out takes the policy's default.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelThresholds {
+    /// Model name exactly as clients send it in the request's `model` field.
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+
+    /// TTFT threshold of this model. Gateway API duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
+    pub ttft: Option<String>,
+
+    /// ITL threshold of this model. Gateway API duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
+    pub itl: Option<String>,
+
+    /// Time constant of this model's moving averages, at least 1s. Gateway API duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("must be at least 1s"))]
+    pub time_constant: Option<String>,
+}
+
+/// Shape of the shedding curve. With pressure r = max(TTFT average / TTFT threshold,
+/// ITL average / ITL threshold), a request is rejected with probability 0 for r ≤ 1 and
+/// maxRejectProbability · min(1, (r − 1)/(ramp − 1)) above.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Shedding {
+    /// Highest rejection probability, in (0, 1]. Below 1 a trickle of requests keeps probing
+    /// the server while shedding, so the gate reopens as soon as it recovers.
+    #[serde(default = "default_max_reject_probability")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("must be greater than 0 and at most 1"))]
+    pub max_reject_probability: f64,
+
+    /// Pressure at which the rejection probability reaches its maximum, at least 1. 1 rejects
+    /// at the maximum as soon as a threshold is crossed (a hard cliff).
+    #[serde(default = "default_ramp")]
+    #[x_kube(validation = Rule::new("self >= 1.0").message("must be at least 1"))]
+    pub ramp: f64,
+
+    /// Cap on the evidence (in samples) a moving average accumulates. Bounds how long stale
+    /// evidence keeps the gate shut after traffic stops: at most τ·ln(maxEvidence).
+    #[serde(default = "default_max_evidence")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_evidence: i32,
+}
+
+/// Observed state of a RateLimitPolicy, written by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitPolicyStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted` (the spec is valid) and `Ready` (the gateway Deployment is available).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Gateway pods the Deployment has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Gateway pods that are ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Base URL of the OpenAI-compatible gateway Service, e.g. http://llama-sluice.inference.svc:8080/v1
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_upstream_timeout() -> String {
+    "600s".into()
+}
+fn default_ttft() -> String {
+    "1s".into()
+}
+fn default_itl() -> String {
+    "50ms".into()
+}
+fn default_time_constant() -> String {
+    "15s".into()
+}
+/// Chosen with the goodput benchmark (docs/benchmarks.md).
+pub(crate) fn default_max_reject_probability() -> f64 {
+    0.95
+}
+pub(crate) fn default_ramp() -> f64 {
+    1.5
+}
+pub(crate) fn default_max_evidence() -> i32 {
+    200
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            ttft: default_ttft(),
+            itl: default_itl(),
+            time_constant: default_time_constant(),
+        }
+    }
+}
+
+impl Default for Shedding {
+    fn default() -> Self {
+        Shedding {
+            max_reject_probability: default_max_reject_probability(),
+            ramp: default_ramp(),
+            max_evidence: default_max_evidence(),
+        }
+    }
+}
