@@ -6,6 +6,9 @@
 //! validation through OpenAPI bounds and `x-kubernetes-validations` CEL rules, so a bad
 //! object is refused by `kubectl apply` before any gateway sees it.
 
+// kube's `printcolumn(...)` arguments repeat keys by design (one set per column).
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};

@@ -1,0 +1,20 @@
+# syntax=docker/dockerfile:1
+# Multi-stage build of the single `sluice` binary (operator, gateway, sim-engine, ...).
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+# Dependencies first, so source edits do not rebuild them.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/limiter.rs \
+    && cargo build --release --locked && rm -rf src benches
+COPY src ./src
+COPY benches ./benches
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+LABEL org.opencontainers.image.title="sluice" \
+      org.opencontainers.image.description="Latency-based load shedding for LLM inference servers on Kubernetes" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /src/target/release/sluice /sluice
+USER 65532:65532
+ENTRYPOINT ["/sluice"]

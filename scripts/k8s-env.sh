@@ -1,0 +1,239 @@
+#!/usr/bin/env bash
+# A real Kubernetes control plane on 127.0.0.1 for sluice's tests: etcd, kube-apiserver
+# (TLS, RBAC) and kube-controller-manager, built once from the Go module proxy.
+#
+#   scripts/k8s-env.sh install   build the binaries into the cache (once per version set)
+#   scripts/k8s-env.sh up        start the control plane; prints the env file to source
+#   scripts/k8s-env.sh down      stop exactly the processes `up` started, remove its data
+#   scripts/k8s-env.sh env       print the env file path (after `up`)
+#   scripts/k8s-env.sh status    is it running?
+#
+# Cache: ${SLUICE_CACHE:-~/.cache/sluice}/testenv/<hash of scripts/go/*/go.sum>/bin
+# State: ${SLUICE_K8S_STATE:-${TMPDIR:-/tmp}/sluice-k8s} (certs, data, logs, pids, kubeconfig)
+# With SLUICE_TEST_KUBECONFIG set to an existing cluster's kubeconfig (kind, k3d), `up` only
+# checks that it answers and `down` does nothing.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+GO_DIR=$ROOT/scripts/go
+CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}
+STATE=${SLUICE_K8S_STATE:-${TMPDIR:-/tmp}/sluice-k8s}
+
+log() { printf '[k8s-env] %s\n' "$*" >&2; }
+die() { printf '[k8s-env] error: %s\n' "$*" >&2; exit 1; }
+
+version_of() { # module-dir module-path -> version from go.mod
+  awk -v m="$2" '$1 == m && $2 ~ /^v/ {print $2; exit}' "$GO_DIR/$1/go.mod"
+}
+
+bin_dir() {
+  local hash
+  hash=$(cat "$GO_DIR"/*/go.mod "$GO_DIR"/*/go.sum | sha256sum | cut -c1-12)
+  echo "$CACHE/testenv/$hash/bin"
+}
+
+build() { # module-dir package output [ldflags]
+  local dir=$1 pkg=$2 out=$3 ldflags=${4:-}
+  log "building $(basename "$out") from $pkg"
+  (cd "$GO_DIR/$dir" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp" "$pkg")
+  mv "$out.tmp" "$out"
+}
+
+cmd_install() {
+  command -v go >/dev/null || die "Go is required to build the test control plane (none on PATH)"
+  local bin kube etcd_v helm_v stamp start
+  bin=$(bin_dir)
+  mkdir -p "$bin"
+  start=$(date +%s)
+  kube=$(awk '/k8s.io\/kubernetes v/ {print $2; exit}' "$GO_DIR/kubernetes/go.mod")
+  local minor=${kube#v1.}; minor=${minor%%.*}
+  local kv="-X k8s.io/component-base/version.gitVersion=$kube -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitVersion=$kube -X k8s.io/component-base/version.gitTreeState=clean"
+  for c in kube-apiserver kube-controller-manager kubectl; do
+    [ -x "$bin/$c" ] || build kubernetes "k8s.io/kubernetes/cmd/$c" "$bin/$c" "$kv"
+  done
+  etcd_v=$(version_of etcd go.etcd.io/etcd/server/v3)
+  [ -x "$bin/etcd" ] || build etcd go.etcd.io/etcd/server/v3 "$bin/etcd" "-X go.etcd.io/etcd/api/v3/version.Version=${etcd_v#v}"
+  helm_v=$(version_of helm helm.sh/helm/v3)
+  [ -x "$bin/helm" ] || build helm helm.sh/helm/v3/cmd/helm "$bin/helm" "-X helm.sh/helm/v3/internal/version.version=$helm_v"
+  [ -x "$bin/kubeconform" ] || build kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$bin/kubeconform"
+  stamp=$(( $(date +%s) - start ))
+  log "binaries in $bin (${stamp}s this run; $(du -sh "$bin" | cut -f1) on disk)"
+  echo "$bin"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+gen_certs() { # dir
+  local d=$1
+  (
+    cd "$d"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 7 -subj "/CN=sluice-test-ca" 2>/dev/null
+    cat >serving.ext <<EXT
+subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+extendedKeyUsage=serverAuth
+EXT
+    openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver" 2>/dev/null
+    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out apiserver.crt -days 7 -extfile serving.ext 2>/dev/null
+    printf 'extendedKeyUsage=clientAuth\n' >client.ext
+    client() { # name CN O
+      openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "/CN=$2${3:+/O=$3}" 2>/dev/null
+      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$1.crt" -days 7 -extfile client.ext 2>/dev/null
+    }
+    client admin kubernetes-admin system:masters
+    client controller-manager system:kube-controller-manager
+    openssl genrsa -out sa.key 2048 2>/dev/null
+    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+  )
+}
+
+kubeconfig() { # file server user
+  cat >"$1" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: sluice-test
+  cluster:
+    server: $2
+    certificate-authority: $STATE/pki/ca.crt
+users:
+- name: $3
+  user:
+    client-certificate: $STATE/pki/$3.crt
+    client-key: $STATE/pki/$3.key
+contexts:
+- name: sluice-test
+  context: {cluster: sluice-test, user: $3, namespace: default}
+current-context: sluice-test
+KC
+}
+
+start() { # name cmd... ; runs detached, logs to $STATE/logs/name.log, records the PID
+  local name=$1; shift
+  setsid "$@" >"$STATE/logs/$name.log" 2>&1 </dev/null &
+  echo "$! $name" >>"$STATE/pids"
+}
+
+wait_for() { # what seconds command...
+  local what=$1 secs=$2; shift 2
+  local deadline=$(( $(date +%s) + secs ))
+  until "$@" >/dev/null 2>&1; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      log "$what not ready after ${secs}s; last log lines:"
+      tail -n 30 "$STATE/logs/$what.log" >&2 || true
+      cmd_down
+      die "$what did not become ready"
+    fi
+    sleep 0.3
+  done
+}
+
+write_env() { # kubeconfig
+  local bin; bin=$(bin_dir)
+  cat >"$STATE/env" <<ENV
+export SLUICE_TEST_KUBECONFIG=$1
+export KUBECONFIG=$1
+export SLUICE_K8S_BIN=$bin
+export PATH=$bin:\$PATH
+ENV
+  echo "$STATE/env"
+}
+
+cmd_up() {
+  mkdir -p "$STATE"
+  if [ -n "${SLUICE_TEST_KUBECONFIG:-}" ] && [ ! -f "$STATE/pids" ]; then
+    local kc=$SLUICE_TEST_KUBECONFIG
+    [ -f "$kc" ] || die "SLUICE_TEST_KUBECONFIG=$kc does not exist"
+    "$(bin_dir)/kubectl" --kubeconfig "$kc" get --raw /readyz >/dev/null ||
+      die "the cluster in SLUICE_TEST_KUBECONFIG=$kc does not answer"
+    log "using the existing cluster in $kc"
+    write_env "$kc"
+    return
+  fi
+  if cmd_status >/dev/null 2>&1; then
+    log "already running"
+    write_env "$STATE/admin.kubeconfig"
+    return
+  fi
+  local bin; bin=$(bin_dir)
+  for b in etcd kube-apiserver kube-controller-manager kubectl; do
+    [ -x "$bin/$b" ] || die "$bin/$b is missing: run scripts/k8s-env.sh install first"
+  done
+  local t0; t0=$(date +%s.%N)
+  rm -rf "$STATE"/{pki,etcd,logs,pids,env,*.kubeconfig}
+  mkdir -p "$STATE/pki" "$STATE/logs"
+  gen_certs "$STATE/pki"
+  local etcd_port peer_port api_port cm_port
+  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port); cm_port=$(free_port)
+  local server="https://127.0.0.1:$api_port"
+
+  start etcd "$bin/etcd" --name sluice-test --data-dir "$STATE/etcd" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "sluice-test=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level warn
+  wait_for etcd 30 curl -sf "http://127.0.0.1:$etcd_port/health"
+
+  start kube-apiserver "$bin/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --tls-cert-file "$STATE/pki/apiserver.crt" --tls-private-key-file "$STATE/pki/apiserver.key" \
+    --client-ca-file "$STATE/pki/ca.crt" \
+    --authorization-mode RBAC \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$STATE/pki/sa.pub" --service-account-signing-key-file "$STATE/pki/sa.key" \
+    --service-cluster-ip-range 10.96.0.0/16 --allow-privileged=true \
+    --enable-priority-and-fairness=false --profiling=false --v=1
+  kubeconfig "$STATE/admin.kubeconfig" "$server" admin
+  kubeconfig "$STATE/controller-manager.kubeconfig" "$server" controller-manager
+  wait_for kube-apiserver 60 "$bin/kubectl" --kubeconfig "$STATE/admin.kubeconfig" get --raw /readyz
+
+  start kube-controller-manager "$bin/kube-controller-manager" \
+    --kubeconfig "$STATE/controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$STATE/controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$STATE/controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$cm_port" --leader-elect=false \
+    --controllers garbagecollector,namespace,deployment,replicaset,serviceaccount,serviceaccount-token,disruption \
+    --service-account-private-key-file "$STATE/pki/sa.key" --root-ca-file "$STATE/pki/ca.crt" \
+    --use-service-account-credentials=false --profiling=false --v=1
+  wait_for kube-controller-manager 60 curl -skf "https://127.0.0.1:$cm_port/healthz"
+  # The default ServiceAccount appearing shows the controllers are doing their work.
+  wait_for kube-controller-manager 60 "$bin/kubectl" --kubeconfig "$STATE/admin.kubeconfig" -n default get serviceaccount default
+
+  local t1; t1=$(date +%s.%N)
+  log "control plane ready in $(printf '%.1f' "$(echo "$t1 - $t0" | bc)")s at $server (logs in $STATE/logs)"
+  write_env "$STATE/admin.kubeconfig"
+}
+
+cmd_down() {
+  [ -f "$STATE/pids" ] || { log "nothing to stop"; return 0; }
+  local pid name
+  # Stop in reverse start order; only the PIDs recorded by `up`.
+  tac "$STATE/pids" | while read -r pid name; do
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "$pid" 2>/dev/null || true
+      log "stopped $name ($pid)"
+    fi
+  done
+  rm -rf "$STATE"/{etcd,pids,env}
+}
+
+cmd_status() {
+  [ -f "$STATE/pids" ] || { echo "not running"; return 1; }
+  local pid name ok=0
+  while read -r pid name; do
+    if kill -0 "$pid" 2>/dev/null; then echo "$name: running ($pid)"; else echo "$name: dead ($pid)"; ok=1; fi
+  done <"$STATE/pids"
+  return $ok
+}
+
+case ${1:-} in
+  install) cmd_install ;;
+  up) cmd_up ;;
+  down) cmd_down ;;
+  env) [ -f "$STATE/env" ] && echo "$STATE/env" || die "not up" ;;
+  status) cmd_status ;;
+  *) echo "usage: $0 install|up|down|env|status" >&2; exit 2 ;;
+esac

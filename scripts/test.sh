@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs all of sluice's checks and tests, installing what they need first:
+#   formatting, clippy, the local Kubernetes control plane (built once into ~/.cache/sluice),
+#   then the whole cargo test suite against it. The control plane is stopped at the end,
+#   also when a test fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain components"
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  rustup component add rustfmt clippy
+fi
+
+step "cargo fmt --check"
+cargo fmt --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
+step "local Kubernetes control plane (scripts/k8s-env.sh)"
+scripts/k8s-env.sh install >/dev/null
+env_file=$(scripts/k8s-env.sh up)
+trap 'scripts/k8s-env.sh down' EXIT
+# shellcheck disable=SC1090
+source "$env_file"
+
+step "cargo test"
+cargo test --locked --no-fail-fast

@@ -1,0 +1,197 @@
+//! Test support for tests against a real Kubernetes API server (the local control plane of
+//! `scripts/k8s-env.sh`, or any cluster named by `SLUICE_TEST_KUBECONFIG`) and for running the
+//! `sluice` binary as a child process.
+//!
+//! Nothing here skips: a test that needs the cluster and does not find it fails, saying what
+//! is missing and how to provide it.
+#![allow(dead_code)] // each test crate uses a different part
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+const HOW: &str = "run the suite with scripts/test.sh (it starts the local control plane), or \
+                   `scripts/k8s-env.sh install && source $(scripts/k8s-env.sh up)` first, or set \
+                   SLUICE_TEST_KUBECONFIG to a test cluster's kubeconfig";
+
+/// The kubeconfig of the test cluster. Panics (fails the test) when there is none.
+pub fn kubeconfig_path() -> PathBuf {
+    let path = std::env::var_os("SLUICE_TEST_KUBECONFIG").unwrap_or_else(|| {
+        panic!("SLUICE_TEST_KUBECONFIG is not set: no Kubernetes cluster for this test; {HOW}")
+    });
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "SLUICE_TEST_KUBECONFIG={} does not exist; {HOW}",
+        path.display()
+    );
+    path
+}
+
+/// A client for the test cluster, checked to answer.
+pub async fn client() -> Client {
+    let path = kubeconfig_path();
+    let kc = Kubeconfig::read_from(&path).expect("readable kubeconfig");
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("usable kubeconfig");
+    let client = Client::try_from(config).expect("client");
+    client.apiserver_version().await.unwrap_or_else(|e| {
+        panic!(
+            "the API server in {} does not answer: {e}; {HOW}",
+            path.display()
+        )
+    });
+    client
+}
+
+/// The directory of kubectl, helm and kubeconform built by `scripts/k8s-env.sh install`.
+pub fn tool(name: &str) -> PathBuf {
+    let dir = std::env::var_os("SLUICE_K8S_BIN")
+        .unwrap_or_else(|| panic!("SLUICE_K8S_BIN is not set, so {name} cannot be found; {HOW}"));
+    let p = PathBuf::from(dir).join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing; run scripts/k8s-env.sh install",
+        p.display()
+    );
+    p
+}
+
+/// Runs kubectl against the test cluster.
+pub fn kubectl(args: &[&str]) -> Output {
+    Command::new(tool("kubectl"))
+        .env("KUBECONFIG", kubeconfig_path())
+        .args(args)
+        .output()
+        .expect("kubectl runs")
+}
+
+/// Runs kubectl and returns stdout; fails the test with stderr when kubectl fails.
+pub fn kubectl_ok(args: &[&str]) -> String {
+    let out = kubectl(args);
+    assert!(
+        out.status.success(),
+        "kubectl {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Installs (server-side applies) the CRD from `crds/` and waits until it is Established.
+pub async fn ensure_crd(client: &Client) {
+    let text =
+        std::fs::read_to_string(format!("{REPO}/crds/ratelimitpolicies.sluice.dev.yaml")).unwrap();
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = crd.metadata.name.clone().unwrap();
+    api.patch(
+        &name,
+        &PatchParams::apply("sluice-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("CRD applies");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = api.get(&name).await.unwrap();
+        let established = c
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+        if established {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CRD {name} not Established after 30s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+static NS_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A namespace of its own for one test, deleted when dropped (also when the test fails).
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub async fn new(client: &Client, prefix: &str) -> Self {
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            NS_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"sluice.dev/test": "true"}}
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &ns)
+            .await
+            .expect("namespace created");
+        TestNamespace { name }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        // Synchronous on purpose: Drop also runs while a failing test unwinds.
+        let _ = kubectl(&[
+            "delete",
+            "namespace",
+            &self.name,
+            "--wait=false",
+            "--ignore-not-found",
+        ]);
+    }
+}
+
+/// A child process that is killed (by PID) and reaped when dropped, also on test failure.
+pub struct ChildProcess {
+    pub child: Child,
+    pub name: String,
+}
+
+impl ChildProcess {
+    /// Starts the `sluice` binary with `args`; stdout and stderr go to the test's output.
+    pub fn sluice(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.args(args).stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("sluice binary starts");
+        ChildProcess {
+            child,
+            name: format!("sluice {}", args.join(" ")),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
