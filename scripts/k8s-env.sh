@@ -160,7 +160,7 @@ cmd_up() {
   for b in etcd kube-apiserver kube-controller-manager kubectl; do
     [ -x "$bin/$b" ] || die "$bin/$b is missing: run scripts/k8s-env.sh install first"
   done
-  local t0; t0=$(date +%s.%N)
+  local t0; t0=$(date +%s%N)
   rm -rf "$STATE"/{pki,etcd,logs,pids,env,*.kubeconfig}
   mkdir -p "$STATE/pki" "$STATE/logs"
   gen_certs "$STATE/pki"
@@ -200,8 +200,8 @@ cmd_up() {
   # The default ServiceAccount appearing shows the controllers are doing their work.
   wait_for kube-controller-manager 60 "$bin/kubectl" --kubeconfig "$STATE/admin.kubeconfig" -n default get serviceaccount default
 
-  local t1; t1=$(date +%s.%N)
-  log "control plane ready in $(printf '%.1f' "$(echo "$t1 - $t0" | bc)")s at $server (logs in $STATE/logs)"
+  local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  log "control plane ready in $((ms / 1000)).$(printf '%03d' $((ms % 1000)))s at $server (logs in $STATE/logs)"
   write_env "$STATE/admin.kubeconfig"
 }
 

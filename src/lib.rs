@@ -6,6 +6,38 @@
 //!   decision; pure code with an injected clock and no I/O.
 //! - [`policy`]: the `RateLimitPolicy` custom resource, its validation, and its conversion
 //!   into the limiter's configuration.
+//! - [`gateway`]: the OpenAI-compatible proxy that measures and sheds.
+//! - [`sim`]: the simulated OpenAI-compatible inference engine.
+//! - [`metrics`]: the gateway's Prometheus metrics.
+//! - [`demo`]: engine + gateway in one process.
+//! - [`openai`]: OpenAI API shapes shared by the servers.
 
+pub mod demo;
+pub mod gateway;
 pub mod limiter;
+pub mod metrics;
+pub mod openai;
 pub mod policy;
+pub mod sim;
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -16,14 +16,56 @@ struct Cli {
 enum Command {
     /// Print the RateLimitPolicy CustomResourceDefinition as YAML (for `kubectl apply -f -`).
     Crd,
+    /// Run a simulated OpenAI-compatible inference server (continuous batching, no GPU).
+    SimEngine(sluice::sim::SimConfig),
+    /// Run the OpenAI-compatible gateway that sheds load by latency.
+    Gateway(sluice::gateway::GatewayArgs),
+    /// Try sluice locally: a simulated engine and a gateway with the example policy.
+    Demo(sluice::demo::DemoArgs),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts")
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Crd => {
             print!("{}", sluice::policy::crd_yaml());
-            ExitCode::SUCCESS
+            Ok(())
+        }
+        Command::SimEngine(config) => {
+            init_tracing();
+            runtime().block_on(sluice::sim::run(config))
+        }
+        Command::Gateway(args) => {
+            init_tracing();
+            runtime().block_on(sluice::gateway::run(args))
+        }
+        Command::Demo(args) => {
+            init_tracing();
+            runtime().block_on(sluice::demo::run(args))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

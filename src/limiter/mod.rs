@@ -26,7 +26,7 @@
 pub mod clock;
 pub mod decision;
 pub mod estimator;
-mod fxhash;
+pub mod fxhash;
 pub mod random;
 
 use std::collections::HashMap;
@@ -37,11 +37,11 @@ use std::time::Duration;
 use dashmap::DashMap;
 use parking_lot::{Mutex, MutexGuard};
 
-use fxhash::FxBuildHasher;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use decision::{Decision, Priority, UnknownPriority, Verdict};
 pub use estimator::{Estimator, InvalidSample};
+pub use fxhash::{FxBuildHasher, FxHasher};
 pub use random::{SplitMix64, Uniform};
 
 /// Label of the key shared by unknown models once `max_dynamic_keys` are in use.

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod crd;
 pub mod duration;
+pub mod source;
 
 pub use config::{PolicyConfig, PolicyError, UpstreamConfig};
 pub use crd::{RateLimitPolicy, RateLimitPolicySpec, RateLimitPolicyStatus};

@@ -1,0 +1,237 @@
+//! Assembles the ordinary non-streaming response from an OpenAI stream, so the gateway can ask
+//! the upstream for a stream (to measure TTFT and ITL) while the client asked for a unary
+//! response. The result has the shape the upstream would have returned: `id`, `object`
+//! (`chat.completion` or `text_completion`), `created`, `model`, `system_fingerprint` when
+//! present, `choices` (chat: `message` with `role`, `content`, `reasoning_content` and
+//! `tool_calls` merged by index; completions: `text`), each with `logprobs` and the choice's
+//! last `finish_reason` (and any other per-choice fields such as vLLM's `stop_reason`), and
+//! `usage` from the usage chunk.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value, json};
+
+/// Chat or text completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Completion,
+}
+
+#[derive(Debug, Default)]
+struct ToolCall {
+    id: Option<Value>,
+    kind: Option<Value>,
+    name: String,
+    arguments: String,
+}
+
+#[derive(Debug, Default)]
+struct Choice {
+    role: Option<String>,
+    content: Option<String>,
+    reasoning: Option<String>,
+    text: String,
+    tool_calls: BTreeMap<u64, ToolCall>,
+    /// Other per-choice fields (finish_reason, stop_reason, ...): last non-null value wins.
+    extra: Map<String, Value>,
+}
+
+/// Accumulates stream chunks.
+#[derive(Debug)]
+pub struct Assembler {
+    kind: Kind,
+    head: Map<String, Value>,
+    choices: BTreeMap<u64, Choice>,
+    usage: Option<Value>,
+}
+
+impl Assembler {
+    pub fn new(kind: Kind) -> Self {
+        Assembler {
+            kind,
+            head: Map::new(),
+            choices: BTreeMap::new(),
+            usage: None,
+        }
+    }
+
+    /// Adds one chunk (the JSON of one `data:` event).
+    pub fn push(&mut self, chunk: &Value) {
+        let Some(obj) = chunk.as_object() else { return };
+        for key in ["id", "created", "model", "system_fingerprint"] {
+            if let Some(v) = obj.get(key).filter(|v| !v.is_null()) {
+                self.head.entry(key).or_insert_with(|| v.clone());
+            }
+        }
+        if let Some(u) = obj.get("usage").filter(|u| !u.is_null()) {
+            self.usage = Some(u.clone());
+        }
+        let Some(choices) = obj.get("choices").and_then(Value::as_array) else { return };
+        for c in choices {
+            let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let acc = self.choices.entry(index).or_default();
+            if let Some(t) = c.get("text").and_then(Value::as_str) {
+                acc.text.push_str(t);
+            }
+            if let Some(d) = c.get("delta").and_then(Value::as_object) {
+                if let Some(r) = d.get("role").and_then(Value::as_str) {
+                    acc.role = Some(r.to_owned());
+                }
+                if let Some(t) = d.get("content").and_then(Value::as_str) {
+                    acc.content.get_or_insert_with(String::new).push_str(t);
+                }
+                if let Some(t) = d.get("reasoning_content").and_then(Value::as_str) {
+                    acc.reasoning.get_or_insert_with(String::new).push_str(t);
+                }
+                for tc in d.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+                    let i = tc.get("index").and_then(Value::as_u64).unwrap_or(0);
+                    let call = acc.tool_calls.entry(i).or_default();
+                    if let Some(id) = tc.get("id").filter(|v| !v.is_null()) {
+                        call.id = Some(id.clone());
+                    }
+                    if let Some(t) = tc.get("type").filter(|v| !v.is_null()) {
+                        call.kind = Some(t.clone());
+                    }
+                    if let Some(f) = tc.get("function") {
+                        if let Some(n) = f.get("name").and_then(Value::as_str) {
+                            call.name.push_str(n);
+                        }
+                        if let Some(a) = f.get("arguments").and_then(Value::as_str) {
+                            call.arguments.push_str(a);
+                        }
+                    }
+                }
+            }
+            if let Some(o) = c.as_object() {
+                for (k, v) in o {
+                    if matches!(k.as_str(), "index" | "delta" | "text" | "logprobs") {
+                        continue;
+                    }
+                    // Last non-null value wins; a field only ever null stays null.
+                    if !v.is_null() || !acc.extra.contains_key(k) {
+                        acc.extra.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The non-streaming response.
+    pub fn finish(self) -> Value {
+        let mut out = Map::new();
+        out.insert("id".into(), self.head.get("id").cloned().unwrap_or(Value::Null));
+        out.insert(
+            "object".into(),
+            json!(match self.kind {
+                Kind::Chat => "chat.completion",
+                Kind::Completion => "text_completion",
+            }),
+        );
+        for key in ["created", "model", "system_fingerprint"] {
+            if let Some(v) = self.head.get(key) {
+                out.insert(key.into(), v.clone());
+            }
+        }
+        let choices: Vec<Value> = self
+            .choices
+            .into_iter()
+            .map(|(index, c)| {
+                let mut choice = Map::new();
+                choice.insert("index".into(), json!(index));
+                match self.kind {
+                    Kind::Chat => {
+                        let mut message = Map::new();
+                        message.insert("role".into(), json!(c.role.as_deref().unwrap_or("assistant")));
+                        message.insert("content".into(), c.content.map_or(Value::Null, Value::String));
+                        if let Some(r) = c.reasoning {
+                            message.insert("reasoning_content".into(), Value::String(r));
+                        }
+                        if !c.tool_calls.is_empty() {
+                            let calls: Vec<Value> = c
+                                .tool_calls
+                                .into_values()
+                                .map(|t| {
+                                    json!({
+                                        "id": t.id.unwrap_or(Value::Null),
+                                        "type": t.kind.unwrap_or_else(|| json!("function")),
+                                        "function": {"name": t.name, "arguments": t.arguments},
+                                    })
+                                })
+                                .collect();
+                            message.insert("tool_calls".into(), Value::Array(calls));
+                        }
+                        choice.insert("message".into(), Value::Object(message));
+                    }
+                    Kind::Completion => {
+                        choice.insert("text".into(), Value::String(c.text));
+                    }
+                }
+                choice.insert("logprobs".into(), Value::Null);
+                choice.entry("finish_reason").or_insert(Value::Null);
+                for (k, v) in c.extra {
+                    choice.insert(k, v);
+                }
+                Value::Object(choice)
+            })
+            .collect();
+        out.insert("choices".into(), Value::Array(choices));
+        out.insert("usage".into(), self.usage.unwrap_or(Value::Null));
+        Value::Object(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assembles_chat_with_tool_calls_and_usage() {
+        let mut a = Assembler::new(Kind::Chat);
+        for chunk in [
+            json!({"id": "c1", "object": "chat.completion.chunk", "created": 7, "model": "m",
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
+            json!({"id": "c1", "created": 7, "model": "m",
+                   "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": null}]}),
+            json!({"id": "c1", "choices": [{"index": 0, "delta": {"content": "lo"}}]}),
+            json!({"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_", "arguments": "{\"a\""}}]}}]}),
+            json!({"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "function": {"name": "weather", "arguments": ":1}"}}]}}]}),
+            json!({"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+            json!({"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}),
+        ] {
+            a.push(&chunk);
+        }
+        assert_eq!(
+            a.finish(),
+            json!({
+                "id": "c1", "object": "chat.completion", "created": 7, "model": "m",
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello", "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"a\":1}"}}
+                    ]},
+                    "logprobs": null,
+                    "finish_reason": "tool_calls"
+                }],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+            })
+        );
+    }
+
+    #[test]
+    fn assembles_completions_with_several_choices() {
+        let mut a = Assembler::new(Kind::Completion);
+        a.push(&json!({"id": "x", "created": 1, "model": "m", "choices": [{"index": 1, "text": "b"}, {"index": 0, "text": "a"}]}));
+        a.push(&json!({"id": "x", "choices": [{"index": 0, "text": "!", "finish_reason": "stop", "stop_reason": null}]}));
+        a.push(&json!({"id": "x", "choices": [{"index": 1, "text": "", "finish_reason": "length"}]}));
+        let v = a.finish();
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(v["choices"][0]["text"], "a!");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        assert_eq!(v["choices"][1]["text"], "b");
+        assert_eq!(v["choices"][1]["finish_reason"], "length");
+        assert_eq!(v["usage"], Value::Null);
+    }
+}

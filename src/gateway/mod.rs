@@ -1,0 +1,153 @@
+//! `sluice gateway`: the OpenAI-compatible proxy that measures TTFT and ITL on the streams it
+//! relays and sheds new requests when their moving averages cross the policy's thresholds.
+//!
+//! - [`proxy`]: the request handlers (admission, forwarding, measurement, errors).
+//! - [`sse`]: incremental parsing of the relayed event streams.
+//! - [`assemble`]: unary responses assembled from upstream streams.
+//! - [`upstream`]: the pooled upstream client and header rules.
+//!
+//! The policy comes from a [`PolicyStore`] fed by a policy source; every request reads the
+//! snapshot in force. SIGTERM stops accepting, lets in-flight requests finish up to
+//! `--drain-timeout`, and exits 0.
+
+pub mod assemble;
+pub mod proxy;
+pub mod sse;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::HeaderValue;
+use axum::routing::{any, get, post};
+
+use crate::limiter::{Clock, MonotonicClock};
+use crate::metrics::GatewayMetrics;
+use crate::policy::duration::parse_duration;
+use crate::policy::source::{PolicyStore, load_and_watch_file};
+
+/// Command-line configuration of `sluice gateway`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// RateLimitPolicy YAML file; re-read when it changes.
+    #[arg(long)]
+    pub policy_file: PathBuf,
+    /// Upstream base URL, overriding the policy's spec.upstream.url.
+    #[arg(long)]
+    pub upstream: Option<http::Uri>,
+    /// How often the policy file is checked for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+    /// Longest time in-flight requests may take to finish after SIGTERM.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Largest request body accepted (bytes); larger ones get 413.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_body_bytes: usize,
+    /// API key sent upstream as `Authorization: Bearer <key>` instead of the client's header.
+    #[arg(long, env = "SLUICE_UPSTREAM_API_KEY", hide_env_values = true)]
+    pub upstream_api_key: Option<String>,
+}
+
+/// Everything a request handler needs.
+pub struct Gateway {
+    pub store: Arc<PolicyStore>,
+    pub metrics: GatewayMetrics,
+    pub client: upstream::HttpClient,
+    pub clock: Arc<dyn Clock>,
+    pub max_body_bytes: usize,
+    pub api_key: Option<HeaderValue>,
+    /// Set on SIGTERM: /readyz turns 503 so load balancers stop sending.
+    pub draining: AtomicBool,
+}
+
+impl Gateway {
+    pub fn new(
+        store: Arc<PolicyStore>,
+        metrics: GatewayMetrics,
+        clock: Arc<dyn Clock>,
+        max_body_bytes: usize,
+        api_key: Option<&str>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let api_key = match api_key {
+            Some(k) => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {k}"))
+                    .map_err(|_| anyhow::anyhow!("the upstream API key contains characters not allowed in a header"))?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(Arc::new(Gateway {
+            store,
+            metrics,
+            client: upstream::client()?,
+            clock,
+            max_body_bytes,
+            api_key,
+            draining: AtomicBool::new(false),
+        }))
+    }
+}
+
+/// The gateway's routes.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(proxy::chat_completions))
+        .route("/v1/completions", post(proxy::completions))
+        .route("/v1/{*rest}", any(proxy::passthrough))
+        .route("/metrics", get(proxy::metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(proxy::readyz))
+        .fallback(proxy::not_found)
+        .with_state(gw)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains for at most `drain`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    gw: Arc<Gateway>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    drain: Duration,
+) -> std::io::Result<()> {
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let notify = signalled.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        gw.draining.store(true, Ordering::SeqCst);
+        tracing::info!(timeout = ?drain, "shutting down: no new connections, draining in-flight requests");
+        notify.notify_one();
+    });
+    tokio::select! {
+        r = server => r,
+        _ = async { signalled.notified().await; tokio::time::sleep(drain).await } => {
+            tracing::warn!("drain timeout reached; closing remaining connections");
+            Ok(())
+        }
+    }
+}
+
+/// `sluice gateway`.
+pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
+    let metrics = GatewayMetrics::new();
+    let store = Arc::new(PolicyStore::new(metrics.clone(), args.upstream.clone()));
+    let watcher = load_and_watch_file(args.policy_file.clone(), store.clone(), args.reload_interval).await?;
+    tokio::spawn(watcher);
+    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+    let gw = Gateway::new(store, metrics, clock, args.max_body_bytes, args.upstream_api_key.as_deref())?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    serve(listener, router(gw.clone()), gw, crate::shutdown_signal(), args.drain_timeout).await?;
+    tracing::info!("gateway stopped");
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! Incremental parsing of OpenAI server-sent-event streams, for measuring them as they pass
+//! through: which events carry content (a token), which one ends the stream, and the JSON of
+//! each event when a unary response is being assembled.
+//!
+//! An event ends with a blank line (`\n\n` or `\r\n\r\n`); its `data:` lines are joined.
+//! Content-bearing: a chat delta with non-empty `content`, `reasoning_content` or
+//! `tool_calls`, or a completion choice with non-empty `text`. The role chunk, the finish
+//! chunk and the usage chunk carry none.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+/// What one event was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A chunk with at least one token.
+    Content,
+    /// A chunk without tokens (role, finish, usage).
+    Empty,
+    /// `data: [DONE]`.
+    Done,
+    /// An `{"error": ...}` object sent mid-stream.
+    Error,
+    /// Not JSON (ignored for measurement, relayed unchanged).
+    Unparsed,
+}
+
+#[derive(Deserialize)]
+struct ChunkView<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<ChoiceView<'a>>,
+    #[serde(default)]
+    error: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceView<'a> {
+    #[serde(default, borrow)]
+    delta: Option<DeltaView<'a>>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct DeltaView<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<Vec<IgnoredAny>>,
+}
+
+/// Classifies the JSON payload of one event.
+pub fn classify(data: &[u8]) -> EventKind {
+    if data == b"[DONE]" {
+        return EventKind::Done;
+    }
+    let Ok(chunk) = serde_json::from_slice::<ChunkView>(data) else {
+        return EventKind::Unparsed;
+    };
+    if chunk.error.is_some() {
+        return EventKind::Error;
+    }
+    let has_content = chunk.choices.iter().any(|c| {
+        let non_empty = |s: &Option<Cow<str>>| s.as_ref().is_some_and(|s| !s.is_empty());
+        non_empty(&c.text)
+            || c.delta.as_ref().is_some_and(|d| {
+                non_empty(&d.content)
+                    || non_empty(&d.reasoning_content)
+                    || d.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
+            })
+    });
+    if has_content {
+        EventKind::Content
+    } else {
+        EventKind::Empty
+    }
+}
+
+/// Splits a byte stream into events.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already searched for an event end.
+    scanned: usize,
+}
+
+/// Longest event the parser buffers before giving up on measuring a stream (bytes).
+pub const MAX_EVENT_BYTES: usize = 4 << 20;
+
+impl SseParser {
+    /// Feeds bytes; calls `on_event` with the joined `data:` payload of each complete event.
+    /// Returns false when an event exceeds [`MAX_EVENT_BYTES`] (measurement stops; the bytes
+    /// are still relayed by the caller).
+    pub fn feed(&mut self, bytes: &[u8], mut on_event: impl FnMut(&[u8])) -> bool {
+        self.buf.extend_from_slice(bytes);
+        let mut start = 0;
+        let mut i = self.scanned.saturating_sub(3);
+        let mut data: Vec<u8> = Vec::new();
+        while i < self.buf.len() {
+            // An event ends at "\n\n" or "\r\n\r\n" (or "\r\r").
+            let end = if self.buf[i..].starts_with(b"\n\n") || self.buf[i..].starts_with(b"\r\r") {
+                Some(i + 2)
+            } else if self.buf[i..].starts_with(b"\r\n\r\n") {
+                Some(i + 4)
+            } else {
+                None
+            };
+            if let Some(end) = end {
+                data.clear();
+                for line in self.buf[start..i].split(|&b| b == b'\n') {
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    if let Some(rest) = line.strip_prefix(b"data:") {
+                        if !data.is_empty() {
+                            data.push(b'\n');
+                        }
+                        data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
+                    }
+                }
+                if !data.is_empty() {
+                    on_event(&data);
+                }
+                start = end;
+                i = end;
+            } else {
+                i += 1;
+            }
+        }
+        self.buf.drain(..start);
+        self.scanned = self.buf.len();
+        self.buf.len() <= MAX_EVENT_BYTES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(chunks: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut p = SseParser::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            p.feed(c, |e| out.push(e.to_vec()));
+        }
+        out
+    }
+
+    #[test]
+    fn splits_events_across_arbitrary_chunk_boundaries() {
+        let stream = b"data: {\"a\":1}\n\ndata: {\"b\":2}\r\n\r\n: comment\n\ndata: [DONE]\n\n";
+        let whole = events(&[stream]);
+        assert_eq!(whole, [b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec(), b"[DONE]".to_vec()]);
+        for cut in 1..stream.len() {
+            assert_eq!(events(&[&stream[..cut], &stream[cut..]]), whole, "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(events(&bytes), whole);
+    }
+
+    #[test]
+    fn joins_multi_line_data() {
+        assert_eq!(events(&[b"data: a\ndata: b\n\n"]), [b"a\nb".to_vec()]);
+    }
+
+    #[test]
+    fn classifies_vllm_chunks() {
+        let role = br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
+        let token = br#"{"choices":[{"index":0,"delta":{"content":" hi"},"finish_reason":null}]}"#;
+        let finish = br#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#;
+        let usage = br#"{"choices":[],"usage":{"prompt_tokens":1}}"#;
+        let text = br#"{"choices":[{"index":0,"text":" hi","finish_reason":null}]}"#;
+        let tool = br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}}]}"#;
+        let reasoning = br#"{"choices":[{"index":0,"delta":{"reasoning_content":"hmm"}}]}"#;
+        let error = br#"{"error":{"message":"boom"}}"#;
+        assert_eq!(classify(role), EventKind::Empty);
+        assert_eq!(classify(token), EventKind::Content);
+        assert_eq!(classify(finish), EventKind::Empty);
+        assert_eq!(classify(usage), EventKind::Empty);
+        assert_eq!(classify(text), EventKind::Content);
+        assert_eq!(classify(tool), EventKind::Content);
+        assert_eq!(classify(reasoning), EventKind::Content);
+        assert_eq!(classify(error), EventKind::Error);
+        assert_eq!(classify(b"[DONE]"), EventKind::Done);
+        assert_eq!(classify(b"not json"), EventKind::Unparsed);
+    }
+}

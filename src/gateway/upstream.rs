@@ -1,0 +1,124 @@
+//! The pooled HTTP client to the inference server and request/response header rules.
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// Pooled HTTP/1.1 keep-alive client for http and https upstreams.
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Builds the client: keep-alive pool, no Nagle delay, native TLS roots for https.
+pub fn client() -> std::io::Result<HttpClient> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .build(https))
+}
+
+/// `base` + the client's path and query: `http://h:8000` + `/v1/models` (a base path prefix
+/// such as `http://h/openai` is kept: `http://h/openai/v1/models`).
+pub fn target(base: &Uri, path_and_query: &str) -> Result<Uri, axum::http::Error> {
+    let prefix = base.path().trim_end_matches('/');
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(format!("{prefix}{path_and_query}").parse()?);
+    Ok(Uri::from_parts(parts)?)
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and ones the proxy sets itself.
+fn skip(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "accept-encoding"
+    ) || name.as_str() == crate::limiter::Priority::HEADER
+}
+
+/// The upstream request: method, URL, the client's end-to-end headers (with `Authorization`
+/// replaced when an upstream key is configured), JSON body.
+pub fn request(
+    method: Method,
+    uri: Uri,
+    client_headers: &HeaderMap,
+    api_key: Option<&HeaderValue>,
+    body: Bytes,
+) -> Result<axum::http::Request<Full<Bytes>>, axum::http::Error> {
+    let mut b = axum::http::Request::builder().method(method).uri(uri);
+    let headers = b.headers_mut().expect("fresh builder");
+    for (name, value) in client_headers {
+        if !skip(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(key) = api_key {
+        headers.insert(header::AUTHORIZATION, key.clone());
+    }
+    b.body(Full::new(body))
+}
+
+/// Upstream response headers worth relaying (end-to-end ones, without framing).
+pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(upstream.len());
+    for (name, value) in upstream {
+        if !skip(name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_joins_base_and_path() {
+        let base: Uri = "http://127.0.0.1:8000".parse().unwrap();
+        assert_eq!(target(&base, "/v1/models").unwrap(), "http://127.0.0.1:8000/v1/models");
+        let base: Uri = "https://h.example/openai/".parse().unwrap();
+        assert_eq!(
+            target(&base, "/v1/chat/completions?x=1").unwrap(),
+            "https://h.example/openai/v1/chat/completions?x=1"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_and_priority_headers_are_not_forwarded_and_auth_is_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close"));
+        h.insert("x-sluice-priority", HeaderValue::from_static("critical"));
+        h.insert("authorization", HeaderValue::from_static("Bearer client"));
+        h.insert("x-request-id", HeaderValue::from_static("r1"));
+        let key = HeaderValue::from_static("Bearer upstream");
+        let r = request(Method::POST, "http://u/v1".parse().unwrap(), &h, Some(&key), Bytes::new()).unwrap();
+        assert!(r.headers().get("connection").is_none());
+        assert!(r.headers().get("x-sluice-priority").is_none());
+        assert_eq!(r.headers()["authorization"], "Bearer upstream");
+        assert_eq!(r.headers()["x-request-id"], "r1");
+        let r = request(Method::POST, "http://u/v1".parse().unwrap(), &h, None, Bytes::new()).unwrap();
+        assert_eq!(r.headers()["authorization"], "Bearer client");
+    }
+}

@@ -1,0 +1,191 @@
+//! A small HTTP client and helpers to start `sluice sim-engine` and `sluice gateway` as real
+//! processes on 127.0.0.1.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::ChildProcess;
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the child binds it next).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).map(|v| v.to_str().unwrap().to_owned())
+    }
+}
+
+pub async fn send(c: &HttpClient, method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    let resp = start(c, method, url, headers, body).await;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    Reply { status, headers, body }
+}
+
+/// Sends a request and returns the response with its body still streaming.
+pub async fn start(
+    c: &HttpClient,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> hyper::Response<Incoming> {
+    let mut b = hyper::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+        b = b.header("content-type", "application/json");
+    }
+    c.request(b.body(Full::new(body.into())).unwrap()).await.expect("request sent")
+}
+
+pub async fn post_json(c: &HttpClient, url: &str, body: &serde_json::Value) -> Reply {
+    send(c, "POST", url, &[], serde_json::to_vec(body).unwrap()).await
+}
+
+pub async fn get(c: &HttpClient, url: &str) -> Reply {
+    send(c, "GET", url, &[], Bytes::new()).await
+}
+
+/// Polls `url` until it answers 200, failing after `secs`.
+pub async fn wait_ok(c: &HttpClient, url: &str, secs: u64, process: &mut ChildProcess) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(Some(status)) = process.child.try_wait() {
+            panic!("{} exited early with {status}", process.name);
+        }
+        let req = hyper::Request::get(url).body(Full::new(Bytes::new())).unwrap();
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), c.request(req)).await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{url} not ready after {secs}s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `sluice sim-engine` process.
+pub struct Sim {
+    pub process: ChildProcess,
+    pub url: String,
+}
+
+impl Sim {
+    pub async fn start(c: &HttpClient, extra: &[&str]) -> Sim {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["sim-engine", "--listen", &listen];
+        args.extend_from_slice(extra);
+        let mut process = ChildProcess::sluice(&args, &[("RUST_LOG", "warn")]);
+        let url = format!("http://{listen}");
+        wait_ok(c, &format!("{url}/health"), 20, &mut process).await;
+        Sim { process, url }
+    }
+
+    pub async fn stats(&self, c: &HttpClient) -> serde_json::Value {
+        get(c, &format!("{}/sim/stats", self.url)).await.json()
+    }
+}
+
+/// A `sluice gateway` process with a policy file.
+pub struct Gw {
+    pub process: ChildProcess,
+    pub url: String,
+}
+
+impl Gw {
+    pub async fn start(c: &HttpClient, policy: &Path, upstream: Option<&str>, extra: &[&str]) -> Gw {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let policy = policy.to_str().unwrap();
+        let mut args = vec!["gateway", "--listen", &listen, "--policy-file", policy, "--reload-interval", "100ms"];
+        if let Some(u) = upstream {
+            args.extend_from_slice(&["--upstream", u]);
+        }
+        args.extend_from_slice(extra);
+        let mut process = ChildProcess::sluice(&args, &[("RUST_LOG", "info")]);
+        let url = format!("http://{listen}");
+        wait_ok(c, &format!("{url}/readyz"), 20, &mut process).await;
+        Gw { process, url }
+    }
+
+    pub async fn metrics(&self, c: &HttpClient) -> String {
+        let r = get(c, &format!("{}/metrics", self.url)).await;
+        assert_eq!(r.status, 200);
+        r.text()
+    }
+}
+
+/// The value of one sample in Prometheus text format, by metric name and exact label set
+/// (labels in any order); None when absent.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, rest) = match series.find('{') {
+            Some(i) => (&series[..i], &series[i + 1..series.len() - 1]),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        let mut have: Vec<(String, String)> = Vec::new();
+        for part in rest.split("\",").filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once("=\"").expect("label=value");
+            have.push((k.to_owned(), v.trim_end_matches('"').to_owned()));
+        }
+        let matches = labels.len() == have.len()
+            && labels.iter().all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v));
+        if matches {
+            return Some(value.parse().expect("numeric sample"));
+        }
+    }
+    None
+}
+
+/// A policy YAML document for tests: the given upstream, thresholds and extras.
+pub fn policy_yaml(upstream: &str, spec_extra: &str) -> String {
+    let mut doc = format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: test}}\nspec:\n  upstream: {{url: '{upstream}'}}\n"
+    );
+    for line in spec_extra.lines() {
+        doc.push_str("  ");
+        doc.push_str(line);
+        doc.push('\n');
+    }
+    doc
+}
