@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs all of sluice's checks and tests, installing what they need first:
-#   formatting, clippy, the local Kubernetes control plane (built once into ~/.cache/sluice),
-#   then the whole cargo test suite against it. The control plane is stopped at the end,
-#   also when a test fails.
+#   formatting, clippy, a Python venv with the official `openai` client, the local Kubernetes
+#   control plane (built once into ~/.cache/sluice), then the whole cargo test suite. The
+#   control plane is stopped at the end, also when a test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +18,18 @@ cargo fmt --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
+
+step "Python venv for the openai client (tests/requirements.txt)"
+CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}
+VENV=$CACHE/venv
+stamp=$(sha256sum tests/requirements.txt | cut -c1-16)
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.sluice-stamp" 2>/dev/null)" != "$stamp" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/requirements.txt
+  echo "$stamp" >"$VENV/.sluice-stamp"
+fi
+export SLUICE_PYTHON=$VENV/bin/python
+"$SLUICE_PYTHON" -c 'import openai; print("openai", openai.__version__)'
 
 step "local Kubernetes control plane (scripts/k8s-env.sh)"
 scripts/k8s-env.sh install >/dev/null

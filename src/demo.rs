@@ -38,14 +38,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ..SimConfig::default()
     })
     .await
-    .map_err(|e| anyhow::anyhow!("cannot start the simulated engine on {}: {e}", args.engine_listen))?;
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot start the simulated engine on {}: {e}",
+            args.engine_listen
+        )
+    })?;
 
-    let policy_path = std::env::temp_dir().join(format!("sluice-demo-policy-{}.yaml", std::process::id()));
+    let policy_path =
+        std::env::temp_dir().join(format!("sluice-demo-policy-{}.yaml", std::process::id()));
     std::fs::write(&policy_path, EXAMPLE_POLICY)?;
     let metrics = GatewayMetrics::new();
     let upstream: http::Uri = format!("http://{}", engine.addr).parse()?;
     let store = Arc::new(PolicyStore::new(metrics.clone(), Some(upstream)));
-    let watcher = load_and_watch_file(policy_path.clone(), store.clone(), Duration::from_secs(1)).await?;
+    let watcher =
+        load_and_watch_file(policy_path.clone(), store.clone(), Duration::from_secs(1)).await?;
     let watch_task = tokio::spawn(watcher);
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
     let gw = Gateway::new(store, metrics, clock, 16 << 20, None)?;
@@ -82,7 +89,14 @@ Ctrl-C stops.
         seqs = args.max_num_seqs,
         policy = policy_path.display(),
     );
-    gateway::serve(listener, gateway::router(gw.clone()), gw, crate::shutdown_signal(), Duration::from_secs(5)).await?;
+    gateway::serve(
+        listener,
+        gateway::router(gw.clone()),
+        gw,
+        crate::shutdown_signal(),
+        Duration::from_secs(5),
+    )
+    .await?;
     watch_task.abort();
     engine.stop().await;
     let _ = std::fs::remove_file(&policy_path);

@@ -72,7 +72,10 @@ impl GatewayMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("sluice_requests_total", "Requests by model, endpoint, streaming and outcome."),
+            Opts::new(
+                "sluice_requests_total",
+                "Requests by model, endpoint, streaming and outcome.",
+            ),
             &["model", "endpoint", "stream", "outcome"],
         )
         .unwrap();
@@ -82,19 +85,26 @@ impl GatewayMetrics {
         let request_duration = hist(
             "sluice_request_duration_seconds",
             "Time from request received to response complete, admitted requests.",
-            buckets(&[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
+            buckets(&[
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+            ]),
         );
         let ttft = hist(
             "sluice_ttft_seconds",
             "Time to first token: request sent upstream to first content-bearing chunk.",
-            buckets(&[0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0]),
+            buckets(&[
+                0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
+            ]),
         );
         let itl = hist(
             "sluice_itl_seconds",
             "Inter-token latency: gap between consecutive content-bearing chunks.",
-            buckets(&[0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0]),
+            buckets(&[
+                0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+            ]),
         );
-        let gauge = |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["model"]).unwrap();
+        let gauge =
+            |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["model"]).unwrap();
         let m = GatewayMetrics {
             requests,
             request_duration,
@@ -145,7 +155,8 @@ impl GatewayMetrics {
         r.register(Box::new(m.inflight.clone())).unwrap();
         r.register(Box::new(m.policy_generation.clone())).unwrap();
         r.register(Box::new(m.policy_reloads.clone())).unwrap();
-        r.register(Box::new(m.policy_last_reload_success.clone())).unwrap();
+        r.register(Box::new(m.policy_last_reload_success.clone()))
+            .unwrap();
         m
     }
 
@@ -166,8 +177,12 @@ impl GatewayMetrics {
                 let labels = [r.label];
                 self.ttft_ema.with_label_values(&labels).set(r.ttft);
                 self.itl_ema.with_label_values(&labels).set(r.itl);
-                self.ttft_threshold.with_label_values(&labels).set(r.thresholds.ttft);
-                self.itl_threshold.with_label_values(&labels).set(r.thresholds.itl);
+                self.ttft_threshold
+                    .with_label_values(&labels)
+                    .set(r.thresholds.ttft);
+                self.itl_threshold
+                    .with_label_values(&labels)
+                    .set(r.thresholds.itl);
                 self.pressure.with_label_values(&labels).set(r.pressure);
                 self.reject_probability
                     .with_label_values(&labels)

@@ -60,9 +60,18 @@ async fn streams_and_unary_responses_pass_through_and_are_measured() {
     let gw = Gw::start(&c, &policy.0, None, &[]).await;
 
     // Streaming chat: the engine's events arrive unchanged, ending with [DONE].
-    let r = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &chat(5, true)).await;
+    let r = post_json(
+        &c,
+        &format!("{}/v1/chat/completions", gw.url),
+        &chat(5, true),
+    )
+    .await;
     assert_eq!(r.status, 200);
-    assert!(r.header("content-type").unwrap().starts_with("text/event-stream"));
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let events = sse_events(&r.body);
     assert_eq!(events.len(), 1 + 5 + 1 + 1, "{events:?}"); // role, 5 tokens, finish, DONE
     assert_eq!(events.last().unwrap(), "[DONE]");
@@ -71,8 +80,18 @@ async fn streams_and_unary_responses_pass_through_and_are_measured() {
 
     // Unary chat through the gateway (assembled from a stream) equals the engine's own
     // unary answer to the same request.
-    let via_gw = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &chat(7, false)).await;
-    let direct = post_json(&c, &format!("{}/v1/chat/completions", sim.url), &chat(7, false)).await;
+    let via_gw = post_json(
+        &c,
+        &format!("{}/v1/chat/completions", gw.url),
+        &chat(7, false),
+    )
+    .await;
+    let direct = post_json(
+        &c,
+        &format!("{}/v1/chat/completions", sim.url),
+        &chat(7, false),
+    )
+    .await;
     assert_eq!(via_gw.status, 200, "{}", via_gw.text());
     assert_eq!(without_ids(via_gw.json()), without_ids(direct.json()));
 
@@ -93,18 +112,39 @@ async fn streams_and_unary_responses_pass_through_and_are_measured() {
     // Metrics: 4 successful generations measured (TTFT once each, ITL per later token).
     let m = gw.metrics(&c).await;
     let ok = |endpoint: &str, stream: &str| {
-        metric(&m, "sluice_requests_total", &[("model", "sim-llm"), ("endpoint", endpoint), ("stream", stream), ("outcome", "success")])
+        metric(
+            &m,
+            "sluice_requests_total",
+            &[
+                ("model", "sim-llm"),
+                ("endpoint", endpoint),
+                ("stream", stream),
+                ("outcome", "success"),
+            ],
+        )
     };
     assert_eq!(ok("chat_completions", "true"), Some(1.0));
     assert_eq!(ok("chat_completions", "false"), Some(1.0));
     assert_eq!(ok("completions", "false"), Some(1.0));
     assert_eq!(ok("completions", "true"), Some(1.0));
-    assert_eq!(metric(&m, "sluice_ttft_seconds_count", &[("model", "sim-llm")]), Some(4.0));
-    assert_eq!(metric(&m, "sluice_itl_seconds_count", &[("model", "sim-llm")]), Some((4 + 6 + 3 + 3) as f64));
+    assert_eq!(
+        metric(&m, "sluice_ttft_seconds_count", &[("model", "sim-llm")]),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(&m, "sluice_itl_seconds_count", &[("model", "sim-llm")]),
+        Some((4 + 6 + 3 + 3) as f64)
+    );
     let ema = metric(&m, "sluice_itl_ema_seconds", &[("model", "sim-llm")]).unwrap();
     assert!(ema > 0.005 && ema < 0.2, "ITL average {ema}");
-    assert_eq!(metric(&m, "sluice_reject_probability", &[("model", "sim-llm")]), Some(0.0));
-    assert_eq!(metric(&m, "sluice_inflight_requests", &[("model", "sim-llm")]), Some(0.0));
+    assert_eq!(
+        metric(&m, "sluice_reject_probability", &[("model", "sim-llm")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&m, "sluice_inflight_requests", &[("model", "sim-llm")]),
+        Some(0.0)
+    );
 }
 
 /// Drives `n` concurrent streams of `tokens` tokens each; returns how many got each status.
@@ -113,7 +153,13 @@ async fn burst(c: &support::http::HttpClient, url: &str, n: usize, tokens: u32) 
     for _ in 0..n {
         let (c, url) = (c.clone(), url.to_owned());
         tasks.push(tokio::spawn(async move {
-            post_json(&c, &format!("{url}/v1/chat/completions"), &chat(tokens, true)).await.status
+            post_json(
+                &c,
+                &format!("{url}/v1/chat/completions"),
+                &chat(tokens, true),
+            )
+            .await
+            .status
         }));
     }
     let (mut ok, mut shed) = (0, 0);
@@ -131,7 +177,18 @@ async fn burst(c: &support::http::HttpClient, url: &str, n: usize, tokens: u32) 
 async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
     let c = client();
     // Two batch slots, 15 ms per step: 30 streams of 30 tokens queue for seconds.
-    let sim = Sim::start(&c, &["--max-num-seqs", "2", "--decode-step-ms", "15", "--decode-step-ms-per-seq", "0"]).await;
+    let sim = Sim::start(
+        &c,
+        &[
+            "--max-num-seqs",
+            "2",
+            "--decode-step-ms",
+            "15",
+            "--decode-step-ms-per-seq",
+            "0",
+        ],
+    )
+    .await;
     let policy = PolicyFile::new(&policy_yaml(
         &sim.url,
         "defaults: {ttft: 200ms, itl: 1s, timeConstant: 1s}\nshedding: {maxRejectProbability: 0.95, ramp: 1.5, maxEvidence: 20}",
@@ -145,7 +202,12 @@ async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
     // Once the queue's TTFT has been measured, new requests are shed with Retry-After.
     let deadline = Instant::now() + Duration::from_secs(30);
     let shed = loop {
-        let r = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &chat(1, false)).await;
+        let r = post_json(
+            &c,
+            &format!("{}/v1/chat/completions", gw.url),
+            &chat(1, false),
+        )
+        .await;
         if r.status == 429 {
             break r;
         }
@@ -156,7 +218,10 @@ async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
     let secs: u64 = shed.header("retry-after").unwrap().parse().unwrap();
     let ms: u64 = shed.header("retry-after-ms").unwrap().parse().unwrap();
     assert!(secs >= 1 && secs <= 60, "Retry-After {secs}");
-    assert!(ms >= 1 && ms <= 60_000 && secs == ms.div_ceil(1000).max(1), "{secs} s vs {ms} ms");
+    assert!(
+        ms >= 1 && ms <= 60_000 && secs == ms.div_ceil(1000).max(1),
+        "{secs} s vs {ms} ms"
+    );
     let body = shed.json();
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
     assert_eq!(body["error"]["type"], "rate_limit_exceeded");
@@ -164,8 +229,14 @@ async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
     assert!(metric(&m, "sluice_reject_probability", &[("model", "sim-llm")]).unwrap() > 0.0);
     assert!(metric(&m, "sluice_ttft_ema_seconds", &[("model", "sim-llm")]).unwrap() > 0.2);
     // Critical requests are never shed.
-    let r = send(&c, "POST", &format!("{}/v1/chat/completions", gw.url), &[("x-sluice-priority", "critical")],
-        serde_json::to_vec(&chat(1, false)).unwrap()).await;
+    let r = send(
+        &c,
+        "POST",
+        &format!("{}/v1/chat/completions", gw.url),
+        &[("x-sluice-priority", "critical")],
+        serde_json::to_vec(&chat(1, false)).unwrap(),
+    )
+    .await;
     assert_eq!(r.status, 200, "critical was shed: {}", r.text());
 
     let (ok, _) = load.await.unwrap();
@@ -180,17 +251,49 @@ async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
         assert!(Instant::now() < deadline, "the gate did not reopen:\n{m}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let r = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &chat(1, false)).await;
+    let r = post_json(
+        &c,
+        &format!("{}/v1/chat/completions", gw.url),
+        &chat(1, false),
+    )
+    .await;
     assert_eq!(r.status, 200);
     let m = gw.metrics(&c).await;
-    assert!(metric(&m, "sluice_requests_total", &[("model", "sim-llm"), ("endpoint", "chat_completions"), ("stream", "false"), ("outcome", "rejected")]).unwrap() >= 1.0);
+    assert!(
+        metric(
+            &m,
+            "sluice_requests_total",
+            &[
+                ("model", "sim-llm"),
+                ("endpoint", "chat_completions"),
+                ("stream", "false"),
+                ("outcome", "rejected")
+            ]
+        )
+        .unwrap()
+            >= 1.0
+    );
 }
 
 #[tokio::test]
 async fn shadow_mode_never_rejects_but_counts() {
     let c = client();
-    let sim = Sim::start(&c, &["--max-num-seqs", "1", "--decode-step-ms", "10", "--decode-step-ms-per-seq", "0"]).await;
-    let policy = PolicyFile::new(&policy_yaml(&sim.url, "mode: Shadow\ndefaults: {ttft: 50ms, itl: 1ms, timeConstant: 1s}"));
+    let sim = Sim::start(
+        &c,
+        &[
+            "--max-num-seqs",
+            "1",
+            "--decode-step-ms",
+            "10",
+            "--decode-step-ms-per-seq",
+            "0",
+        ],
+    )
+    .await;
+    let policy = PolicyFile::new(&policy_yaml(
+        &sim.url,
+        "mode: Shadow\ndefaults: {ttft: 50ms, itl: 1ms, timeConstant: 1s}",
+    ));
     let gw = Gw::start(&c, &policy.0, None, &[]).await;
     // Every token takes 10 ms against a 1 ms ITL threshold: far over, yet nothing is shed.
     let (ok, shed) = burst(&c, &gw.url, 6, 10).await;
@@ -198,8 +301,20 @@ async fn shadow_mode_never_rejects_but_counts() {
     let (ok, shed) = burst(&c, &gw.url, 6, 2).await;
     assert_eq!((ok, shed), (6, 0));
     let m = gw.metrics(&c).await;
-    let shadow = metric(&m, "sluice_requests_total", &[("model", "sim-llm"), ("endpoint", "chat_completions"), ("stream", "true"), ("outcome", "shadow_rejected")]);
-    assert!(shadow.unwrap_or(0.0) >= 1.0, "shadow rejections not counted:\n{m}");
+    let shadow = metric(
+        &m,
+        "sluice_requests_total",
+        &[
+            ("model", "sim-llm"),
+            ("endpoint", "chat_completions"),
+            ("stream", "true"),
+            ("outcome", "shadow_rejected"),
+        ],
+    );
+    assert!(
+        shadow.unwrap_or(0.0) >= 1.0,
+        "shadow rejections not counted:\n{m}"
+    );
     assert!(metric(&m, "sluice_reject_probability", &[("model", "sim-llm")]).unwrap() > 0.0);
 }
 
@@ -214,23 +329,41 @@ async fn client_errors_are_openai_shaped() {
     let r = send(&c, "POST", &url, &[], "{not json").await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["type"], "invalid_request_error");
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("not valid JSON"));
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
 
     let r = post_json(&c, &url, &json!({"messages": []})).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["param"], "model");
 
-    let big = json!({"model": "sim-llm", "messages": [{"role": "user", "content": "x".repeat(2000)}]});
+    let big =
+        json!({"model": "sim-llm", "messages": [{"role": "user", "content": "x".repeat(2000)}]});
     let r = post_json(&c, &url, &big).await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["error"]["code"], "request_too_large");
 
-    let r = send(&c, "POST", &url, &[("x-sluice-priority", "urgent")], serde_json::to_vec(&chat(1, false)).unwrap()).await;
+    let r = send(
+        &c,
+        "POST",
+        &url,
+        &[("x-sluice-priority", "urgent")],
+        serde_json::to_vec(&chat(1, false)).unwrap(),
+    )
+    .await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["param"], "x-sluice-priority");
 
     // Upstream 4xx passes through unchanged (unknown model → the engine's 404).
-    let r = post_json(&c, &url, &json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]})).await;
+    let r = post_json(
+        &c,
+        &url,
+        &json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["error"]["code"], "model_not_found");
 
@@ -240,7 +373,16 @@ async fn client_errors_are_openai_shaped() {
 
     let m = gw.metrics(&c).await;
     assert_eq!(
-        metric(&m, "sluice_requests_total", &[("model", ""), ("endpoint", "chat_completions"), ("stream", "false"), ("outcome", "client_error")]),
+        metric(
+            &m,
+            "sluice_requests_total",
+            &[
+                ("model", ""),
+                ("endpoint", "chat_completions"),
+                ("stream", "false"),
+                ("outcome", "client_error")
+            ]
+        ),
         Some(4.0)
     );
 }
@@ -251,10 +393,19 @@ async fn upstream_down_is_502_and_upstream_timeout_is_504() {
     let closed = format!("http://127.0.0.1:{}", free_port());
     let policy = PolicyFile::new(&policy_yaml(&closed, ""));
     let gw = Gw::start(&c, &policy.0, None, &[]).await;
-    let r = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &chat(1, false)).await;
+    let r = post_json(
+        &c,
+        &format!("{}/v1/chat/completions", gw.url),
+        &chat(1, false),
+    )
+    .await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["error"]["code"], "upstream_unreachable");
-    assert!(!r.text().contains("127.0.0.1"), "internal details leaked: {}", r.text());
+    assert!(
+        !r.text().contains("127.0.0.1"),
+        "internal details leaked: {}",
+        r.text()
+    );
 
     // An engine whose prefill takes ~2 s against a 1 s upstream timeout.
     let slow = Sim::start(&c, &["--prefill-ms-per-token", "500"]).await;
@@ -264,13 +415,27 @@ async fn upstream_down_is_502_and_upstream_timeout_is_504() {
     let gw2 = Gw::start(&c, &policy.0, None, &[]).await;
     let long_prompt = json!({"model": "sim-llm", "max_tokens": 2, "messages": [{"role": "user", "content": "a long enough prompt"}]});
     let t = Instant::now();
-    let r = post_json(&c, &format!("{}/v1/chat/completions", gw2.url), &long_prompt).await;
+    let r = post_json(
+        &c,
+        &format!("{}/v1/chat/completions", gw2.url),
+        &long_prompt,
+    )
+    .await;
     assert_eq!(r.status, 504, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "upstream_timeout");
     assert!(t.elapsed() < Duration::from_secs(10));
     let m = gw2.metrics(&c).await;
     assert_eq!(
-        metric(&m, "sluice_requests_total", &[("model", "sim-llm"), ("endpoint", "chat_completions"), ("stream", "false"), ("outcome", "upstream_error")]),
+        metric(
+            &m,
+            "sluice_requests_total",
+            &[
+                ("model", "sim-llm"),
+                ("endpoint", "chat_completions"),
+                ("stream", "false"),
+                ("outcome", "upstream_error")
+            ]
+        ),
         Some(1.0)
     );
 }
@@ -294,7 +459,12 @@ async fn upstream_500_passes_through_unchanged() {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let policy = PolicyFile::new(&policy_yaml(&format!("http://{addr}"), ""));
     let gw = Gw::start(&c, &policy.0, None, &[]).await;
-    let r = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &chat(1, true)).await;
+    let r = post_json(
+        &c,
+        &format!("{}/v1/chat/completions", gw.url),
+        &chat(1, true),
+    )
+    .await;
     assert_eq!(r.status, 500);
     assert_eq!(r.header("x-upstream").as_deref(), Some("yes"));
     assert_eq!(r.json()["error"]["message"], "engine crashed");
@@ -304,10 +474,21 @@ async fn upstream_500_passes_through_unchanged() {
 #[tokio::test]
 async fn client_disconnect_mid_stream_cancels_upstream() {
     let c = client();
-    let sim = Sim::start(&c, &["--decode-step-ms", "20", "--decode-step-ms-per-seq", "0"]).await;
+    let sim = Sim::start(
+        &c,
+        &["--decode-step-ms", "20", "--decode-step-ms-per-seq", "0"],
+    )
+    .await;
     let policy = PolicyFile::new(&policy_yaml(&sim.url, ""));
     let gw = Gw::start(&c, &policy.0, None, &[]).await;
-    let resp = start(&c, "POST", &format!("{}/v1/chat/completions", gw.url), &[], serde_json::to_vec(&chat(1000, true)).unwrap()).await;
+    let resp = start(
+        &c,
+        "POST",
+        &format!("{}/v1/chat/completions", gw.url),
+        &[],
+        serde_json::to_vec(&chat(1000, true)).unwrap(),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let mut got = 0;
@@ -330,10 +511,22 @@ async fn client_disconnect_mid_stream_cancels_upstream() {
     }
     let m = gw.metrics(&c).await;
     assert_eq!(
-        metric(&m, "sluice_requests_total", &[("model", "sim-llm"), ("endpoint", "chat_completions"), ("stream", "true"), ("outcome", "cancelled")]),
+        metric(
+            &m,
+            "sluice_requests_total",
+            &[
+                ("model", "sim-llm"),
+                ("endpoint", "chat_completions"),
+                ("stream", "true"),
+                ("outcome", "cancelled")
+            ]
+        ),
         Some(1.0)
     );
-    assert_eq!(metric(&m, "sluice_inflight_requests", &[("model", "sim-llm")]), Some(0.0));
+    assert_eq!(
+        metric(&m, "sluice_inflight_requests", &[("model", "sim-llm")]),
+        Some(0.0)
+    );
 }
 
 #[tokio::test]
@@ -345,14 +538,22 @@ async fn policy_file_reloads_live_and_invalid_edits_keep_the_last_good_policy() 
     let m = gw.metrics(&c).await;
     assert_eq!(metric(&m, "sluice_policy_generation", &[]), Some(1.0));
     // Warm up the key so its threshold gauge exists.
-    post_json(&c, &format!("{}/v1/chat/completions", gw.url), &chat(2, true)).await;
+    post_json(
+        &c,
+        &format!("{}/v1/chat/completions", gw.url),
+        &chat(2, true),
+    )
+    .await;
 
     policy.write(&policy_yaml(&sim.url, "defaults: {ttft: 250ms}"));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = gw.metrics(&c).await;
         if metric(&m, "sluice_policy_generation", &[]) == Some(2.0) {
-            assert_eq!(metric(&m, "sluice_ttft_threshold_seconds", &[("model", "sim-llm")]), Some(0.25));
+            assert_eq!(
+                metric(&m, "sluice_ttft_threshold_seconds", &[("model", "sim-llm")]),
+                Some(0.25)
+            );
             break;
         }
         assert!(Instant::now() < deadline, "valid edit not applied");
@@ -365,8 +566,14 @@ async fn policy_file_reloads_live_and_invalid_edits_keep_the_last_good_policy() 
         let m = gw.metrics(&c).await;
         if metric(&m, "sluice_policy_reloads_total", &[("result", "error")]) == Some(1.0) {
             assert_eq!(metric(&m, "sluice_policy_generation", &[]), Some(2.0));
-            assert_eq!(metric(&m, "sluice_policy_last_reload_successful", &[]), Some(0.0));
-            assert_eq!(metric(&m, "sluice_ttft_threshold_seconds", &[("model", "sim-llm")]), Some(0.25));
+            assert_eq!(
+                metric(&m, "sluice_policy_last_reload_successful", &[]),
+                Some(0.0)
+            );
+            assert_eq!(
+                metric(&m, "sluice_ttft_threshold_seconds", &[("model", "sim-llm")]),
+                Some(0.25)
+            );
             break;
         }
         assert!(Instant::now() < deadline, "invalid edit not reported");
@@ -374,7 +581,12 @@ async fn policy_file_reloads_live_and_invalid_edits_keep_the_last_good_policy() 
     }
     // Still serving and ready.
     assert_eq!(get(&c, &format!("{}/readyz", gw.url)).await.status, 200);
-    let r = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &chat(1, false)).await;
+    let r = post_json(
+        &c,
+        &format!("{}/v1/chat/completions", gw.url),
+        &chat(1, false),
+    )
+    .await;
     assert_eq!(r.status, 200);
 }
 
@@ -382,7 +594,13 @@ async fn policy_file_reloads_live_and_invalid_edits_keep_the_last_good_policy() 
 async fn an_invalid_policy_file_at_start_is_a_clear_error() {
     let policy = PolicyFile::new(&policy_yaml("ftp://nowhere", ""));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["gateway", "--listen", "127.0.0.1:0", "--policy-file", policy.0.to_str().unwrap()])
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--policy-file",
+            policy.0.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -393,14 +611,30 @@ async fn an_invalid_policy_file_at_start_is_a_clear_error() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_streams_and_exits_zero() {
     let c = client();
-    let sim = Sim::start(&c, &["--decode-step-ms", "20", "--decode-step-ms-per-seq", "0"]).await;
+    let sim = Sim::start(
+        &c,
+        &["--decode-step-ms", "20", "--decode-step-ms-per-seq", "0"],
+    )
+    .await;
     let policy = PolicyFile::new(&policy_yaml(&sim.url, ""));
     let mut gw = Gw::start(&c, &policy.0, None, &["--drain-timeout", "20s"]).await;
-    let resp = start(&c, "POST", &format!("{}/v1/chat/completions", gw.url), &[], serde_json::to_vec(&chat(40, true)).unwrap()).await;
+    let resp = start(
+        &c,
+        "POST",
+        &format!("{}/v1/chat/completions", gw.url),
+        &[],
+        serde_json::to_vec(&chat(40, true)).unwrap(),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     gw.process.terminate();
     // The in-flight stream still completes (40 tokens ≈ 0.8 s).
-    let body = resp.into_body().collect().await.expect("stream completes during drain").to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("stream completes during drain")
+        .to_bytes();
     let events = sse_events(&body);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     assert_eq!(events.len(), 1 + 40 + 1 + 1);

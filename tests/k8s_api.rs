@@ -203,7 +203,7 @@ async fn kubectl_shows_printer_columns_and_field_docs() {
     assert!(explain.contains("timeConstant"), "{explain}");
     let explain = kubectl_ok(&["explain", "rlp"]);
     assert!(
-        explain.contains("keeps an OpenAI-compatible inference server inside its latency targets"),
+        explain.contains("RateLimitPolicy keeps an OpenAI-compatible inference server"),
         "{explain}"
     );
 }

@@ -67,7 +67,9 @@ impl Assembler {
         if let Some(u) = obj.get("usage").filter(|u| !u.is_null()) {
             self.usage = Some(u.clone());
         }
-        let Some(choices) = obj.get("choices").and_then(Value::as_array) else { return };
+        let Some(choices) = obj.get("choices").and_then(Value::as_array) else {
+            return;
+        };
         for c in choices {
             let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
             let acc = self.choices.entry(index).or_default();
@@ -84,7 +86,12 @@ impl Assembler {
                 if let Some(t) = d.get("reasoning_content").and_then(Value::as_str) {
                     acc.reasoning.get_or_insert_with(String::new).push_str(t);
                 }
-                for tc in d.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+                for tc in d
+                    .get("tool_calls")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     let i = tc.get("index").and_then(Value::as_u64).unwrap_or(0);
                     let call = acc.tool_calls.entry(i).or_default();
                     if let Some(id) = tc.get("id").filter(|v| !v.is_null()) {
@@ -120,7 +127,10 @@ impl Assembler {
     /// The non-streaming response.
     pub fn finish(self) -> Value {
         let mut out = Map::new();
-        out.insert("id".into(), self.head.get("id").cloned().unwrap_or(Value::Null));
+        out.insert(
+            "id".into(),
+            self.head.get("id").cloned().unwrap_or(Value::Null),
+        );
         out.insert(
             "object".into(),
             json!(match self.kind {
@@ -142,8 +152,14 @@ impl Assembler {
                 match self.kind {
                     Kind::Chat => {
                         let mut message = Map::new();
-                        message.insert("role".into(), json!(c.role.as_deref().unwrap_or("assistant")));
-                        message.insert("content".into(), c.content.map_or(Value::Null, Value::String));
+                        message.insert(
+                            "role".into(),
+                            json!(c.role.as_deref().unwrap_or("assistant")),
+                        );
+                        message.insert(
+                            "content".into(),
+                            c.content.map_or(Value::Null, Value::String),
+                        );
                         if let Some(r) = c.reasoning {
                             message.insert("reasoning_content".into(), Value::String(r));
                         }
@@ -225,7 +241,9 @@ mod tests {
         let mut a = Assembler::new(Kind::Completion);
         a.push(&json!({"id": "x", "created": 1, "model": "m", "choices": [{"index": 1, "text": "b"}, {"index": 0, "text": "a"}]}));
         a.push(&json!({"id": "x", "choices": [{"index": 0, "text": "!", "finish_reason": "stop", "stop_reason": null}]}));
-        a.push(&json!({"id": "x", "choices": [{"index": 1, "text": "", "finish_reason": "length"}]}));
+        a.push(
+            &json!({"id": "x", "choices": [{"index": 1, "text": "", "finish_reason": "length"}]}),
+        );
         let v = a.finish();
         assert_eq!(v["object"], "text_completion");
         assert_eq!(v["choices"][0]["text"], "a!");

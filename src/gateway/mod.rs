@@ -78,8 +78,11 @@ impl Gateway {
     ) -> anyhow::Result<Arc<Self>> {
         let api_key = match api_key {
             Some(k) => {
-                let mut v = HeaderValue::from_str(&format!("Bearer {k}"))
-                    .map_err(|_| anyhow::anyhow!("the upstream API key contains characters not allowed in a header"))?;
+                let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
+                    anyhow::anyhow!(
+                        "the upstream API key contains characters not allowed in a header"
+                    )
+                })?;
                 v.set_sensitive(true);
                 Some(v)
             }
@@ -139,15 +142,33 @@ pub async fn serve(
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let metrics = GatewayMetrics::new();
     let store = Arc::new(PolicyStore::new(metrics.clone(), args.upstream.clone()));
-    let watcher = load_and_watch_file(args.policy_file.clone(), store.clone(), args.reload_interval).await?;
+    let watcher = load_and_watch_file(
+        args.policy_file.clone(),
+        store.clone(),
+        args.reload_interval,
+    )
+    .await?;
     tokio::spawn(watcher);
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
-    let gw = Gateway::new(store, metrics, clock, args.max_body_bytes, args.upstream_api_key.as_deref())?;
+    let gw = Gateway::new(
+        store,
+        metrics,
+        clock,
+        args.max_body_bytes,
+        args.upstream_api_key.as_deref(),
+    )?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-    serve(listener, router(gw.clone()), gw, crate::shutdown_signal(), args.drain_timeout).await?;
+    serve(
+        listener,
+        router(gw.clone()),
+        gw,
+        crate::shutdown_signal(),
+        args.drain_timeout,
+    )
+    .await?;
     tracing::info!("gateway stopped");
     Ok(())
 }

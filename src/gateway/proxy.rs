@@ -83,7 +83,14 @@ struct Tracker {
 }
 
 impl Tracker {
-    fn new(gw: &Arc<Gateway>, model: &str, endpoint: Endpoint, stream: bool, shadow: bool, start: Instant) -> Self {
+    fn new(
+        gw: &Arc<Gateway>,
+        model: &str,
+        endpoint: Endpoint,
+        stream: bool,
+        shadow: bool,
+        start: Instant,
+    ) -> Self {
         let inflight = gw.metrics.inflight.with_label_values(&[model]);
         inflight.inc();
         Tracker {
@@ -122,7 +129,12 @@ impl Drop for Tracker {
 fn count(gw: &Gateway, model: &str, endpoint: Endpoint, stream: bool, outcome: Outcome) {
     gw.metrics
         .requests
-        .with_label_values(&[model, endpoint.label(), if stream { "true" } else { "false" }, outcome.as_str()])
+        .with_label_values(&[
+            model,
+            endpoint.label(),
+            if stream { "true" } else { "false" },
+            outcome.as_str(),
+        ])
         .inc();
 }
 
@@ -204,12 +216,16 @@ impl Observer {
         self.measuring = self.parser.feed(bytes, |event| match classify(event) {
             EventKind::Content => {
                 content += 1;
-                if let (Some(a), Ok(v)) = (assembler.as_mut(), serde_json::from_slice::<Value>(event)) {
+                if let (Some(a), Ok(v)) =
+                    (assembler.as_mut(), serde_json::from_slice::<Value>(event))
+                {
                     a.push(&v);
                 }
             }
             EventKind::Empty => {
-                if let (Some(a), Ok(v)) = (assembler.as_mut(), serde_json::from_slice::<Value>(event)) {
+                if let (Some(a), Ok(v)) =
+                    (assembler.as_mut(), serde_json::from_slice::<Value>(event))
+                {
                     a.push(&v);
                 }
             }
@@ -219,10 +235,8 @@ impl Observer {
         });
         self.saw_done |= done;
         self.saw_error |= error;
-        if content > 0 {
-            if let Some(s) = self.sampler.as_mut() {
-                s.on_content(content);
-            }
+        if let Some(s) = self.sampler.as_mut().filter(|_| content > 0) {
+            s.on_content(content);
         }
     }
 }
@@ -262,18 +276,14 @@ async fn read_body(gw: &Gateway, headers: &HeaderMap, body: Body) -> Result<Byte
 fn parse_priority(headers: &HeaderMap) -> Result<Priority, ApiError> {
     match headers.get(Priority::HEADER) {
         None => Ok(Priority::Standard),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                bad_request(format!(
-                    "invalid {} header {:?}: expected critical, standard or sheddable",
-                    Priority::HEADER,
-                    String::from_utf8_lossy(v.as_bytes())
-                ))
-                .param(Priority::HEADER)
-            }),
+        Some(v) => v.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
+            bad_request(format!(
+                "invalid {} header {:?}: expected critical, standard or sheddable",
+                Priority::HEADER,
+                String::from_utf8_lossy(v.as_bytes())
+            ))
+            .param(Priority::HEADER)
+        }),
     }
 }
 
@@ -301,7 +311,7 @@ fn admit(
     priority: Priority,
     endpoint: Endpoint,
     stream: bool,
-) -> Result<Admitted, Response> {
+) -> Result<Admitted, Box<Response>> {
     let key = snap.limiter.key(model);
     let label = snap.limiter.label(key).to_owned();
     let d = with_rng(|r| snap.limiter.decide(key, priority, gw.clock.now(), r));
@@ -320,8 +330,11 @@ fn admit(
         .into_response();
         let h = resp.headers_mut();
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        h.insert("retry-after-ms", HeaderValue::from(retry_after_header_ms(retry)));
-        return Err(resp);
+        h.insert(
+            "retry-after-ms",
+            HeaderValue::from(retry_after_header_ms(retry)),
+        );
+        return Err(Box::new(resp));
     }
     Ok(Admitted {
         snap,
@@ -331,15 +344,28 @@ fn admit(
     })
 }
 
-pub async fn chat_completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn chat_completions(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     completion(gw, Endpoint::Chat, headers, body).await
 }
 
-pub async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn completions(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     completion(gw, Endpoint::Completions, headers, body).await
 }
 
-async fn completion(gw: Arc<Gateway>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+async fn completion(
+    gw: Arc<Gateway>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let start = Instant::now();
     let fail = |gw: &Gateway, e: ApiError, stream: bool| {
         count(gw, "", endpoint, stream, Outcome::ClientError);
@@ -351,8 +377,20 @@ async fn completion(gw: Arc<Gateway>, endpoint: Endpoint, headers: HeaderMap, bo
     };
     let mut req: Map<String, Value> = match serde_json::from_slice(&bytes) {
         Ok(Value::Object(m)) => m,
-        Ok(_) => return fail(&gw, bad_request("the request body must be a JSON object"), false),
-        Err(e) => return fail(&gw, bad_request(format!("the request body is not valid JSON: {e}")), false),
+        Ok(_) => {
+            return fail(
+                &gw,
+                bad_request("the request body must be a JSON object"),
+                false,
+            );
+        }
+        Err(e) => {
+            return fail(
+                &gw,
+                bad_request(format!("the request body is not valid JSON: {e}")),
+                false,
+            );
+        }
     };
     let client_stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let model = match req.get("model") {
@@ -374,7 +412,7 @@ async fn completion(gw: Arc<Gateway>, endpoint: Endpoint, headers: HeaderMap, bo
     };
     let a = match admit(&gw, snap, &model, priority, endpoint, client_stream) {
         Ok(a) => a,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let up = &a.snap.config.upstream;
     let assemble = !client_stream && up.stream_unary;
@@ -400,9 +438,23 @@ async fn completion(gw: Arc<Gateway>, endpoint: Endpoint, headers: HeaderMap, bo
         sent: gw.clock.now(),
         last: None,
     });
-    let kind = if endpoint == Endpoint::Chat { assemble::Kind::Chat } else { assemble::Kind::Completion };
-    forward(&gw, &a.snap, Method::POST, endpoint.path(), &headers, body, tracker, sampler, assemble.then_some(kind))
-        .await
+    let kind = if endpoint == Endpoint::Chat {
+        assemble::Kind::Chat
+    } else {
+        assemble::Kind::Completion
+    };
+    forward(
+        &gw,
+        &a.snap,
+        Method::POST,
+        endpoint.path(),
+        &headers,
+        body,
+        tracker,
+        sampler,
+        assemble.then_some(kind),
+    )
+    .await
 }
 
 /// Forwards one request and relays (or assembles) the response.
@@ -462,15 +514,43 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     if !status.is_success() {
-        tracker.finish(if status.is_client_error() { Outcome::ClientError } else { Outcome::UpstreamError });
-        return relay(status, headers, resp.into_body(), tracker, None, deadline, timeout);
+        tracker.finish(if status.is_client_error() {
+            Outcome::ClientError
+        } else {
+            Outcome::UpstreamError
+        });
+        return relay(
+            status,
+            headers,
+            resp.into_body(),
+            tracker,
+            None,
+            deadline,
+            timeout,
+        );
     }
     if !is_sse {
         // Unary upstream response (or an upstream that ignored `stream`): relay it.
-        return relay(status, headers, resp.into_body(), tracker, None, deadline, timeout);
+        return relay(
+            status,
+            headers,
+            resp.into_body(),
+            tracker,
+            None,
+            deadline,
+            timeout,
+        );
     }
     match assemble {
-        None => relay(status, headers, resp.into_body(), tracker, sampler, deadline, timeout),
+        None => relay(
+            status,
+            headers,
+            resp.into_body(),
+            tracker,
+            sampler,
+            deadline,
+            timeout,
+        ),
         Some(kind) => assembled(resp.into_body(), tracker, sampler, kind, deadline, timeout).await,
     }
 }
@@ -479,7 +559,10 @@ fn upstream_timeout(timeout: Duration) -> ApiError {
     ApiError::new(
         StatusCode::GATEWAY_TIMEOUT,
         "upstream_error",
-        format!("the inference server did not answer within {} s", timeout.as_secs_f64()),
+        format!(
+            "the inference server did not answer within {} s",
+            timeout.as_secs_f64()
+        ),
     )
     .code("upstream_timeout")
 }
@@ -612,7 +695,11 @@ pub async fn passthrough(
     body: Body,
 ) -> Response {
     let start = Instant::now();
-    let endpoint = if uri.path() == "/v1/models" { Endpoint::Models } else { Endpoint::Other };
+    let endpoint = if uri.path() == "/v1/models" {
+        Endpoint::Models
+    } else {
+        Endpoint::Other
+    };
     let bytes = match read_body(&gw, &headers, body).await {
         Ok(b) => b,
         Err(e) => {
@@ -637,7 +724,7 @@ pub async fn passthrough(
             };
             match admit(&gw, snap.clone(), m, priority, endpoint, false) {
                 Ok(a) => (a.label, a.shadow),
-                Err(resp) => return resp,
+                Err(resp) => return *resp,
             }
         }
         None => (String::new(), false),
@@ -649,7 +736,9 @@ pub async fn passthrough(
 
 pub async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     let snap = gw.store.load();
-    let text = gw.metrics.render(snap.as_deref().map(|s| &s.limiter), gw.clock.now());
+    let text = gw
+        .metrics
+        .render(snap.as_deref().map(|s| &s.limiter), gw.clock.now());
     let mut resp = text.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -152,9 +152,20 @@ mod tests {
     fn splits_events_across_arbitrary_chunk_boundaries() {
         let stream = b"data: {\"a\":1}\n\ndata: {\"b\":2}\r\n\r\n: comment\n\ndata: [DONE]\n\n";
         let whole = events(&[stream]);
-        assert_eq!(whole, [b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec(), b"[DONE]".to_vec()]);
+        assert_eq!(
+            whole,
+            [
+                b"{\"a\":1}".to_vec(),
+                b"{\"b\":2}".to_vec(),
+                b"[DONE]".to_vec()
+            ]
+        );
         for cut in 1..stream.len() {
-            assert_eq!(events(&[&stream[..cut], &stream[cut..]]), whole, "cut at {cut}");
+            assert_eq!(
+                events(&[&stream[..cut], &stream[cut..]]),
+                whole,
+                "cut at {cut}"
+            );
         }
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(events(&bytes), whole);

@@ -97,7 +97,10 @@ mod tests {
     #[test]
     fn target_joins_base_and_path() {
         let base: Uri = "http://127.0.0.1:8000".parse().unwrap();
-        assert_eq!(target(&base, "/v1/models").unwrap(), "http://127.0.0.1:8000/v1/models");
+        assert_eq!(
+            target(&base, "/v1/models").unwrap(),
+            "http://127.0.0.1:8000/v1/models"
+        );
         let base: Uri = "https://h.example/openai/".parse().unwrap();
         assert_eq!(
             target(&base, "/v1/chat/completions?x=1").unwrap(),
@@ -113,12 +116,26 @@ mod tests {
         h.insert("authorization", HeaderValue::from_static("Bearer client"));
         h.insert("x-request-id", HeaderValue::from_static("r1"));
         let key = HeaderValue::from_static("Bearer upstream");
-        let r = request(Method::POST, "http://u/v1".parse().unwrap(), &h, Some(&key), Bytes::new()).unwrap();
+        let r = request(
+            Method::POST,
+            "http://u/v1".parse().unwrap(),
+            &h,
+            Some(&key),
+            Bytes::new(),
+        )
+        .unwrap();
         assert!(r.headers().get("connection").is_none());
         assert!(r.headers().get("x-sluice-priority").is_none());
         assert_eq!(r.headers()["authorization"], "Bearer upstream");
         assert_eq!(r.headers()["x-request-id"], "r1");
-        let r = request(Method::POST, "http://u/v1".parse().unwrap(), &h, None, Bytes::new()).unwrap();
+        let r = request(
+            Method::POST,
+            "http://u/v1".parse().unwrap(),
+            &h,
+            None,
+            Bytes::new(),
+        )
+        .unwrap();
         assert_eq!(r.headers()["authorization"], "Bearer client");
     }
 }

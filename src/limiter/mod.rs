@@ -37,7 +37,6 @@ use std::time::Duration;
 use dashmap::DashMap;
 use parking_lot::{Mutex, MutexGuard};
 
-
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use decision::{Decision, Priority, UnknownPriority, Verdict};
 pub use estimator::{Estimator, InvalidSample};

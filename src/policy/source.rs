@@ -57,7 +57,12 @@ impl PolicyStore {
     }
 
     /// Puts a validated policy in force.
-    pub fn apply(&self, generation: i64, source: String, mut config: PolicyConfig) -> Arc<Snapshot> {
+    pub fn apply(
+        &self,
+        generation: i64,
+        source: String,
+        mut config: PolicyConfig,
+    ) -> Arc<Snapshot> {
         if let Some(url) = &self.upstream_override {
             config.upstream.url = url.clone();
         }
@@ -74,7 +79,10 @@ impl PolicyStore {
         });
         self.current.store(Some(snap.clone()));
         self.metrics.policy_generation.set(generation);
-        self.metrics.policy_reloads.with_label_values(&["success"]).inc();
+        self.metrics
+            .policy_reloads
+            .with_label_values(&["success"])
+            .inc();
         self.metrics.policy_last_reload_success.set(1.0);
         tracing::info!(
             source = %snap.source,
@@ -88,11 +96,18 @@ impl PolicyStore {
 
     /// Records that a new version of the policy could not be used; the last good one stays.
     pub fn reject(&self, source: &str, error: &dyn std::fmt::Display) {
-        self.metrics.policy_reloads.with_label_values(&["error"]).inc();
+        self.metrics
+            .policy_reloads
+            .with_label_values(&["error"])
+            .inc();
         self.metrics.policy_last_reload_success.set(0.0);
         match self.load() {
-            Some(s) => tracing::error!(%source, %error, kept_generation = s.generation, "policy rejected; keeping the last good policy"),
-            None => tracing::error!(%source, %error, "policy rejected; no policy loaded yet, not ready"),
+            Some(s) => {
+                tracing::error!(%source, %error, kept_generation = s.generation, "policy rejected; keeping the last good policy")
+            }
+            None => {
+                tracing::error!(%source, %error, "policy rejected; no policy loaded yet, not ready")
+            }
         }
     }
 }

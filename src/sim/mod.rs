@@ -121,7 +121,11 @@ const WORDS: &[&str] = &[
 ];
 
 /// Runs the batch scheduler until the job channel closes.
-async fn scheduler(config: Arc<SimConfig>, stats: Arc<SimStats>, mut rx: mpsc::UnboundedReceiver<Job>) {
+async fn scheduler(
+    config: Arc<SimConfig>,
+    stats: Arc<SimStats>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+) {
     let mut queue: VecDeque<Job> = VecDeque::new();
     let mut active: Vec<Active> = Vec::new();
     let mut open = true;
@@ -143,7 +147,9 @@ async fn scheduler(config: Arc<SimConfig>, stats: Arc<SimStats>, mut rx: mpsc::U
         let now = Instant::now();
         while active.len() < config.max_num_seqs {
             let Some(job) = queue.pop_front() else { break };
-            let prefill = Duration::from_secs_f64(config.prefill_ms_per_token * f64::from(job.prompt_tokens) / 1000.0);
+            let prefill = Duration::from_secs_f64(
+                config.prefill_ms_per_token * f64::from(job.prompt_tokens) / 1000.0,
+            );
             active.push(Active {
                 rng: SplitMix64::new(job.text_seed),
                 job,
@@ -357,14 +363,29 @@ async fn generate(s: AppState, kind: Kind, body: Bytes) -> Response {
         Kind::Chat => req.get("messages"),
         Kind::Completion => req.get("prompt"),
     };
-    let text_seed = BuildHasherDefault::<crate::limiter::FxHasher>::default()
-        .hash_one((s.config.seed, &model, asked.map(Value::to_string)));
+    let text_seed = BuildHasherDefault::<crate::limiter::FxHasher>::default().hash_one((
+        s.config.seed,
+        &model,
+        asked.map(Value::to_string),
+    ));
 
     let (tx, rx) = mpsc::unbounded_channel();
     s.stats.requests.fetch_add(1, Ordering::Relaxed);
-    if s.queue.send(Job { prompt_tokens, max_tokens, text_seed, tx }).is_err() {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", "engine is shutting down")
-            .into_response();
+    if s.queue
+        .send(Job {
+            prompt_tokens,
+            max_tokens,
+            text_seed,
+            tx,
+        })
+        .is_err()
+    {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailableError",
+            "engine is shutting down",
+        )
+        .into_response();
     }
     let n = s.next_id.fetch_add(1, Ordering::Relaxed);
     let meta = Meta {
@@ -404,7 +425,11 @@ impl Meta {
     }
 
     fn finish_reason(&self, completion_tokens: u32) -> &'static str {
-        if completion_tokens >= self.max_tokens { "length" } else { "stop" }
+        if completion_tokens >= self.max_tokens {
+            "length"
+        } else {
+            "stop"
+        }
     }
 
     fn usage(&self, completion_tokens: u32) -> Value {
@@ -424,7 +449,9 @@ impl Meta {
 
     fn delta(&self, delta: Value, finish: Option<&str>) -> Value {
         match self.kind {
-            Kind::Chat => self.chunk(json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})),
+            Kind::Chat => self.chunk(
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}),
+            ),
             Kind::Completion => self.chunk(json!({
                 "index": 0, "text": delta.get("content").and_then(Value::as_str).unwrap_or(""),
                 "logprobs": null, "finish_reason": finish, "stop_reason": null,
@@ -433,12 +460,18 @@ impl Meta {
     }
 }
 
-fn stream_response(meta: Meta, mut rx: mpsc::UnboundedReceiver<&'static str>, include_usage: bool) -> Response {
+fn stream_response(
+    meta: Meta,
+    mut rx: mpsc::UnboundedReceiver<&'static str>,
+    include_usage: bool,
+) -> Response {
     let stream = async_stream_body(move |tx| async move {
         let mut n = 0u32;
         while let Some(word) = rx.recv().await {
             if n == 0 && meta.kind == Kind::Chat {
-                tx.send(sse_json(&meta.delta(json!({"role": "assistant", "content": ""}), None)))?;
+                tx.send(sse_json(
+                    &meta.delta(json!({"role": "assistant", "content": ""}), None),
+                ))?;
             }
             n += 1;
             tx.send(sse_json(&meta.delta(json!({"content": word}), None)))?;
@@ -457,9 +490,12 @@ fn stream_response(meta: Meta, mut rx: mpsc::UnboundedReceiver<&'static str>, in
         Ok(())
     });
     let mut resp = Response::new(stream);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
     resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }
 
@@ -475,7 +511,9 @@ where
         let _ = fut.await;
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
     });
     Body::from_stream(stream)
 }

@@ -22,7 +22,11 @@ pub fn client() -> HttpClient {
 
 /// A free TCP port on 127.0.0.1 (bound and released; the child binds it next).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Reply {
@@ -40,16 +44,28 @@ impl Reply {
         String::from_utf8_lossy(&self.body).into_owned()
     }
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).map(|v| v.to_str().unwrap().to_owned())
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
     }
 }
 
-pub async fn send(c: &HttpClient, method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+pub async fn send(
+    c: &HttpClient,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
     let resp = start(c, method, url, headers, body).await;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// Sends a request and returns the response with its body still streaming.
@@ -64,10 +80,15 @@ pub async fn start(
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
         b = b.header("content-type", "application/json");
     }
-    c.request(b.body(Full::new(body.into())).unwrap()).await.expect("request sent")
+    c.request(b.body(Full::new(body.into())).unwrap())
+        .await
+        .expect("request sent")
 }
 
 pub async fn post_json(c: &HttpClient, url: &str, body: &serde_json::Value) -> Reply {
@@ -85,7 +106,9 @@ pub async fn wait_ok(c: &HttpClient, url: &str, secs: u64, process: &mut ChildPr
         if let Ok(Some(status)) = process.child.try_wait() {
             panic!("{} exited early with {status}", process.name);
         }
-        let req = hyper::Request::get(url).body(Full::new(Bytes::new())).unwrap();
+        let req = hyper::Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
         if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), c.request(req)).await {
             if r.status() == 200 {
                 return;
@@ -126,11 +149,24 @@ pub struct Gw {
 }
 
 impl Gw {
-    pub async fn start(c: &HttpClient, policy: &Path, upstream: Option<&str>, extra: &[&str]) -> Gw {
+    pub async fn start(
+        c: &HttpClient,
+        policy: &Path,
+        upstream: Option<&str>,
+        extra: &[&str],
+    ) -> Gw {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let policy = policy.to_str().unwrap();
-        let mut args = vec!["gateway", "--listen", &listen, "--policy-file", policy, "--reload-interval", "100ms"];
+        let mut args = vec![
+            "gateway",
+            "--listen",
+            &listen,
+            "--policy-file",
+            policy,
+            "--reload-interval",
+            "100ms",
+        ];
         if let Some(u) = upstream {
             args.extend_from_slice(&["--upstream", u]);
         }
@@ -169,7 +205,9 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             have.push((k.to_owned(), v.trim_end_matches('"').to_owned()));
         }
         let matches = labels.len() == have.len()
-            && labels.iter().all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v));
+            && labels
+                .iter()
+                .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v));
         if matches {
             return Some(value.parse().expect("numeric sample"));
         }

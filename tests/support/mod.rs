@@ -194,7 +194,10 @@ impl ChildProcess {
 
     /// Sends SIGTERM (graceful shutdown).
     pub fn terminate(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success(), "kill -TERM {} failed", self.pid());
     }
 
@@ -205,7 +208,11 @@ impl ChildProcess {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "{} did not exit within {secs}s", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {secs}s",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
