@@ -109,10 +109,10 @@ pub async fn wait_ok(c: &HttpClient, url: &str, secs: u64, process: &mut ChildPr
         let req = hyper::Request::get(url)
             .body(Full::new(Bytes::new()))
             .unwrap();
-        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), c.request(req)).await {
-            if r.status() == 200 {
-                return;
-            }
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), c.request(req)).await
+            && r.status() == 200
+        {
+            return;
         }
         assert!(Instant::now() < deadline, "{url} not ready after {secs}s");
         tokio::time::sleep(Duration::from_millis(50)).await;
