@@ -5,10 +5,11 @@ WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/limiter.rs \
+    && echo 'fn main() {}' > benches/limiter.rs && cp benches/limiter.rs benches/gateway.rs \
     && cargo build --release --locked && rm -rf src benches
 COPY src ./src
 COPY benches ./benches
+COPY examples ./examples
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked
 
 FROM gcr.io/distroless/cc-debian12:nonroot

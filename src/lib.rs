@@ -20,6 +20,17 @@ pub mod openai;
 pub mod policy;
 pub mod sim;
 
+/// A listener whose accepted connections have TCP_NODELAY set: servers that stream many small
+/// writes (SSE events) must not wait for the peer's delayed ACK (Nagle), which costs ~40 ms.
+pub fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    })
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

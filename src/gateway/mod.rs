@@ -123,7 +123,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let signalled = Arc::new(tokio::sync::Notify::new());
     let notify = signalled.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = axum::serve(crate::nodelay(listener), app).with_graceful_shutdown(async move {
         shutdown.await;
         gw.draining.store(true, Ordering::SeqCst);
         tracing::info!(timeout = ?drain, "shutting down: no new connections, draining in-flight requests");

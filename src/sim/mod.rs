@@ -221,7 +221,7 @@ impl SimEngine {
         let app = router(state);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            axum::serve(listener, app)
+            axum::serve(crate::nodelay(listener), app)
                 .with_graceful_shutdown(async move {
                     let _ = stop_rx.await;
                 })
