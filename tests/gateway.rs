@@ -641,3 +641,28 @@ async fn sigterm_drains_in_flight_streams_and_exits_zero() {
     let status = gw.process.wait_exit(20);
     assert!(status.success(), "exit status {status}");
 }
+
+#[tokio::test]
+async fn the_demo_serves_the_example_policy_and_stops_cleanly() {
+    let c = client();
+    let (gw_port, engine_port) = (free_port(), free_port());
+    let listen = format!("127.0.0.1:{gw_port}");
+    let engine = format!("127.0.0.1:{engine_port}");
+    let mut demo = support::ChildProcess::sluice(
+        &["demo", "--listen", &listen, "--engine-listen", &engine],
+        &[],
+    );
+    let url = format!("http://{listen}");
+    support::http::wait_ok(&c, &format!("{url}/readyz"), 20, &mut demo).await;
+    let r = post_json(&c, &format!("{url}/v1/chat/completions"), &chat(3, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+    let m = get(&c, &format!("{url}/metrics")).await.text();
+    // The example policy's sim-llm entry is in force.
+    assert_eq!(
+        metric(&m, "sluice_ttft_threshold_seconds", &[("model", "sim-llm")]),
+        Some(0.5)
+    );
+    demo.terminate();
+    assert!(demo.wait_exit(20).success());
+}
