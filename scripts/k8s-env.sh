@@ -7,6 +7,9 @@
 #   scripts/k8s-env.sh down      stop exactly the processes `up` started, remove its data
 #   scripts/k8s-env.sh env       print the env file path (after `up`)
 #   scripts/k8s-env.sh status    is it running?
+#   scripts/k8s-env.sh stop-apiserver | start-apiserver
+#                                 stop / restart only kube-apiserver (same port and data), for
+#                                 tests of API-server outages
 #
 # Cache: ${SLUICE_CACHE:-~/.cache/sluice}/testenv/<hash of scripts/go/*/go.sum>/bin
 # State: ${SLUICE_K8S_STATE:-${TMPDIR:-/tmp}/sluice-k8s} (certs, data, logs, pids, kubeconfig)
@@ -111,8 +114,13 @@ KC
 
 start() { # name cmd... ; runs detached, logs to $STATE/logs/name.log, records the PID
   local name=$1; shift
-  setsid "$@" >"$STATE/logs/$name.log" 2>&1 </dev/null &
-  echo "$! $name" >>"$STATE/pids"
+  printf '%q ' "$@" >"$STATE/$name.cmd"
+  setsid "$@" >>"$STATE/logs/$name.log" 2>&1 </dev/null &
+  local pid=$!
+  if [ -f "$STATE/pids" ]; then
+    awk -v n="$name" '$2 != n' "$STATE/pids" >"$STATE/pids.new" && mv "$STATE/pids.new" "$STATE/pids"
+  fi
+  echo "$pid $name" >>"$STATE/pids"
 }
 
 wait_for() { # what seconds command...
@@ -135,6 +143,8 @@ write_env() { # kubeconfig
 export SLUICE_TEST_KUBECONFIG=$1
 export KUBECONFIG=$1
 export SLUICE_K8S_BIN=$bin
+export SLUICE_K8S_STATE=$STATE
+export SLUICE_K8S_LOCAL=${2:-0}
 export PATH=$bin:\$PATH
 ENV
   echo "$STATE/env"
@@ -153,7 +163,7 @@ cmd_up() {
   fi
   if cmd_status >/dev/null 2>&1; then
     log "already running"
-    write_env "$STATE/admin.kubeconfig"
+    write_env "$STATE/admin.kubeconfig" 1
     return
   fi
   local bin; bin=$(bin_dir)
@@ -202,7 +212,27 @@ cmd_up() {
 
   local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
   log "control plane ready in $((ms / 1000)).$(printf '%03d' $((ms % 1000)))s at $server (logs in $STATE/logs)"
-  write_env "$STATE/admin.kubeconfig"
+  write_env "$STATE/admin.kubeconfig" 1
+}
+
+pid_of() { awk -v n="$1" '$2 == n {print $1}' "$STATE/pids" 2>/dev/null; }
+
+cmd_stop_apiserver() {
+  local pid; pid=$(pid_of kube-apiserver)
+  [ -n "$pid" ] || die "no kube-apiserver started by this script (is the control plane up?)"
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  log "stopped kube-apiserver ($pid)"
+}
+
+cmd_start_apiserver() {
+  [ -f "$STATE/kube-apiserver.cmd" ] || die "kube-apiserver was never started by this script"
+  local pid; pid=$(pid_of kube-apiserver)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then die "kube-apiserver is running ($pid)"; fi
+  eval "start kube-apiserver $(cat "$STATE/kube-apiserver.cmd")"
+  wait_for kube-apiserver 60 "$(bin_dir)/kubectl" --kubeconfig "$STATE/admin.kubeconfig" get --raw /readyz
+  log "kube-apiserver restarted ($(pid_of kube-apiserver))"
 }
 
 cmd_down() {
@@ -217,7 +247,7 @@ cmd_down() {
       log "stopped $name ($pid)"
     fi
   done
-  rm -rf "$STATE"/{etcd,pids,env}
+  rm -rf "$STATE"/{etcd,pids,env,*.cmd}
 }
 
 cmd_status() {
@@ -235,5 +265,7 @@ case ${1:-} in
   down) cmd_down ;;
   env) [ -f "$STATE/env" ] && echo "$STATE/env" || die "not up" ;;
   status) cmd_status ;;
-  *) echo "usage: $0 install|up|down|env|status" >&2; exit 2 ;;
+  stop-apiserver) cmd_stop_apiserver ;;
+  start-apiserver) cmd_start_apiserver ;;
+  *) echo "usage: $0 install|up|down|env|status|stop-apiserver|start-apiserver" >&2; exit 2 ;;
 esac

@@ -10,6 +10,7 @@
 //! - [`sim`]: the simulated OpenAI-compatible inference engine.
 //! - [`metrics`]: the gateway's Prometheus metrics.
 //! - [`demo`]: engine + gateway in one process.
+//! - [`operator`]: the objects the operator owns per policy.
 //! - [`openai`]: OpenAI API shapes shared by the servers.
 
 pub mod demo;
@@ -17,6 +18,7 @@ pub mod gateway;
 pub mod limiter;
 pub mod metrics;
 pub mod openai;
+pub mod operator;
 pub mod policy;
 pub mod sim;
 

@@ -62,6 +62,8 @@ pub struct GatewayMetrics {
     pub policy_generation: IntGauge,
     pub policy_reloads: IntCounterVec,
     pub policy_last_reload_success: Gauge,
+    pub policy_source_up: IntGauge,
+    pub policy_present: IntGauge,
 }
 
 fn buckets(secs: &[f64]) -> Vec<f64> {
@@ -130,7 +132,10 @@ impl GatewayMetrics {
             )
             .unwrap(),
             policy_reloads: IntCounterVec::new(
-                Opts::new("sluice_policy_reloads_total", "Policy loads by result (success, error)."),
+                Opts::new(
+                    "sluice_policy_reloads_total",
+                    "Policy loads by result: success, error (invalid policy), watch_error (an incident of the Kubernetes watch).",
+                ),
                 &["result"],
             )
             .unwrap(),
@@ -139,24 +144,41 @@ impl GatewayMetrics {
                 "1 if the last policy load succeeded, 0 if the last good policy is kept after an error.",
             )
             .unwrap(),
+            policy_source_up: IntGauge::new(
+                "sluice_policy_source_up",
+                "1 while the policy source (file or Kubernetes watch) is readable.",
+            )
+            .unwrap(),
+            policy_present: IntGauge::new(
+                "sluice_policy_present",
+                "1 while the policy object exists; 0 after it was deleted (the last policy keeps serving).",
+            )
+            .unwrap(),
             registry,
         };
-        let r = &m.registry;
-        r.register(Box::new(m.requests.clone())).unwrap();
-        r.register(Box::new(m.request_duration.clone())).unwrap();
-        r.register(Box::new(m.ttft.clone())).unwrap();
-        r.register(Box::new(m.itl.clone())).unwrap();
-        r.register(Box::new(m.ttft_ema.clone())).unwrap();
-        r.register(Box::new(m.itl_ema.clone())).unwrap();
-        r.register(Box::new(m.ttft_threshold.clone())).unwrap();
-        r.register(Box::new(m.itl_threshold.clone())).unwrap();
-        r.register(Box::new(m.pressure.clone())).unwrap();
-        r.register(Box::new(m.reject_probability.clone())).unwrap();
-        r.register(Box::new(m.inflight.clone())).unwrap();
-        r.register(Box::new(m.policy_generation.clone())).unwrap();
-        r.register(Box::new(m.policy_reloads.clone())).unwrap();
-        r.register(Box::new(m.policy_last_reload_success.clone()))
-            .unwrap();
+        // Every family is registered exactly once: a family left out here would silently
+        // vanish from /metrics, so the list is checked by a test.
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.requests.clone()),
+            Box::new(m.request_duration.clone()),
+            Box::new(m.ttft.clone()),
+            Box::new(m.itl.clone()),
+            Box::new(m.ttft_ema.clone()),
+            Box::new(m.itl_ema.clone()),
+            Box::new(m.ttft_threshold.clone()),
+            Box::new(m.itl_threshold.clone()),
+            Box::new(m.pressure.clone()),
+            Box::new(m.reject_probability.clone()),
+            Box::new(m.inflight.clone()),
+            Box::new(m.policy_generation.clone()),
+            Box::new(m.policy_reloads.clone()),
+            Box::new(m.policy_last_reload_success.clone()),
+            Box::new(m.policy_source_up.clone()),
+            Box::new(m.policy_present.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
         m
     }
 
@@ -216,6 +238,68 @@ impl RequestMetrics {
             ttft: m.ttft.with_label_values(&[model]),
             itl: m.itl.with_label_values(&[model]),
             duration: m.request_duration.with_label_values(&[model]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_exported() {
+        let m = GatewayMetrics::new();
+        // Touch the labelled families so they have a series.
+        m.requests
+            .with_label_values(&["m", "chat_completions", "true", "success"])
+            .inc();
+        m.request_duration.with_label_values(&["m"]).observe(0.1);
+        m.ttft.with_label_values(&["m"]).observe(0.1);
+        m.itl.with_label_values(&["m"]).observe(0.01);
+        m.inflight.with_label_values(&["m"]).inc();
+        m.policy_reloads.with_label_values(&["success"]).inc();
+        let limiter = Limiter::new(crate::limiter::LimiterConfig {
+            mode: crate::limiter::Mode::Enforce,
+            scope: crate::limiter::Scope::PerModel,
+            defaults: crate::limiter::Thresholds {
+                ttft: 1.0,
+                itl: 0.05,
+                time_constant: 15.0,
+            },
+            models: vec![(
+                "m".into(),
+                crate::limiter::Thresholds {
+                    ttft: 1.0,
+                    itl: 0.05,
+                    time_constant: 15.0,
+                },
+            )],
+            shedding: crate::limiter::Shedding::default(),
+            max_dynamic_keys: 4,
+        });
+        let text = m.render(Some(&limiter), Duration::from_secs(1));
+        for name in [
+            "sluice_requests_total",
+            "sluice_request_duration_seconds",
+            "sluice_ttft_seconds",
+            "sluice_itl_seconds",
+            "sluice_ttft_ema_seconds",
+            "sluice_itl_ema_seconds",
+            "sluice_ttft_threshold_seconds",
+            "sluice_itl_threshold_seconds",
+            "sluice_pressure_ratio",
+            "sluice_reject_probability",
+            "sluice_inflight_requests",
+            "sluice_policy_generation",
+            "sluice_policy_reloads_total",
+            "sluice_policy_last_reload_successful",
+            "sluice_policy_source_up",
+            "sluice_policy_present",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing from:\n{text}"
+            );
         }
     }
 }

@@ -30,15 +30,24 @@ use crate::metrics::GatewayMetrics;
 use crate::policy::duration::parse_duration;
 use crate::policy::source::{PolicyStore, load_and_watch_file};
 
-/// Command-line configuration of `sluice gateway`.
+/// Command-line configuration of `sluice gateway`: the policy comes from a file
+/// (`--policy-file`) or from the Kubernetes API (`--policy NAME`).
 #[derive(Debug, Clone, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["policy_file", "policy"])))]
 pub struct GatewayArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
     /// RateLimitPolicy YAML file; re-read when it changes.
     #[arg(long)]
-    pub policy_file: PathBuf,
+    pub policy_file: Option<PathBuf>,
+    /// Name of the RateLimitPolicy to follow through the Kubernetes API (in-cluster config or
+    /// KUBECONFIG); every change applies without a restart.
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Namespace of `--policy` (default: the pod's namespace, else the kubeconfig's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
     /// Upstream base URL, overriding the policy's spec.upstream.url.
     #[arg(long)]
     pub upstream: Option<http::Uri>,
@@ -142,13 +151,29 @@ pub async fn serve(
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let metrics = GatewayMetrics::new();
     let store = Arc::new(PolicyStore::new(metrics.clone(), args.upstream.clone()));
-    let watcher = load_and_watch_file(
-        args.policy_file.clone(),
-        store.clone(),
-        args.reload_interval,
-    )
-    .await?;
-    tokio::spawn(watcher);
+    if let Some(path) = &args.policy_file {
+        let watcher =
+            load_and_watch_file(path.clone(), store.clone(), args.reload_interval).await?;
+        tokio::spawn(watcher);
+    } else if let Some(name) = &args.policy {
+        let client = kube::Client::try_default().await.map_err(|e| {
+            anyhow::anyhow!(
+                "no Kubernetes configuration for --policy (in-cluster or KUBECONFIG): {e}"
+            )
+        })?;
+        let namespace = args
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        tracing::info!(%namespace, policy = %name, "following the RateLimitPolicy through the Kubernetes API");
+        tokio::spawn(crate::policy::watch::watch_policy(
+            client,
+            namespace,
+            name.clone(),
+            store.clone(),
+            metrics.clone(),
+        ));
+    }
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
     let gw = Gateway::new(
         store,

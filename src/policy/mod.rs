@@ -6,6 +6,7 @@ pub mod config;
 pub mod crd;
 pub mod duration;
 pub mod source;
+pub mod watch;
 
 pub use config::{PolicyConfig, PolicyError, UpstreamConfig};
 pub use crd::{RateLimitPolicy, RateLimitPolicySpec, RateLimitPolicyStatus};

@@ -44,6 +44,11 @@ impl PolicyStore {
         }
     }
 
+    /// The gateway metrics the store reports to.
+    pub fn metrics(&self) -> &GatewayMetrics {
+        &self.metrics
+    }
+
     /// The policy in force, if any has been loaded.
     #[inline]
     pub fn load(&self) -> Option<Arc<Snapshot>> {
@@ -150,6 +155,8 @@ pub async fn load_and_watch_file(
     let source = format!("file:{}", path.display());
     let mut generation = 1;
     store.apply(generation, source.clone(), config);
+    store.metrics().policy_source_up.set(1);
+    store.metrics().policy_present.set(1);
     Ok(async move {
         let mut reported: Option<String> = None;
         loop {
@@ -161,6 +168,7 @@ pub async fn load_and_watch_file(
                 Ok(b) => b,
                 Err(e) => {
                     let msg = e.to_string();
+                    store.metrics().policy_source_up.set(0);
                     if reported.as_deref() != Some(&msg) {
                         store.reject(&source, &format!("cannot read the policy file: {msg}"));
                         reported = Some(msg);
@@ -168,6 +176,7 @@ pub async fn load_and_watch_file(
                     continue;
                 }
             };
+            store.metrics().policy_source_up.set(1);
             if bytes == last {
                 continue;
             }

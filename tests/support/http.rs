@@ -177,6 +177,54 @@ impl Gw {
         Gw { process, url }
     }
 
+    /// A gateway following `namespace/policy` through the API, with the given kubeconfig.
+    pub async fn start_k8s(c: &HttpClient, namespace: &str, policy: &str, kubeconfig: &Path) -> Gw {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let args = [
+            "gateway",
+            "--listen",
+            &listen,
+            "--policy",
+            policy,
+            "--namespace",
+            namespace,
+        ];
+        let mut process = ChildProcess::sluice(
+            &args,
+            &[
+                ("RUST_LOG", "info"),
+                ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ],
+        );
+        let url = format!("http://{listen}");
+        wait_ok(c, &format!("{url}/readyz"), 30, &mut process).await;
+        Gw { process, url }
+    }
+
+    /// Polls /metrics until `name` (no labels) equals `value`; fails after `secs`.
+    pub async fn wait_metric(
+        &self,
+        c: &HttpClient,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: f64,
+        secs: u64,
+    ) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let m = self.metrics(c).await;
+            if metric(&m, name, labels) == Some(value) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}{labels:?} never reached {value}:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn metrics(&self, c: &HttpClient) -> String {
         let r = get(c, &format!("{}/metrics", self.url)).await;
         assert_eq!(r.status, 200);

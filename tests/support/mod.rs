@@ -224,3 +224,96 @@ impl Drop for ChildProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A file removed when dropped.
+pub struct TempFile(pub PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A kubeconfig for the test cluster that impersonates `system:serviceaccount:<ns>:<sa>` (the
+/// admin identity may impersonate), so a process runs with exactly that account's RBAC.
+pub fn impersonating_kubeconfig(namespace: &str, service_account: &str) -> TempFile {
+    let text = std::fs::read_to_string(kubeconfig_path()).unwrap();
+    let mut kc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    for user in kc["users"].as_sequence_mut().expect("users") {
+        let u = &mut user["user"];
+        u["as"] = format!("system:serviceaccount:{namespace}:{service_account}").into();
+        u["as-groups"] = serde_yaml::Value::Sequence(vec![
+            "system:serviceaccounts".into(),
+            format!("system:serviceaccounts:{namespace}").into(),
+            "system:authenticated".into(),
+        ]);
+    }
+    static N: AtomicU32 = AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "sluice-kc-{}-{}.yaml",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, serde_yaml::to_string(&kc).unwrap()).unwrap();
+    TempFile(path)
+}
+
+/// A client from a kubeconfig file.
+pub async fn client_from(path: &std::path::Path) -> Client {
+    let kc = Kubeconfig::read_from(path).unwrap();
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+/// Server-side applies the gateway's ServiceAccount, Role and RoleBinding (the operator's
+/// builders) for `policy` in `namespace`.
+pub async fn apply_gateway_rbac(client: &Client, namespace: &str, policy: &str) -> String {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use sluice::operator::objects;
+    let pp = PatchParams::apply("sluice-tests").force();
+    let name = objects::gateway_name(policy);
+    let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    sa.patch(
+        &name,
+        &pp,
+        &Patch::Apply(objects::gateway_service_account(namespace, policy)),
+    )
+    .await
+    .unwrap();
+    let role: Api<Role> = Api::namespaced(client.clone(), namespace);
+    role.patch(
+        &name,
+        &pp,
+        &Patch::Apply(objects::gateway_role(namespace, policy)),
+    )
+    .await
+    .unwrap();
+    let rb: Api<RoleBinding> = Api::namespaced(client.clone(), namespace);
+    rb.patch(
+        &name,
+        &pp,
+        &Patch::Apply(objects::gateway_role_binding(namespace, policy)),
+    )
+    .await
+    .unwrap();
+    name
+}
+
+/// Runs `scripts/k8s-env.sh <command>` against the local control plane (fails the test when
+/// the suite runs against an external cluster, whose API server it cannot stop).
+pub fn k8s_env(command: &str) {
+    assert_eq!(
+        std::env::var("SLUICE_K8S_LOCAL").as_deref(),
+        Ok("1"),
+        "this test stops and restarts kube-apiserver, which needs the local control plane of \
+         scripts/k8s-env.sh (SLUICE_K8S_LOCAL=1), not an external cluster"
+    );
+    let status = Command::new(format!("{REPO}/scripts/k8s-env.sh"))
+        .arg(command)
+        .status()
+        .expect("k8s-env.sh runs");
+    assert!(status.success(), "scripts/k8s-env.sh {command} failed");
+}
