@@ -1,0 +1,251 @@
+//! Tests that disturb the shared control plane, so they live in their own test binary (cargo
+//! runs test binaries one after another) and run one at a time: an API-server outage while
+//! the gateway serves traffic, and an invalid object that got past the API server's
+//! validation (written while the CRD had no schema rules).
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use sluice::policy::RateLimitPolicy;
+use support::http::{Gw, Sim, client as http_client, metric, post_json};
+use support::{
+    TestNamespace, apply_gateway_rbac, client, ensure_crd, impersonating_kubeconfig, k8s_env,
+};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn chat() -> Value {
+    json!({"model": "sim-llm", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+fn policy(upstream: &str, ttft: &str) -> RateLimitPolicy {
+    serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
+        "metadata": {"name": "p"},
+        "spec": {"upstream": {"url": upstream}, "defaults": {"ttft": ttft}}
+    }))
+    .unwrap()
+}
+
+/// Restarts kube-apiserver if a test stopped it and failed before starting it again.
+struct ApiServerGuard {
+    stopped: bool,
+}
+
+impl Drop for ApiServerGuard {
+    fn drop(&mut self) {
+        if self.stopped {
+            k8s_env("start-apiserver");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_api_server_outage_fails_no_request_and_the_watch_resyncs() {
+    let _serial = SERIAL.lock().await;
+    let k = client().await;
+    ensure_crd(&k).await;
+    let ns = TestNamespace::new(&k, "outage").await;
+    let c = http_client();
+    let sim = Sim::start(&c, &[]).await;
+    let api: Api<RateLimitPolicy> = Api::namespaced(k.clone(), &ns.name);
+    api.create(&PostParams::default(), &policy(&sim.url, "30s"))
+        .await
+        .unwrap();
+    let sa = apply_gateway_rbac(&k, &ns.name, "p").await;
+    let kc = impersonating_kubeconfig(&ns.name, &sa);
+    let gw = Gw::start_k8s(&c, &ns.name, "p", &kc.0).await;
+    gw.wait_metric(&c, "sluice_policy_source_up", &[], 1.0, 10)
+        .await;
+
+    // Traffic runs through the whole outage.
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let traffic = {
+        let (c, url, ok, failed, stop) = (
+            c.clone(),
+            format!("{}/v1/chat/completions", gw.url),
+            ok.clone(),
+            failed.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let body = chat();
+            loop {
+                tokio::select! {
+                    _ = stop.notified() => return,
+                    r = post_json(&c, &url, &body) => {
+                        if r.status == 200 { ok.fetch_add(1, Ordering::Relaxed); } else { failed.fetch_add(1, Ordering::Relaxed); }
+                    }
+                }
+            }
+        })
+    };
+
+    let mut guard = ApiServerGuard { stopped: true };
+    k8s_env("stop-apiserver");
+    gw.wait_metric(&c, "sluice_policy_source_up", &[], 0.0, 30)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        support::http::get(&c, &format!("{}/readyz", gw.url))
+            .await
+            .status,
+        200,
+        "ready during the outage"
+    );
+    k8s_env("start-apiserver");
+    guard.stopped = false;
+
+    // The watch reconnects (backoff) and an edit made after the restart is applied.
+    let m = gw
+        .wait_metric(&c, "sluice_policy_source_up", &[], 1.0, 60)
+        .await;
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_policy_reloads_total",
+            &[("result", "watch_error")]
+        ),
+        Some(1.0),
+        "one incident, counted once"
+    );
+    let k = client().await;
+    let api: Api<RateLimitPolicy> = Api::namespaced(k.clone(), &ns.name);
+    let patch = json!({"spec": {"defaults": {"ttft": "20s"}}});
+    api.patch("p", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    gw.wait_metric(&c, "sluice_policy_generation", &[], 2.0, 30)
+        .await;
+
+    stop.notify_one();
+    traffic.await.unwrap();
+    assert!(
+        ok.load(Ordering::Relaxed) > 10,
+        "too little traffic to show anything"
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the API outage"
+    );
+}
+
+/// The CRD with its validation removed (spec preserved as-is), as an older or hand-edited CRD
+/// would be.
+fn permissive_crd() -> CustomResourceDefinition {
+    let text = std::fs::read_to_string(format!(
+        "{}/crds/ratelimitpolicies.sluice.dev.yaml",
+        support::REPO
+    ))
+    .unwrap();
+    let mut crd: Value = serde_yaml::from_str(&text).unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] =
+        json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    serde_json::from_value(crd).unwrap()
+}
+
+/// Puts the real CRD back when dropped (also when the test fails).
+struct RestoreCrd;
+
+impl Drop for RestoreCrd {
+    fn drop(&mut self) {
+        let path = format!("{}/crds/ratelimitpolicies.sluice.dev.yaml", support::REPO);
+        let out = support::kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager",
+            "sluice-tests",
+            "-f",
+            &path,
+        ]);
+        assert!(
+            out.status.success(),
+            "restoring the CRD failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_object_that_got_past_the_api_server_keeps_the_last_good_policy() {
+    let _serial = SERIAL.lock().await;
+    let k = client().await;
+    ensure_crd(&k).await;
+    let ns = TestNamespace::new(&k, "invalid").await;
+    let c = http_client();
+    let sim = Sim::start(&c, &[]).await;
+    let api: Api<RateLimitPolicy> = Api::namespaced(k.clone(), &ns.name);
+    api.create(&PostParams::default(), &policy(&sim.url, "30s"))
+        .await
+        .unwrap();
+    let sa = apply_gateway_rbac(&k, &ns.name, "p").await;
+    let kc = impersonating_kubeconfig(&ns.name, &sa);
+    let gw = Gw::start_k8s(&c, &ns.name, "p", &kc.0).await;
+    gw.wait_metric(&c, "sluice_policy_generation", &[], 1.0, 10)
+        .await;
+
+    let _restore = RestoreCrd;
+    let crds: Api<CustomResourceDefinition> = Api::all(k.clone());
+    crds.patch(
+        "ratelimitpolicies.sluice.dev",
+        &PatchParams::apply("sluice-tests").force(),
+        &Patch::Apply(permissive_crd()),
+    )
+    .await
+    .unwrap();
+    // A zero TTFT threshold, which the real CRD's CEL rule refuses; retry while the API
+    // server's view of the schema catches up.
+    let bad = json!({"spec": {"defaults": {"ttft": "0s"}}});
+    let mut accepted = false;
+    for _ in 0..50 {
+        if api
+            .patch("p", &PatchParams::default(), &Patch::Merge(&bad))
+            .await
+            .is_ok()
+        {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        accepted,
+        "the permissive CRD never accepted the invalid object"
+    );
+
+    let m = gw
+        .wait_metric(
+            &c,
+            "sluice_policy_reloads_total",
+            &[("result", "error")],
+            1.0,
+            10,
+        )
+        .await;
+    assert_eq!(
+        metric(&m, "sluice_policy_generation", &[]),
+        Some(1.0),
+        "last good policy kept"
+    );
+    assert_eq!(
+        metric(&m, "sluice_policy_last_reload_successful", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        support::http::get(&c, &format!("{}/readyz", gw.url))
+            .await
+            .status,
+        200
+    );
+    let r = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &chat()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
