@@ -22,6 +22,8 @@ enum Command {
     Gateway(sluice::gateway::GatewayArgs),
     /// Try sluice locally: a simulated engine and a gateway with the example policy.
     Demo(sluice::demo::DemoArgs),
+    /// Run the operator that turns RateLimitPolicies into gateway Deployments.
+    Operator(sluice::operator::OperatorArgs),
 }
 
 fn init_tracing() {
@@ -63,6 +65,10 @@ fn main() -> ExitCode {
         Command::Demo(args) => {
             init_tracing();
             runtime().block_on(sluice::demo::run(args))
+        }
+        Command::Operator(args) => {
+            init_tracing();
+            runtime().block_on(sluice::operator::run(args))
         }
     };
     match result {

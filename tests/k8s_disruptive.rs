@@ -249,3 +249,108 @@ async fn an_invalid_object_that_got_past_the_api_server_keeps_the_last_good_poli
     let r = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &chat()).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+#[tokio::test]
+async fn the_operator_refuses_a_semantically_invalid_policy_and_deploys_nothing() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let _serial = SERIAL.lock().await;
+    let k = client().await;
+    ensure_crd(&k).await;
+    let ns = TestNamespace::new(&k, "op-invalid").await;
+    let id = support::operator_identity(&k, &ns.name).await;
+    let port = support::http::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _op = support::ChildProcess::sluice(
+        &[
+            "operator",
+            "--watch-namespaces",
+            &ns.name,
+            "--metrics-listen",
+            &listen,
+        ],
+        &[("KUBECONFIG", id.kubeconfig.0.to_str().unwrap())],
+    );
+    let _restore = RestoreCrd;
+    let crds: Api<CustomResourceDefinition> = Api::all(k.clone());
+    crds.patch(
+        "ratelimitpolicies.sluice.dev",
+        &PatchParams::apply("sluice-tests").force(),
+        &Patch::Apply(permissive_crd()),
+    )
+    .await
+    .unwrap();
+    let api: Api<RateLimitPolicy> = Api::namespaced(k.clone(), &ns.name);
+    let bad: RateLimitPolicy = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
+        "metadata": {"name": "bad"},
+        "spec": {"upstream": {"url": "ftp://nowhere"}, "shedding": {"ramp": 0.5}}
+    }))
+    .unwrap();
+    support::eventually(
+        10,
+        "the permissive CRD accepts the invalid policy",
+        || async {
+            api.create(&PostParams::default(), &bad)
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    let p = support::eventually(30, "Accepted=False", || async {
+        let p = api.get("bad").await.ok()?;
+        p.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Accepted" && c.status == "False")
+            .cloned()
+    })
+    .await;
+    assert_eq!(p.reason, "InvalidSpec");
+    assert!(
+        p.message.contains("spec.upstream.url") && p.message.contains("spec.shedding.ramp"),
+        "{}",
+        p.message
+    );
+    let deployments: Api<Deployment> = Api::namespaced(k.clone(), &ns.name);
+    assert!(
+        deployments.get_opt("bad-sluice").await.unwrap().is_none(),
+        "an invalid policy was deployed"
+    );
+    // A Warning Event tells kubectl describe users why.
+    let events = support::kubectl_ok(&["get", "events", "-n", &ns.name, "-o", "json"]);
+    assert!(events.contains("InvalidSpec"), "{events}");
+}
+
+#[tokio::test]
+async fn the_operator_exits_with_an_instruction_when_the_crd_is_missing() {
+    let _serial = SERIAL.lock().await;
+    let k = client().await;
+    ensure_crd(&k).await;
+    let _restore = RestoreCrd;
+    let out = support::kubectl(&[
+        "delete",
+        "crd",
+        "ratelimitpolicies.sluice.dev",
+        "--wait=true",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kc = support::kubeconfig_path();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["operator", "--metrics-listen", "127.0.0.1:0"])
+        .env("KUBECONFIG", &kc)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CRD (ratelimitpolicies.sluice.dev) is not installed")
+            && err.contains("sluice crd"),
+        "{err}"
+    );
+}

@@ -122,3 +122,213 @@ mod tests {
         assert_eq!(b.subjects.unwrap()[0].name, "llama-sluice");
     }
 }
+
+/// Default gateway port.
+pub const GATEWAY_PORT: i32 = 8080;
+
+/// What the pod template is built from (nothing else: thresholds, time constants, mode and
+/// shedding reach the pods through the watch and must not roll them).
+#[derive(Debug, Clone)]
+pub struct GatewayPodSpec<'a> {
+    pub namespace: &'a str,
+    pub policy: &'a str,
+    pub image: &'a str,
+    pub upstream: &'a str,
+    pub port: i32,
+    pub replicas: i32,
+    pub gateway: Option<&'a crate::policy::crd::GatewaySpec>,
+    pub api_key: Option<&'a crate::policy::crd::SecretKeyRef>,
+}
+
+fn selector(policy: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "sluice-gateway".to_owned(),
+        ),
+        (POLICY_LABEL.to_owned(), policy.to_owned()),
+    ])
+}
+
+/// The gateway Deployment: hardened pods that follow their policy through the API.
+pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1::Deployment {
+    use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+    use k8s_openapi::api::core::v1::{
+        Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+        ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+        SecretKeySelector, SecurityContext,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    let probe = |path: &str, period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        ..Probe::default()
+    };
+    let mut env = vec![EnvVar {
+        name: "POD_NAMESPACE".to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.namespace".to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }];
+    if let Some(key) = p.api_key {
+        env.push(EnvVar {
+            name: "SLUICE_UPSTREAM_API_KEY".to_owned(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: key.name.clone(),
+                    key: key.key.clone(),
+                    ..SecretKeySelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
+    }
+    let mut pod_labels = labels(p.policy);
+    pod_labels.insert("app.kubernetes.io/instance".to_owned(), p.policy.to_owned());
+    let annotations = BTreeMap::from([
+        ("prometheus.io/scrape".to_owned(), "true".to_owned()),
+        ("prometheus.io/port".to_owned(), p.port.to_string()),
+        ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
+    ]);
+    let container = Container {
+        name: "gateway".to_owned(),
+        image: Some(p.image.to_owned()),
+        args: Some(vec![
+            "gateway".to_owned(),
+            "--policy".to_owned(),
+            p.policy.to_owned(),
+            "--listen".to_owned(),
+            format!("0.0.0.0:{}", p.port),
+            "--upstream".to_owned(),
+            p.upstream.to_owned(),
+        ]),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".to_owned()),
+            container_port: p.port,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(probe("/readyz", 5)),
+        liveness_probe: Some(probe("/healthz", 10)),
+        resources: p.gateway.and_then(|g| g.resources.clone()),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: meta(p.namespace, p.policy),
+        spec: Some(DeploymentSpec {
+            replicas: Some(p.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector(p.policy)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(gateway_name(p.policy)),
+                    automount_service_account_token: Some(true),
+                    termination_grace_period_seconds: Some(45),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    node_selector: p.gateway.and_then(|g| g.node_selector.clone()),
+                    tolerations: p.gateway.and_then(|g| g.tolerations.clone()),
+                    containers: vec![container],
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+/// The gateway Service (ClusterIP, port `http`).
+pub fn gateway_service(
+    namespace: &str,
+    policy: &str,
+    port: i32,
+) -> k8s_openapi::api::core::v1::Service {
+    use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    Service {
+        metadata: meta(namespace, policy),
+        spec: Some(ServiceSpec {
+            selector: Some(selector(policy)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_owned()),
+                port,
+                target_port: Some(IntOrString::String("http".to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// At most one gateway pod down at a time during voluntary disruptions (replicas > 1).
+pub fn gateway_pdb(
+    namespace: &str,
+    policy: &str,
+) -> k8s_openapi::api::policy::v1::PodDisruptionBudget {
+    use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    PodDisruptionBudget {
+        metadata: meta(namespace, policy),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector(policy)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+/// The gateway's in-cluster base URL.
+pub fn gateway_endpoint(namespace: &str, policy: &str, port: i32) -> String {
+    format!("http://{}.{namespace}.svc:{port}/v1", gateway_name(policy))
+}

@@ -317,3 +317,86 @@ pub fn k8s_env(command: &str) {
         .expect("k8s-env.sh runs");
     assert!(status.success(), "scripts/k8s-env.sh {command} failed");
 }
+
+/// An identity with exactly the operator's ClusterRole rules (`charts/sluice/files/operator-rules.yaml`):
+/// a ServiceAccount in `namespace` bound to a ClusterRole with those rules; returns an
+/// impersonating kubeconfig. The ClusterRoleBinding is deleted when the result is dropped.
+pub struct OperatorIdentity {
+    pub kubeconfig: TempFile,
+    binding: String,
+}
+
+impl Drop for OperatorIdentity {
+    fn drop(&mut self) {
+        let _ = kubectl(&[
+            "delete",
+            "clusterrolebinding",
+            &self.binding,
+            "--ignore-not-found",
+            "--wait=false",
+        ]);
+    }
+}
+
+pub async fn operator_identity(client: &Client, namespace: &str) -> OperatorIdentity {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let rules: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(format!("{REPO}/charts/sluice/files/operator-rules.yaml"))
+            .unwrap(),
+    )
+    .unwrap();
+    let pp = PatchParams::apply("sluice-tests").force();
+    let role: ClusterRole = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "sluice-operator-test"}, "rules": rules
+    }))
+    .unwrap();
+    Api::<ClusterRole>::all(client.clone())
+        .patch("sluice-operator-test", &pp, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let sa: ServiceAccount = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sluice-operator"}
+    }))
+    .unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .patch("sluice-operator", &pp, &Patch::Apply(&sa))
+        .await
+        .unwrap();
+    let binding = format!("sluice-operator-{namespace}");
+    let crb: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": binding},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "sluice-operator-test"},
+        "subjects": [{"kind": "ServiceAccount", "name": "sluice-operator", "namespace": namespace}]
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(&binding, &pp, &Patch::Apply(&crb))
+        .await
+        .unwrap();
+    OperatorIdentity {
+        kubeconfig: impersonating_kubeconfig(namespace, "sluice-operator"),
+        binding,
+    }
+}
+
+/// Polls `check` every 100 ms until it returns Some, failing with `what` after `secs`.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
