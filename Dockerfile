@@ -7,6 +7,7 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && echo 'fn main() {}' > benches/limiter.rs && cp benches/limiter.rs benches/gateway.rs \
     && cp benches/limiter.rs benches/watch_propagation.rs \
+    && cp benches/limiter.rs benches/operator_scale.rs \
     && cargo build --release --locked && rm -rf src benches
 COPY src ./src
 COPY benches ./benches

@@ -73,6 +73,9 @@ pub struct OperatorArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8081")]
     pub metrics_listen: SocketAddr,
+    /// Reconciles running at once (bounds the load a burst of policies puts on the API server).
+    #[arg(long, default_value_t = 16)]
+    pub max_concurrent_reconciles: u16,
 }
 
 /// Operator metrics (own registry).
@@ -417,6 +420,7 @@ fn error_policy(policy: Arc<RateLimitPolicy>, error: &ReconcileError, ctx: Arc<C
 fn controller(
     client: &Client,
     ns: Option<&str>,
+    concurrency: u16,
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> (
@@ -443,6 +447,14 @@ fn controller(
     .owns(api::<Role>(client, ns), owned.clone())
     .owns(api::<RoleBinding>(client, ns), owned.clone())
     .owns(api::<PodDisruptionBudget>(client, ns), owned)
+    // Bounded concurrency keeps a burst of policies from flooding the API server; a short
+    // debounce folds the burst of events that one reconcile's own writes and the
+    // Deployment's status updates cause into one follow-up reconcile.
+    .with_config(
+        kube::runtime::controller::Config::default()
+            .concurrency(concurrency)
+            .debounce(Duration::from_millis(500)),
+    )
     .graceful_shutdown_on(shutdown);
     let store = c.store();
     let fut = Box::pin(
@@ -554,6 +566,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         let (store, fut) = controller(
             &client,
             ns,
+            args.max_concurrent_reconciles,
             ctx.clone(),
             async move { stop.notified().await },
         );
