@@ -13,10 +13,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sluice::policy::RateLimitPolicy;
-use support::http::{Gw, Sim, client as http_client, metric, post_json};
-use support::{
-    TestNamespace, apply_gateway_rbac, client, ensure_crd, impersonating_kubeconfig, k8s_env,
-};
+use support::http::{Sim, client as http_client, metric, post_json};
+use support::{TestNamespace, client, ensure_crd, k8s_env};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -58,9 +56,7 @@ async fn an_api_server_outage_fails_no_request_and_the_watch_resyncs() {
     api.create(&PostParams::default(), &policy(&sim.url, "30s"))
         .await
         .unwrap();
-    let sa = apply_gateway_rbac(&k, &ns.name, "p").await;
-    let kc = impersonating_kubeconfig(&ns.name, &sa);
-    let gw = Gw::start_k8s(&c, &ns.name, "p", &kc.0).await;
+    let (gw, _kc) = support::watched_gateway(&k, &c, &ns.name, "p").await;
     gw.wait_metric(&c, "sluice_policy_source_up", &[], 1.0, 10)
         .await;
 
@@ -187,9 +183,7 @@ async fn an_invalid_object_that_got_past_the_api_server_keeps_the_last_good_poli
     api.create(&PostParams::default(), &policy(&sim.url, "30s"))
         .await
         .unwrap();
-    let sa = apply_gateway_rbac(&k, &ns.name, "p").await;
-    let kc = impersonating_kubeconfig(&ns.name, &sa);
-    let gw = Gw::start_k8s(&c, &ns.name, "p", &kc.0).await;
+    let (gw, _kc) = support::watched_gateway(&k, &c, &ns.name, "p").await;
     gw.wait_metric(&c, "sluice_policy_generation", &[], 1.0, 10)
         .await;
 

@@ -10,7 +10,7 @@ use std::time::Instant;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sluice::policy::RateLimitPolicy;
-use support::http::{Gw, Sim, client as http_client, metric, post_json};
+use support::http::{Sim, client as http_client, metric, post_json};
 use support::{TestNamespace, apply_gateway_rbac, client, ensure_crd, impersonating_kubeconfig};
 
 fn chat() -> Value {
@@ -59,9 +59,7 @@ async fn threshold_patches_apply_live_under_the_gateways_own_role() {
     api.create(&PostParams::default(), &policy("llama", &sim.url, "1ms"))
         .await
         .unwrap();
-    let sa = apply_gateway_rbac(&k, &ns.name, "llama").await;
-    let kc = impersonating_kubeconfig(&ns.name, &sa);
-    let mut gw = Gw::start_k8s(&c, &ns.name, "llama", &kc.0).await;
+    let (mut gw, _kc) = support::watched_gateway(&k, &c, &ns.name, "llama").await;
     gw.wait_metric(&c, "sluice_policy_generation", &[], 1.0, 10)
         .await;
     let url = format!("{}/v1/chat/completions", gw.url);
@@ -175,9 +173,7 @@ async fn a_deleted_policy_keeps_serving_and_a_recreated_one_is_picked_up() {
     api.create(&PostParams::default(), &policy("p", &sim.url, "30s"))
         .await
         .unwrap();
-    let sa = apply_gateway_rbac(&k, &ns.name, "p").await;
-    let kc = impersonating_kubeconfig(&ns.name, &sa);
-    let gw = Gw::start_k8s(&c, &ns.name, "p", &kc.0).await;
+    let (gw, _kc) = support::watched_gateway(&k, &c, &ns.name, "p").await;
     let url = format!("{}/v1/chat/completions", gw.url);
     gw.wait_metric(&c, "sluice_policy_present", &[], 1.0, 10)
         .await;

@@ -519,18 +519,10 @@ async fn forward(
         } else {
             Outcome::UpstreamError
         });
-        return relay(
-            status,
-            headers,
-            resp.into_body(),
-            tracker,
-            None,
-            deadline,
-            timeout,
-        );
     }
-    if !is_sse {
-        // Unary upstream response (or an upstream that ignored `stream`): relay it.
+    if !status.is_success() || !is_sse {
+        // Errors, and unary upstream responses (or an upstream that ignored `stream`), are
+        // relayed unchanged and unmeasured.
         return relay(
             status,
             headers,

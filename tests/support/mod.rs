@@ -400,3 +400,18 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A gateway process following `namespace/policy` through the API under exactly the Role the
+/// operator gives gateways (impersonating its ServiceAccount). Keep the kubeconfig alive as
+/// long as the gateway.
+pub async fn watched_gateway(
+    k: &Client,
+    c: &http::HttpClient,
+    namespace: &str,
+    policy: &str,
+) -> (http::Gw, TempFile) {
+    let sa = apply_gateway_rbac(k, namespace, policy).await;
+    let kubeconfig = impersonating_kubeconfig(namespace, &sa);
+    let gw = http::Gw::start_k8s(c, namespace, policy, &kubeconfig.0).await;
+    (gw, kubeconfig)
+}
