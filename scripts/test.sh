@@ -31,6 +31,20 @@ fi
 export SLUICE_PYTHON=$VENV/bin/python
 "$SLUICE_PYTHON" -c 'import openai; print("openai", openai.__version__)'
 
+step "Prometheus and promtool (Debian package, unpacked into the cache; no service is started)"
+PROM=$CACHE/prometheus
+if [ ! -x "$PROM/usr/bin/prometheus" ] || [ ! -x "$PROM/usr/bin/promtool" ]; then
+  dl=$(mktemp -d)
+  if ! (cd "$dl" && apt-get download prometheus >/dev/null 2>&1); then
+    apt-get update -qq
+    (cd "$dl" && apt-get download prometheus)
+  fi
+  mkdir -p "$PROM" && dpkg-deb -x "$dl"/prometheus_*.deb "$PROM"
+  rm -rf "$dl"
+fi
+export SLUICE_PROMETHEUS_BIN=$PROM/usr/bin
+"$SLUICE_PROMETHEUS_BIN/prometheus" --version 2>&1 | head -n 1
+
 step "local Kubernetes control plane (scripts/k8s-env.sh)"
 scripts/k8s-env.sh install >/dev/null
 env_file=$(scripts/k8s-env.sh up)
