@@ -10,12 +10,14 @@
 //! - [`sim`]: the simulated OpenAI-compatible inference engine.
 //! - [`metrics`]: the gateway's Prometheus metrics.
 //! - [`demo`]: engine + gateway in one process.
+//! - [`loadgen`]: the load generator and its goodput report.
 //! - [`operator`]: the objects the operator owns per policy.
 //! - [`openai`]: OpenAI API shapes shared by the servers.
 
 pub mod demo;
 pub mod gateway;
 pub mod limiter;
+pub mod loadgen;
 pub mod metrics;
 pub mod openai;
 pub mod operator;

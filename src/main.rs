@@ -24,6 +24,8 @@ enum Command {
     Demo(sluice::demo::DemoArgs),
     /// Run the operator that turns RateLimitPolicies into gateway Deployments.
     Operator(sluice::operator::OperatorArgs),
+    /// Drive an OpenAI-compatible endpoint and report goodput under the latency SLOs.
+    Loadgen(sluice::loadgen::LoadgenArgs),
 }
 
 fn init_tracing() {
@@ -69,6 +71,10 @@ fn main() -> ExitCode {
         Command::Operator(args) => {
             init_tracing();
             runtime().block_on(sluice::operator::run(args))
+        }
+        Command::Loadgen(args) => {
+            init_tracing();
+            runtime().block_on(sluice::loadgen::run(args))
         }
     };
     match result {

@@ -1,0 +1,392 @@
+//! `sluice loadgen`: drives an OpenAI-compatible endpoint the way `vllm bench serve` does and
+//! reports goodput — requests per second of offered load that met both latency SLOs, with
+//! 429s counted as misses.
+//!
+//! - Arrivals: Poisson or bursty Gamma at `--rate` for `--duration`, or a `--schedule` of
+//!   phases (`5@30s,20@30s,5@30s`); see [`arrivals`].
+//! - Requests: streaming chat completions with prompt and output lengths drawn uniformly from
+//!   `--prompt-chars` and `--output-tokens` ranges, priorities from `--priority-mix`; with
+//!   `--honor-retry-after` a shed request waits its `retry-after-ms` and retries (the retry's
+//!   outcome is the request's).
+//! - Per request: TTFT (send → first content chunk) and TPOT (mean gap between content chunks,
+//!   the "ITL" compared with `--itl-slo`); a request is good when it succeeded and both are
+//!   within their SLOs.
+//! - Report ([`report`]): goodput, SLO attainment over offered and over admitted requests,
+//!   p50/p90/p99 TTFT and ITL, the 429 rate, per-priority results, a per-second time series and
+//!   the recovery time after the peak phase; a summary table on stdout, JSON (`--json`), an SVG
+//!   plot (`--svg`), and a progress line on stderr while it runs.
+
+pub mod arrivals;
+pub mod report;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+
+use crate::gateway::sse::{EventKind, SseParser, classify};
+use crate::limiter::{Priority, SplitMix64, Uniform};
+use crate::policy::duration::parse_duration;
+use arrivals::{Phase, arrival_times, parse_schedule};
+use report::{Outcome, RequestResult};
+
+/// Options of `sluice loadgen`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadgenArgs {
+    /// Base URL of the OpenAI-compatible server (the gateway or the engine), e.g. http://127.0.0.1:8080
+    #[arg(long)]
+    pub url: String,
+    /// Model to request.
+    #[arg(long, default_value = "sim-llm")]
+    pub model: String,
+    /// Offered load in requests per second (with --duration).
+    #[arg(long, default_value_t = 5.0)]
+    pub rate: f64,
+    /// How long to offer --rate.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Phases RATE@DURATION,... instead of --rate/--duration (e.g. 5@30s,20@30s,5@30s).
+    #[arg(long, value_parser = |s: &str| parse_schedule(s).map(Schedule))]
+    pub schedule: Option<Schedule>,
+    /// Gamma burstiness of arrivals: 1 = Poisson, above 1 burstier.
+    #[arg(long, default_value_t = 1.0)]
+    pub burstiness: f64,
+    /// Prompt length range in characters, MIN-MAX.
+    #[arg(long, default_value = "200-2000", value_parser = parse_range)]
+    pub prompt_chars: (u32, u32),
+    /// Output length range in tokens (max_tokens), MIN-MAX.
+    #[arg(long, default_value = "32-256", value_parser = parse_range)]
+    pub output_tokens: (u32, u32),
+    /// TTFT SLO.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub ttft_slo: Duration,
+    /// ITL (time per output token) SLO.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub itl_slo: Duration,
+    /// Priority mix, e.g. critical=0.1,standard=0.7,sheddable=0.2 (sent as x-sluice-priority).
+    #[arg(long, value_parser = |s: &str| parse_mix(s).map(PriorityMix))]
+    pub priority_mix: Option<PriorityMix>,
+    /// Retry shed requests after their retry-after-ms (once per request).
+    #[arg(long)]
+    pub honor_retry_after: bool,
+    /// Per-request timeout.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Seed of arrivals, lengths and priorities.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the full report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write an SVG plot of the time series here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// A parsed `--schedule` (a newtype, so clap takes it as one value).
+#[derive(Debug, Clone)]
+pub struct Schedule(pub Vec<Phase>);
+
+/// A parsed `--priority-mix`.
+#[derive(Debug, Clone)]
+pub struct PriorityMix(pub Vec<(Priority, f64)>);
+
+fn parse_range(s: &str) -> Result<(u32, u32), String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let a: u32 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: expected MIN-MAX"))?;
+    let b: u32 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: expected MIN-MAX"))?;
+    if a == 0 || b < a {
+        return Err(format!("{s:?}: expected 0 < MIN <= MAX"));
+    }
+    Ok((a, b))
+}
+
+fn parse_mix(s: &str) -> Result<Vec<(Priority, f64)>, String> {
+    let mix: Result<Vec<_>, String> = s
+        .split(',')
+        .map(|p| {
+            let (name, w) = p
+                .split_once('=')
+                .ok_or_else(|| format!("{p:?}: expected NAME=WEIGHT"))?;
+            let prio: Priority = name
+                .parse()
+                .map_err(|e: crate::limiter::UnknownPriority| e.to_string())?;
+            let w: f64 = w.parse().map_err(|_| format!("{w:?} is not a weight"))?;
+            if !(w >= 0.0 && w.is_finite()) {
+                return Err(format!("weight {w} must be non-negative"));
+            }
+            Ok((prio, w))
+        })
+        .collect();
+    let mix = mix?;
+    if mix.iter().map(|(_, w)| w).sum::<f64>() <= 0.0 {
+        return Err("the weights sum to zero".into());
+    }
+    Ok(mix)
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+const WORDS: &[&str] = &[
+    "the", "model", "serves", "tokens", "under", "load", "and", "keeps", "latency", "low",
+];
+
+fn prompt(chars: u32, rng: &mut SplitMix64) -> String {
+    let mut s = String::with_capacity(chars as usize + 8);
+    while s.len() < chars as usize {
+        s.push_str(WORDS[(rng.next_u64() % WORDS.len() as u64) as usize]);
+        s.push(' ');
+    }
+    s.truncate(chars as usize);
+    s
+}
+
+fn draw(range: (u32, u32), rng: &mut SplitMix64) -> u32 {
+    range.0 + (rng.next_u64() % u64::from(range.1 - range.0 + 1)) as u32
+}
+
+/// One planned request.
+#[derive(Debug, Clone)]
+struct Planned {
+    at: Duration,
+    priority: Priority,
+    body: Bytes,
+}
+
+fn plan(args: &LoadgenArgs, schedule: &[Phase]) -> Vec<Planned> {
+    let times = arrival_times(schedule, args.burstiness, args.seed);
+    let mut rng = SplitMix64::new(args.seed ^ 0x5eed);
+    let total: f64 = args
+        .priority_mix
+        .as_ref()
+        .map(|m| m.0.iter().map(|(_, w)| w).sum())
+        .unwrap_or(1.0);
+    times
+        .into_iter()
+        .map(|at| {
+            let priority = match &args.priority_mix {
+                None => Priority::Standard,
+                Some(PriorityMix(mix)) => {
+                    let mut u = rng.next_f64() * total;
+                    mix.iter()
+                        .find(|(_, w)| {
+                            u -= w;
+                            u < 0.0
+                        })
+                        .map(|(p, _)| *p)
+                        .unwrap_or(mix[mix.len() - 1].0)
+                }
+            };
+            let body = json!({
+                "model": args.model,
+                "stream": true,
+                "stream_options": {"include_usage": true},
+                "max_tokens": draw(args.output_tokens, &mut rng),
+                "messages": [{"role": "user", "content": prompt(draw(args.prompt_chars, &mut rng), &mut rng)}],
+            });
+            Planned {
+                at,
+                priority,
+                body: Bytes::from(serde_json::to_vec(&body).expect("JSON serializes")),
+            }
+        })
+        .collect()
+}
+
+/// Sends one streaming request and measures it.
+async fn send_once(
+    client: &HttpClient,
+    url: &str,
+    p: &Planned,
+    timeout: Duration,
+) -> (RequestResult, Option<Duration>) {
+    let start = Instant::now();
+    let mut result = RequestResult {
+        at: p.at.as_secs_f64(),
+        priority: p.priority.as_str(),
+        outcome: Outcome::Error,
+        ttft: None,
+        tpot: None,
+        gaps: Vec::new(),
+        tokens: 0,
+        retried: false,
+    };
+    let req = hyper::Request::post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header(Priority::HEADER, p.priority.as_str())
+        .body(Full::new(p.body.clone()))
+        .expect("valid request");
+    let work = async {
+        let resp = client.request(req).await.map_err(|_| ())?;
+        let status = resp.status().as_u16();
+        if status == 429 {
+            let retry = resp
+                .headers()
+                .get("retry-after-ms")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+            return Ok::<_, ()>((Outcome::Rejected, retry));
+        }
+        if status != 200 {
+            return Ok((Outcome::Error, None));
+        }
+        let mut body = resp.into_body();
+        let mut parser = SseParser::default();
+        let mut last: Option<Instant> = None;
+        let mut done = false;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Ok((Outcome::Error, None));
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let mut n = 0usize;
+            parser.feed(&data, |e| match classify(e) {
+                EventKind::Content => n += 1,
+                EventKind::Done => done = true,
+                _ => {}
+            });
+            if n > 0 {
+                let now = Instant::now();
+                match last {
+                    None => result.ttft = Some((now - start).as_secs_f64()),
+                    Some(prev) => {
+                        let gap = (now - prev).as_secs_f64() / n as f64;
+                        result.gaps.extend(std::iter::repeat_n(gap, n));
+                    }
+                }
+                result.tokens += n as u32;
+                last = Some(now);
+            }
+        }
+        Ok((if done { Outcome::Ok } else { Outcome::Error }, None))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok((outcome, retry))) => {
+            result.outcome = outcome;
+            if !result.gaps.is_empty() {
+                result.tpot = Some(result.gaps.iter().sum::<f64>() / result.gaps.len() as f64);
+            }
+            (result, retry)
+        }
+        _ => (result, None),
+    }
+}
+
+/// Runs the load and returns the report.
+pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
+    let schedule = args.schedule.clone().map(|s| s.0).unwrap_or_else(|| {
+        vec![Phase {
+            rate: args.rate,
+            duration: args.duration,
+        }]
+    });
+    anyhow::ensure!(args.burstiness > 0.0, "--burstiness must be positive");
+    let planned = plan(args, &schedule);
+    let total = planned.len();
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(4096)
+        .build(HttpConnector::new());
+    let url = args.url.trim_end_matches('/').to_owned();
+    let (sent, done, shed) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let progress = (!args.quiet).then(|| {
+        let (sent, done, shed) = (sent.clone(), done.clone(), shed.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let d = done.load(Ordering::Relaxed) as usize;
+                let width = 30;
+                let filled = (d * width).checked_div(total).unwrap_or(width);
+                eprint!(
+                    "\r[{}{}] {d}/{total} done, {} sent, {} shed   ",
+                    "#".repeat(filled),
+                    ".".repeat(width - filled),
+                    sent.load(Ordering::Relaxed),
+                    shed.load(Ordering::Relaxed)
+                );
+            }
+        })
+    });
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for p in planned {
+        tokio::time::sleep_until(start + p.at).await;
+        let (client, url, sent, done, shed) = (
+            client.clone(),
+            url.clone(),
+            sent.clone(),
+            done.clone(),
+            shed.clone(),
+        );
+        let (timeout, retry) = (args.timeout, args.honor_retry_after);
+        sent.fetch_add(1, Ordering::Relaxed);
+        tasks.push(tokio::spawn(async move {
+            let (mut r, wait) = send_once(&client, &url, &p, timeout).await;
+            if r.outcome == Outcome::Rejected {
+                shed.fetch_add(1, Ordering::Relaxed);
+                if let (true, Some(wait)) = (retry, wait) {
+                    tokio::time::sleep(wait).await;
+                    let (again, _) = send_once(&client, &url, &p, timeout).await;
+                    r = RequestResult {
+                        at: r.at,
+                        retried: true,
+                        ..again
+                    };
+                }
+            }
+            done.fetch_add(1, Ordering::Relaxed);
+            r
+        }));
+    }
+    let mut results = Vec::with_capacity(total);
+    for t in tasks {
+        results.push(t.await?);
+    }
+    if let Some(p) = progress {
+        p.abort();
+        eprintln!();
+    }
+    let duration: f64 = schedule.iter().map(|p| p.duration.as_secs_f64()).sum();
+    Ok(report::Report::new(
+        &results,
+        &schedule,
+        duration,
+        args.ttft_slo.as_secs_f64(),
+        args.itl_slo.as_secs_f64(),
+    ))
+}
+
+/// `sluice loadgen`.
+pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
+    let report = run_load(&args).await?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, report.svg())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,414 @@
+//! The load generator's report: goodput and SLO attainment, latency percentiles, 429 rate,
+//! per-priority results, a per-second time series, the recovery time after the peak phase,
+//! and its renderings (table, JSON, SVG).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use super::arrivals::Phase;
+
+/// How one request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    /// 429 (after the retry, with --honor-retry-after).
+    Rejected,
+    /// Anything else: connection errors, other statuses, broken streams, timeouts.
+    Error,
+}
+
+/// One request's measurements (seconds).
+#[derive(Debug, Clone)]
+pub struct RequestResult {
+    /// Send time, seconds from the start.
+    pub at: f64,
+    pub priority: &'static str,
+    pub outcome: Outcome,
+    pub ttft: Option<f64>,
+    /// Mean gap between content chunks (time per output token).
+    pub tpot: Option<f64>,
+    pub gaps: Vec<f64>,
+    pub tokens: u32,
+    pub retried: bool,
+}
+
+impl RequestResult {
+    /// Succeeded within both SLOs (a one-token answer has no gap and meets the ITL SLO).
+    pub fn good(&self, ttft_slo: f64, itl_slo: f64) -> bool {
+        self.outcome == Outcome::Ok
+            && self.ttft.is_some_and(|t| t <= ttft_slo)
+            && self.tpot.is_none_or(|t| t <= itl_slo)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+}
+
+fn percentiles(mut v: Vec<f64>) -> Option<Percentiles> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    Some(Percentiles {
+        p50: at(0.5),
+        p90: at(0.9),
+        p99: at(0.99),
+    })
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Group {
+    pub sent: usize,
+    pub good: usize,
+    pub rejected: usize,
+    pub errors: usize,
+    /// good / sent.
+    pub attainment: f64,
+}
+
+/// One second of the run (requests by send time).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Second {
+    pub t: u64,
+    pub offered: usize,
+    pub good: usize,
+    pub rejected: usize,
+    pub errors: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub duration_s: f64,
+    pub ttft_slo_s: f64,
+    pub itl_slo_s: f64,
+    pub sent: usize,
+    pub ok: usize,
+    pub good: usize,
+    pub rejected: usize,
+    pub errors: usize,
+    pub offered_rps: f64,
+    /// Requests per second that met both SLOs (429s are misses).
+    pub goodput_rps: f64,
+    /// good / sent.
+    pub attainment_offered: f64,
+    /// good / (sent − rejected).
+    pub attainment_admitted: f64,
+    pub reject_rate: f64,
+    pub ttft_s: Option<Percentiles>,
+    /// Over every inter-token gap of successful requests.
+    pub itl_s: Option<Percentiles>,
+    pub by_priority: BTreeMap<String, Group>,
+    pub series: Vec<Second>,
+    /// Seconds after the peak phase until attainment (3 s window) is back at 90%.
+    pub recovery_s: Option<f64>,
+}
+
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+impl Report {
+    pub fn new(
+        results: &[RequestResult],
+        schedule: &[Phase],
+        duration: f64,
+        ttft_slo: f64,
+        itl_slo: f64,
+    ) -> Report {
+        let good = |r: &RequestResult| r.good(ttft_slo, itl_slo);
+        let count = |f: &dyn Fn(&RequestResult) -> bool| results.iter().filter(|r| f(r)).count();
+        let (sent, ok) = (results.len(), count(&|r| r.outcome == Outcome::Ok));
+        let n_good = count(&good);
+        let rejected = count(&|r| r.outcome == Outcome::Rejected);
+        let errors = count(&|r| r.outcome == Outcome::Error);
+        let mut by_priority: BTreeMap<String, Group> = BTreeMap::new();
+        for r in results {
+            let g = by_priority.entry(r.priority.to_owned()).or_default();
+            g.sent += 1;
+            g.good += usize::from(good(r));
+            g.rejected += usize::from(r.outcome == Outcome::Rejected);
+            g.errors += usize::from(r.outcome == Outcome::Error);
+        }
+        for g in by_priority.values_mut() {
+            g.attainment = ratio(g.good, g.sent);
+        }
+        let seconds = duration.ceil() as usize;
+        let mut series: Vec<Second> = (0..seconds.max(1))
+            .map(|t| Second {
+                t: t as u64,
+                offered: 0,
+                good: 0,
+                rejected: 0,
+                errors: 0,
+            })
+            .collect();
+        for r in results {
+            let last = series.len() - 1;
+            let s = &mut series[(r.at as usize).min(last)];
+            s.offered += 1;
+            s.good += usize::from(good(r));
+            s.rejected += usize::from(r.outcome == Outcome::Rejected);
+            s.errors += usize::from(r.outcome == Outcome::Error);
+        }
+        let ok_results = results.iter().filter(|r| r.outcome == Outcome::Ok);
+        Report {
+            duration_s: duration,
+            ttft_slo_s: ttft_slo,
+            itl_slo_s: itl_slo,
+            sent,
+            ok,
+            good: n_good,
+            rejected,
+            errors,
+            offered_rps: sent as f64 / duration,
+            goodput_rps: n_good as f64 / duration,
+            attainment_offered: ratio(n_good, sent),
+            attainment_admitted: ratio(n_good, sent - rejected),
+            reject_rate: ratio(rejected, sent),
+            ttft_s: percentiles(ok_results.clone().filter_map(|r| r.ttft).collect()),
+            itl_s: percentiles(ok_results.flat_map(|r| r.gaps.iter().copied()).collect()),
+            by_priority,
+            recovery_s: recovery(&series, schedule),
+            series,
+        }
+    }
+
+    /// A summary table for the terminal.
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let ms = |v: f64| format!("{:.0} ms", v * 1000.0);
+        let _ = writeln!(
+            t,
+            "offered           {:>10.2} req/s  ({} requests over {:.0} s)",
+            self.offered_rps, self.sent, self.duration_s
+        );
+        let _ = writeln!(
+            t,
+            "goodput           {:>10.2} req/s  (TTFT <= {}, ITL <= {})",
+            self.goodput_rps,
+            ms(self.ttft_slo_s),
+            ms(self.itl_slo_s)
+        );
+        let _ = writeln!(
+            t,
+            "SLO attainment    {:>9.1} %  of offered, {:.1} % of admitted",
+            self.attainment_offered * 100.0,
+            self.attainment_admitted * 100.0
+        );
+        let _ = writeln!(
+            t,
+            "shed (429)        {:>9.1} %  ({} requests; {} other errors)",
+            self.reject_rate * 100.0,
+            self.rejected,
+            self.errors
+        );
+        if let Some(p) = self.ttft_s {
+            let _ = writeln!(
+                t,
+                "TTFT p50/p90/p99  {} / {} / {}",
+                ms(p.p50),
+                ms(p.p90),
+                ms(p.p99)
+            );
+        }
+        if let Some(p) = self.itl_s {
+            let _ = writeln!(
+                t,
+                "ITL  p50/p90/p99  {} / {} / {}",
+                ms(p.p50),
+                ms(p.p90),
+                ms(p.p99)
+            );
+        }
+        if let Some(r) = self.recovery_s {
+            let _ = writeln!(t, "recovery          {r:>10.0} s after the peak phase");
+        }
+        if self.by_priority.len() > 1 {
+            for (p, g) in &self.by_priority {
+                let _ = writeln!(
+                    t,
+                    "  {p:<10} sent {:>5}  good {:>5}  shed {:>5}  attainment {:>5.1} %",
+                    g.sent,
+                    g.good,
+                    g.rejected,
+                    g.attainment * 100.0
+                );
+            }
+        }
+        t
+    }
+
+    /// The per-second series as an SVG line chart: offered, good and shed requests per second.
+    pub fn svg(&self) -> String {
+        let (w, h, pad) = (800.0, 300.0, 40.0);
+        let n = self.series.len().max(2) as f64;
+        let ymax = self
+            .series
+            .iter()
+            .map(|s| s.offered)
+            .max()
+            .unwrap_or(1)
+            .max(1) as f64;
+        let x = |t: f64| pad + (w - 2.0 * pad) * t / (n - 1.0);
+        let y = |v: f64| h - pad - (h - 2.0 * pad) * v / ymax;
+        let line = |f: &dyn Fn(&Second) -> usize, color: &str, label: &str, row: f64| {
+            let pts: Vec<String> = self
+                .series
+                .iter()
+                .map(|s| format!("{:.1},{:.1}", x(s.t as f64), y(f(s) as f64)))
+                .collect();
+            format!(
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n<text x=\"{}\" y=\"{}\" fill=\"{color}\" font-size=\"12\">{label}</text>\n",
+                pts.join(" "),
+                w - pad - 120.0,
+                pad + row * 14.0
+            )
+        };
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>\n<text x=\"{pad}\" y=\"{}\" font-size=\"12\">requests/s by send second (max {ymax:.0}); goodput {:.2} req/s, attainment {:.0} %</text>\n",
+            h - pad,
+            w - pad,
+            h - pad,
+            h - pad,
+            pad - 10.0,
+            self.goodput_rps,
+            self.attainment_offered * 100.0
+        );
+        svg += &line(&|s| s.offered, "#777777", "offered", 0.0);
+        svg += &line(&|s| s.good, "#2a9d2a", "met both SLOs", 1.0);
+        svg += &line(&|s| s.rejected, "#d62728", "shed (429)", 2.0);
+        svg += "</svg>\n";
+        svg
+    }
+}
+
+/// Seconds after the end of the highest-rate phase until the attainment of requests sent in a
+/// 3-second window is back at 90 % (None without a later phase, or if it never recovers).
+fn recovery(series: &[Second], schedule: &[Phase]) -> Option<f64> {
+    let peak = schedule
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.rate.total_cmp(&b.1.rate))?
+        .0;
+    if peak + 1 >= schedule.len() {
+        return None;
+    }
+    let end: f64 = schedule[..=peak]
+        .iter()
+        .map(|p| p.duration.as_secs_f64())
+        .sum();
+    let start = end.ceil() as usize;
+    (start..series.len().saturating_sub(2)).find_map(|s| {
+        let w = &series[s..s + 3];
+        let (good, offered) = (
+            w.iter().map(|x| x.good).sum::<usize>(),
+            w.iter().map(|x| x.offered).sum::<usize>(),
+        );
+        (offered > 0 && good as f64 >= 0.9 * offered as f64).then_some(s as f64 - end)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn r(at: f64, outcome: Outcome, ttft: f64, tpot: f64, priority: &'static str) -> RequestResult {
+        RequestResult {
+            at,
+            priority,
+            outcome,
+            ttft: Some(ttft),
+            tpot: Some(tpot),
+            gaps: vec![tpot; 3],
+            tokens: 4,
+            retried: false,
+        }
+    }
+
+    #[test]
+    fn goodput_counts_only_requests_within_both_slos_and_429s_are_misses() {
+        let results = vec![
+            r(0.1, Outcome::Ok, 0.5, 0.02, "standard"), // good
+            r(0.2, Outcome::Ok, 1.5, 0.02, "standard"), // TTFT miss
+            r(1.1, Outcome::Ok, 0.5, 0.09, "standard"), // ITL miss
+            r(1.2, Outcome::Rejected, 0.0, 0.0, "sheddable"),
+            r(2.5, Outcome::Error, 0.0, 0.0, "standard"),
+            r(3.5, Outcome::Ok, 0.2, 0.01, "critical"), // good
+        ];
+        let phases = [Phase {
+            rate: 1.5,
+            duration: Duration::from_secs(4),
+        }];
+        let rep = Report::new(&results, &phases, 4.0, 1.0, 0.05);
+        assert_eq!(
+            (rep.sent, rep.ok, rep.good, rep.rejected, rep.errors),
+            (6, 4, 2, 1, 1)
+        );
+        assert_eq!(rep.goodput_rps, 0.5);
+        assert!((rep.attainment_offered - 2.0 / 6.0).abs() < 1e-12);
+        assert!((rep.attainment_admitted - 2.0 / 5.0).abs() < 1e-12);
+        assert_eq!(rep.by_priority["sheddable"].rejected, 1);
+        assert_eq!(rep.by_priority["critical"].good, 1);
+        assert_eq!(
+            rep.series.iter().map(|s| s.offered).collect::<Vec<_>>(),
+            [2, 2, 1, 1]
+        );
+        assert_eq!(rep.ttft_s.unwrap().p50, 0.5);
+        let table = rep.table();
+        assert!(
+            table.contains("goodput") && table.contains("0.50 req/s"),
+            "{table}"
+        );
+        let svg = rep.svg();
+        assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{svg}");
+    }
+
+    #[test]
+    fn recovery_is_measured_after_the_peak_phase() {
+        let phases = [
+            Phase {
+                rate: 1.0,
+                duration: Duration::from_secs(2),
+            },
+            Phase {
+                rate: 5.0,
+                duration: Duration::from_secs(2),
+            },
+            Phase {
+                rate: 1.0,
+                duration: Duration::from_secs(6),
+            },
+        ];
+        let mut results = Vec::new();
+        for t in 0..10 {
+            // Bad in the peak and for two seconds after it.
+            let bad = (2..6).contains(&t);
+            results.push(r(
+                t as f64 + 0.5,
+                Outcome::Ok,
+                if bad { 5.0 } else { 0.1 },
+                0.01,
+                "standard",
+            ));
+        }
+        let rep = Report::new(&results, &phases, 10.0, 1.0, 0.05);
+        assert_eq!(rep.recovery_s, Some(2.0));
+        let single = [Phase {
+            rate: 1.0,
+            duration: Duration::from_secs(10),
+        }];
+        assert_eq!(
+            Report::new(&results, &single, 10.0, 1.0, 0.05).recovery_s,
+            None
+        );
+    }
+}

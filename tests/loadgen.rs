@@ -1,0 +1,150 @@
+//! `sluice loadgen` as a real process against the simulated engine and a shedding gateway.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+use support::http::{Gw, Sim, client, policy_yaml};
+
+fn loadgen(url: &str, extra: &[&str]) -> (Value, String) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let json = std::env::temp_dir().join(format!("sluice-loadgen-{}-{n}.json", std::process::id()));
+    let svg: PathBuf = json.with_extension("svg");
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "loadgen",
+            "--url",
+            url,
+            "--quiet",
+            "--json",
+            json.to_str().unwrap(),
+            "--svg",
+            svg.to_str().unwrap(),
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg_text.starts_with("<svg") && svg_text.contains("polyline"));
+    let _ = std::fs::remove_file(&json);
+    let _ = std::fs::remove_file(&svg);
+    (report, String::from_utf8(out.stdout).unwrap())
+}
+
+#[tokio::test]
+async fn an_engine_below_capacity_meets_every_slo() {
+    let c = client();
+    let sim = Sim::start(
+        &c,
+        &[
+            "--max-num-seqs",
+            "32",
+            "--decode-step-ms",
+            "5",
+            "--decode-step-ms-per-seq",
+            "0",
+        ],
+    )
+    .await;
+    let (r, table) = loadgen(
+        &sim.url,
+        &[
+            "--rate",
+            "10",
+            "--duration",
+            "3s",
+            "--prompt-chars",
+            "50-200",
+            "--output-tokens",
+            "4-8",
+            "--seed",
+            "7",
+        ],
+    );
+    let sent = r["sent"].as_u64().unwrap();
+    assert!(
+        (15..=50).contains(&sent),
+        "Poisson at 10/s for 3 s sent {sent}"
+    );
+    assert_eq!(r["good"], r["sent"], "{r}");
+    assert_eq!(r["rejected"], 0);
+    assert!((r["goodput_rps"].as_f64().unwrap() - sent as f64 / 3.0).abs() < 1e-9);
+    assert_eq!(r["attainment_offered"], 1.0);
+    let itl = r["itl_s"]["p50"].as_f64().unwrap();
+    assert!(itl > 0.003 && itl < 0.05, "ITL p50 {itl}");
+    assert_eq!(r["series"].as_array().unwrap().len(), 3);
+    assert!(table.contains("goodput"), "{table}");
+}
+
+#[tokio::test]
+async fn shed_requests_count_as_misses_through_a_shedding_gateway() {
+    let c = client();
+    let sim = Sim::start(
+        &c,
+        &[
+            "--max-num-seqs",
+            "2",
+            "--decode-step-ms",
+            "10",
+            "--decode-step-ms-per-seq",
+            "0",
+        ],
+    )
+    .await;
+    let path =
+        std::env::temp_dir().join(format!("sluice-loadgen-policy-{}.yaml", std::process::id()));
+    std::fs::write(
+        &path,
+        policy_yaml(
+            &sim.url,
+            "defaults: {ttft: 200ms, itl: 1s, timeConstant: 1s}",
+        ),
+    )
+    .unwrap();
+    let gw = Gw::start(&c, &path, None, &[]).await;
+    // Offered far beyond two slots of 30-token streams (~3 req/s).
+    let (r, _) = loadgen(
+        &gw.url,
+        &[
+            "--rate",
+            "20",
+            "--duration",
+            "4s",
+            "--output-tokens",
+            "30-30",
+            "--prompt-chars",
+            "100-100",
+            "--ttft-slo",
+            "500ms",
+            "--itl-slo",
+            "100ms",
+            "--priority-mix",
+            "standard=0.8,critical=0.2",
+        ],
+    );
+    let (sent, rejected, good) = (
+        r["sent"].as_u64().unwrap(),
+        r["rejected"].as_u64().unwrap(),
+        r["good"].as_u64().unwrap(),
+    );
+    assert!(rejected > 0, "nothing shed: {r}");
+    assert!(good < sent);
+    assert!(
+        r["attainment_admitted"].as_f64().unwrap() >= r["attainment_offered"].as_f64().unwrap()
+    );
+    assert!(r["goodput_rps"].as_f64().unwrap() < r["offered_rps"].as_f64().unwrap());
+    assert_eq!(
+        r["by_priority"]["critical"]["rejected"], 0,
+        "critical requests are never shed: {r}"
+    );
+    let _ = std::fs::remove_file(path);
+}
