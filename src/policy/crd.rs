@@ -321,7 +321,7 @@ fn default_itl() -> String {
 fn default_time_constant() -> String {
     "15s".into()
 }
-/// Chosen with the goodput benchmark (docs/benchmarks.md).
+/// The design's proposals; the goodput benchmark (docs/benchmarks.md) is to choose them.
 pub(crate) fn default_max_reject_probability() -> f64 {
     0.95
 }
