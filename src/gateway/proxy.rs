@@ -20,7 +20,7 @@ use serde_json::{Map, Value, json};
 
 use super::Gateway;
 use super::assemble::{self, Assembler};
-use super::sse::{EventKind, SseParser, classify};
+use super::sse::{EventKind, SseParser, classify, classify_value};
 use super::upstream;
 use crate::limiter::decision::{retry_after_header_ms, retry_after_header_secs};
 use crate::limiter::{KeyId, Priority, Signal, SplitMix64, Verdict};
@@ -213,25 +213,27 @@ impl Observer {
         let mut content = 0;
         let (mut done, mut error) = (false, false);
         let assembler = &mut self.assembler;
-        self.measuring = self.parser.feed(bytes, |event| match classify(event) {
-            EventKind::Content => {
-                content += 1;
-                if let (Some(a), Ok(v)) =
-                    (assembler.as_mut(), serde_json::from_slice::<Value>(event))
-                {
-                    a.push(&v);
-                }
+        self.measuring = self.parser.feed(bytes, |event| {
+            let kind = match assembler.as_mut() {
+                // Assembling: parse once, classify and keep the same value.
+                Some(a) if event != b"[DONE]" => match serde_json::from_slice::<Value>(event) {
+                    Ok(v) => {
+                        let kind = classify_value(&v);
+                        if matches!(kind, EventKind::Content | EventKind::Empty) {
+                            a.push(&v);
+                        }
+                        kind
+                    }
+                    Err(_) => EventKind::Unparsed,
+                },
+                _ => classify(event),
+            };
+            match kind {
+                EventKind::Content => content += 1,
+                EventKind::Done => done = true,
+                EventKind::Error => error = true,
+                EventKind::Empty | EventKind::Unparsed => {}
             }
-            EventKind::Empty => {
-                if let (Some(a), Ok(v)) =
-                    (assembler.as_mut(), serde_json::from_slice::<Value>(event))
-                {
-                    a.push(&v);
-                }
-            }
-            EventKind::Done => done = true,
-            EventKind::Error => error = true,
-            EventKind::Unparsed => {}
         });
         self.saw_done |= done;
         self.saw_error |= error;

@@ -80,6 +80,36 @@ pub fn classify(data: &[u8]) -> EventKind {
     }
 }
 
+/// Classifies an event already parsed as JSON (the unary-assembly path parses every event
+/// anyway; this avoids parsing it twice). Same rules as [`classify`].
+pub fn classify_value(v: &serde_json::Value) -> EventKind {
+    if v.get("error").is_some_and(|e| !e.is_null()) {
+        return EventKind::Error;
+    }
+    let non_empty =
+        |x: Option<&serde_json::Value>| x.and_then(|s| s.as_str()).is_some_and(|s| !s.is_empty());
+    let content = v
+        .get("choices")
+        .and_then(|c| c.as_array())
+        .is_some_and(|choices| {
+            choices.iter().any(|c| {
+                non_empty(c.get("text"))
+                    || c.get("delta").is_some_and(|d| {
+                        non_empty(d.get("content"))
+                            || non_empty(d.get("reasoning_content"))
+                            || d.get("tool_calls")
+                                .and_then(|t| t.as_array())
+                                .is_some_and(|t| !t.is_empty())
+                    })
+            })
+        });
+    if content {
+        EventKind::Content
+    } else {
+        EventKind::Empty
+    }
+}
+
 /// Splits a byte stream into events.
 #[derive(Debug, Default)]
 pub struct SseParser {
@@ -196,5 +226,23 @@ mod tests {
         assert_eq!(classify(error), EventKind::Error);
         assert_eq!(classify(b"[DONE]"), EventKind::Done);
         assert_eq!(classify(b"not json"), EventKind::Unparsed);
+        for chunk in [
+            &role[..],
+            token,
+            finish,
+            usage,
+            text,
+            tool,
+            reasoning,
+            error,
+        ] {
+            let v: serde_json::Value = serde_json::from_slice(chunk).unwrap();
+            assert_eq!(
+                classify_value(&v),
+                classify(chunk),
+                "{}",
+                String::from_utf8_lossy(chunk)
+            );
+        }
     }
 }
