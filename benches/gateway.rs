@@ -6,6 +6,9 @@
 //! answers instantly for the latency and rate runs, so what is measured is the proxy path).
 //! Results: docs/benchmarks.md.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -140,11 +143,7 @@ async fn max_rate(c: &HttpClient, base: &str) -> f64 {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     rt.block_on(async {
         let c: HttpClient = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         let fast = engine(0.0).await;

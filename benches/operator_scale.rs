@@ -5,44 +5,44 @@
 //! Needs a cluster: `source "$(scripts/k8s-env.sh up)" && cargo bench --bench operator_scale`.
 //! Results: docs/benchmarks.md.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use sluice::policy::RateLimitPolicy;
 
 const POLICIES: usize = 500;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     rt.block_on(async {
-        let path = std::env::var("SLUICE_TEST_KUBECONFIG")
-            .expect("SLUICE_TEST_KUBECONFIG: run after `source \"$(scripts/k8s-env.sh up)\"`");
-        let kc = Kubeconfig::read_from(&path).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
-        let client = kube::Client::try_from(config).unwrap();
-        let crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
-            serde_yaml::from_str(&sluice::policy::crd_yaml()).unwrap();
-        Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(client.clone())
-            .patch("ratelimitpolicies.sluice.dev", &PatchParams::apply("sluice-bench").force(), &Patch::Apply(&crd))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (client, path) = common::cluster().await;
         let ns = format!("scale-bench-{}", std::process::id());
         let nsobj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &nsobj).await.unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &nsobj)
+            .await
+            .unwrap();
 
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut operator = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["operator", "--watch-namespaces", &ns, "--metrics-listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "operator",
+                "--watch-namespaces",
+                &ns,
+                "--metrics-listen",
+                &format!("127.0.0.1:{port}"),
+            ])
             .env("KUBECONFIG", &path)
             .env("RUST_LOG", "warn")
             .spawn()
@@ -75,21 +75,39 @@ fn main() {
                 .filter(|p| {
                     p.status.as_ref().is_some_and(|s| {
                         s.observed_generation == p.metadata.generation
-                            && s.conditions.iter().any(|c| c.type_ == "Accepted" && c.status == "True")
+                            && s.conditions
+                                .iter()
+                                .any(|c| c.type_ == "Accepted" && c.status == "True")
                     })
                 })
                 .count();
-            let deps = deployments.list_metadata(&ListParams::default()).await.unwrap().items.len();
+            let deps = deployments
+                .list_metadata(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .len();
             if accepted == POLICIES && deps == POLICIES {
                 break t0.elapsed();
             }
-            assert!(t0.elapsed() < Duration::from_secs(600), "not converged after 10 min: {accepted} accepted, {deps} deployments");
+            assert!(
+                t0.elapsed() < Duration::from_secs(600),
+                "not converged after 10 min: {accepted} accepted, {deps} deployments"
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
         let status = std::fs::read_to_string(format!("/proc/{}/status", operator.id())).unwrap();
-        let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().to_owned();
+        let hwm = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .unwrap()
+            .to_owned();
         let metrics = String::from_utf8(
-            std::process::Command::new("curl").args(["-s", &format!("http://127.0.0.1:{port}/metrics")]).output().unwrap().stdout,
+            std::process::Command::new("curl")
+                .args(["-s", &format!("http://127.0.0.1:{port}/metrics")])
+                .output()
+                .unwrap()
+                .stdout,
         )
         .unwrap();
         let reconciles: f64 = metrics
@@ -98,11 +116,23 @@ fn main() {
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
-        println!("{POLICIES} policies: created in {:.1} s; all Accepted with Deployments after {:.1} s", created.as_secs_f64(), converged.as_secs_f64());
-        println!("successful reconciles: {reconciles} ({:.0}/s over the convergence time)", reconciles / converged.as_secs_f64());
-        println!("operator peak RSS: {}", hwm.trim_start_matches("VmHWM:").trim());
+        println!(
+            "{POLICIES} policies: created in {:.1} s; all Accepted with Deployments after {:.1} s",
+            created.as_secs_f64(),
+            converged.as_secs_f64()
+        );
+        println!(
+            "successful reconciles: {reconciles} ({:.0}/s over the convergence time)",
+            reconciles / converged.as_secs_f64()
+        );
+        println!(
+            "operator peak RSS: {}",
+            hwm.trim_start_matches("VmHWM:").trim()
+        );
         let _ = operator.kill();
         let _ = operator.wait();
-        let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
+        let _ = Api::<Namespace>::all(client.clone())
+            .delete(&ns, &DeleteParams::default())
+            .await;
     });
 }

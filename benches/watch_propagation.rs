@@ -4,11 +4,13 @@
 //! Needs a cluster: run after `source "$(scripts/k8s-env.sh up)"`, as
 //! `cargo bench --bench watch_propagation`. Results: docs/benchmarks.md.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 use sluice::metrics::GatewayMetrics;
 use sluice::policy::RateLimitPolicy;
@@ -17,29 +19,14 @@ use sluice::policy::source::PolicyStore;
 const PATCHES: usize = 50;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     rt.block_on(async {
-        let path = std::env::var("SLUICE_TEST_KUBECONFIG")
-            .expect("SLUICE_TEST_KUBECONFIG: run after `source \"$(scripts/k8s-env.sh up)\"`");
-        let kc = Kubeconfig::read_from(path).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
-        let client = kube::Client::try_from(config).unwrap();
-        let crd_yaml = sluice::policy::crd_yaml();
-        let crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
-            serde_yaml::from_str(&crd_yaml).unwrap();
-        let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-            Api::all(client.clone());
-        crds.patch("ratelimitpolicies.sluice.dev", &PatchParams::apply("sluice-bench").force(), &Patch::Apply(&crd))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (client, _) = common::cluster().await;
 
         let api: Api<RateLimitPolicy> = Api::namespaced(client.clone(), "default");
-        let _ = api.delete("propagation-bench", &DeleteParams::default()).await;
+        let _ = api
+            .delete("propagation-bench", &DeleteParams::default())
+            .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let policy: RateLimitPolicy = serde_json::from_value(json!({
             "apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
@@ -65,19 +52,33 @@ fn main() {
         for i in 0..PATCHES {
             let patch = json!({"spec": {"defaults": {"ttft": format!("{}ms", 500 + i)}}});
             let t = Instant::now();
-            let p = api.patch("propagation-bench", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+            let p = api
+                .patch(
+                    "propagation-bench",
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .unwrap();
             let generation = p.metadata.generation.unwrap();
             while metrics.policy_generation.get() < generation {
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
             delays.push(t.elapsed());
         }
-        api.delete("propagation-bench", &DeleteParams::default()).await.unwrap();
+        api.delete("propagation-bench", &DeleteParams::default())
+            .await
+            .unwrap();
         delays.sort();
         let pct = |p: f64| delays[((delays.len() - 1) as f64 * p).round() as usize];
         println!("{PATCHES} patches: patch sent → generation applied");
         println!("| p50 | p99 | max |");
         println!("|---|---|---|");
-        println!("| {:.2} ms | {:.2} ms | {:.2} ms |", pct(0.5).as_secs_f64() * 1e3, pct(0.99).as_secs_f64() * 1e3, delays.last().unwrap().as_secs_f64() * 1e3);
+        println!(
+            "| {:.2} ms | {:.2} ms | {:.2} ms |",
+            pct(0.5).as_secs_f64() * 1e3,
+            pct(0.99).as_secs_f64() * 1e3,
+            delays.last().unwrap().as_secs_f64() * 1e3
+        );
     });
 }

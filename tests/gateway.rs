@@ -4,34 +4,13 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use support::http::{Gw, Sim, client, free_port, get, metric, policy_yaml, post_json, send, start};
-
-/// A policy file in the temp dir, removed when dropped.
-struct PolicyFile(PathBuf);
-
-impl PolicyFile {
-    fn new(text: &str) -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("sluice-test-{}-{n}.yaml", std::process::id()));
-        std::fs::write(&p, text).unwrap();
-        PolicyFile(p)
-    }
-    fn write(&self, text: &str) {
-        std::fs::write(&self.0, text).unwrap();
-    }
-}
-
-impl Drop for PolicyFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use support::http::{
+    Gw, PolicyFile, Sim, client, free_port, get, metric, policy_yaml, post_json, send, start,
+};
 
 fn chat(max_tokens: u32, stream: bool) -> Value {
     json!({"model": "sim-llm", "max_tokens": max_tokens, "stream": stream,
@@ -177,18 +156,7 @@ async fn burst(c: &support::http::HttpClient, url: &str, n: usize, tokens: u32) 
 async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
     let c = client();
     // Two batch slots, 15 ms per step: 30 streams of 30 tokens queue for seconds.
-    let sim = Sim::start(
-        &c,
-        &[
-            "--max-num-seqs",
-            "2",
-            "--decode-step-ms",
-            "15",
-            "--decode-step-ms-per-seq",
-            "0",
-        ],
-    )
-    .await;
+    let sim = Sim::batch(&c, 2, 15).await;
     let policy = PolicyFile::new(&policy_yaml(
         &sim.url,
         "defaults: {ttft: 200ms, itl: 1s, timeConstant: 1s}\nshedding: {maxRejectProbability: 0.95, ramp: 1.5, maxEvidence: 20}",
@@ -278,18 +246,7 @@ async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
 #[tokio::test]
 async fn shadow_mode_never_rejects_but_counts() {
     let c = client();
-    let sim = Sim::start(
-        &c,
-        &[
-            "--max-num-seqs",
-            "1",
-            "--decode-step-ms",
-            "10",
-            "--decode-step-ms-per-seq",
-            "0",
-        ],
-    )
-    .await;
+    let sim = Sim::batch(&c, 1, 10).await;
     let policy = PolicyFile::new(&policy_yaml(
         &sim.url,
         "mode: Shadow\ndefaults: {ttft: 50ms, itl: 1ms, timeConstant: 1s}",

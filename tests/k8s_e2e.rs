@@ -168,18 +168,7 @@ async fn helm_install_to_shed_traffic_to_prometheus_to_uninstall() {
     assert!(table.contains("llama") && table.contains("True"), "{table}");
 
     // 4. A gateway with the gateway identity in front of a simulated engine (two slots).
-    let sim = Sim::start(
-        &c,
-        &[
-            "--max-num-seqs",
-            "2",
-            "--decode-step-ms",
-            "15",
-            "--decode-step-ms-per-seq",
-            "0",
-        ],
-    )
-    .await;
+    let sim = Sim::batch(&c, 2, 15).await;
     let gw_kc = impersonating_kubeconfig(&apps.name, "llama-sluice");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");

@@ -79,6 +79,20 @@ async fn accepted(api: &Api<RateLimitPolicy>, name: &str) -> RateLimitPolicy {
     .await
 }
 
+/// An owned object the operator must have created.
+async fn owned<K>(k: &Client, ns: &str, name: &str) -> K
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(k.clone(), ns)
+        .get(name)
+        .await
+        .unwrap_or_else(|e| panic!("{} {name}: {e}", K::kind(&())))
+}
+
 fn condition<'a>(
     p: &'a RateLimitPolicy,
     type_: &str,
@@ -109,30 +123,12 @@ async fn a_policy_becomes_a_hardened_gateway_with_status() {
     let name = "llama-sluice";
 
     // Owned objects, each controlled by the policy.
-    let d: Deployment = Api::namespaced(k.clone(), &ns.name)
-        .get(name)
-        .await
-        .unwrap();
-    let svc: Service = Api::namespaced(k.clone(), &ns.name)
-        .get(name)
-        .await
-        .unwrap();
-    let sa: ServiceAccount = Api::namespaced(k.clone(), &ns.name)
-        .get(name)
-        .await
-        .unwrap();
-    let role: Role = Api::namespaced(k.clone(), &ns.name)
-        .get(name)
-        .await
-        .unwrap();
-    let rb: RoleBinding = Api::namespaced(k.clone(), &ns.name)
-        .get(name)
-        .await
-        .unwrap();
-    let pdb: PodDisruptionBudget = Api::namespaced(k.clone(), &ns.name)
-        .get(name)
-        .await
-        .unwrap();
+    let d: Deployment = owned(&k, &ns.name, name).await;
+    let svc: Service = owned(&k, &ns.name, name).await;
+    let sa: ServiceAccount = owned(&k, &ns.name, name).await;
+    let role: Role = owned(&k, &ns.name, name).await;
+    let rb: RoleBinding = owned(&k, &ns.name, name).await;
+    let pdb: PodDisruptionBudget = owned(&k, &ns.name, name).await;
     for owners in [
         d.owner_references(),
         svc.owner_references(),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
-use support::http::{Gw, Sim, client, policy_yaml};
+use support::http::{Gw, PolicyFile, Sim, client, policy_yaml};
 
 fn loadgen(url: &str, extra: &[&str]) -> (Value, String) {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -43,18 +43,7 @@ fn loadgen(url: &str, extra: &[&str]) -> (Value, String) {
 #[tokio::test]
 async fn an_engine_below_capacity_meets_every_slo() {
     let c = client();
-    let sim = Sim::start(
-        &c,
-        &[
-            "--max-num-seqs",
-            "32",
-            "--decode-step-ms",
-            "5",
-            "--decode-step-ms-per-seq",
-            "0",
-        ],
-    )
-    .await;
+    let sim = Sim::batch(&c, 32, 5).await;
     let (r, table) = loadgen(
         &sim.url,
         &[
@@ -88,29 +77,12 @@ async fn an_engine_below_capacity_meets_every_slo() {
 #[tokio::test]
 async fn shed_requests_count_as_misses_through_a_shedding_gateway() {
     let c = client();
-    let sim = Sim::start(
-        &c,
-        &[
-            "--max-num-seqs",
-            "2",
-            "--decode-step-ms",
-            "10",
-            "--decode-step-ms-per-seq",
-            "0",
-        ],
-    )
-    .await;
-    let path =
-        std::env::temp_dir().join(format!("sluice-loadgen-policy-{}.yaml", std::process::id()));
-    std::fs::write(
-        &path,
-        policy_yaml(
-            &sim.url,
-            "defaults: {ttft: 200ms, itl: 1s, timeConstant: 1s}",
-        ),
-    )
-    .unwrap();
-    let gw = Gw::start(&c, &path, None, &[]).await;
+    let sim = Sim::batch(&c, 2, 10).await;
+    let policy = PolicyFile::new(&policy_yaml(
+        &sim.url,
+        "defaults: {ttft: 200ms, itl: 1s, timeConstant: 1s}",
+    ));
+    let gw = Gw::start(&c, &policy.0, None, &[]).await;
     // Offered far beyond two slots of 30-token streams (~3 req/s).
     let (r, _) = loadgen(
         &gw.url,
@@ -146,5 +118,4 @@ async fn shed_requests_count_as_misses_through_a_shedding_gateway() {
         r["by_priority"]["critical"]["rejected"], 0,
         "critical requests are never shed: {r}"
     );
-    let _ = std::fs::remove_file(path);
 }

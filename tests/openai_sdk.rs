@@ -6,7 +6,7 @@ mod support;
 
 use std::process::Command;
 
-use support::http::{Gw, Sim, client, get, metric, policy_yaml};
+use support::http::{Gw, PolicyFile, Sim, client, get, metric, policy_yaml};
 
 fn python() -> String {
     std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| {
@@ -32,22 +32,15 @@ fn run_scenario(base: &str, scenario: &str) {
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
 }
 
-fn policy_file(name: &str, text: &str) -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("sluice-sdk-{}-{name}.yaml", std::process::id()));
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
 #[tokio::test]
 async fn openai_sdk_streams_unary_and_completions() {
     let c = client();
     let sim = Sim::start(&c, &[]).await;
-    let path = policy_file("basic", &policy_yaml(&sim.url, ""));
-    let gw = Gw::start(&c, &path, None, &[]).await;
+    let policy = PolicyFile::new(&policy_yaml(&sim.url, ""));
+    let gw = Gw::start(&c, &policy.0, None, &[]).await;
     for scenario in ["chat_streaming", "chat_unary", "completions", "models"] {
         run_scenario(&gw.url, scenario);
     }
-    let _ = std::fs::remove_file(path);
 }
 
 #[tokio::test]
@@ -56,14 +49,11 @@ async fn openai_sdk_sees_rate_limit_errors_and_honours_retry_after_ms() {
     let sim = Sim::start(&c, &[]).await;
     // A hard cliff at 1 ms TTFT: once one request is measured, every request is shed until the
     // average has decayed back to the threshold (about τ·ln(TTFT / 1 ms) ≈ 3 s).
-    let path = policy_file(
-        "cliff",
-        &policy_yaml(
-            &sim.url,
-            "defaults: {ttft: 1ms, itl: 1s, timeConstant: 1s}\nshedding: {maxRejectProbability: 1, ramp: 1, maxEvidence: 1}",
-        ),
-    );
-    let gw = Gw::start(&c, &path, None, &[]).await;
+    let policy = PolicyFile::new(&policy_yaml(
+        &sim.url,
+        "defaults: {ttft: 1ms, itl: 1s, timeConstant: 1s}\nshedding: {maxRejectProbability: 1, ramp: 1, maxEvidence: 1}",
+    ));
+    let gw = Gw::start(&c, &policy.0, None, &[]).await;
     run_scenario(&gw.url, "rate_limited");
     let m = get(&c, &format!("{}/metrics", gw.url)).await.text();
     let rejected = metric(
@@ -77,5 +67,4 @@ async fn openai_sdk_sees_rate_limit_errors_and_honours_retry_after_ms() {
         ],
     );
     assert!(rejected.unwrap_or(0.0) >= 3.0, "{m}");
-    let _ = std::fs::remove_file(path);
 }

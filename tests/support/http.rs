@@ -137,6 +137,24 @@ impl Sim {
         Sim { process, url }
     }
 
+    /// An engine with `slots` batch slots and a fixed decode step of `step_ms` (no per-sequence
+    /// slowdown): easy to overload predictably.
+    pub async fn batch(c: &HttpClient, slots: u32, step_ms: u32) -> Sim {
+        let (slots, step) = (slots.to_string(), step_ms.to_string());
+        Sim::start(
+            c,
+            &[
+                "--max-num-seqs",
+                &slots,
+                "--decode-step-ms",
+                &step,
+                "--decode-step-ms-per-seq",
+                "0",
+            ],
+        )
+        .await
+    }
+
     pub async fn stats(&self, c: &HttpClient) -> serde_json::Value {
         get(c, &format!("{}/sim/stats", self.url)).await.json()
     }
@@ -261,6 +279,32 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         }
     }
     None
+}
+
+/// A policy file in the temp dir, removed when dropped.
+pub struct PolicyFile(pub std::path::PathBuf);
+
+impl PolicyFile {
+    pub fn new(text: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!(
+            "sluice-test-policy-{}-{n}.yaml",
+            std::process::id()
+        ));
+        std::fs::write(&p, text).unwrap();
+        PolicyFile(p)
+    }
+
+    pub fn write(&self, text: &str) {
+        std::fs::write(&self.0, text).unwrap();
+    }
+}
+
+impl Drop for PolicyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// A policy YAML document for tests: the given upstream, thresholds and extras.
