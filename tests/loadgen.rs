@@ -101,6 +101,8 @@ async fn shed_requests_count_as_misses_through_a_shedding_gateway() {
             "100ms",
             "--priority-mix",
             "standard=0.8,critical=0.2",
+            "--metrics-url",
+            &format!("{}/metrics", gw.url),
         ],
     );
     let (sent, rejected, good) = (
@@ -117,5 +119,62 @@ async fn shed_requests_count_as_misses_through_a_shedding_gateway() {
     assert_eq!(
         r["by_priority"]["critical"]["rejected"], 0,
         "critical requests are never shed: {r}"
+    );
+    // The gateway's gauges were sampled once a second and show the gate closing.
+    let gauges = r["gauges"].as_array().expect("gauges sampled");
+    assert!(gauges.len() >= 3, "{gauges:?}");
+    let max = |k: &str| {
+        gauges
+            .iter()
+            .map(|g| g[k].as_f64().unwrap())
+            .fold(0.0, f64::max)
+    };
+    assert!(
+        max("pressure") > 1.0 && max("ttft_ema_s") > 0.2,
+        "{gauges:?}"
+    );
+    assert!(max("reject_probability") > 0.0, "{gauges:?}");
+}
+
+#[tokio::test]
+async fn the_in_flight_cap_sends_at_most_n_concurrent_requests_and_counts_the_rest_as_shed() {
+    let c = client();
+    // Two slots of 10 ms steps: every 20-token request takes at least 200 ms.
+    let sim = Sim::batch(&c, 2, 10).await;
+    let (r, _) = loadgen(
+        &sim.url,
+        &[
+            "--rate",
+            "50",
+            "--duration",
+            "2s",
+            "--output-tokens",
+            "20-20",
+            "--prompt-chars",
+            "50-50",
+            "--max-inflight",
+            "3",
+            "--seed",
+            "3",
+        ],
+    );
+    let (sent, rejected, errors) = (
+        r["sent"].as_u64().unwrap(),
+        r["rejected"].as_u64().unwrap(),
+        r["errors"].as_u64().unwrap(),
+    );
+    assert_eq!(errors, 0, "{r}");
+    assert!(rejected > 0, "{r}");
+    // At most 3 at a time, each at least 200 ms, over about 2 s: no more than ~33 sent on.
+    assert!(
+        sent - rejected <= 36,
+        "{} admitted past a cap of 3: {r}",
+        sent - rejected
+    );
+    let stats = sim.stats(&c).await;
+    assert_eq!(
+        stats["requests"].as_u64().unwrap(),
+        sent - rejected,
+        "{stats}"
     );
 }

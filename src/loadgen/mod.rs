@@ -76,6 +76,15 @@ pub struct LoadgenArgs {
     /// Retry shed requests after their retry-after-ms (once per request).
     #[arg(long)]
     pub honor_retry_after: bool,
+    /// Client-side concurrency cap: a request that would be the (N+1)-th in flight is not sent
+    /// and counts as shed. The "static in-flight cap" baseline of the goodput benchmark (what a
+    /// proxy's max-concurrent-requests limit does).
+    #[arg(long)]
+    pub max_inflight: Option<usize>,
+    /// A sluice gateway's /metrics URL to sample every second during the run: the moving
+    /// averages, pressure and reject probability of --model go into the report's `gauges`.
+    #[arg(long)]
+    pub metrics_url: Option<String>,
     /// Per-request timeout.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -291,6 +300,38 @@ async fn send_once(
     }
 }
 
+/// One sample of a gateway's limiter gauges for `model` at `t` seconds into the run; None if the
+/// endpoint did not answer or has no such series.
+async fn scrape(
+    client: &HttpClient,
+    url: &str,
+    model: &str,
+    t: f64,
+) -> Option<report::GaugeSample> {
+    let req = hyper::Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(1), client.request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    let text = std::str::from_utf8(&body).ok()?;
+    let label = format!("{{model=\"{model}\"}}");
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(label.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    Some(report::GaugeSample {
+        t,
+        ttft_ema_s: value("sluice_ttft_ema_seconds")?,
+        itl_ema_s: value("sluice_itl_ema_seconds")?,
+        pressure: value("sluice_pressure_ratio")?,
+        reject_probability: value("sluice_reject_probability")?,
+    })
+}
+
 /// Runs the load and returns the report.
 pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
     let schedule = args.schedule.clone().map(|s| s.0).unwrap_or_else(|| {
@@ -329,7 +370,24 @@ pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
             }
         })
     });
+    let inflight = args
+        .max_inflight
+        .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
     let start = tokio::time::Instant::now();
+    let gauges = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let scraper = args.metrics_url.clone().map(|metrics_url| {
+        let (client, model, gauges) = (client.clone(), args.model.clone(), gauges.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(start, Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let t = start.elapsed().as_secs_f64();
+                if let Some(g) = scrape(&client, &metrics_url, &model, t).await {
+                    gauges.lock().expect("not poisoned").push(g);
+                }
+            }
+        })
+    });
     let mut tasks = Vec::with_capacity(total);
     for p in planned {
         tokio::time::sleep_until(start + p.at).await;
@@ -342,7 +400,22 @@ pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
         );
         let (timeout, retry) = (args.timeout, args.honor_retry_after);
         sent.fetch_add(1, Ordering::Relaxed);
+        let permit = match &inflight {
+            None => None,
+            Some(sem) => match sem.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    shed.fetch_add(1, Ordering::Relaxed);
+                    done.fetch_add(1, Ordering::Relaxed);
+                    tasks.push(tokio::spawn(async move {
+                        RequestResult::capped(p.at.as_secs_f64(), p.priority.as_str())
+                    }));
+                    continue;
+                }
+            },
+        };
         tasks.push(tokio::spawn(async move {
+            let _permit = permit;
             let (mut r, wait) = send_once(&client, &url, &p, timeout).await;
             if r.outcome == Outcome::Rejected {
                 shed.fetch_add(1, Ordering::Relaxed);
@@ -368,14 +441,20 @@ pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
         p.abort();
         eprintln!();
     }
+    if let Some(task) = scraper {
+        task.abort();
+    }
+    let gauges = std::mem::take(&mut *gauges.lock().expect("not poisoned"));
     let duration: f64 = schedule.iter().map(|p| p.duration.as_secs_f64()).sum();
-    Ok(report::Report::new(
+    let mut report = report::Report::new(
         &results,
         &schedule,
         duration,
         args.ttft_slo.as_secs_f64(),
         args.itl_slo.as_secs_f64(),
-    ))
+    );
+    report.gauges = gauges;
+    Ok(report)
 }
 
 /// `sluice loadgen`.

@@ -36,6 +36,20 @@ pub struct RequestResult {
 }
 
 impl RequestResult {
+    /// A request the client-side in-flight cap refused to send (counted as shed).
+    pub(crate) fn capped(at: f64, priority: &'static str) -> RequestResult {
+        RequestResult {
+            at,
+            priority,
+            outcome: Outcome::Rejected,
+            ttft: None,
+            tpot: None,
+            gaps: Vec::new(),
+            tokens: 0,
+            retried: false,
+        }
+    }
+
     /// Succeeded within both SLOs (a one-token answer has no gap and meets the ITL SLO).
     pub fn good(&self, ttft_slo: f64, itl_slo: f64) -> bool {
         self.outcome == Outcome::Ok
@@ -84,6 +98,16 @@ pub struct Second {
     pub errors: usize,
 }
 
+/// A sample of the gateway's limiter gauges (`--metrics-url`), `t` seconds into the run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GaugeSample {
+    pub t: f64,
+    pub ttft_ema_s: f64,
+    pub itl_ema_s: f64,
+    pub pressure: f64,
+    pub reject_probability: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub duration_s: f64,
@@ -109,6 +133,12 @@ pub struct Report {
     pub series: Vec<Second>,
     /// Seconds after the peak phase until attainment (3 s window) is back at 90%.
     pub recovery_s: Option<f64>,
+    /// After recovery, how many later 3-second windows fell below 90% attainment again
+    /// (oscillation); None when there was no recovery.
+    pub relapses: Option<usize>,
+    /// The gateway's gauges once a second (with --metrics-url).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gauges: Vec<GaugeSample>,
 }
 
 fn ratio(a: usize, b: usize) -> f64 {
@@ -159,6 +189,7 @@ impl Report {
             s.errors += usize::from(r.outcome == Outcome::Error);
         }
         let ok_results = results.iter().filter(|r| r.outcome == Outcome::Ok);
+        let recovery = recovery(&series, schedule);
         Report {
             duration_s: duration,
             ttft_slo_s: ttft_slo,
@@ -176,7 +207,9 @@ impl Report {
             ttft_s: percentiles(ok_results.clone().filter_map(|r| r.ttft).collect()),
             itl_s: percentiles(ok_results.flat_map(|r| r.gaps.iter().copied()).collect()),
             by_priority,
-            recovery_s: recovery(&series, schedule),
+            recovery_s: recovery.map(|r| r.0),
+            relapses: recovery.map(|r| r.1),
+            gauges: Vec::new(),
             series,
         }
     }
@@ -229,7 +262,11 @@ impl Report {
             );
         }
         if let Some(r) = self.recovery_s {
-            let _ = writeln!(t, "recovery          {r:>10.0} s after the peak phase");
+            let _ = writeln!(
+                t,
+                "recovery          {r:>10.0} s after the peak phase, {} relapses below 90 % after it",
+                self.relapses.unwrap_or(0)
+            );
         }
         if self.by_priority.len() > 1 {
             for (p, g) in &self.by_priority {
@@ -291,8 +328,9 @@ impl Report {
 }
 
 /// Seconds after the end of the highest-rate phase until the attainment of requests sent in a
-/// 3-second window is back at 90 % (None without a later phase, or if it never recovers).
-fn recovery(series: &[Second], schedule: &[Phase]) -> Option<f64> {
+/// 3-second window is back at 90 %, and how many times the sliding window fell below 90 %
+/// again after that (None without a later phase, or if it never recovers).
+fn recovery(series: &[Second], schedule: &[Phase]) -> Option<(f64, usize)> {
     let peak = schedule
         .iter()
         .enumerate()
@@ -306,14 +344,25 @@ fn recovery(series: &[Second], schedule: &[Phase]) -> Option<f64> {
         .map(|p| p.duration.as_secs_f64())
         .sum();
     let start = end.ceil() as usize;
-    (start..series.len().saturating_sub(2)).find_map(|s| {
+    // None for a window without requests.
+    let met = |s: usize| {
         let w = &series[s..s + 3];
         let (good, offered) = (
             w.iter().map(|x| x.good).sum::<usize>(),
             w.iter().map(|x| x.offered).sum::<usize>(),
         );
-        (offered > 0 && good as f64 >= 0.9 * offered as f64).then_some(s as f64 - end)
-    })
+        (offered > 0).then(|| good as f64 >= 0.9 * offered as f64)
+    };
+    let last = series.len().saturating_sub(2);
+    let recovered = (start..last).find(|&s| met(s) == Some(true))?;
+    let (mut relapses, mut up) = (0, true);
+    for s in recovered + 1..last {
+        if let Some(now) = met(s) {
+            relapses += usize::from(up && !now);
+            up = now;
+        }
+    }
+    Some((recovered as f64 - end, relapses))
 }
 
 #[cfg(test)]
@@ -402,6 +451,11 @@ mod tests {
         }
         let rep = Report::new(&results, &phases, 10.0, 1.0, 0.05);
         assert_eq!(rep.recovery_s, Some(2.0));
+        assert_eq!(rep.relapses, Some(0));
+        // A bad second after the recovery is a relapse (oscillation).
+        results[8].ttft = Some(5.0);
+        let rep = Report::new(&results, &phases, 10.0, 1.0, 0.05);
+        assert_eq!((rep.recovery_s, rep.relapses), (Some(2.0), Some(1)));
         let single = [Phase {
             rate: 1.0,
             duration: Duration::from_secs(10),
