@@ -8,6 +8,7 @@ RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.r
     && echo 'fn main() {}' > benches/limiter.rs && cp benches/limiter.rs benches/gateway.rs \
     && cp benches/limiter.rs benches/watch_propagation.rs \
     && cp benches/limiter.rs benches/operator_scale.rs \
+    && cp benches/limiter.rs benches/goodput.rs \
     && cargo build --release --locked && rm -rf src benches
 COPY src ./src
 COPY benches ./benches

@@ -1,14 +1,17 @@
-//! Gateway overhead against calling the simulated engine directly, in one run on this machine:
-//! added p50/p99 latency per unary request (with and without stream assembly), per streamed
-//! token, and the highest unary request rate each path sustains (closed loop).
+//! Gateway overhead against calling the simulated engine directly and against nginx as a plain
+//! reverse proxy, in one run on this machine: added p50/p99 latency per unary request (with and
+//! without stream assembly), per streamed token, and the highest unary request rate each path
+//! sustains (closed loop).
 //!
-//! Run: `cargo bench --bench gateway` (everything in one process on 127.0.0.1; the engine
-//! answers instantly for the latency and rate runs, so what is measured is the proxy path).
-//! Results: docs/benchmarks.md.
+//! Run: `SLUICE_NGINX=$(scripts/nginx.sh) cargo bench --bench gateway` (the engine, the
+//! gateways and the client in one process on 127.0.0.1, nginx — Debian's package, unpacked by
+//! the script — as a child process with 2 workers; the engine answers instantly for the latency
+//! and rate runs, so what is measured is the proxy path). Results: docs/benchmarks.md.
 
 #[path = "common/mod.rs"]
 mod common;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -71,6 +74,58 @@ async fn gateway(upstream: &str, stream_unary: bool) -> String {
         Duration::from_secs(1),
     ));
     url
+}
+
+/// nginx as a plain reverse proxy to `upstream` (keep-alive upstream connections, no
+/// buffering, so streams pass through as they come); stopped (by PID) when dropped.
+struct Nginx {
+    child: std::process::Child,
+    url: String,
+    _dir: PathBuf,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+fn nginx(upstream_port: u16) -> Nginx {
+    let bin = std::env::var("SLUICE_NGINX").unwrap_or_else(|_| {
+        panic!("SLUICE_NGINX is not set: run `SLUICE_NGINX=$(scripts/nginx.sh) cargo bench --bench gateway`")
+    });
+    let dir = std::env::temp_dir().join(format!("sluice-bench-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log stderr warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  upstream engine {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://engine;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n"
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let child = std::process::Command::new(&bin)
+        .args(["-e", "stderr", "-p"])
+        .arg(&dir)
+        .arg("-c")
+        .arg(&conf_path)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Nginx {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        _dir: dir,
+    }
 }
 
 fn body(stream: bool, max_tokens: u32) -> Bytes {
@@ -150,25 +205,32 @@ fn main() {
         let direct = format!("http://{}", fast.addr);
         let via = gateway(&direct, true).await;
         let via_plain = gateway(&direct, false).await;
+        let nginx = nginx(fast.addr.port());
 
         // Warm up connections and caches.
         for _ in 0..200 {
             unary(&c, &direct).await;
             unary(&c, &via).await;
             unary(&c, &via_plain).await;
+            unary(&c, &nginx.url).await;
         }
-        let (mut d, mut g, mut p) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut d, mut g, mut p, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..REQUESTS {
             d.push(unary(&c, &direct).await);
             g.push(unary(&c, &via).await);
             p.push(unary(&c, &via_plain).await);
+            n.push(unary(&c, &nginx.url).await);
         }
         println!("unary request latency, {REQUESTS} sequential requests each (µs):");
         println!("| path | p50 | p99 | added p50 | added p99 |");
         println!("|---|---|---|---|---|");
         let (d50, d99) = (pct(&mut d, 0.5), pct(&mut d, 0.99));
         println!("| direct to engine | {:.0} | {:.0} | | |", us(d50), us(d99));
-        for (name, v) in [("gateway, streamUnary (assembled)", &mut g), ("gateway, streamUnary: false", &mut p)] {
+        for (name, v) in [
+            ("gateway, streamUnary (assembled)", &mut g),
+            ("gateway, streamUnary: false", &mut p),
+            ("nginx, plain reverse proxy", &mut n),
+        ] {
             let (p50, p99) = (pct(v, 0.5), pct(v, 0.99));
             println!(
                 "| {name} | {:.0} | {:.0} | {:.0} | {:.0} |",
@@ -200,5 +262,6 @@ fn main() {
         println!("| direct to engine | {:.0} |", max_rate(&c, &direct).await);
         println!("| gateway, streamUnary (assembled) | {:.0} |", max_rate(&c, &via).await);
         println!("| gateway, streamUnary: false | {:.0} |", max_rate(&c, &via_plain).await);
+        println!("| nginx, plain reverse proxy | {:.0} |", max_rate(&c, &nginx.url).await);
     });
 }

@@ -54,6 +54,8 @@ pub struct GatewayMetrics {
     pub itl: HistogramVec,
     pub ttft_ema: GaugeVec,
     pub itl_ema: GaugeVec,
+    pub waiting: GaugeVec,
+    pub ttft_waiting: GaugeVec,
     pub ttft_threshold: GaugeVec,
     pub itl_threshold: GaugeVec,
     pub pressure: GaugeVec,
@@ -114,6 +116,11 @@ impl GatewayMetrics {
             itl,
             ttft_ema: gauge("sluice_ttft_ema_seconds", "Moving average of TTFT compared with the threshold."),
             itl_ema: gauge("sluice_itl_ema_seconds", "Moving average of ITL compared with the threshold."),
+            waiting: gauge("sluice_waiting_requests", "Admitted requests still waiting for their first token."),
+            ttft_waiting: gauge(
+                "sluice_ttft_waiting_estimate_seconds",
+                "TTFT estimated from the requests waiting for their first token (twice their mean age); the TTFT signal is the larger of this and the moving average.",
+            ),
             ttft_threshold: gauge("sluice_ttft_threshold_seconds", "TTFT threshold of the policy."),
             itl_threshold: gauge("sluice_itl_threshold_seconds", "ITL threshold of the policy."),
             pressure: gauge("sluice_pressure_ratio", "max(TTFT average/threshold, ITL average/threshold)."),
@@ -165,6 +172,8 @@ impl GatewayMetrics {
             Box::new(m.itl.clone()),
             Box::new(m.ttft_ema.clone()),
             Box::new(m.itl_ema.clone()),
+            Box::new(m.waiting.clone()),
+            Box::new(m.ttft_waiting.clone()),
             Box::new(m.ttft_threshold.clone()),
             Box::new(m.itl_threshold.clone()),
             Box::new(m.pressure.clone()),
@@ -187,6 +196,8 @@ impl GatewayMetrics {
         for g in [
             &self.ttft_ema,
             &self.itl_ema,
+            &self.waiting,
+            &self.ttft_waiting,
             &self.ttft_threshold,
             &self.itl_threshold,
             &self.pressure,
@@ -199,6 +210,12 @@ impl GatewayMetrics {
                 let labels = [r.label];
                 self.ttft_ema.with_label_values(&labels).set(r.ttft);
                 self.itl_ema.with_label_values(&labels).set(r.itl);
+                self.waiting
+                    .with_label_values(&labels)
+                    .set(f64::from(r.waiting));
+                self.ttft_waiting
+                    .with_label_values(&labels)
+                    .set(r.waiting_ttft);
                 self.ttft_threshold
                     .with_label_values(&labels)
                     .set(r.thresholds.ttft);
@@ -285,6 +302,8 @@ mod tests {
             "sluice_itl_seconds",
             "sluice_ttft_ema_seconds",
             "sluice_itl_ema_seconds",
+            "sluice_waiting_requests",
+            "sluice_ttft_waiting_estimate_seconds",
             "sluice_ttft_threshold_seconds",
             "sluice_itl_threshold_seconds",
             "sluice_pressure_ratio",

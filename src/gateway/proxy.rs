@@ -138,6 +138,31 @@ fn count(gw: &Gateway, model: &str, endpoint: Endpoint, stream: bool, outcome: O
         .inc();
 }
 
+/// A request waiting for its first token, counted in the limiter it was admitted by until
+/// the first token arrives or the request ends without one.
+struct Waiting {
+    snap: Arc<Snapshot>,
+    key: KeyId,
+    since: Duration,
+}
+
+impl Waiting {
+    fn begin(snap: &Arc<Snapshot>, key: KeyId, now: Duration) -> Self {
+        snap.limiter.begin_wait(key, now);
+        Waiting {
+            snap: snap.clone(),
+            key,
+            since: now,
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.snap.limiter.end_wait(self.key, self.since);
+    }
+}
+
 /// Records TTFT and ITL samples of one stream into the policy in force.
 struct Sampler {
     gw: Arc<Gateway>,
@@ -148,6 +173,8 @@ struct Sampler {
     sent: Duration,
     /// When the last content-bearing chunk arrived.
     last: Option<Duration>,
+    /// Until the first content-bearing chunk.
+    waiting: Option<Waiting>,
     metrics: RequestMetrics,
 }
 
@@ -157,6 +184,7 @@ impl Sampler {
     /// coalesced into one read are not counted as zero-latency tokens.
     fn on_content(&mut self, n: usize) {
         let now = self.gw.clock.now();
+        self.waiting = None;
         {
             // A reload swaps the limiter: follow it (state was carried over).
             let current = self.gw.store.peek();
@@ -431,14 +459,18 @@ async fn completion(
         bytes
     };
     let tracker = Tracker::new(&gw, &a.label, endpoint, client_stream, a.shadow, start);
-    let sampler = (client_stream || assemble).then(|| Sampler {
-        metrics: RequestMetrics::new(&gw.metrics, &a.label),
-        gw: gw.clone(),
-        snap: a.snap.clone(),
-        key: a.key,
-        model: model.clone(),
-        sent: gw.clock.now(),
-        last: None,
+    let sampler = (client_stream || assemble).then(|| {
+        let sent = gw.clock.now();
+        Sampler {
+            metrics: RequestMetrics::new(&gw.metrics, &a.label),
+            gw: gw.clone(),
+            waiting: Some(Waiting::begin(&a.snap, a.key, sent)),
+            snap: a.snap.clone(),
+            key: a.key,
+            model: model.clone(),
+            sent,
+            last: None,
+        }
     });
     let kind = if endpoint == Endpoint::Chat {
         assemble::Kind::Chat

@@ -1,13 +1,21 @@
-//! The shedding decision (design §2): from the pressure ratio to a rejection probability,
-//! and from the estimator state to Retry-After.
+//! The shedding decision (design §2, extended by the goodput benchmark): from the pressure
+//! ratio to a rejection probability, and from the estimator state to Retry-After.
 //!
 //! ```text
-//! r        = max(E_ttft / T_ttft, E_itl / T_itl) · f_priority   # f = 1, sheddable: > 1
-//! p_reject = 0                                   if r ≤ 1
+//! r        = max(TTFT signal / T_ttft, E_itl / T_itl) · f_priority   # f = 1, sheddable: > 1
+//! ramp(r)  = 0                                   if r ≤ 1
 //!          = p_max · min(1, (r − 1)/(ramp − 1))  otherwise        # ramp = 1: p_max at once
+//! p_reject = min(p_max, 1 − (1 − ramp(r)) · exp(I))                # I ≤ 0, see `integrate`
 //! ```
-//! Critical requests are never shed. `p_max < 1` lets probe requests through while shedding,
-//! so fresh samples keep arriving and the gate opens as soon as the server recovers.
+//! The TTFT signal is the larger of the moving average and the estimate from requests still
+//! waiting for their first token (see `KeyState::waiting_ttft` in the parent module).
+//! `ramp(r)` alone is the design's memoryless curve; the goodput benchmark showed it flapping
+//! under overload (shut while stale samples drain, wide open — and flooding the server — the
+//! moment they have), so the admitted fraction also carries an integral `I` of the pressure's
+//! distance from 1, as PIE (RFC 8033) does for packet queues, on a logarithmic scale so the
+//! loop's gain does not grow with the overload. Critical requests are never shed.
+//! `p_max < 1` lets probe requests through while shedding, so fresh samples keep arriving and
+//! the gate opens as soon as the server recovers. `ramp = 1` is the hard cliff, without `I`.
 //!
 //! Retry-After is the time until `r` falls back to 1 with no new samples (the larger of the
 //! two signals' times, see [`super::estimator`]), stretched by a uniform jitter factor in
@@ -97,6 +105,39 @@ pub fn reject_probability(pressure: f64, p_max: f64, ramp: f64) -> f64 {
     p_max * ((pressure - 1.0) / (ramp - 1.0)).min(1.0)
 }
 
+/// The rejection probability with memory. The admitted fraction is the product of the
+/// memoryless ramp's (`1 − reject_probability(r)`, which reacts at once to pressure above
+/// the threshold) and `exp(integral)`, a log-domain integral of the pressure's distance from 1
+/// ([`integrate`]). Under steady overload the integral settles where the admitted load keeps
+/// the pressure at 1, whatever the overload, and when a burst of pressure passes the gate
+/// reopens only as far as the integral says, instead of flooding the server again (the
+/// memoryless curve alone flaps between open and shut). Working on the logarithm of the
+/// admitted fraction makes each step a relative change of the admitted load, so the loop's
+/// gain does not grow with the offered load. `ramp = 1` is the hard cliff (no integral).
+#[inline]
+pub fn reject_probability_pi(pressure: f64, integral: f64, shed: &super::Shedding) -> f64 {
+    let (p_max, ramp) = (shed.max_reject_probability, shed.ramp);
+    let p = reject_probability(pressure, p_max, ramp);
+    if ramp <= 1.0 {
+        return p;
+    }
+    (1.0 - (1.0 - p) * integral.exp()).clamp(0.0, p_max)
+}
+
+/// The integral (the log of the admitted fraction it allows, in `[ln(1 − p_max), 0]`) after
+/// `dt_tau` time constants at `pressure`: it falls by up to 1 per time constant while the
+/// pressure is at or past the ramp's end, and rises by up to 1/(ramp − 1) per time constant
+/// when there is no pressure at all. Stays 0 for the hard cliff.
+#[inline]
+pub fn integrate(integral: f64, pressure: f64, dt_tau: f64, shed: &super::Shedding) -> f64 {
+    let (p_max, ramp) = (shed.max_reject_probability, shed.ramp);
+    if pressure.is_nan() || ramp <= 1.0 {
+        return 0.0;
+    }
+    let error = (pressure.min(ramp) - 1.0) / (ramp - 1.0);
+    (integral - error * dt_tau).clamp((1.0 - p_max).ln(), 0.0)
+}
+
 /// Retry-After from the un-jittered wait in seconds, a uniform draw `u ∈ [0, 1)`, the jitter
 /// fraction and the cap. Always at least 1 ms, at most `cap`.
 #[inline]
@@ -169,5 +210,51 @@ mod tests {
         assert_eq!(retry_after_header_secs(Duration::from_millis(1)), 1);
         assert_eq!(retry_after_header_secs(Duration::from_millis(2001)), 3);
         assert_eq!(retry_after_header_ms(Duration::from_micros(1500)), 2);
+    }
+
+    fn shed(p_max: f64, ramp: f64) -> crate::limiter::Shedding {
+        crate::limiter::Shedding {
+            max_reject_probability: p_max,
+            ramp,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_integral_moves_by_the_ramp_slope_per_time_constant_and_stays_in_bounds() {
+        let s = shed(0.9, 1.5);
+        // At the ramp's end (or beyond: clamped) it falls by 1 per τ.
+        assert!((integrate(0.0, 1.5, 0.5, &s) + 0.5).abs() < 1e-12);
+        assert!((integrate(0.0, 9.0, 0.5, &s) + 0.5).abs() < 1e-12);
+        // Never below ln(1 − p_max), never above 0.
+        assert!((integrate(-2.0, 1.5, 10.0, &s) - 0.1f64.ln()).abs() < 1e-12);
+        assert_eq!(integrate(-0.3, 0.0, 10.0, &s), 0.0);
+        // With no pressure it rises by 1/(ramp − 1) = 2 per τ; at r = 1 it holds.
+        assert!((integrate(-1.0, 0.0, 0.25, &s) + 0.5).abs() < 1e-12);
+        assert_eq!(integrate(-1.0, 1.0, 3.0, &s), -1.0);
+        // The hard cliff has none; NaN pressure resets it.
+        assert_eq!(integrate(-1.0, 2.0, 1.0, &shed(1.0, 1.0)), 0.0);
+        assert_eq!(integrate(-1.0, f64::NAN, 1.0, &s), 0.0);
+    }
+
+    #[test]
+    fn the_admitted_fraction_is_the_product_of_the_ramp_and_the_integral() {
+        let s = shed(0.9, 1.5);
+        // With no integral it is the memoryless ramp.
+        for r in [0.5, 1.0, 1.25, 1.5, 3.0] {
+            assert!(
+                (reject_probability_pi(r, 0.0, &s) - reject_probability(r, 0.9, 1.5)).abs() < 1e-12
+            );
+        }
+        // Below the threshold the integral alone sheds: admitted fraction exp(I).
+        assert!((reject_probability_pi(0.5, (0.5f64).ln(), &s) - 0.5).abs() < 1e-12);
+        // Both: 1 − (1 − 0.45) · 0.5.
+        assert!((reject_probability_pi(1.25, (0.5f64).ln(), &s) - 0.725).abs() < 1e-12);
+        // Never above p_max.
+        assert_eq!(reject_probability_pi(3.0, (0.1f64).ln(), &s), 0.9);
+        // The hard cliff ignores the integral.
+        let cliff = shed(1.0, 1.0);
+        assert_eq!(reject_probability_pi(0.9, -3.0, &cliff), 0.0);
+        assert_eq!(reject_probability_pi(1.1, 0.0, &cliff), 1.0);
     }
 }

@@ -141,8 +141,45 @@ struct Slot {
     thresholds: Thresholds,
     /// Set once the key has been handed out (the `other` key and dynamic keys start unused).
     in_use: AtomicBool,
+    state: Mutex<KeyState>,
+}
+
+/// A key's moving averages and its requests still waiting for their first token.
+#[derive(Debug, Clone, Copy, Default)]
+struct KeyState {
     /// `[ttft, itl]`.
-    state: Mutex<[Estimator; 2]>,
+    est: [Estimator; 2],
+    /// Admitted requests without a first token yet.
+    waiting: u32,
+    /// Sum of their start times (seconds on the limiter clock).
+    waiting_since: f64,
+    /// Log of the admitted fraction the integral part allows, in `[ln(1 − p_max), 0]`.
+    integral: f64,
+    /// When `integral` was last brought up to date (seconds); None before the first decision.
+    integrated_at: Option<f64>,
+}
+
+impl KeyState {
+    /// TTFT estimated from the requests still waiting for their first token: twice their
+    /// mean age. A request's age is a lower bound on its TTFT, and for a steady flow the age
+    /// of a waiting request is spread evenly over its wait, so twice the mean age estimates
+    /// the TTFT that requests see right now (length-biased: E[T²]/E[T] ≥ E[T]). Unlike the
+    /// moving average of finished first tokens, which lags the queue by the TTFT itself,
+    /// it rises while a queue builds and falls as soon as it drains.
+    #[inline]
+    fn waiting_ttft(&self, now: f64) -> f64 {
+        if self.waiting == 0 {
+            return 0.0;
+        }
+        (2.0 * (now - self.waiting_since / f64::from(self.waiting))).max(0.0)
+    }
+
+    /// The TTFT signal compared with the threshold: the larger of the moving average and the
+    /// estimate from waiting requests.
+    #[inline]
+    fn ttft(&self, now: f64, tau: f64) -> f64 {
+        self.est[0].read(now, tau).max(self.waiting_ttft(now))
+    }
 }
 
 impl Slot {
@@ -155,12 +192,12 @@ impl Slot {
             label: cell,
             thresholds,
             in_use: AtomicBool::new(in_use),
-            state: Mutex::new([Estimator::default(); 2]),
+            state: Mutex::new(KeyState::default()),
         }
     }
 
     #[inline]
-    fn lock(&self) -> MutexGuard<'_, [Estimator; 2]> {
+    fn lock(&self) -> MutexGuard<'_, KeyState> {
         self.state.lock()
     }
 
@@ -181,6 +218,10 @@ pub struct KeyReading<'a> {
     pub ttft: f64,
     /// Moving average of ITL, seconds.
     pub itl: f64,
+    /// Requests waiting for their first token.
+    pub waiting: u32,
+    /// TTFT estimated from their ages (twice the mean age), seconds.
+    pub waiting_ttft: f64,
     /// Pressure ratio of a standard-priority request.
     pub pressure: f64,
     /// Rejection probability of a standard-priority request.
@@ -263,8 +304,9 @@ impl Limiter {
             } else {
                 next.key(label)
             };
-            let state = *slot.lock();
-            *next.slots[key.0 as usize].lock() = state;
+            // The averages move over; waiting requests stay counted where they started.
+            let est = slot.lock().est;
+            next.slots[key.0 as usize].lock().est = est;
         }
         next
     }
@@ -351,15 +393,60 @@ impl Limiter {
         now: Duration,
     ) -> Result<(), InvalidSample> {
         let slot = &self.slots[key.0 as usize];
-        let tau = slot.thresholds.time_constant;
-        let cap = self.config.shedding.max_evidence;
-        slot.lock()[signal as usize].record(seconds, now.as_secs_f64(), tau, cap)
+        let th = slot.thresholds;
+        let shed = &self.config.shedding;
+        // Beyond ramp × threshold a sample cannot shed more, only keep the gate shut longer
+        // after the server recovers: record it at that ceiling (not for the hard cliff).
+        let seconds = if shed.ramp > 1.0 && seconds.is_finite() {
+            let threshold = match signal {
+                Signal::Ttft => th.ttft,
+                Signal::Itl => th.itl,
+            };
+            seconds.min(shed.ramp * threshold)
+        } else {
+            seconds
+        };
+        slot.lock().est[signal as usize].record(
+            seconds,
+            now.as_secs_f64(),
+            th.time_constant,
+            shed.max_evidence,
+        )
+    }
+
+    /// An admitted request was sent upstream at `now` and waits for its first token. Call
+    /// [`Limiter::end_wait`] with the same `now` exactly once when the first token arrives or
+    /// the request ends without one ([`Waiting`] does this).
+    #[inline]
+    pub fn begin_wait(&self, key: KeyId, now: Duration) {
+        let mut st = self.slots[key.0 as usize].lock();
+        st.waiting += 1;
+        st.waiting_since += now.as_secs_f64();
+    }
+
+    /// The request that began waiting at `since` stopped waiting.
+    #[inline]
+    pub fn end_wait(&self, key: KeyId, since: Duration) {
+        let mut st = self.slots[key.0 as usize].lock();
+        st.waiting = st.waiting.saturating_sub(1);
+        st.waiting_since = if st.waiting == 0 {
+            0.0
+        } else {
+            st.waiting_since - since.as_secs_f64()
+        };
+    }
+
+    /// Requests of a key waiting for their first token, and the TTFT estimated from their
+    /// ages at `now` (seconds).
+    pub fn waiting(&self, key: KeyId, now: Duration) -> (u32, f64) {
+        let st = *self.slots[key.0 as usize].lock();
+        (st.waiting, st.waiting_ttft(now.as_secs_f64()))
     }
 
     /// The moving averages `(ttft, itl)` of a key at `now`, seconds.
     pub fn averages(&self, key: KeyId, now: Duration) -> (f64, f64) {
         let slot = &self.slots[key.0 as usize];
-        let [ttft, itl] = *slot.lock();
+        let [ttft, itl] = slot.lock().est;
         let (now, tau) = (now.as_secs_f64(), slot.thresholds.time_constant);
         (ttft.read(now, tau), itl.read(now, tau))
     }
@@ -374,15 +461,23 @@ impl Limiter {
         rng: &mut R,
     ) -> Decision {
         let slot = &self.slots[key.0 as usize];
-        let [ttft, itl] = *slot.lock();
         let th = slot.thresholds;
         let shed = &self.config.shedding;
         let (now, tau) = (now.as_secs_f64(), th.time_constant);
+        let st = {
+            let mut st = slot.lock();
+            let standard = (st.ttft(now, tau) / th.ttft).max(st.est[1].read(now, tau) / th.itl);
+            let dt = st.integrated_at.map_or(0.0, |t| (now - t).max(0.0));
+            st.integral = decision::integrate(st.integral, standard, dt / tau, shed);
+            st.integrated_at = Some(now);
+            *st
+        };
+        let [ttft, itl] = st.est;
         let factor = match priority {
             Priority::Sheddable => shed.sheddable_factor,
             _ => 1.0,
         };
-        let pressure = (ttft.read(now, tau) / th.ttft).max(itl.read(now, tau) / th.itl) * factor;
+        let pressure = (st.ttft(now, tau) / th.ttft).max(itl.read(now, tau) / th.itl) * factor;
         let admit = Decision {
             verdict: Verdict::Admit,
             pressure,
@@ -392,7 +487,7 @@ impl Limiter {
         if priority == Priority::Critical {
             return admit;
         }
-        let p = decision::reject_probability(pressure, shed.max_reject_probability, shed.ramp);
+        let p = decision::reject_probability_pi(pressure, st.integral, shed);
         if p == 0.0 || rng.next_f64() >= p {
             return Decision {
                 reject_probability: p,
@@ -400,9 +495,12 @@ impl Limiter {
             };
         }
         // Time until the pressure is back at 1: each signal read ≤ threshold / factor.
+        // ... and, while the integral sheds, the time it needs to return to 0 with no pressure
+        // at all (it rises by 1/(ramp − 1) per τ).
         let wait = ttft
             .seconds_until_at_most(th.ttft / factor, now, tau)
-            .max(itl.seconds_until_at_most(th.itl / factor, now, tau));
+            .max(itl.seconds_until_at_most(th.itl / factor, now, tau))
+            .max(-st.integral * (shed.ramp - 1.0).max(0.0) * tau);
         let retry = decision::retry_after(
             wait,
             rng.next_f64(),
@@ -428,21 +526,23 @@ impl Limiter {
             .filter(|s| s.in_use.load(Ordering::Relaxed))
             .filter_map(move |slot| {
                 let label = slot.label.get()?;
-                let [ttft, itl] = *slot.lock();
+                let st = *slot.lock();
                 let th = slot.thresholds;
                 let (n, tau) = (now.as_secs_f64(), th.time_constant);
-                let (t, i) = (ttft.read(n, tau), itl.read(n, tau));
-                let pressure = (t / th.ttft).max(i / th.itl);
+                let (t, i) = (st.est[0].read(n, tau), st.est[1].read(n, tau));
+                let pressure = (st.ttft(n, tau) / th.ttft).max(i / th.itl);
                 Some(KeyReading {
                     label,
                     thresholds: th,
                     ttft: t,
                     itl: i,
+                    waiting: st.waiting,
+                    waiting_ttft: st.waiting_ttft(n),
                     pressure,
-                    reject_probability: decision::reject_probability(
+                    reject_probability: decision::reject_probability_pi(
                         pressure,
-                        shed.max_reject_probability,
-                        shed.ramp,
+                        st.integral,
+                        &shed,
                     ),
                 })
             })

@@ -351,7 +351,7 @@ fn recovery(series: &[Second], schedule: &[Phase]) -> Option<(f64, usize)> {
             w.iter().map(|x| x.good).sum::<usize>(),
             w.iter().map(|x| x.offered).sum::<usize>(),
         );
-        (offered > 0).then(|| good as f64 >= 0.9 * offered as f64)
+        (offered > 0).then_some(good as f64 >= 0.9 * offered as f64)
     };
     let last = series.len().saturating_sub(2);
     let recovered = (start..last).find(|&s| met(s) == Some(true))?;
@@ -434,11 +434,11 @@ mod tests {
             },
             Phase {
                 rate: 1.0,
-                duration: Duration::from_secs(6),
+                duration: Duration::from_secs(12),
             },
         ];
         let mut results = Vec::new();
-        for t in 0..10 {
+        for t in 0..16 {
             // Bad in the peak and for two seconds after it.
             let bad = (2..6).contains(&t);
             results.push(r(
@@ -449,19 +449,20 @@ mod tests {
                 "standard",
             ));
         }
-        let rep = Report::new(&results, &phases, 10.0, 1.0, 0.05);
+        // Recovered when a 3-s window from second 6 is ≥ 90% good.
+        let rep = Report::new(&results, &phases, 16.0, 1.0, 0.05);
         assert_eq!(rep.recovery_s, Some(2.0));
         assert_eq!(rep.relapses, Some(0));
         // A bad second after the recovery is a relapse (oscillation).
-        results[8].ttft = Some(5.0);
-        let rep = Report::new(&results, &phases, 10.0, 1.0, 0.05);
+        results[10].ttft = Some(5.0);
+        let rep = Report::new(&results, &phases, 16.0, 1.0, 0.05);
         assert_eq!((rep.recovery_s, rep.relapses), (Some(2.0), Some(1)));
         let single = [Phase {
             rate: 1.0,
-            duration: Duration::from_secs(10),
+            duration: Duration::from_secs(16),
         }];
         assert_eq!(
-            Report::new(&results, &single, 10.0, 1.0, 0.05).recovery_s,
+            Report::new(&results, &single, 16.0, 1.0, 0.05).recovery_s,
             None
         );
     }

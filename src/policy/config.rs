@@ -207,7 +207,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
         let placeholder = Thresholds {
             ttft: 1.0,
             itl: 0.05,
-            time_constant: 15.0,
+            time_constant: 4.0,
         };
         let d = &spec.defaults;
         let defaults = c.thresholds(

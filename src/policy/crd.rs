@@ -318,10 +318,10 @@ fn default_ttft() -> String {
 fn default_itl() -> String {
     "50ms".into()
 }
+/// Chosen by the goodput benchmark (docs/benchmarks.md), with the shedding defaults below.
 fn default_time_constant() -> String {
-    "15s".into()
+    "4s".into()
 }
-/// The design's proposals; the goodput benchmark (docs/benchmarks.md) is to choose them.
 pub(crate) fn default_max_reject_probability() -> f64 {
     0.95
 }

@@ -58,8 +58,8 @@ fn the_example_policy_is_valid() {
     assert_eq!(l.models[0].0, "meta-llama/Llama-3.1-8B-Instruct");
     assert_eq!(l.models[0].1.ttft, 0.8);
     assert_eq!(l.models[0].1.itl, 0.03);
-    assert_eq!(l.models[0].1.time_constant, 15.0, "inherited from defaults");
-    assert_eq!(l.models[1].1.time_constant, 10.0);
+    assert_eq!(l.models[0].1.time_constant, 4.0, "inherited from defaults");
+    assert_eq!(l.models[1].1.time_constant, 2.0);
     assert_eq!(l.shedding.max_reject_probability, 0.95);
 }
 
@@ -73,7 +73,7 @@ fn a_minimal_policy_gets_the_documented_defaults() {
         Thresholds {
             ttft: 1.0,
             itl: 0.05,
-            time_constant: 15.0
+            time_constant: 4.0
         }
     );
     assert_eq!(c.limiter.shedding.ramp, 1.5);
