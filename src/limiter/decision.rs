@@ -118,7 +118,7 @@ pub fn reject_probability(pressure: f64, p_max: f64, ramp: f64) -> f64 {
 pub fn reject_probability_pi(pressure: f64, integral: f64, shed: &super::Shedding) -> f64 {
     let (p_max, ramp) = (shed.max_reject_probability, shed.ramp);
     let p = reject_probability(pressure, p_max, ramp);
-    if ramp <= 1.0 {
+    if ramp <= 1.0 || integral == 0.0 {
         return p;
     }
     (1.0 - (1.0 - p) * integral.exp()).clamp(0.0, p_max)
@@ -135,7 +135,11 @@ pub fn integrate(integral: f64, pressure: f64, dt_tau: f64, shed: &super::Sheddi
         return 0.0;
     }
     let error = (pressure.min(ramp) - 1.0) / (ramp - 1.0);
-    (integral - error * dt_tau).clamp((1.0 - p_max).ln(), 0.0)
+    let next = integral - error * dt_tau;
+    if next >= 0.0 {
+        return 0.0; // the common case without pressure: no logarithm to take
+    }
+    next.max((1.0 - p_max).ln())
 }
 
 /// Retry-After from the un-jittered wait in seconds, a uniform draw `u ∈ [0, 1)`, the jitter

@@ -464,20 +464,21 @@ impl Limiter {
         let th = slot.thresholds;
         let shed = &self.config.shedding;
         let (now, tau) = (now.as_secs_f64(), th.time_constant);
-        let st = {
+        // Each signal is read once, under the lock that also brings the integral up to date.
+        let (standard, st) = {
             let mut st = slot.lock();
             let standard = (st.ttft(now, tau) / th.ttft).max(st.est[1].read(now, tau) / th.itl);
             let dt = st.integrated_at.map_or(0.0, |t| (now - t).max(0.0));
             st.integral = decision::integrate(st.integral, standard, dt / tau, shed);
             st.integrated_at = Some(now);
-            *st
+            (standard, *st)
         };
         let [ttft, itl] = st.est;
         let factor = match priority {
             Priority::Sheddable => shed.sheddable_factor,
             _ => 1.0,
         };
-        let pressure = (st.ttft(now, tau) / th.ttft).max(itl.read(now, tau) / th.itl) * factor;
+        let pressure = standard * factor;
         let admit = Decision {
             verdict: Verdict::Admit,
             pressure,
