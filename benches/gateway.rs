@@ -86,6 +86,15 @@ struct Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
+        // SIGTERM, so the master stops its workers (SIGKILL would orphan them); SIGKILL only
+        // if it does not exit.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self._dir);
@@ -114,6 +123,7 @@ fn nginx(upstream_port: u16) -> Nginx {
         .arg(&dir)
         .arg("-c")
         .arg(&conf_path)
+        .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
     let deadline = Instant::now() + Duration::from_secs(10);
