@@ -332,9 +332,16 @@ async fn capacity(dir: &Path, log: &mut String) -> f64 {
     lo
 }
 
+/// `(median, min, max)`; the median of an even count is the mean of the middle two.
 fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
-    (v[v.len() / 2], v[0], v[v.len() - 1])
+    let n = v.len();
+    let median = if n % 2 == 0 {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    };
+    (median, v[0], v[n - 1])
 }
 
 fn env_list(name: &str) -> Option<Vec<String>> {
