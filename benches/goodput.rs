@@ -336,7 +336,7 @@ async fn capacity(dir: &Path, log: &mut String) -> f64 {
 fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    let median = if n % 2 == 0 {
+    let median = if n.is_multiple_of(2) {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     } else {
         v[n / 2]
