@@ -63,7 +63,7 @@ async fn crd_installs_and_the_example_policy_is_accepted_with_defaults() {
     let m = api.create(&PostParams::default(), &minimal).await.unwrap();
     assert_eq!(m.spec.defaults.ttft, "1s");
     assert_eq!(m.spec.defaults.itl, "50ms");
-    assert_eq!(m.spec.defaults.time_constant, "15s");
+    assert_eq!(m.spec.defaults.time_constant, "4s");
     assert_eq!(m.spec.upstream.timeout, "600s");
     assert_eq!(m.spec.shedding.ramp, 1.5);
 }

@@ -532,6 +532,11 @@ impl Limiter {
                 let (n, tau) = (now.as_secs_f64(), th.time_constant);
                 let (t, i) = (st.est[0].read(n, tau), st.est[1].read(n, tau));
                 let pressure = (st.ttft(n, tau) / th.ttft).max(i / th.itl);
+                // The integral as the next decision would see it: without traffic it is only
+                // brought up to date by decisions, and the gauge must not freeze at its last
+                // value.
+                let dt = st.integrated_at.map_or(0.0, |t| (n - t).max(0.0));
+                let integral = decision::integrate(st.integral, pressure, dt / tau, &shed);
                 Some(KeyReading {
                     label,
                     thresholds: th,
@@ -540,11 +545,7 @@ impl Limiter {
                     waiting: st.waiting,
                     waiting_ttft: st.waiting_ttft(n),
                     pressure,
-                    reject_probability: decision::reject_probability_pi(
-                        pressure,
-                        st.integral,
-                        &shed,
-                    ),
+                    reject_probability: decision::reject_probability_pi(pressure, integral, &shed),
                 })
             })
     }

@@ -436,6 +436,9 @@ fn persistent_pressure_integrates_to_the_floor_and_the_gate_reopens_when_it_ends
     // ... and with no pressure it rises by 1/(ramp − 1) = 2 per τ from ln(0.1): fully open
     // within 1.2 τ.
     let t = t + Duration::from_secs(1000);
+    // The metrics' reading, taken before any new decision, already shows the open gate.
+    let reading = l.readings(t).find(|r| r.label == "llama").unwrap();
+    assert_eq!(reading.reject_probability, 0.0, "{reading:?}");
     let d = l.decide(k, Priority::Standard, t, &mut never());
     assert!(d.pressure < 1e-6, "{d:?}");
     assert_eq!(d.reject_probability, 0.0, "{d:?}");
