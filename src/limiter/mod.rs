@@ -180,6 +180,20 @@ impl KeyState {
     fn ttft(&self, now: f64, tau: f64) -> f64 {
         self.est[0].read(now, tau).max(self.waiting_ttft(now))
     }
+
+    /// Pressure ratio of a standard-priority request at `now` (seconds).
+    #[inline]
+    fn pressure(&self, now: f64, th: &Thresholds) -> f64 {
+        let tau = th.time_constant;
+        (self.ttft(now, tau) / th.ttft).max(self.est[1].read(now, tau) / th.itl)
+    }
+
+    /// The integral brought up to `now` (seconds) at `pressure`.
+    #[inline]
+    fn integral_at(&self, pressure: f64, now: f64, tau: f64, shed: &Shedding) -> f64 {
+        let dt = self.integrated_at.map_or(0.0, |t| (now - t).max(0.0));
+        decision::integrate(self.integral, pressure, dt / tau, shed)
+    }
 }
 
 impl Slot {
@@ -467,9 +481,8 @@ impl Limiter {
         // Each signal is read once, under the lock that also brings the integral up to date.
         let (standard, st) = {
             let mut st = slot.lock();
-            let standard = (st.ttft(now, tau) / th.ttft).max(st.est[1].read(now, tau) / th.itl);
-            let dt = st.integrated_at.map_or(0.0, |t| (now - t).max(0.0));
-            st.integral = decision::integrate(st.integral, standard, dt / tau, shed);
+            let standard = st.pressure(now, &th);
+            st.integral = st.integral_at(standard, now, tau, shed);
             st.integrated_at = Some(now);
             (standard, *st)
         };
@@ -531,12 +544,11 @@ impl Limiter {
                 let th = slot.thresholds;
                 let (n, tau) = (now.as_secs_f64(), th.time_constant);
                 let (t, i) = (st.est[0].read(n, tau), st.est[1].read(n, tau));
-                let pressure = (st.ttft(n, tau) / th.ttft).max(i / th.itl);
+                let pressure = st.pressure(n, &th);
                 // The integral as the next decision would see it: without traffic it is only
                 // brought up to date by decisions, and the gauge must not freeze at its last
                 // value.
-                let dt = st.integrated_at.map_or(0.0, |t| (n - t).max(0.0));
-                let integral = decision::integrate(st.integral, pressure, dt / tau, &shed);
+                let integral = st.integral_at(pressure, n, tau, &shed);
                 Some(KeyReading {
                     label,
                     thresholds: th,

@@ -32,6 +32,14 @@ fn config() -> LimiterConfig {
     }
 }
 
+/// [`config`] with the hard cliff: `p_max = 1`, `ramp = 1`.
+fn cliff_config() -> LimiterConfig {
+    let mut c = config();
+    c.shedding.max_reject_probability = 1.0;
+    c.shedding.ramp = 1.0;
+    c
+}
+
 /// Feeds `n` samples of each signal at `now` so the averages equal the values.
 fn load(l: &Limiter, key: KeyId, ttft: f64, itl: f64, now: Duration, n: usize) {
     for _ in 0..n {
@@ -108,10 +116,7 @@ fn observed_reject_rate_matches_probability() {
 
 #[test]
 fn hard_cliff_rejects_every_request_past_the_threshold() {
-    let mut c = config();
-    c.shedding.max_reject_probability = 1.0;
-    c.shedding.ramp = 1.0;
-    let l = Limiter::new(c);
+    let l = Limiter::new(cliff_config());
     let k = l.key("llama");
     load(&l, k, 0.51, 0.0, SEC, 10);
     let mut rng = SplitMix64::new(1);
@@ -388,9 +393,7 @@ fn samples_beyond_the_ramp_end_are_recorded_at_it_except_for_the_hard_cliff() {
     let k = l.key("llama"); // TTFT threshold 0.5 s, ramp 1.5
     l.record(k, Signal::Ttft, 10.0, SEC).unwrap();
     assert!((l.averages(k, SEC).0 - 0.75).abs() < 1e-12);
-    let mut c = config();
-    c.shedding.ramp = 1.0;
-    let cliff = Limiter::new(c);
+    let cliff = Limiter::new(cliff_config());
     let k = cliff.key("llama");
     cliff.record(k, Signal::Ttft, 10.0, SEC).unwrap();
     assert_eq!(cliff.averages(k, SEC).0, 10.0);
@@ -446,10 +449,7 @@ fn persistent_pressure_integrates_to_the_floor_and_the_gate_reopens_when_it_ends
 
 #[test]
 fn the_hard_cliff_has_no_memory() {
-    let mut c = config();
-    c.shedding.ramp = 1.0;
-    c.shedding.max_reject_probability = 1.0;
-    let l = Limiter::new(c);
+    let l = Limiter::new(cliff_config());
     let k = l.key("llama");
     load(&l, k, 5.0, 0.0, SEC, 10);
     let d = l.decide(
