@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use sluice::gateway::{self, Gateway};
+use sluice::gateway::{self, Gateway, GatewayOptions};
 use sluice::limiter::MonotonicClock;
 use sluice::metrics::GatewayMetrics;
 use sluice::policy::PolicyConfig;
@@ -60,8 +60,10 @@ async fn gateway(upstream: &str, stream_unary: bool) -> String {
         store,
         metrics,
         Arc::new(MonotonicClock::new()),
-        1 << 20,
-        None,
+        GatewayOptions {
+            max_body_bytes: 1 << 20,
+            ..GatewayOptions::default()
+        },
     )
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -55,7 +55,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         load_and_watch_file(policy_path.clone(), store.clone(), Duration::from_secs(1)).await?;
     let watch_task = tokio::spawn(watcher);
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
-    let gw = Gateway::new(store, metrics, clock, 16 << 20, None)?;
+    let gw = Gateway::new(store, metrics, clock, gateway::GatewayOptions::default())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;

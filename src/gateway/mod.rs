@@ -1,19 +1,29 @@
 //! `sluice gateway`: the OpenAI-compatible proxy that measures TTFT and ITL on the streams it
 //! relays and sheds new requests when their moving averages cross the policy's thresholds.
 //!
-//! - [`proxy`]: the request handlers (admission, forwarding, measurement, errors).
-//! - [`sse`]: incremental parsing of the relayed event streams.
+//! - [`handlers`]: the request handlers: read and check a request, admit it, forward it.
+//! - [`admission`]: the admit/shed decision, priorities and the random source.
+//! - [`relay`]: forwarding, relaying and measuring streams, unary assembly.
+//! - [`measure`]: outcome counting, waiting requests and TTFT/ITL samples.
+//! - [`error`]: every answer the gateway gives on its own.
 //! - [`assemble`]: unary responses assembled from upstream streams.
 //! - [`upstream`]: the pooled upstream client and header rules.
+//!
+//! Stream framing and token timing live in [`crate::openai`], shared with the load generator.
 //!
 //! The policy comes from a [`PolicyStore`] fed by a policy source; every request reads the
 //! snapshot in force. SIGTERM stops accepting, lets in-flight requests finish up to
 //! `--drain-timeout`, and exits 0.
 
+pub mod admission;
 pub mod assemble;
-pub mod proxy;
-pub mod sse;
+pub mod error;
+pub mod handlers;
+pub mod measure;
+pub mod relay;
 pub mod upstream;
+
+pub use admission::RandomSource;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -75,6 +85,28 @@ pub struct Gateway {
     pub api_key: Option<HeaderValue>,
     /// Set on SIGTERM: /readyz turns 503 so load balancers stop sending.
     pub draining: AtomicBool,
+    /// Coin flips of the shedding decision and Retry-After jitter.
+    pub random: RandomSource,
+}
+
+/// How a [`Gateway`] is set up apart from its policy, metrics and clock.
+#[derive(Debug)]
+pub struct GatewayOptions {
+    /// Largest request body accepted (bytes).
+    pub max_body_bytes: usize,
+    /// Sent upstream as `Authorization: Bearer <key>` instead of the client's header.
+    pub upstream_api_key: Option<String>,
+    pub random: RandomSource,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            max_body_bytes: 16 << 20,
+            upstream_api_key: None,
+            random: RandomSource::PerThread,
+        }
+    }
 }
 
 impl Gateway {
@@ -82,10 +114,9 @@ impl Gateway {
         store: Arc<PolicyStore>,
         metrics: GatewayMetrics,
         clock: Arc<dyn Clock>,
-        max_body_bytes: usize,
-        api_key: Option<&str>,
+        options: GatewayOptions,
     ) -> anyhow::Result<Arc<Self>> {
-        let api_key = match api_key {
+        let api_key = match options.upstream_api_key.as_deref() {
             Some(k) => {
                 let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
                     anyhow::anyhow!(
@@ -102,9 +133,10 @@ impl Gateway {
             metrics,
             client: upstream::client()?,
             clock,
-            max_body_bytes,
+            max_body_bytes: options.max_body_bytes,
             api_key,
             draining: AtomicBool::new(false),
+            random: options.random,
         }))
     }
 }
@@ -112,13 +144,13 @@ impl Gateway {
 /// The gateway's routes.
 pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(proxy::chat_completions))
-        .route("/v1/completions", post(proxy::completions))
-        .route("/v1/{*rest}", any(proxy::passthrough))
-        .route("/metrics", get(proxy::metrics))
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/{*rest}", any(handlers::passthrough))
+        .route("/metrics", get(handlers::metrics))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(proxy::readyz))
-        .fallback(proxy::not_found)
+        .route("/readyz", get(handlers::readyz))
+        .fallback(handlers::not_found)
         .with_state(gw)
 }
 
@@ -179,8 +211,11 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         store,
         metrics,
         clock,
-        args.max_body_bytes,
-        args.upstream_api_key.as_deref(),
+        GatewayOptions {
+            max_body_bytes: args.max_body_bytes,
+            upstream_api_key: args.upstream_api_key.clone(),
+            random: RandomSource::PerThread,
+        },
     )?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

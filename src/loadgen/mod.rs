@@ -31,8 +31,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 
-use crate::gateway::sse::{EventKind, SseParser, classify};
 use crate::limiter::{Priority, SplitMix64, Uniform};
+use crate::openai::sse::{EventKind, SseParser, classify};
+use crate::openai::timing::{StreamTimer, Timing};
 use crate::policy::duration::parse_duration;
 use arrivals::{Phase, arrival_times, parse_schedule};
 use report::{Outcome, RequestResult};
@@ -258,7 +259,7 @@ async fn send_once(
         }
         let mut body = resp.into_body();
         let mut parser = SseParser::default();
-        let mut last: Option<Instant> = None;
+        let mut timer = StreamTimer::new(Duration::ZERO);
         let mut done = false;
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else {
@@ -273,18 +274,14 @@ async fn send_once(
                 EventKind::Done => done = true,
                 _ => {}
             });
-            if n > 0 {
-                let now = Instant::now();
-                match last {
-                    None => result.ttft = Some((now - start).as_secs_f64()),
-                    Some(prev) => {
-                        let gap = (now - prev).as_secs_f64() / n as f64;
-                        result.gaps.extend(std::iter::repeat_n(gap, n));
-                    }
+            match timer.on_content(n, start.elapsed()) {
+                Some(Timing::Ttft(s)) => result.ttft = Some(s),
+                Some(Timing::Gaps { gap, count }) => {
+                    result.gaps.extend(std::iter::repeat_n(gap, count))
                 }
-                result.tokens += n as u32;
-                last = Some(now);
+                None => {}
             }
+            result.tokens += n as u32;
         }
         Ok((if done { Outcome::Ok } else { Outcome::Error }, None))
     };

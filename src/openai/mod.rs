@@ -1,5 +1,10 @@
-//! Shapes of the OpenAI HTTP API shared by the gateway and the simulated engine: error bodies
-//! and server-sent-event framing.
+//! Shapes of the OpenAI HTTP API shared by the gateway, the simulated engine and the load
+//! generator: error bodies and server-sent-event framing here;
+//! - [`sse`]: incremental parsing and classification of streamed events;
+//! - [`timing`]: TTFT and inter-token gaps of one stream.
+
+pub mod sse;
+pub mod timing;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};

@@ -31,6 +31,7 @@ pub enum EventKind {
 struct ChunkView<'a> {
     #[serde(default, borrow)]
     choices: Vec<ChoiceView<'a>>,
+    /// `"error": null` is no error (deserializes to None).
     #[serde(default)]
     error: Option<IgnoredAny>,
 }
@@ -58,55 +59,42 @@ pub fn classify(data: &[u8]) -> EventKind {
     if data == b"[DONE]" {
         return EventKind::Done;
     }
-    let Ok(chunk) = serde_json::from_slice::<ChunkView>(data) else {
-        return EventKind::Unparsed;
-    };
-    if chunk.error.is_some() {
-        return EventKind::Error;
-    }
-    let has_content = chunk.choices.iter().any(|c| {
-        let non_empty = |s: &Option<Cow<str>>| s.as_ref().is_some_and(|s| !s.is_empty());
-        non_empty(&c.text)
-            || c.delta.as_ref().is_some_and(|d| {
-                non_empty(&d.content)
-                    || non_empty(&d.reasoning_content)
-                    || d.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
-            })
-    });
-    if has_content {
-        EventKind::Content
-    } else {
-        EventKind::Empty
+    match serde_json::from_slice::<ChunkView>(data) {
+        Ok(chunk) => chunk.kind(),
+        Err(_) => EventKind::Unparsed,
     }
 }
 
 /// Classifies an event already parsed as JSON (the unary-assembly path parses every event
-/// anyway; this avoids parsing it twice). Same rules as [`classify`].
+/// anyway); the same rules as [`classify`], read through the same view.
 pub fn classify_value(v: &serde_json::Value) -> EventKind {
-    if v.get("error").is_some_and(|e| !e.is_null()) {
-        return EventKind::Error;
+    match ChunkView::deserialize(v) {
+        Ok(chunk) => chunk.kind(),
+        // A JSON value that is not a chunk (e.g. a bare string): nothing to measure.
+        Err(_) => EventKind::Unparsed,
     }
-    let non_empty =
-        |x: Option<&serde_json::Value>| x.and_then(|s| s.as_str()).is_some_and(|s| !s.is_empty());
-    let content = v
-        .get("choices")
-        .and_then(|c| c.as_array())
-        .is_some_and(|choices| {
-            choices.iter().any(|c| {
-                non_empty(c.get("text"))
-                    || c.get("delta").is_some_and(|d| {
-                        non_empty(d.get("content"))
-                            || non_empty(d.get("reasoning_content"))
-                            || d.get("tool_calls")
-                                .and_then(|t| t.as_array())
-                                .is_some_and(|t| !t.is_empty())
-                    })
-            })
+}
+
+impl ChunkView<'_> {
+    /// The one set of rules: an error object, else content when any choice carries a token.
+    fn kind(&self) -> EventKind {
+        if self.error.is_some() {
+            return EventKind::Error;
+        }
+        let non_empty = |s: &Option<Cow<str>>| s.as_ref().is_some_and(|s| !s.is_empty());
+        let has_content = self.choices.iter().any(|c| {
+            non_empty(&c.text)
+                || c.delta.as_ref().is_some_and(|d| {
+                    non_empty(&d.content)
+                        || non_empty(&d.reasoning_content)
+                        || d.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
+                })
         });
-    if content {
-        EventKind::Content
-    } else {
-        EventKind::Empty
+        if has_content {
+            EventKind::Content
+        } else {
+            EventKind::Empty
+        }
     }
 }
 

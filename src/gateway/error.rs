@@ -1,0 +1,249 @@
+//! Every answer the gateway gives on its own (not relayed from upstream), in one place: the
+//! OpenAI-shaped JSON error of each case, its status, and the outcome it counts as.
+//!
+//! | case | status | `code` |
+//! |---|---|---|
+//! | malformed request, unforwardable path or headers | 400 | — |
+//! | body over the limit | 413 | `request_too_large` |
+//! | shed | 429 + `Retry-After` (s) + `retry-after-ms` | `rate_limit_exceeded` |
+//! | no policy loaded yet | 503 | — |
+//! | upstream unreachable | 502 | `upstream_unreachable` |
+//! | upstream stream broke (unary assembly) | 502 | `upstream_broken_stream` |
+//! | upstream timeout | 504 | `upstream_timeout` |
+//! | unknown path | 404 | `not_found` |
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::limiter::decision::{retry_after_header_ms, retry_after_header_secs};
+use crate::metrics::Outcome;
+use crate::openai::ApiError;
+
+/// Why the gateway answers instead of the upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GatewayError {
+    /// The request is malformed (400); `param` names the offending field or header.
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    /// The body is larger than `limit` bytes (413).
+    TooLarge { limit: usize },
+    /// Shed by the latency gate (429).
+    Shed {
+        model: String,
+        retry_after: Duration,
+    },
+    /// No valid policy has been loaded yet (503).
+    NotReady,
+    /// The upstream could not be reached (502).
+    UpstreamUnreachable,
+    /// The upstream stream ended before `[DONE]`, broke or carried an error (502).
+    BrokenStream,
+    /// The upstream did not answer within the policy's timeout (504).
+    UpstreamTimeout(Duration),
+    /// No route for this path (404).
+    NotFound { path: String },
+}
+
+impl GatewayError {
+    /// A 400 without a parameter.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        GatewayError::BadRequest {
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    /// A 400 naming the offending field or header.
+    pub fn bad_param(param: &'static str, message: impl Into<String>) -> Self {
+        GatewayError::BadRequest {
+            message: message.into(),
+            param: Some(param),
+        }
+    }
+
+    /// How the request counts in `sluice_requests_total`; None for answers that are not
+    /// counted (no policy loaded yet, unknown paths).
+    pub fn outcome(&self) -> Option<Outcome> {
+        match self {
+            GatewayError::BadRequest { .. } | GatewayError::TooLarge { .. } => {
+                Some(Outcome::ClientError)
+            }
+            GatewayError::Shed { .. } => Some(Outcome::Rejected),
+            GatewayError::UpstreamUnreachable
+            | GatewayError::BrokenStream
+            | GatewayError::UpstreamTimeout(_) => Some(Outcome::UpstreamError),
+            GatewayError::NotReady | GatewayError::NotFound { .. } => None,
+        }
+    }
+
+    /// The OpenAI-shaped body and status.
+    pub fn api_error(&self) -> ApiError {
+        use GatewayError as E;
+        let upstream = |status, message: String, code| {
+            ApiError::new(status, "upstream_error", message).code(code)
+        };
+        match self {
+            E::BadRequest { message, param } => {
+                let e = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
+                match param {
+                    Some(p) => e.param(p),
+                    None => e,
+                }
+            }
+            E::TooLarge { limit } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("request body is larger than {limit} bytes"),
+            )
+            .code("request_too_large"),
+            E::Shed { model, retry_after } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                format!(
+                    "The inference server for model {model:?} is over its latency targets; retry after {} s.",
+                    retry_after_header_secs(*retry_after)
+                ),
+            )
+            .code("rate_limit_exceeded"),
+            E::NotReady => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "the gateway has no valid rate-limit policy loaded yet",
+            ),
+            E::UpstreamUnreachable => upstream(
+                StatusCode::BAD_GATEWAY,
+                "the inference server could not be reached".into(),
+                "upstream_unreachable",
+            ),
+            E::BrokenStream => upstream(
+                StatusCode::BAD_GATEWAY,
+                "the inference server's response stream broke before it was complete".into(),
+                "upstream_broken_stream",
+            ),
+            E::UpstreamTimeout(t) => upstream(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "the inference server did not answer within {} s",
+                    t.as_secs_f64()
+                ),
+                "upstream_timeout",
+            ),
+            E::NotFound { path } => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("unknown path {path}"),
+            )
+            .code("not_found"),
+        }
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let mut resp = self.api_error().into_response();
+        if let GatewayError::Shed { retry_after, .. } = self {
+            let h = resp.headers_mut();
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_header_secs(retry_after)),
+            );
+            h.insert(
+                "retry-after-ms",
+                HeaderValue::from(retry_after_header_ms(retry_after)),
+            );
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body(resp: Response) -> serde_json::Value {
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn shed_answer_carries_both_retry_headers_and_an_openai_error() {
+        let e = GatewayError::Shed {
+            model: "m".into(),
+            retry_after: Duration::from_millis(2300),
+        };
+        assert_eq!(e.outcome(), Some(Outcome::Rejected));
+        let resp = e.into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "3", "rounded up");
+        assert_eq!(resp.headers()["retry-after-ms"], "2300");
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        let v = body(resp).await;
+        assert_eq!(v["error"]["type"], "rate_limit_exceeded");
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert!(v["error"]["message"].as_str().unwrap().contains("\"m\""));
+    }
+
+    #[tokio::test]
+    async fn each_case_has_its_status_code_and_outcome() {
+        let cases = [
+            (
+                GatewayError::bad_param("model", "x"),
+                400,
+                None,
+                Some(Outcome::ClientError),
+            ),
+            (
+                GatewayError::TooLarge { limit: 10 },
+                413,
+                Some("request_too_large"),
+                Some(Outcome::ClientError),
+            ),
+            (GatewayError::NotReady, 503, None, None),
+            (
+                GatewayError::UpstreamUnreachable,
+                502,
+                Some("upstream_unreachable"),
+                Some(Outcome::UpstreamError),
+            ),
+            (
+                GatewayError::BrokenStream,
+                502,
+                Some("upstream_broken_stream"),
+                Some(Outcome::UpstreamError),
+            ),
+            (
+                GatewayError::UpstreamTimeout(Duration::from_millis(1500)),
+                504,
+                Some("upstream_timeout"),
+                Some(Outcome::UpstreamError),
+            ),
+            (
+                GatewayError::NotFound { path: "/x".into() },
+                404,
+                Some("not_found"),
+                None,
+            ),
+        ];
+        for (e, status, code, outcome) in cases {
+            assert_eq!(e.outcome(), outcome, "{e:?}");
+            let resp = e.clone().into_response();
+            assert_eq!(resp.status().as_u16(), status, "{e:?}");
+            assert!(resp.headers().get(header::RETRY_AFTER).is_none());
+            let v = body(resp).await;
+            assert_eq!(v["error"]["code"].as_str(), code, "{e:?}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
+        }
+        let v = body(GatewayError::bad_param("model", "x").into_response()).await;
+        assert_eq!(v["error"]["param"], "model");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+}

@@ -1,0 +1,253 @@
+//! The request handlers: read and check the request, admit it ([`super::admission`]), forward
+//! it ([`super::relay`]); every answer of the gateway's own is a [`GatewayError`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::{Map, Value, json};
+
+use super::Gateway;
+use super::admission::{admit, parse_priority};
+use super::assemble;
+use super::error::GatewayError;
+use super::measure::{Endpoint, Sampler, Tracker, count};
+use super::relay::{Forward, forward};
+
+/// Counts a request answered by the gateway itself (label `model` when known) and answers.
+fn refuse(
+    gw: &Gateway,
+    model: &str,
+    endpoint: Endpoint,
+    stream: bool,
+    e: GatewayError,
+) -> Response {
+    if let Some(outcome) = e.outcome() {
+        count(&gw.metrics, model, endpoint, stream, outcome);
+    }
+    e.into_response()
+}
+
+/// Reads the request body up to the limit (413 beyond it).
+async fn read_body(gw: &Gateway, headers: &HeaderMap, body: Body) -> Result<Bytes, GatewayError> {
+    let too_large = GatewayError::TooLarge {
+        limit: gw.max_body_bytes,
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > gw.max_body_bytes) {
+        return Err(too_large);
+    }
+    match Limited::new(body, gw.max_body_bytes).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large),
+        Err(_) => Err(GatewayError::bad_request(
+            "the request body could not be read",
+        )),
+    }
+}
+
+pub async fn chat_completions(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    completion(gw, Endpoint::Chat, headers, body).await
+}
+
+pub async fn completions(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    completion(gw, Endpoint::Completions, headers, body).await
+}
+
+/// The parts of a completion request the gateway acts on.
+struct CompletionRequest {
+    body: Map<String, Value>,
+    model: String,
+    stream: bool,
+}
+
+fn parse_completion(bytes: &[u8]) -> Result<CompletionRequest, (bool, GatewayError)> {
+    let body: Map<String, Value> = match serde_json::from_slice(bytes) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            let e = GatewayError::bad_request("the request body must be a JSON object");
+            return Err((false, e));
+        }
+        Err(e) => {
+            let e = GatewayError::bad_request(format!("the request body is not valid JSON: {e}"));
+            return Err((false, e));
+        }
+    };
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let model = match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        _ => {
+            let e = GatewayError::bad_param(
+                "model",
+                "`model` is required and must be a non-empty string",
+            );
+            return Err((stream, e));
+        }
+    };
+    Ok(CompletionRequest {
+        body,
+        model,
+        stream,
+    })
+}
+
+/// The upstream body of a unary request that is assembled from a stream: `stream: true`
+/// with usage requested.
+fn streaming_body(mut req: Map<String, Value>) -> Bytes {
+    req.insert("stream".into(), Value::Bool(true));
+    let options = req.entry("stream_options").or_insert_with(|| json!({}));
+    if let Some(o) = options.as_object_mut() {
+        o.insert("include_usage".into(), Value::Bool(true));
+    } else {
+        *options = json!({"include_usage": true});
+    }
+    Bytes::from(serde_json::to_vec(&req).expect("JSON map serializes"))
+}
+
+async fn completion(
+    gw: Arc<Gateway>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let start = Instant::now();
+    let bytes = match read_body(&gw, &headers, body).await {
+        Ok(b) => b,
+        Err(e) => return refuse(&gw, "", endpoint, false, e),
+    };
+    let req = match parse_completion(&bytes) {
+        Ok(r) => r,
+        Err((stream, e)) => return refuse(&gw, "", endpoint, stream, e),
+    };
+    let priority = match parse_priority(&headers) {
+        Ok(p) => p,
+        Err(e) => return refuse(&gw, "", endpoint, req.stream, e),
+    };
+    let Some(snap) = gw.store.load() else {
+        return GatewayError::NotReady.into_response();
+    };
+    let a = match admit(snap, &req.model, priority, gw.clock.now(), &gw.random) {
+        Ok(a) => a,
+        Err((label, e)) => return refuse(&gw, &label, endpoint, req.stream, e),
+    };
+    let assemble = !req.stream && a.snap.config.upstream.stream_unary;
+    let body = if assemble {
+        streaming_body(req.body)
+    } else {
+        bytes
+    };
+    let kind = match endpoint {
+        Endpoint::Chat => assemble::Kind::Chat,
+        _ => assemble::Kind::Completion,
+    };
+    forward(Forward {
+        gw: &gw,
+        snap: &a.snap,
+        method: Method::POST,
+        path_and_query: endpoint.path(),
+        headers: &headers,
+        body,
+        tracker: Tracker::new(&gw.metrics, &a.label, endpoint, req.stream, a.shadow, start),
+        sampler: (req.stream || assemble).then(|| Sampler::start(&gw, &a.snap, a.key, &req.model)),
+        assemble: assemble.then_some(kind),
+    })
+    .await
+}
+
+/// Other `/v1/*` requests (and `GET /v1/models`): proxied unchanged; admitted by the body's
+/// `model` when there is one.
+pub async fn passthrough(
+    State(gw): State<Arc<Gateway>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let start = Instant::now();
+    let endpoint = if uri.path() == "/v1/models" {
+        Endpoint::Models
+    } else {
+        Endpoint::Other
+    };
+    let bytes = match read_body(&gw, &headers, body).await {
+        Ok(b) => b,
+        Err(e) => return refuse(&gw, "", endpoint, false, e),
+    };
+    let model = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_owned));
+    let Some(snap) = gw.store.load() else {
+        return GatewayError::NotReady.into_response();
+    };
+    let (label, shadow) = match &model {
+        Some(m) => {
+            let priority = match parse_priority(&headers) {
+                Ok(p) => p,
+                Err(e) => return refuse(&gw, "", endpoint, false, e),
+            };
+            match admit(snap.clone(), m, priority, gw.clock.now(), &gw.random) {
+                Ok(a) => (a.label, a.shadow),
+                Err((label, e)) => return refuse(&gw, &label, endpoint, false, e),
+            }
+        }
+        None => (String::new(), false),
+    };
+    forward(Forward {
+        gw: &gw,
+        snap: &snap,
+        method,
+        path_and_query: uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        headers: &headers,
+        body: bytes,
+        tracker: Tracker::new(&gw.metrics, &label, endpoint, false, shadow, start),
+        sampler: None,
+        assemble: None,
+    })
+    .await
+}
+
+pub async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    let snap = gw.store.load();
+    let text = gw
+        .metrics
+        .render(snap.as_deref().map(|s| &s.limiter), gw.clock.now());
+    let mut resp = text.into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+pub async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    match gw.store.load() {
+        Some(s) => format!("ok: policy generation {}\n", s.generation).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no valid policy loaded\n").into_response(),
+    }
+}
+
+pub async fn not_found(uri: Uri) -> Response {
+    GatewayError::NotFound {
+        path: uri.path().to_owned(),
+    }
+    .into_response()
+}

@@ -1,0 +1,282 @@
+//! Measurement of the requests the gateway relays: how each one ends (the outcome counters,
+//! duration and in-flight gauge), the requests still waiting for their first token, and the
+//! TTFT/ITL samples of each stream ([`StreamTimer`]) fed to the limiter of the policy in
+//! force.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, IntGauge};
+use serde_json::Value;
+
+use super::Gateway;
+use super::assemble::Assembler;
+use crate::limiter::{KeyId, Signal};
+use crate::metrics::{GatewayMetrics, Outcome, RequestMetrics};
+use crate::openai::sse::{EventKind, SseParser, classify, classify_value};
+use crate::openai::timing::{StreamTimer, Timing};
+use crate::policy::source::Snapshot;
+
+/// Which API a request is for (the `endpoint` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+    Models,
+    Other,
+}
+
+impl Endpoint {
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat_completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Models => "models",
+            Endpoint::Other => "other",
+        }
+    }
+
+    /// The upstream path of a completion endpoint.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            _ => "/v1/completions",
+        }
+    }
+}
+
+/// Counts one request in `sluice_requests_total`.
+pub fn count(m: &GatewayMetrics, model: &str, endpoint: Endpoint, stream: bool, outcome: Outcome) {
+    m.requests
+        .with_label_values(&[
+            model,
+            endpoint.label(),
+            if stream { "true" } else { "false" },
+            outcome.as_str(),
+        ])
+        .inc();
+}
+
+/// Counts an admitted request's outcome, its duration and in-flight gauge, once, when
+/// dropped: a response body dropped before it finished (client gone) counts as `cancelled`.
+pub struct Tracker {
+    metrics: GatewayMetrics,
+    model: String,
+    endpoint: Endpoint,
+    stream: bool,
+    shadow: bool,
+    outcome: Option<Outcome>,
+    start: Instant,
+    inflight: IntGauge,
+    duration: Histogram,
+}
+
+impl Tracker {
+    pub fn new(
+        m: &GatewayMetrics,
+        model: &str,
+        endpoint: Endpoint,
+        stream: bool,
+        shadow: bool,
+        start: Instant,
+    ) -> Self {
+        let inflight = m.inflight.with_label_values(&[model]);
+        inflight.inc();
+        Tracker {
+            duration: m.request_duration.with_label_values(&[model]),
+            metrics: m.clone(),
+            model: model.to_owned(),
+            endpoint,
+            stream,
+            shadow,
+            outcome: None,
+            start,
+            inflight,
+        }
+    }
+
+    /// Sets the outcome (the first one set wins).
+    pub fn finish(&mut self, outcome: Outcome) {
+        self.outcome.get_or_insert(outcome);
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        let outcome = match self.outcome {
+            Some(Outcome::Success) if self.shadow => Outcome::ShadowRejected,
+            Some(o) => o,
+            None => Outcome::Cancelled,
+        };
+        if matches!(outcome, Outcome::Success | Outcome::ShadowRejected) {
+            self.duration.observe(self.start.elapsed().as_secs_f64());
+        }
+        count(
+            &self.metrics,
+            &self.model,
+            self.endpoint,
+            self.stream,
+            outcome,
+        );
+        self.inflight.dec();
+    }
+}
+
+/// A request waiting for its first token, counted in its key's state until the first token
+/// arrives or the request ends without one.
+struct Waiting {
+    snap: Arc<Snapshot>,
+    key: KeyId,
+    since: Duration,
+}
+
+impl Waiting {
+    fn begin(snap: &Arc<Snapshot>, key: KeyId, now: Duration) -> Self {
+        snap.limiter.begin_wait(key, now);
+        Waiting {
+            snap: snap.clone(),
+            key,
+            since: now,
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.snap.limiter.end_wait(self.key, self.since);
+    }
+}
+
+/// Records the TTFT and ITL samples of one stream into the policy in force.
+pub struct Sampler {
+    gw: Arc<Gateway>,
+    snap: Arc<Snapshot>,
+    key: KeyId,
+    model: String,
+    timer: StreamTimer,
+    /// Until the first content-bearing chunk.
+    waiting: Option<Waiting>,
+    metrics: RequestMetrics,
+}
+
+impl Sampler {
+    /// Starts measuring a request for `model` admitted on `key` of `snap`; it counts as
+    /// waiting for its first token from now.
+    pub fn start(gw: &Arc<Gateway>, snap: &Arc<Snapshot>, key: KeyId, model: &str) -> Self {
+        let now = gw.clock.now();
+        Sampler {
+            metrics: RequestMetrics::new(&gw.metrics, snap.limiter.label(key)),
+            gw: gw.clone(),
+            waiting: Some(Waiting::begin(snap, key, now)),
+            snap: snap.clone(),
+            key,
+            model: model.to_owned(),
+            timer: StreamTimer::new(now),
+        }
+    }
+
+    /// The request left for the upstream now.
+    pub fn sent(&mut self) {
+        self.timer.sent_at(self.gw.clock.now());
+    }
+
+    /// `n` content-bearing events arrived together now.
+    fn on_content(&mut self, n: usize) {
+        let now = self.gw.clock.now();
+        let Some(timing) = self.timer.on_content(n, now) else {
+            return;
+        };
+        self.waiting = None;
+        // A reload swaps the limiter: follow it for its thresholds (the key's state is the
+        // same one, shared by label).
+        if let Some(cur) = self
+            .gw
+            .store
+            .peek()
+            .as_ref()
+            .filter(|c| !Arc::ptr_eq(c, &self.snap))
+        {
+            self.snap = cur.clone();
+            self.key = self.snap.limiter.key(&self.model);
+        }
+        let limiter = &self.snap.limiter;
+        match timing {
+            Timing::Ttft(ttft) => {
+                let _ = limiter.record(self.key, Signal::Ttft, ttft, now);
+                self.metrics.ttft.observe(ttft);
+            }
+            Timing::Gaps { gap, count } => {
+                for _ in 0..count {
+                    let _ = limiter.record(self.key, Signal::Itl, gap, now);
+                    self.metrics.itl.observe(gap);
+                }
+            }
+        }
+    }
+}
+
+/// Feeds relayed bytes to the parser, the sampler and the assembler; remembers how the stream
+/// ended.
+pub struct Observer {
+    parser: SseParser,
+    /// False once an event outgrew the parser's buffer: bytes are still relayed, unmeasured.
+    pub measuring: bool,
+    sampler: Option<Sampler>,
+    pub saw_done: bool,
+    pub saw_error: bool,
+    pub assembler: Option<Assembler>,
+}
+
+impl Observer {
+    pub fn new(sampler: Option<Sampler>, assembler: Option<Assembler>) -> Self {
+        Observer {
+            parser: SseParser::default(),
+            measuring: true,
+            sampler,
+            saw_done: false,
+            saw_error: false,
+            assembler,
+        }
+    }
+
+    /// The stream ended with `[DONE]` and without an error event.
+    pub fn complete(&self) -> bool {
+        self.saw_done && !self.saw_error && self.measuring
+    }
+
+    pub fn observe(&mut self, bytes: &[u8]) {
+        if !self.measuring {
+            return;
+        }
+        let mut content = 0;
+        let (mut done, mut error) = (false, false);
+        let assembler = &mut self.assembler;
+        self.measuring = self.parser.feed(bytes, |event| {
+            let kind = match assembler.as_mut() {
+                // Assembling: parse once, classify and keep the same value.
+                Some(a) if event != b"[DONE]" => match serde_json::from_slice::<Value>(event) {
+                    Ok(v) => {
+                        let kind = classify_value(&v);
+                        if matches!(kind, EventKind::Content | EventKind::Empty) {
+                            a.push(&v);
+                        }
+                        kind
+                    }
+                    Err(_) => EventKind::Unparsed,
+                },
+                _ => classify(event),
+            };
+            match kind {
+                EventKind::Content => content += 1,
+                EventKind::Done => done = true,
+                EventKind::Error => error = true,
+                EventKind::Empty | EventKind::Unparsed => {}
+            }
+        });
+        self.saw_done |= done;
+        self.saw_error |= error;
+        if let Some(s) = self.sampler.as_mut() {
+            s.on_content(content);
+        }
+    }
+}
