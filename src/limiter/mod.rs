@@ -6,9 +6,16 @@
 //! - [`decision`]: pressure → rejection probability, Retry-After, priorities.
 //! - [`clock`], [`random`]: injected time and randomness, so tests are exact.
 //!
-//! A [`Limiter`] is built from one validated [`LimiterConfig`] and is immutable apart from
-//! the estimator state: a policy reload builds a new limiter with [`Limiter::carry_over`],
-//! which keeps the state of every key that still exists, and the server swaps an `Arc`.
+//! - [`config`]: thresholds, shedding parameters, mode and scope.
+//! - [`state`]: the per-key state, in cells shared across reloads.
+//!
+//! A [`Limiter`] is built from one validated [`LimiterConfig`]; it holds the thresholds and
+//! shedding parameters of that policy and, per key, a shared cell of state. A policy reload
+//! builds a new limiter with [`Limiter::carry_over`], which shares the cell of every key
+//! that remains (by label): the moving averages, the requests waiting for their first token
+//! and the shedding integral all carry on under the new thresholds, so editing a threshold
+//! during an overload does not reopen the gate. A model removed from the policy loses its
+//! state; unknown-model keys carry over within the new policy's `max_dynamic_keys`.
 //!
 //! Keys: under [`Scope::PerModel`] every model named in the policy has its own key; other
 //! model strings get a key of their own (with the default thresholds) until
@@ -24,18 +31,25 @@
 //! spin briefly before parking, right for critical sections of a few tens of nanoseconds.
 
 pub mod clock;
+pub mod config;
 pub mod decision;
 pub mod estimator;
 pub mod fxhash;
 pub mod random;
+mod reload;
+pub mod state;
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use parking_lot::{Mutex, MutexGuard};
+
+pub use config::{
+    DEFAULT_MAX_DYNAMIC_KEYS, LimiterConfig, Mode, Scope, Shedding, Signal, Thresholds,
+};
+use state::StateCell;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use decision::{Decision, Priority, UnknownPriority, Verdict};
@@ -48,152 +62,18 @@ pub const OTHER_LABEL: &str = "other";
 /// Label of the single key under [`Scope::Global`].
 pub const GLOBAL_LABEL: &str = "global";
 
-/// Enforce or only observe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
-    #[default]
-    Enforce,
-    Shadow,
-}
-
-/// What shares one key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Scope {
-    #[default]
-    PerModel,
-    Global,
-}
-
-/// The two latency signals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signal {
-    /// Time to first token: request sent upstream → first content-bearing chunk.
-    Ttft = 0,
-    /// Inter-token latency: gap between consecutive content-bearing chunks of one stream.
-    Itl = 1,
-}
-
-/// Thresholds of one key, all in seconds.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Thresholds {
-    /// TTFT threshold, seconds (> 0).
-    pub ttft: f64,
-    /// ITL threshold, seconds (> 0).
-    pub itl: f64,
-    /// Time constant τ of both moving averages, seconds (≥ 1 in policies).
-    pub time_constant: f64,
-}
-
-/// Shape of shedding and Retry-After.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Shedding {
-    /// `p_max ∈ (0, 1]`.
-    pub max_reject_probability: f64,
-    /// `ramp ≥ 1`: pressure at which `p_max` is reached.
-    pub ramp: f64,
-    /// Evidence cap in samples (≥ 1).
-    pub max_evidence: f64,
-    /// Factor (> 1) by which a sheddable request's pressure is scaled up.
-    pub sheddable_factor: f64,
-    /// Retry-After is stretched by a uniform factor in `[1, 1 + jitter)`.
-    pub retry_after_jitter: f64,
-    /// Longest Retry-After.
-    pub retry_after_cap: Duration,
-}
-
-impl Default for Shedding {
-    fn default() -> Self {
-        Shedding {
-            max_reject_probability: 0.95,
-            ramp: 1.5,
-            max_evidence: 200.0,
-            sheddable_factor: 1.25,
-            retry_after_jitter: 0.2,
-            retry_after_cap: Duration::from_secs(60),
-        }
-    }
-}
-
-/// Everything a limiter needs, validated (see `policy::PolicyConfig`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LimiterConfig {
-    pub mode: Mode,
-    pub scope: Scope,
-    pub defaults: Thresholds,
-    /// Per-model thresholds; names are unique.
-    pub models: Vec<(String, Thresholds)>,
-    pub shedding: Shedding,
-    /// How many unknown model names get a key of their own before they share `other`.
-    pub max_dynamic_keys: usize,
-}
-
-/// Default bound on distinct unknown model keys.
-pub const DEFAULT_MAX_DYNAMIC_KEYS: usize = 32;
-
 /// A resolved key; valid for the limiter that produced it (and, by label, after a reload).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KeyId(u32);
 
-/// One key's state, alone on its cache lines.
-#[repr(align(128))]
+/// One key: its label and thresholds under this policy, and its state (shared with the
+/// limiters of earlier and later versions of the policy).
 struct Slot {
     label: OnceLock<Box<str>>,
     thresholds: Thresholds,
     /// Set once the key has been handed out (the `other` key and dynamic keys start unused).
     in_use: AtomicBool,
-    state: Mutex<KeyState>,
-}
-
-/// A key's moving averages and its requests still waiting for their first token.
-#[derive(Debug, Clone, Copy, Default)]
-struct KeyState {
-    /// `[ttft, itl]`.
-    est: [Estimator; 2],
-    /// Admitted requests without a first token yet.
-    waiting: u32,
-    /// Sum of their start times (seconds on the limiter clock).
-    waiting_since: f64,
-    /// Log of the admitted fraction the integral part allows, in `[ln(1 − p_max), 0]`.
-    integral: f64,
-    /// When `integral` was last brought up to date (seconds); None before the first decision.
-    integrated_at: Option<f64>,
-}
-
-impl KeyState {
-    /// TTFT estimated from the requests still waiting for their first token: twice their
-    /// mean age. A request's age is a lower bound on its TTFT, and for a steady flow the age
-    /// of a waiting request is spread evenly over its wait, so twice the mean age estimates
-    /// the TTFT that requests see right now (length-biased: E[T²]/E[T] ≥ E[T]). Unlike the
-    /// moving average of finished first tokens, which lags the queue by the TTFT itself,
-    /// it rises while a queue builds and falls as soon as it drains.
-    #[inline]
-    fn waiting_ttft(&self, now: f64) -> f64 {
-        if self.waiting == 0 {
-            return 0.0;
-        }
-        (2.0 * (now - self.waiting_since / f64::from(self.waiting))).max(0.0)
-    }
-
-    /// The TTFT signal compared with the threshold: the larger of the moving average and the
-    /// estimate from waiting requests.
-    #[inline]
-    fn ttft(&self, now: f64, tau: f64) -> f64 {
-        self.est[0].read(now, tau).max(self.waiting_ttft(now))
-    }
-
-    /// Pressure ratio of a standard-priority request at `now` (seconds).
-    #[inline]
-    fn pressure(&self, now: f64, th: &Thresholds) -> f64 {
-        let tau = th.time_constant;
-        (self.ttft(now, tau) / th.ttft).max(self.est[1].read(now, tau) / th.itl)
-    }
-
-    /// The integral brought up to `now` (seconds) at `pressure`.
-    #[inline]
-    fn integral_at(&self, pressure: f64, now: f64, tau: f64, shed: &Shedding) -> f64 {
-        let dt = self.integrated_at.map_or(0.0, |t| (now - t).max(0.0));
-        decision::integrate(self.integral, pressure, dt / tau, shed)
-    }
+    state: Arc<StateCell>,
 }
 
 impl Slot {
@@ -206,12 +86,12 @@ impl Slot {
             label: cell,
             thresholds,
             in_use: AtomicBool::new(in_use),
-            state: Mutex::new(KeyState::default()),
+            state: Arc::default(),
         }
     }
 
     #[inline]
-    fn lock(&self) -> MutexGuard<'_, KeyState> {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, state::KeyState> {
         self.state.lock()
     }
 
@@ -296,33 +176,6 @@ impl Limiter {
             other,
             slots: slots.into_boxed_slice(),
         }
-    }
-
-    /// A limiter for `config` that keeps `previous`'s moving averages for every key that
-    /// exists in both (by label). Models dropped from the policy keep their state under a
-    /// dynamic key with the default thresholds while dynamic keys remain.
-    pub fn carry_over(config: LimiterConfig, previous: &Limiter) -> Self {
-        let next = Limiter::new(config);
-        if next.config.scope != previous.config.scope {
-            return next;
-        }
-        for (i, slot) in previous.slots.iter().enumerate() {
-            if !slot.in_use.load(Ordering::Relaxed) {
-                continue;
-            }
-            let Some(label) = slot.label.get() else {
-                continue;
-            };
-            let key = if i as u32 == previous.other {
-                next.other_key()
-            } else {
-                next.key(label)
-            };
-            // The averages move over; waiting requests stay counted where they started.
-            let est = slot.lock().est;
-            next.slots[key.0 as usize].lock().est = est;
-        }
-        next
     }
 
     pub fn config(&self) -> &LimiterConfig {

@@ -2,7 +2,8 @@
 //!
 //! [`PolicyStore`] holds the snapshot in an `ArcSwapOption`: readers `load` without locks, a
 //! source `apply`s a new validated policy (the limiter is rebuilt with
-//! [`Limiter::carry_over`], so averages of models that remain survive the reload) or
+//! [`Limiter::carry_over`], so the state of every key that remains carries on under the new
+//! thresholds) or
 //! `reject`s an invalid one (the last good snapshot stays; the error is logged and counted).
 //! Sources: [`watch_file`] (a local YAML file, polled) and, later, the Kubernetes API.
 

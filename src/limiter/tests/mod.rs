@@ -3,6 +3,8 @@
 use super::random::Sequence;
 use super::*;
 
+mod reload;
+
 const SEC: Duration = Duration::from_secs(1);
 
 fn th(ttft: f64, itl: f64, tau: f64) -> Thresholds {
@@ -331,33 +333,6 @@ fn invalid_samples_are_refused_and_change_nothing() {
 }
 
 #[test]
-fn carry_over_keeps_state_of_keys_that_remain() {
-    let l = Limiter::new(config());
-    let llama = l.key("llama");
-    let other_model = l.key("mistral");
-    load(&l, llama, 0.4, 0.02, SEC, 5);
-    load(&l, other_model, 0.7, 0.04, SEC, 5);
-
-    // New policy: llama's threshold changes, "mistral" becomes named, a new model appears.
-    let mut c = config();
-    c.models[0].1.ttft = 0.3;
-    c.models.push(("mistral".into(), th(2.0, 0.1, 10.0)));
-    let next = Limiter::carry_over(c, &l);
-    let (llama2, mistral2) = (next.key("llama"), next.key("mistral"));
-    assert_eq!(next.averages(llama2, SEC), (0.4, 0.02));
-    assert_eq!(next.averages(mistral2, SEC), (0.7, 0.04));
-    assert_eq!(next.thresholds(llama2).ttft, 0.3);
-
-    // llama removed from the policy: its state stays, under the defaults.
-    let mut c = config();
-    c.models.clear();
-    let third = Limiter::carry_over(c, &next);
-    let k = third.key("llama");
-    assert_eq!(third.averages(k, SEC), (0.4, 0.02));
-    assert_eq!(third.thresholds(k), config().defaults);
-}
-
-#[test]
 fn requests_waiting_for_their_first_token_raise_the_ttft_signal_until_they_stop_waiting() {
     let l = Limiter::new(config());
     let k = l.key("llama"); // TTFT threshold 0.5 s
@@ -381,10 +356,6 @@ fn requests_waiting_for_their_first_token_raise_the_ttft_signal_until_they_stop_
     assert_eq!(l.waiting(k, at), (1, 2.0));
     l.end_wait(k, 2 * SEC);
     assert_eq!(l.waiting(k, at), (0, 0.0));
-    // Not counted twice after a reload: the new limiter keeps the averages, not the waiters.
-    l.begin_wait(k, SEC);
-    let next = Limiter::carry_over(config(), &l);
-    assert_eq!(next.waiting(next.key("llama"), at).0, 0);
 }
 
 #[test]

@@ -1,0 +1,75 @@
+//! Per-key state: the moving averages, the requests waiting for their first token and the
+//! shedding integral. It lives in its own reference-counted cell, apart from the thresholds
+//! and shedding parameters of the policy in force: a reload builds a new [`super::Limiter`]
+//! that shares the cells of every key that remains (by label), so a policy edit during an
+//! overload changes the thresholds the state is compared with and nothing else.
+
+use parking_lot::{Mutex, MutexGuard};
+
+use super::config::{Shedding, Thresholds};
+use super::decision;
+use super::estimator::Estimator;
+
+/// One key's state, alone on its cache lines so different keys do not contend.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub(crate) struct StateCell(Mutex<KeyState>);
+
+impl StateCell {
+    #[inline]
+    pub(crate) fn lock(&self) -> MutexGuard<'_, KeyState> {
+        self.0.lock()
+    }
+}
+
+/// A key's moving averages and its requests still waiting for their first token.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct KeyState {
+    /// `[ttft, itl]`.
+    pub(crate) est: [Estimator; 2],
+    /// Admitted requests without a first token yet.
+    pub(crate) waiting: u32,
+    /// Sum of their start times (seconds on the limiter clock).
+    pub(crate) waiting_since: f64,
+    /// Log of the admitted fraction the integral part allows, in `[ln(1 − p_max), 0]`.
+    pub(crate) integral: f64,
+    /// When `integral` was last brought up to date (seconds); None before the first decision.
+    pub(crate) integrated_at: Option<f64>,
+}
+
+impl KeyState {
+    /// TTFT estimated from the requests still waiting for their first token: twice their
+    /// mean age. A request's age is a lower bound on its TTFT, and for a steady flow the age
+    /// of a waiting request is spread evenly over its wait, so twice the mean age estimates
+    /// the TTFT that requests see right now (length-biased: E[T²]/E[T] ≥ E[T]). Unlike the
+    /// moving average of finished first tokens, which lags the queue by the TTFT itself,
+    /// it rises while a queue builds and falls as soon as it drains.
+    #[inline]
+    pub(crate) fn waiting_ttft(&self, now: f64) -> f64 {
+        if self.waiting == 0 {
+            return 0.0;
+        }
+        (2.0 * (now - self.waiting_since / f64::from(self.waiting))).max(0.0)
+    }
+
+    /// The TTFT signal compared with the threshold: the larger of the moving average and the
+    /// estimate from waiting requests.
+    #[inline]
+    pub(crate) fn ttft(&self, now: f64, tau: f64) -> f64 {
+        self.est[0].read(now, tau).max(self.waiting_ttft(now))
+    }
+
+    /// Pressure ratio of a standard-priority request at `now` (seconds).
+    #[inline]
+    pub(crate) fn pressure(&self, now: f64, th: &Thresholds) -> f64 {
+        let tau = th.time_constant;
+        (self.ttft(now, tau) / th.ttft).max(self.est[1].read(now, tau) / th.itl)
+    }
+
+    /// The integral brought up to `now` (seconds) at `pressure`.
+    #[inline]
+    pub(crate) fn integral_at(&self, pressure: f64, now: f64, tau: f64, shed: &Shedding) -> f64 {
+        let dt = self.integrated_at.map_or(0.0, |t| (now - t).max(0.0));
+        decision::integrate(self.integral, pressure, dt / tau, shed)
+    }
+}
