@@ -23,7 +23,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use sluice::gateway::{self, Gateway, GatewayOptions};
 use sluice::limiter::MonotonicClock;
-use sluice::metrics::GatewayMetrics;
 use sluice::policy::PolicyConfig;
 use sluice::policy::source::PolicyStore;
 use sluice::sim::{SimConfig, SimEngine};
@@ -53,12 +52,10 @@ async fn gateway(upstream: &str, stream_unary: bool) -> String {
         "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: '{upstream}', streamUnary: {stream_unary}}}\n  defaults: {{ttft: 1h, itl: 1h}}\n"
     );
     let (_, config) = PolicyConfig::from_yaml(&doc).unwrap();
-    let metrics = GatewayMetrics::new();
-    let store = Arc::new(PolicyStore::new(metrics.clone(), None));
+    let store = Arc::new(PolicyStore::new(None));
     store.apply(1, "bench".into(), config);
     let gw = Gateway::new(
         store,
-        metrics,
         Arc::new(MonotonicClock::new()),
         GatewayOptions {
             max_body_bytes: 1 << 20,

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use sluice::metrics::GatewayMetrics;
 use sluice::policy::RateLimitPolicy;
 use sluice::policy::source::PolicyStore;
 
@@ -36,16 +35,15 @@ fn main() {
         .unwrap();
         api.create(&PostParams::default(), &policy).await.unwrap();
 
-        let metrics = GatewayMetrics::new();
-        let store = Arc::new(PolicyStore::new(metrics.clone(), None));
+        let store = Arc::new(PolicyStore::new(None));
+        let generation = || store.load().map_or(0, |s| s.generation);
         tokio::spawn(sluice::policy::watch::watch_policy(
             client.clone(),
             "default".into(),
             "propagation-bench".into(),
             store.clone(),
-            metrics.clone(),
         ));
-        while metrics.policy_generation.get() != 1 {
+        while generation() != 1 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let mut delays = Vec::new();
@@ -60,8 +58,8 @@ fn main() {
                 )
                 .await
                 .unwrap();
-            let generation = p.metadata.generation.unwrap();
-            while metrics.policy_generation.get() < generation {
+            let target = p.metadata.generation.unwrap();
+            while generation() < target {
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
             delays.push(t.elapsed());

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use crate::gateway::{self, Gateway};
 use crate::limiter::{Clock, MonotonicClock};
-use crate::metrics::GatewayMetrics;
 use crate::policy::source::{PolicyStore, load_and_watch_file};
 use crate::sim::{SimConfig, SimEngine};
 
@@ -48,14 +47,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let policy_path =
         std::env::temp_dir().join(format!("sluice-demo-policy-{}.yaml", std::process::id()));
     std::fs::write(&policy_path, EXAMPLE_POLICY)?;
-    let metrics = GatewayMetrics::new();
     let upstream: http::Uri = format!("http://{}", engine.addr).parse()?;
-    let store = Arc::new(PolicyStore::new(metrics.clone(), Some(upstream)));
+    let store = Arc::new(PolicyStore::new(Some(upstream)));
     let watcher =
         load_and_watch_file(policy_path.clone(), store.clone(), Duration::from_secs(1)).await?;
     let watch_task = tokio::spawn(watcher);
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
-    let gw = Gateway::new(store, metrics, clock, gateway::GatewayOptions::default())?;
+    let gw = Gateway::new(store, clock, gateway::GatewayOptions::default())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;

@@ -4,16 +4,22 @@
 //! Label values are bounded: `model` is the limiter's key label (policy models, at most
 //! `max_dynamic_keys` others, then `other`), `endpoint` one of a fixed set, `outcome` one of
 //! [`Outcome`]. Gauges that describe the limiter (averages, thresholds, reject probability)
-//! are computed from its state when scraped.
+//! and the policy source are computed from their state when scraped, by a
+//! [`prometheus::core::Collector`]: nothing is reset or re-set per scrape, so concurrent
+//! scrapes (an HA Prometheus pair) each see every series.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
-use crate::limiter::Limiter;
+use crate::limiter::Clock;
+use crate::policy::source::PolicyStore;
 
 /// How a request ended, the `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +50,8 @@ impl Outcome {
     }
 }
 
-/// The gateway's metric families.
+/// The gateway's metric families: request counters and histograms updated as requests
+/// pass, and [`StateCollector`]'s gauges computed from the policy store at scrape time.
 #[derive(Clone)]
 pub struct GatewayMetrics {
     registry: Registry,
@@ -52,138 +59,65 @@ pub struct GatewayMetrics {
     pub request_duration: HistogramVec,
     pub ttft: HistogramVec,
     pub itl: HistogramVec,
-    pub ttft_ema: GaugeVec,
-    pub itl_ema: GaugeVec,
-    pub waiting: GaugeVec,
-    pub ttft_waiting: GaugeVec,
-    pub ttft_threshold: GaugeVec,
-    pub itl_threshold: GaugeVec,
-    pub pressure: GaugeVec,
-    pub reject_probability: GaugeVec,
     pub inflight: IntGaugeVec,
-    pub policy_generation: IntGauge,
-    pub policy_reloads: IntCounterVec,
-    pub policy_last_reload_success: Gauge,
-    pub policy_source_up: IntGauge,
-    pub policy_present: IntGauge,
-}
-
-fn buckets(secs: &[f64]) -> Vec<f64> {
-    secs.to_vec()
 }
 
 impl GatewayMetrics {
-    pub fn new() -> Self {
+    /// The families of a gateway reading its policy and limiter state from `store`.
+    pub fn new(store: Arc<PolicyStore>, clock: Arc<dyn Clock>) -> Self {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "sluice_requests_total",
-                "Requests by model, endpoint, streaming and outcome.",
-            ),
-            &["model", "endpoint", "stream", "outcome"],
-        )
-        .unwrap();
-        let hist = |name: &str, help: &str, b: Vec<f64>| {
-            HistogramVec::new(HistogramOpts::new(name, help).buckets(b), &["model"]).unwrap()
+        let hist = |name: &str, help: &str, b: &[f64]| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(b.to_vec()),
+                &["model"],
+            )
+            .unwrap()
         };
-        let request_duration = hist(
-            "sluice_request_duration_seconds",
-            "Time from request received to response complete, admitted requests.",
-            buckets(&[
-                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-            ]),
-        );
-        let ttft = hist(
-            "sluice_ttft_seconds",
-            "Time to first token: request sent upstream to first content-bearing chunk.",
-            buckets(&[
-                0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
-            ]),
-        );
-        let itl = hist(
-            "sluice_itl_seconds",
-            "Inter-token latency: gap between consecutive content-bearing chunks.",
-            buckets(&[
-                0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
-            ]),
-        );
-        let gauge =
-            |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["model"]).unwrap();
         let m = GatewayMetrics {
-            requests,
-            request_duration,
-            ttft,
-            itl,
-            ttft_ema: gauge("sluice_ttft_ema_seconds", "Moving average of TTFT compared with the threshold."),
-            itl_ema: gauge("sluice_itl_ema_seconds", "Moving average of ITL compared with the threshold."),
-            waiting: gauge("sluice_waiting_requests", "Admitted requests still waiting for their first token."),
-            ttft_waiting: gauge(
-                "sluice_ttft_waiting_estimate_seconds",
-                "TTFT estimated from the requests waiting for their first token (twice their mean age); the TTFT signal is the larger of this and the moving average.",
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "sluice_requests_total",
+                    "Requests by model, endpoint, streaming and outcome.",
+                ),
+                &["model", "endpoint", "stream", "outcome"],
+            )
+            .unwrap(),
+            request_duration: hist(
+                "sluice_request_duration_seconds",
+                "Time from request received to response complete, admitted requests.",
+                &[
+                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                    300.0,
+                ],
             ),
-            ttft_threshold: gauge("sluice_ttft_threshold_seconds", "TTFT threshold of the policy."),
-            itl_threshold: gauge("sluice_itl_threshold_seconds", "ITL threshold of the policy."),
-            pressure: gauge("sluice_pressure_ratio", "max(TTFT average/threshold, ITL average/threshold)."),
-            reject_probability: gauge(
-                "sluice_reject_probability",
-                "Probability that a standard-priority request is shed now.",
+            ttft: hist(
+                "sluice_ttft_seconds",
+                "Time to first token: request sent upstream to first content-bearing chunk.",
+                &[
+                    0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
+                ],
+            ),
+            itl: hist(
+                "sluice_itl_seconds",
+                "Inter-token latency: gap between consecutive content-bearing chunks.",
+                &[
+                    0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+                ],
             ),
             inflight: IntGaugeVec::new(
                 Opts::new("sluice_inflight_requests", "Requests being served."),
                 &["model"],
             )
             .unwrap(),
-            policy_generation: IntGauge::new(
-                "sluice_policy_generation",
-                "Generation of the policy in force (metadata.generation, or reload count for files).",
-            )
-            .unwrap(),
-            policy_reloads: IntCounterVec::new(
-                Opts::new(
-                    "sluice_policy_reloads_total",
-                    "Policy loads by result: success, error (invalid policy), watch_error (an incident of the Kubernetes watch).",
-                ),
-                &["result"],
-            )
-            .unwrap(),
-            policy_last_reload_success: Gauge::new(
-                "sluice_policy_last_reload_successful",
-                "1 if the last policy load succeeded, 0 if the last good policy is kept after an error.",
-            )
-            .unwrap(),
-            policy_source_up: IntGauge::new(
-                "sluice_policy_source_up",
-                "1 while the policy source (file or Kubernetes watch) is readable.",
-            )
-            .unwrap(),
-            policy_present: IntGauge::new(
-                "sluice_policy_present",
-                "1 while the policy object exists; 0 after it was deleted (the last policy keeps serving).",
-            )
-            .unwrap(),
             registry,
         };
-        // Every family is registered exactly once: a family left out here would silently
-        // vanish from /metrics, so the list is checked by a test.
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+        let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.requests.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.ttft.clone()),
             Box::new(m.itl.clone()),
-            Box::new(m.ttft_ema.clone()),
-            Box::new(m.itl_ema.clone()),
-            Box::new(m.waiting.clone()),
-            Box::new(m.ttft_waiting.clone()),
-            Box::new(m.ttft_threshold.clone()),
-            Box::new(m.itl_threshold.clone()),
-            Box::new(m.pressure.clone()),
-            Box::new(m.reject_probability.clone()),
             Box::new(m.inflight.clone()),
-            Box::new(m.policy_generation.clone()),
-            Box::new(m.policy_reloads.clone()),
-            Box::new(m.policy_last_reload_success.clone()),
-            Box::new(m.policy_source_up.clone()),
-            Box::new(m.policy_present.clone()),
+            Box::new(StateCollector::new(store, clock)),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -191,43 +125,9 @@ impl GatewayMetrics {
         m
     }
 
-    /// The text exposition, with the limiter gauges refreshed from `limiter` at `now`.
-    pub fn render(&self, limiter: Option<&Limiter>, now: Duration) -> String {
-        for g in [
-            &self.ttft_ema,
-            &self.itl_ema,
-            &self.waiting,
-            &self.ttft_waiting,
-            &self.ttft_threshold,
-            &self.itl_threshold,
-            &self.pressure,
-            &self.reject_probability,
-        ] {
-            g.reset();
-        }
-        if let Some(l) = limiter {
-            for r in l.readings(now) {
-                let labels = [r.label];
-                self.ttft_ema.with_label_values(&labels).set(r.ttft);
-                self.itl_ema.with_label_values(&labels).set(r.itl);
-                self.waiting
-                    .with_label_values(&labels)
-                    .set(f64::from(r.waiting));
-                self.ttft_waiting
-                    .with_label_values(&labels)
-                    .set(r.waiting_ttft);
-                self.ttft_threshold
-                    .with_label_values(&labels)
-                    .set(r.thresholds.ttft);
-                self.itl_threshold
-                    .with_label_values(&labels)
-                    .set(r.thresholds.itl);
-                self.pressure.with_label_values(&labels).set(r.pressure);
-                self.reject_probability
-                    .with_label_values(&labels)
-                    .set(r.reject_probability);
-            }
-        }
+    /// The text exposition. Each call reads the state afresh: concurrent scrapes share
+    /// nothing mutable.
+    pub fn render(&self) -> String {
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -236,17 +136,10 @@ impl GatewayMetrics {
     }
 }
 
-impl Default for GatewayMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Per-request metric handles resolved once (label lookups off the per-chunk path).
 pub struct RequestMetrics {
     pub ttft: Histogram,
     pub itl: Histogram,
-    pub duration: Histogram,
 }
 
 impl RequestMetrics {
@@ -254,18 +147,186 @@ impl RequestMetrics {
         RequestMetrics {
             ttft: m.ttft.with_label_values(&[model]),
             itl: m.itl.with_label_values(&[model]),
-            duration: m.request_duration.with_label_values(&[model]),
         }
+    }
+}
+
+/// The limiter's and the policy source's gauges, computed from the [`PolicyStore`] when
+/// scraped.
+struct StateCollector {
+    store: Arc<PolicyStore>,
+    clock: Arc<dyn Clock>,
+    descs: Vec<Desc>,
+}
+
+/// Per-model gauges: name and help.
+const MODEL_GAUGES: [(&str, &str); 8] = [
+    (
+        "sluice_ttft_ema_seconds",
+        "Moving average of TTFT (samples clamped at ramp × threshold).",
+    ),
+    (
+        "sluice_itl_ema_seconds",
+        "Moving average of ITL (samples clamped at ramp × threshold).",
+    ),
+    (
+        "sluice_waiting_requests",
+        "Admitted requests still waiting for their first token.",
+    ),
+    (
+        "sluice_ttft_waiting_estimate_seconds",
+        "TTFT estimated from the requests waiting for their first token (twice their mean age); the TTFT signal is the larger of this and the moving average.",
+    ),
+    (
+        "sluice_ttft_threshold_seconds",
+        "TTFT threshold of the policy.",
+    ),
+    (
+        "sluice_itl_threshold_seconds",
+        "ITL threshold of the policy.",
+    ),
+    (
+        "sluice_pressure_ratio",
+        "max(TTFT signal / TTFT threshold, ITL average / ITL threshold), where the TTFT signal is the larger of the moving average and the waiting-request estimate; above 1 the gate sheds.",
+    ),
+    (
+        "sluice_reject_probability",
+        "Probability that a standard-priority request is shed now (pressure ramp and shedding integral).",
+    ),
+];
+
+const POLICY_GAUGES: [(&str, &str); 4] = [
+    (
+        "sluice_policy_generation",
+        "Generation of the policy in force (metadata.generation, or reload count for files).",
+    ),
+    (
+        "sluice_policy_last_reload_successful",
+        "1 if the last policy load succeeded, 0 if the last good policy is kept after an error.",
+    ),
+    (
+        "sluice_policy_source_up",
+        "1 while the policy source (file or Kubernetes watch) is readable.",
+    ),
+    (
+        "sluice_policy_present",
+        "1 while the policy object exists; 0 after it was deleted (the last policy keeps serving).",
+    ),
+];
+
+const RELOADS: (&str, &str) = (
+    "sluice_policy_reloads_total",
+    "Policy loads by result: success, error (invalid policy), watch_error (an incident of the Kubernetes watch).",
+);
+
+impl StateCollector {
+    fn new(store: Arc<PolicyStore>, clock: Arc<dyn Clock>) -> Self {
+        let mut descs = Vec::new();
+        for (name, help) in MODEL_GAUGES {
+            descs.extend(model_gauge(name, help).desc().into_iter().cloned());
+        }
+        for (name, help) in POLICY_GAUGES {
+            descs.extend(Gauge::new(name, help).unwrap().desc().into_iter().cloned());
+        }
+        descs.extend(reloads().desc().into_iter().cloned());
+        StateCollector {
+            store,
+            clock,
+            descs,
+        }
+    }
+}
+
+fn model_gauge(name: &str, help: &str) -> GaugeVec {
+    GaugeVec::new(Opts::new(name, help), &["model"]).unwrap()
+}
+
+fn reloads() -> IntCounterVec {
+    IntCounterVec::new(Opts::new(RELOADS.0, RELOADS.1), &["result"]).unwrap()
+}
+
+impl Collector for StateCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let snap = self.store.load();
+        let mut out = Vec::new();
+        let gauges = MODEL_GAUGES.map(|(name, help)| model_gauge(name, help));
+        if let Some(s) = &snap {
+            for r in s.limiter.readings(self.clock.now()) {
+                let values = [
+                    r.ttft,
+                    r.itl,
+                    f64::from(r.waiting),
+                    r.waiting_ttft,
+                    r.thresholds.ttft,
+                    r.thresholds.itl,
+                    r.pressure,
+                    r.reject_probability,
+                ];
+                for (g, v) in gauges.iter().zip(values) {
+                    g.with_label_values(&[r.label]).set(v);
+                }
+            }
+        }
+        for g in &gauges {
+            out.extend(g.collect());
+        }
+        let st = self.store.status();
+        let flag = |b: &std::sync::atomic::AtomicBool| f64::from(u8::from(b.load(Relaxed)));
+        let values = [
+            snap.as_ref().map_or(0.0, |s| s.generation as f64),
+            flag(&st.last_ok),
+            flag(&st.up),
+            flag(&st.present),
+        ];
+        for ((name, help), v) in POLICY_GAUGES.into_iter().zip(values) {
+            let g = Gauge::new(name, help).unwrap();
+            g.set(v);
+            out.extend(g.collect());
+        }
+        let reloads = reloads();
+        for (result, n) in [
+            ("success", &st.applied),
+            ("error", &st.rejected),
+            ("watch_error", &st.watch_errors),
+        ] {
+            reloads.with_label_values(&[result]).inc_by(n.load(Relaxed));
+        }
+        out.extend(reloads.collect());
+        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limiter::ManualClock;
+    use crate::policy::PolicyConfig;
+
+    const POLICY: &str = "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: p}\nspec:\n  upstream: {url: 'http://127.0.0.1:9'}\n  defaults: {ttft: 1s, itl: 50ms}\n  models: [{name: m, ttft: 2s}]\n";
+
+    fn metrics() -> (GatewayMetrics, Arc<PolicyStore>) {
+        let store = Arc::new(PolicyStore::new(None));
+        let (_, config) = PolicyConfig::from_yaml(POLICY).unwrap();
+        store.apply(7, "test".into(), config);
+        store.set_source(true, true);
+        let clock = ManualClock::default();
+        clock.advance(std::time::Duration::from_secs(1));
+        (GatewayMetrics::new(store.clone(), Arc::new(clock)), store)
+    }
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    }
 
     #[test]
     fn every_family_is_exported() {
-        let m = GatewayMetrics::new();
+        let (m, _) = metrics();
         // Touch the labelled families so they have a series.
         m.requests
             .with_label_values(&["m", "chat_completions", "true", "success"])
@@ -274,51 +335,76 @@ mod tests {
         m.ttft.with_label_values(&["m"]).observe(0.1);
         m.itl.with_label_values(&["m"]).observe(0.01);
         m.inflight.with_label_values(&["m"]).inc();
-        m.policy_reloads.with_label_values(&["success"]).inc();
-        let limiter = Limiter::new(crate::limiter::LimiterConfig {
-            mode: crate::limiter::Mode::Enforce,
-            scope: crate::limiter::Scope::PerModel,
-            defaults: crate::limiter::Thresholds {
-                ttft: 1.0,
-                itl: 0.05,
-                time_constant: 15.0,
-            },
-            models: vec![(
-                "m".into(),
-                crate::limiter::Thresholds {
-                    ttft: 1.0,
-                    itl: 0.05,
-                    time_constant: 15.0,
-                },
-            )],
-            shedding: crate::limiter::Shedding::default(),
-            max_dynamic_keys: 4,
-        });
-        let text = m.render(Some(&limiter), Duration::from_secs(1));
+        let text = m.render();
         for name in [
             "sluice_requests_total",
             "sluice_request_duration_seconds",
             "sluice_ttft_seconds",
             "sluice_itl_seconds",
-            "sluice_ttft_ema_seconds",
-            "sluice_itl_ema_seconds",
-            "sluice_waiting_requests",
-            "sluice_ttft_waiting_estimate_seconds",
-            "sluice_ttft_threshold_seconds",
-            "sluice_itl_threshold_seconds",
-            "sluice_pressure_ratio",
-            "sluice_reject_probability",
             "sluice_inflight_requests",
-            "sluice_policy_generation",
-            "sluice_policy_reloads_total",
-            "sluice_policy_last_reload_successful",
-            "sluice_policy_source_up",
-            "sluice_policy_present",
-        ] {
+            RELOADS.0,
+        ]
+        .into_iter()
+        .chain(MODEL_GAUGES.map(|g| g.0))
+        .chain(POLICY_GAUGES.map(|g| g.0))
+        {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),
                 "{name} missing from:\n{text}"
             );
         }
+        assert_eq!(value(&text, "sluice_policy_generation"), Some(7.0));
+        assert_eq!(
+            value(&text, "sluice_ttft_threshold_seconds{model=\"m\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&text, "sluice_policy_reloads_total{result=\"success\"}"),
+            Some(1.0)
+        );
+        assert_eq!(value(&text, "sluice_policy_source_up"), Some(1.0));
+    }
+
+    #[test]
+    fn concurrent_scrapes_each_see_every_series() {
+        let (m, store) = metrics();
+        let snap = store.load().unwrap();
+        for i in 0..20 {
+            snap.limiter.key(&format!("model-{i}"));
+        }
+        let reference = m.render();
+        let series = |t: &str| t.lines().filter(|l| !l.starts_with('#')).count();
+        let want = series(&reference);
+        assert!(want > 20 * 8, "{want}");
+        std::thread::scope(|s| {
+            let scrapers: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| (0..50).map(|_| series(&m.render())).collect::<Vec<_>>()))
+                .collect();
+            for h in scrapers {
+                for got in h.join().unwrap() {
+                    assert_eq!(got, want, "a scrape missed series");
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn without_a_policy_only_the_source_gauges_speak() {
+        let store = Arc::new(PolicyStore::new(None));
+        let m = GatewayMetrics::new(store.clone(), Arc::new(ManualClock::default()));
+        let text = m.render();
+        assert_eq!(value(&text, "sluice_policy_generation"), Some(0.0));
+        assert_eq!(value(&text, "sluice_policy_present"), Some(0.0));
+        assert!(!text.contains("sluice_reject_probability{"), "{text}");
+        store.reject("test", &"bad");
+        let text = m.render();
+        assert_eq!(
+            value(&text, "sluice_policy_reloads_total{result=\"error\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&text, "sluice_policy_last_reload_successful"),
+            Some(0.0)
+        );
     }
 }

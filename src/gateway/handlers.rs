@@ -223,11 +223,7 @@ pub async fn passthrough(
 }
 
 pub async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    let snap = gw.store.load();
-    let text = gw
-        .metrics
-        .render(snap.as_deref().map(|s| &s.limiter), gw.clock.now());
-    let mut resp = text.into_response();
+    let mut resp = gw.metrics.render().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -110,12 +110,13 @@ impl Default for GatewayOptions {
 }
 
 impl Gateway {
+    /// A gateway serving the policies of `store`, with its own metrics registry.
     pub fn new(
         store: Arc<PolicyStore>,
-        metrics: GatewayMetrics,
         clock: Arc<dyn Clock>,
         options: GatewayOptions,
     ) -> anyhow::Result<Arc<Self>> {
+        let metrics = GatewayMetrics::new(store.clone(), clock.clone());
         let api_key = match options.upstream_api_key.as_deref() {
             Some(k) => {
                 let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
@@ -181,8 +182,7 @@ pub async fn serve(
 
 /// `sluice gateway`.
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
-    let metrics = GatewayMetrics::new();
-    let store = Arc::new(PolicyStore::new(metrics.clone(), args.upstream.clone()));
+    let store = Arc::new(PolicyStore::new(args.upstream.clone()));
     if let Some(path) = &args.policy_file {
         let watcher =
             load_and_watch_file(path.clone(), store.clone(), args.reload_interval).await?;
@@ -203,13 +203,11 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             namespace,
             name.clone(),
             store.clone(),
-            metrics.clone(),
         ));
     }
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
     let gw = Gateway::new(
         store,
-        metrics,
         clock,
         GatewayOptions {
             max_body_bytes: args.max_body_bytes,

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod crd;
 pub mod duration;
+pub mod follow;
 pub mod source;
 pub mod watch;
 

@@ -5,17 +5,19 @@
 //! [`Limiter::carry_over`], so the state of every key that remains carries on under the new
 //! thresholds) or
 //! `reject`s an invalid one (the last good snapshot stays; the error is logged and counted).
-//! Sources: [`watch_file`] (a local YAML file, polled) and, later, the Kubernetes API.
+//! Sources: [`load_and_watch_file`] (a local YAML file, polled) and [`super::watch`] (the
+//! Kubernetes API); both decide what changed with the state machines of [`super::follow`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
+use super::follow::{Change, FileFollower};
 use super::{PolicyConfig, PolicyError};
 use crate::limiter::Limiter;
-use crate::metrics::GatewayMetrics;
 
 /// One policy in force.
 #[derive(Debug)]
@@ -28,26 +30,43 @@ pub struct Snapshot {
     pub limiter: Limiter,
 }
 
+/// Counters and flags of the policy source, read by the metrics at scrape time.
+#[derive(Debug, Default)]
+pub struct SourceStatus {
+    /// Versions applied.
+    pub applied: AtomicU64,
+    /// Versions rejected as invalid (or unreadable files).
+    pub rejected: AtomicU64,
+    /// Incidents of the Kubernetes watch.
+    pub watch_errors: AtomicU64,
+    /// Whether the last load succeeded.
+    pub last_ok: AtomicBool,
+    /// Whether the source (file or watch) is readable now.
+    pub up: AtomicBool,
+    /// Whether the policy object exists.
+    pub present: AtomicBool,
+}
+
 /// The current policy snapshot and its bookkeeping.
 pub struct PolicyStore {
     current: ArcSwapOption<Snapshot>,
-    metrics: GatewayMetrics,
+    status: SourceStatus,
     /// Replaces `spec.upstream.url` of every policy (`--upstream`).
     upstream_override: Option<http::Uri>,
 }
 
 impl PolicyStore {
-    pub fn new(metrics: GatewayMetrics, upstream_override: Option<http::Uri>) -> Self {
+    pub fn new(upstream_override: Option<http::Uri>) -> Self {
         PolicyStore {
             current: ArcSwapOption::empty(),
-            metrics,
+            status: SourceStatus::default(),
             upstream_override,
         }
     }
 
-    /// The gateway metrics the store reports to.
-    pub fn metrics(&self) -> &GatewayMetrics {
-        &self.metrics
+    /// The source's counters and flags.
+    pub fn status(&self) -> &SourceStatus {
+        &self.status
     }
 
     /// The policy in force, if any has been loaded.
@@ -60,6 +79,12 @@ impl PolicyStore {
     #[inline]
     pub fn peek(&self) -> arc_swap::Guard<Option<Arc<Snapshot>>> {
         self.current.load()
+    }
+
+    /// Records whether the source is readable and the object exists.
+    pub fn set_source(&self, up: bool, present: bool) {
+        self.status.up.store(up, Ordering::Relaxed);
+        self.status.present.store(present, Ordering::Relaxed);
     }
 
     /// Puts a validated policy in force.
@@ -84,12 +109,8 @@ impl PolicyStore {
             limiter,
         });
         self.current.store(Some(snap.clone()));
-        self.metrics.policy_generation.set(generation);
-        self.metrics
-            .policy_reloads
-            .with_label_values(&["success"])
-            .inc();
-        self.metrics.policy_last_reload_success.set(1.0);
+        self.status.applied.fetch_add(1, Ordering::Relaxed);
+        self.status.last_ok.store(true, Ordering::Relaxed);
         tracing::info!(
             source = %snap.source,
             generation,
@@ -102,17 +123,33 @@ impl PolicyStore {
 
     /// Records that a new version of the policy could not be used; the last good one stays.
     pub fn reject(&self, source: &str, error: &dyn std::fmt::Display) {
-        self.metrics
-            .policy_reloads
-            .with_label_values(&["error"])
-            .inc();
-        self.metrics.policy_last_reload_success.set(0.0);
+        self.status.rejected.fetch_add(1, Ordering::Relaxed);
+        self.status.last_ok.store(false, Ordering::Relaxed);
         match self.load() {
             Some(s) => {
                 tracing::error!(%source, %error, kept_generation = s.generation, "policy rejected; keeping the last good policy")
             }
             None => {
                 tracing::error!(%source, %error, "policy rejected; no policy loaded yet, not ready")
+            }
+        }
+    }
+
+    /// Carries out what a follower decided about `source`.
+    pub fn handle(&self, source: &str, change: Change) {
+        match change {
+            Change::Apply { generation, config } => {
+                self.apply(generation, source.to_owned(), *config);
+            }
+            Change::Reject(e) => self.reject(source, &e),
+            Change::Failed(e) if source.starts_with("file:") => self.reject(source, &e),
+            Change::Failed(e) => {
+                self.status.watch_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%source, error = %e, "policy watch failed; keeping the last good policy and retrying with backoff");
+            }
+            Change::Recovered => tracing::info!(%source, "policy source recovered; resyncing"),
+            Change::Deleted => {
+                tracing::warn!(%source, "policy not found (deleted?); keeping the last policy until it is recreated")
             }
         }
     }
@@ -145,54 +182,29 @@ pub fn read_policy_file(path: &Path) -> Result<(Vec<u8>, PolicyConfig), FileErro
 }
 
 /// Loads `path` now (failing if it is unusable), then re-reads it every `interval` and applies
-/// each changed, valid version. An invalid or unreadable version is reported once and the
-/// last good policy stays in force. Runs until the task is dropped.
+/// each changed, valid version ([`FileFollower`]). An invalid or unreadable version is
+/// reported once and the last good policy stays in force. Runs until the task is dropped.
 pub async fn load_and_watch_file(
     path: PathBuf,
     store: Arc<PolicyStore>,
     interval: Duration,
 ) -> Result<impl std::future::Future<Output = ()>, FileError> {
-    let (mut last, config) = read_policy_file(&path)?;
+    let (bytes, config) = read_policy_file(&path)?;
     let source = format!("file:{}", path.display());
-    let mut generation = 1;
-    store.apply(generation, source.clone(), config);
-    store.metrics().policy_source_up.set(1);
-    store.metrics().policy_present.set(1);
+    store.apply(1, source.clone(), config);
+    store.set_source(true, true);
+    let mut follower = FileFollower::new(bytes);
     Ok(async move {
-        let mut reported: Option<String> = None;
         loop {
             tokio::time::sleep(interval).await;
             let p = path.clone();
-            let read = tokio::task::spawn_blocking(move || (std::fs::read(&p), p)).await;
-            let Ok((read, _)) = read else { continue };
-            let bytes = match read {
-                Ok(b) => b,
-                Err(e) => {
-                    let msg = e.to_string();
-                    store.metrics().policy_source_up.set(0);
-                    if reported.as_deref() != Some(&msg) {
-                        store.reject(&source, &format!("cannot read the policy file: {msg}"));
-                        reported = Some(msg);
-                    }
-                    continue;
-                }
-            };
-            store.metrics().policy_source_up.set(1);
-            if bytes == last {
+            let Ok(read) = tokio::task::spawn_blocking(move || std::fs::read(&p)).await else {
                 continue;
+            };
+            if let Some(change) = follower.on_read(read) {
+                store.handle(&source, change);
             }
-            last = bytes;
-            match PolicyConfig::from_yaml(&String::from_utf8_lossy(&last)) {
-                Ok((_, config)) => {
-                    generation += 1;
-                    store.apply(generation, source.clone(), config);
-                    reported = None;
-                }
-                Err(e) => {
-                    store.reject(&source, &e);
-                    reported = Some(e.to_string());
-                }
-            }
+            store.set_source(follower.up(), true);
         }
     })
 }

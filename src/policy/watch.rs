@@ -17,9 +17,9 @@ use kube::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 
+use super::RateLimitPolicy;
+use super::follow::{PolicyFollower, WatchEvent};
 use super::source::PolicyStore;
-use super::{PolicyConfig, RateLimitPolicy};
-use crate::metrics::GatewayMetrics;
 
 /// Follows `namespace/name` until the task is dropped.
 pub async fn watch_policy(
@@ -27,69 +27,28 @@ pub async fn watch_policy(
     namespace: String,
     name: String,
     store: Arc<PolicyStore>,
-    metrics: GatewayMetrics,
 ) {
     let api: Api<RateLimitPolicy> = Api::namespaced(client, &namespace);
     let source = format!("{namespace}/{name}");
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = watcher(api, config).default_backoff().boxed();
-    let mut last_generation: Option<i64> = None;
-    let mut in_error = false;
-    let mut present_in_relist = false;
-    metrics.policy_source_up.set(0);
+    let mut follower = PolicyFollower::new();
+    store.set_source(false, false);
     while let Some(item) = events.next().await {
-        let event = match item {
-            Ok(e) => e,
+        let error;
+        let event = match &item {
             Err(e) => {
-                if !in_error {
-                    tracing::warn!(%source, error = %e, "policy watch failed; keeping the last good policy and retrying with backoff");
-                    metrics
-                        .policy_reloads
-                        .with_label_values(&["watch_error"])
-                        .inc();
-                    in_error = true;
-                }
-                metrics.policy_source_up.set(0);
-                continue;
+                error = e.to_string();
+                WatchEvent::Error(&error)
             }
+            Ok(Event::Init) => WatchEvent::Init,
+            Ok(Event::InitApply(p) | Event::Apply(p)) => WatchEvent::Apply(p),
+            Ok(Event::Delete(_)) => WatchEvent::Delete,
+            Ok(Event::InitDone) => WatchEvent::InitDone,
         };
-        if in_error {
-            tracing::info!(%source, "policy watch recovered; resyncing");
-            in_error = false;
+        if let Some(change) = follower.on_event(event) {
+            store.handle(&source, change);
         }
-        metrics.policy_source_up.set(1);
-        match event {
-            Event::Init => present_in_relist = false,
-            Event::InitApply(p) | Event::Apply(p) => {
-                present_in_relist = true;
-                metrics.policy_present.set(1);
-                let generation = p.metadata.generation.unwrap_or(0);
-                if last_generation == Some(generation) {
-                    continue;
-                }
-                last_generation = Some(generation);
-                match PolicyConfig::try_from(&p.spec) {
-                    Ok(config) => {
-                        store.apply(generation, source.clone(), config);
-                    }
-                    Err(e) => store.reject(&source, &e),
-                }
-            }
-            Event::Delete(_) => deleted(&source, &metrics, &mut last_generation),
-            Event::InitDone => {
-                if !present_in_relist {
-                    deleted(&source, &metrics, &mut last_generation);
-                }
-            }
-        }
+        store.set_source(follower.up(), follower.present());
     }
-}
-
-fn deleted(source: &str, metrics: &GatewayMetrics, last_generation: &mut Option<i64>) {
-    if metrics.policy_present.get() != 0 || last_generation.is_some() {
-        tracing::warn!(%source, "policy not found (deleted?); keeping the last policy until it is recreated");
-    }
-    metrics.policy_present.set(0);
-    // A recreated object starts again at generation 1: apply it even if it matches.
-    *last_generation = None;
 }
