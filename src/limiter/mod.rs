@@ -34,7 +34,6 @@ pub mod clock;
 pub mod config;
 pub mod decision;
 pub mod estimator;
-pub mod fxhash;
 pub mod random;
 mod reload;
 pub mod state;
@@ -54,7 +53,6 @@ use state::StateCell;
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use decision::{Decision, Priority, UnknownPriority, Verdict};
 pub use estimator::{Estimator, InvalidSample};
-pub use fxhash::{FxBuildHasher, FxHasher};
 pub use random::{SplitMix64, Uniform};
 
 /// Label of the key shared by unknown models once `max_dynamic_keys` are in use.
@@ -125,8 +123,8 @@ pub struct KeyReading<'a> {
 /// The per-key moving averages and the admission decision.
 pub struct Limiter {
     config: LimiterConfig,
-    named: HashMap<Box<str>, u32, FxBuildHasher>,
-    dynamic: DashMap<Box<str>, u32, FxBuildHasher>,
+    named: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
+    dynamic: DashMap<Box<str>, u32, foldhash::fast::RandomState>,
     dynamic_used: AtomicUsize,
     first_dynamic: u32,
     other: u32,

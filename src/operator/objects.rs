@@ -18,14 +18,21 @@ pub fn gateway_name(policy: &str) -> String {
     if name.len() <= 63 {
         return name;
     }
-    use std::hash::BuildHasher;
-    let h = crate::limiter::FxBuildHasher::default().hash_one(policy);
+    let h = fnv1a_64(policy.as_bytes());
     let head: String = policy.chars().take(45).collect();
     format!(
         "{}-{:08x}-sluice",
         head.trim_end_matches(['-', '.']),
         h as u32
     )
+}
+
+/// FNV-1a, 64 bits (offset basis 0xcbf29ce484222325, prime 0x100000001b3): a specified hash,
+/// so derived names do not change with a hasher's implementation or between versions.
+pub fn fnv1a_64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 fn labels(policy: &str) -> BTreeMap<String, String> {
@@ -106,6 +113,23 @@ mod tests {
         assert!(n.len() <= 63, "{n}");
         assert!(n.ends_with("-sluice"));
         assert_ne!(gateway_name(&format!("{long}x")), n);
+    }
+
+    #[test]
+    fn derived_names_are_pinned() {
+        // FNV-1a's published test vectors ...
+        assert_eq!(fnv1a_64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a_64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a_64(b"foobar"), 0x8594_4171_f739_67e8);
+        // ... and the names they give: changing these renames users' objects.
+        assert_eq!(
+            gateway_name(&"a".repeat(200)),
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-4f7a5b0d-sluice"
+        );
+        assert_eq!(
+            gateway_name("team-a.llama-3.1-70b-instruct.production.eu-west-1.primary-cluster"),
+            "team-a.llama-3.1-70b-instruct.production.eu-w-a48881d1-sluice"
+        );
     }
 
     #[test]

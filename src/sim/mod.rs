@@ -16,7 +16,7 @@
 //! A client that disconnects frees its batch slot at the next step.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, BuildHasherDefault};
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -363,11 +363,8 @@ async fn generate(s: AppState, kind: Kind, body: Bytes) -> Response {
         Kind::Chat => req.get("messages"),
         Kind::Completion => req.get("prompt"),
     };
-    let text_seed = BuildHasherDefault::<crate::limiter::FxHasher>::default().hash_one((
-        s.config.seed,
-        &model,
-        asked.map(Value::to_string),
-    ));
+    let text_seed = foldhash::fast::FixedState::with_seed(s.config.seed)
+        .hash_one((&model, asked.map(Value::to_string)));
 
     let (tx, rx) = mpsc::unbounded_channel();
     s.stats.requests.fetch_add(1, Ordering::Relaxed);
