@@ -439,7 +439,7 @@ async fn two_replicas_elect_one_leader_and_fail_over_when_it_dies() {
                 metric(
                     &m,
                     "sluice_operator_reconciles_total",
-                    &[("result", "success")],
+                    &[("result", "success"), ("error", "")],
                 )
                 .unwrap_or(0.0),
                 metric(&m, "sluice_operator_leader", &[]).unwrap_or(-1.0),

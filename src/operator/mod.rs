@@ -11,15 +11,26 @@
 //! error) and `Ready` (Deployment available), replica counts and the endpoint; Events on
 //! failures. Failed reconciles are retried with exponential backoff per policy.
 //!
+//! - [`reconcile`]: one reconcile, its context and errors.
+//! - [`status`]: the status patches, as pure functions.
 //! - [`objects`]: builders of the owned objects.
+//! - [`metrics`]: the operator's metrics.
 //! - [`leader`]: Lease-based leader election.
+//!
+//! This module wires them: the controllers, the metrics server ([`app`]) and `run`.
 
 pub mod leader;
+pub mod metrics;
 pub mod objects;
+pub mod reconcile;
+pub mod status;
+
+pub use metrics::OperatorMetrics;
+pub use reconcile::{Context, ReconcileError};
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use futures_util::StreamExt;
@@ -28,20 +39,15 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
-use serde_json::json;
+use kube::{Client, Resource};
 
+use crate::policy::RateLimitPolicy;
 use crate::policy::duration::parse_duration;
-use crate::policy::{PolicyConfig, RateLimitPolicy};
 
 /// The field manager of everything the operator writes.
 pub const FIELD_MANAGER: &str = "sluice-operator";
@@ -76,344 +82,6 @@ pub struct OperatorArgs {
     /// Reconciles running at once (bounds the load a burst of policies puts on the API server).
     #[arg(long, default_value_t = 16)]
     pub max_concurrent_reconciles: u16,
-}
-
-/// Operator metrics (own registry).
-#[derive(Clone)]
-pub struct OperatorMetrics {
-    registry: Registry,
-    pub reconciles: IntCounterVec,
-    pub duration: Histogram,
-    pub policies: IntGauge,
-    pub leader: IntGauge,
-}
-
-impl OperatorMetrics {
-    pub fn new() -> Self {
-        let registry = Registry::new();
-        let m = OperatorMetrics {
-            reconciles: IntCounterVec::new(
-                Opts::new(
-                    "sluice_operator_reconciles_total",
-                    "Reconciles by result (success, invalid, error).",
-                ),
-                &["result"],
-            )
-            .unwrap(),
-            duration: Histogram::with_opts(
-                HistogramOpts::new(
-                    "sluice_operator_reconcile_duration_seconds",
-                    "Time of one reconcile.",
-                )
-                .buckets(vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                ]),
-            )
-            .unwrap(),
-            policies: IntGauge::new(
-                "sluice_operator_policies",
-                "RateLimitPolicies the operator watches.",
-            )
-            .unwrap(),
-            leader: IntGauge::new(
-                "sluice_operator_leader",
-                "1 while this replica leads (or runs without election).",
-            )
-            .unwrap(),
-            registry,
-        };
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(m.reconciles.clone()),
-            Box::new(m.duration.clone()),
-            Box::new(m.policies.clone()),
-            Box::new(m.leader.clone()),
-        ];
-        for c in collectors {
-            m.registry.register(c).expect("unique metric names");
-        }
-        m
-    }
-
-    fn render(&self) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding");
-        String::from_utf8(out).expect("UTF-8")
-    }
-}
-
-impl Default for OperatorMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// What reconcile needs.
-pub struct Context {
-    pub client: Client,
-    pub gateway_image: String,
-    pub recorder: Recorder,
-    pub metrics: OperatorMetrics,
-    /// Consecutive failures per policy, for the retry backoff.
-    pub failures: DashMap<ObjectRef<RateLimitPolicy>, u32>,
-}
-
-/// Why a reconcile failed (retried with backoff).
-#[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
-    #[error("the policy has no namespace")]
-    NoNamespace,
-    #[error("cannot apply {kind} {name}: {source}")]
-    Apply {
-        kind: String,
-        name: String,
-        source: kube::Error,
-    },
-    #[error("cannot update the policy status: {0}")]
-    Status(kube::Error),
-}
-
-fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    previous: &[Condition],
-) -> Condition {
-    let status = if ok { "True" } else { "False" };
-    // The transition time only moves when the status does.
-    let last_transition_time = previous
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()));
-    Condition {
-        type_: type_.to_owned(),
-        status: status.to_owned(),
-        reason: reason.to_owned(),
-        message: message.to_owned(),
-        observed_generation: generation,
-        last_transition_time,
-    }
-}
-
-async fn apply<K>(
-    client: &Client,
-    ns: &str,
-    mut obj: K,
-    owner: &OwnerReference,
-) -> Result<K, ReconcileError>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    obj.meta_mut().owner_references = Some(vec![owner.clone()]);
-    let name = obj.meta().name.clone().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let mut value = serde_json::to_value(&obj).expect("object serializes");
-    value["apiVersion"] = json!(K::api_version(&()));
-    value["kind"] = json!(K::kind(&()));
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&value),
-    )
-    .await
-    .map_err(|source| ReconcileError::Apply {
-        kind: K::kind(&()).to_string(),
-        name,
-        source,
-    })
-}
-
-async fn reconcile(
-    policy: Arc<RateLimitPolicy>,
-    ctx: Arc<Context>,
-) -> Result<Action, ReconcileError> {
-    let start = Instant::now();
-    let result = reconcile_policy(&policy, &ctx).await;
-    ctx.metrics.duration.observe(start.elapsed().as_secs_f64());
-    match &result {
-        Ok((_, valid)) => {
-            ctx.metrics
-                .reconciles
-                .with_label_values(&[if *valid { "success" } else { "invalid" }])
-                .inc();
-            ctx.failures.remove(&ObjectRef::from_obj(&*policy));
-        }
-        Err(e) => {
-            ctx.metrics.reconciles.with_label_values(&["error"]).inc();
-            let _ = ctx
-                .recorder
-                .publish(
-                    &Event {
-                        type_: EventType::Warning,
-                        reason: "ReconcileFailed".into(),
-                        note: Some(e.to_string().chars().take(1000).collect()),
-                        action: "Reconcile".into(),
-                        secondary: None,
-                    },
-                    &policy.object_ref(&()),
-                )
-                .await;
-        }
-    }
-    result.map(|(a, _)| a)
-}
-
-async fn reconcile_policy(
-    policy: &RateLimitPolicy,
-    ctx: &Context,
-) -> Result<(Action, bool), ReconcileError> {
-    let ns = policy.namespace().ok_or(ReconcileError::NoNamespace)?;
-    let name = policy.name_any();
-    if policy.metadata.deletion_timestamp.is_some() {
-        // Being deleted: the garbage collector removes what it owned; re-applying would fight it.
-        return Ok((Action::await_change(), true));
-    }
-    let generation = policy.metadata.generation;
-    let previous = policy
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let api: Api<RateLimitPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-    let status_pp = PatchParams::apply(FIELD_MANAGER).force();
-
-    let config = match PolicyConfig::try_from(&policy.spec) {
-        Ok(c) => c,
-        Err(e) => {
-            let message = e.to_string();
-            tracing::warn!(policy = %format!("{ns}/{name}"), error = %message, "policy not accepted");
-            let status = json!({
-                "apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
-                "status": {
-                    "observedGeneration": generation,
-                    "conditions": [
-                        condition("Accepted", false, "InvalidSpec", &message, generation, &previous),
-                        condition("Ready", false, "InvalidSpec", "the spec is not valid; nothing is deployed for it", generation, &previous),
-                    ],
-                }
-            });
-            let already_reported = previous.iter().any(|c| {
-                c.type_ == "Accepted"
-                    && c.status == "False"
-                    && c.message == message
-                    && c.observed_generation == generation
-            });
-            if already_reported {
-                return Ok((Action::await_change(), false));
-            }
-            api.patch_status(&name, &status_pp, &Patch::Apply(&status))
-                .await
-                .map_err(ReconcileError::Status)?;
-            let _ = ctx
-                .recorder
-                .publish(
-                    &Event {
-                        type_: EventType::Warning,
-                        reason: "InvalidSpec".into(),
-                        note: Some(message.chars().take(1000).collect()),
-                        action: "Validate".into(),
-                        secondary: None,
-                    },
-                    &policy.object_ref(&()),
-                )
-                .await;
-            return Ok((Action::await_change(), false));
-        }
-    };
-
-    let owner = policy
-        .controller_owner_ref(&())
-        .expect("a stored policy has a name and uid");
-    let gateway = policy.spec.gateway.as_ref();
-    let port = gateway
-        .and_then(|g| g.port)
-        .unwrap_or(objects::GATEWAY_PORT);
-    let replicas = gateway.and_then(|g| g.replicas).unwrap_or(1);
-    let image = gateway
-        .and_then(|g| g.image.as_deref())
-        .unwrap_or(&ctx.gateway_image);
-    let c = &ctx.client;
-    apply(c, &ns, objects::gateway_service_account(&ns, &name), &owner).await?;
-    apply(c, &ns, objects::gateway_role(&ns, &name), &owner).await?;
-    apply(c, &ns, objects::gateway_role_binding(&ns, &name), &owner).await?;
-    apply(c, &ns, objects::gateway_service(&ns, &name, port), &owner).await?;
-    let deployment = apply(
-        c,
-        &ns,
-        objects::gateway_deployment(&objects::GatewayPodSpec {
-            namespace: &ns,
-            policy: &name,
-            image,
-            upstream: &config.upstream.url.to_string(),
-            port,
-            replicas,
-            gateway,
-            api_key: config.upstream.api_key_secret.as_ref(),
-        }),
-        &owner,
-    )
-    .await?;
-    let pdb_name = objects::gateway_name(&name);
-    if replicas > 1 {
-        apply(c, &ns, objects::gateway_pdb(&ns, &name), &owner).await?;
-    } else {
-        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(c.clone(), &ns);
-        match pdbs.delete(&pdb_name, &DeleteParams::default()).await {
-            Ok(_) | Err(kube::Error::Api(_)) => {}
-            Err(source) => {
-                return Err(ReconcileError::Apply {
-                    kind: "PodDisruptionBudget".into(),
-                    name: pdb_name,
-                    source,
-                });
-            }
-        }
-    }
-
-    let ds = deployment.status.clone().unwrap_or_default();
-    let available = ds.conditions.as_ref().is_some_and(|cs| {
-        cs.iter()
-            .any(|c| c.type_ == "Available" && c.status == "True")
-    });
-    let ready_replicas = ds.ready_replicas.unwrap_or(0);
-    let ready_message = format!("{ready_replicas}/{replicas} gateway replicas ready");
-    let status = json!({
-        "apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
-        "status": {
-            "observedGeneration": generation,
-            "conditions": [
-                condition("Accepted", true, "Valid", "the spec is valid", generation, &previous),
-                condition("Ready", available, if available { "DeploymentAvailable" } else { "DeploymentNotAvailable" }, &ready_message, generation, &previous),
-            ],
-            "replicas": ds.replicas.unwrap_or(0),
-            "readyReplicas": ready_replicas,
-            "endpoint": objects::gateway_endpoint(&ns, &name, port),
-        }
-    });
-    api.patch_status(&name, &status_pp, &Patch::Apply(&status))
-        .await
-        .map_err(ReconcileError::Status)?;
-    Ok((Action::requeue(Duration::from_secs(300)), true))
-}
-
-fn error_policy(policy: Arc<RateLimitPolicy>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
-    let mut n = ctx
-        .failures
-        .entry(ObjectRef::from_obj(&*policy))
-        .or_insert(0);
-    *n += 1;
-    let delay = Duration::from_millis(500 * 2u64.saturating_pow((*n).min(10)))
-        .min(Duration::from_secs(300));
-    tracing::warn!(policy = %format!("{}/{}", policy.namespace().unwrap_or_default(), policy.name_any()), %error, retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
 }
 
 /// One controller over `ns` (or all namespaces); returns its store and the future to run.
@@ -458,10 +126,38 @@ fn controller(
     .graceful_shutdown_on(shutdown);
     let store = c.store();
     let fut = Box::pin(
-        c.run(reconcile, error_policy, ctx)
+        c.run(reconcile::reconcile, reconcile::error_policy, ctx)
             .for_each(|_| futures_util::future::ready(())),
     );
     (store, fut)
+}
+
+/// What the operator's HTTP server reads.
+#[derive(Clone)]
+pub struct AppState {
+    pub metrics: OperatorMetrics,
+    /// The controllers' caches of policies (one per watched namespace, or one for all).
+    pub stores: Arc<Mutex<Vec<Store<RateLimitPolicy>>>>,
+}
+
+/// The operator's `/metrics`, `/healthz` and `/readyz`.
+pub fn app(state: AppState) -> axum::Router {
+    async fn metrics(axum::extract::State(s): axum::extract::State<AppState>) -> String {
+        let n: usize = s
+            .stores
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.state().len())
+            .sum();
+        s.metrics.policies.set(n as i64);
+        s.metrics.render()
+    }
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route("/readyz", axum::routing::get(|| async { "ok" }))
+        .with_state(state)
 }
 
 /// Fails with an instruction when the CRD is not installed.
@@ -492,30 +188,16 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "sluice".into());
         format!("{}-{}", host.trim(), std::process::id())
     });
-    let stores: Arc<std::sync::Mutex<Vec<Store<RateLimitPolicy>>>> = Arc::default();
+    let stores: Arc<Mutex<Vec<Store<RateLimitPolicy>>>> = Arc::default();
 
-    // /metrics, /healthz, /readyz.
     let listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.metrics_listen))?;
-    {
-        let (metrics, stores) = (metrics.clone(), stores.clone());
-        let app = axum::Router::new()
-            .route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let (metrics, stores) = (metrics.clone(), stores.clone());
-                    async move {
-                        let n: usize = stores.lock().unwrap().iter().map(|s| s.state().len()).sum();
-                        metrics.policies.set(n as i64);
-                        metrics.render()
-                    }
-                }),
-            )
-            .route("/healthz", axum::routing::get(|| async { "ok" }))
-            .route("/readyz", axum::routing::get(|| async { "ok" }));
-        tokio::spawn(async move { axum::serve(listener, app).await });
-    }
+    let state = AppState {
+        metrics: metrics.clone(),
+        stores: stores.clone(),
+    };
+    tokio::spawn(async move { axum::serve(listener, app(state)).await });
 
     let elector = if args.leader_elect {
         let ns = args
@@ -592,5 +274,45 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             metrics.leader.set(0);
             anyhow::bail!("lost leadership; exiting so this replica restarts as a candidate")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn the_app_serves_metrics_with_the_reconcile_labels_and_probes() {
+        let state = AppState {
+            metrics: OperatorMetrics::new(),
+            stores: Arc::default(),
+        };
+        state.metrics.reconciled("success", "");
+        state.metrics.reconciled("error", "Deployment");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app(state)).await });
+        let m = get(addr, "/metrics").await;
+        assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+        assert!(
+            m.contains(r#"sluice_operator_reconciles_total{error="Deployment",result="error"} 1"#),
+            "{m}"
+        );
+        assert!(m.contains("sluice_operator_policies 0"), "{m}");
+        for probe in ["/healthz", "/readyz"] {
+            assert!(get(addr, probe).await.starts_with("HTTP/1.1 200"));
+        }
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        server.abort();
     }
 }

@@ -1,0 +1,268 @@
+//! One reconcile of one RateLimitPolicy: validate, write `Accepted`, apply the owned
+//! objects with server-side apply, write status; failures are counted by what failed and
+//! retried with exponential backoff per policy.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use super::metrics::OperatorMetrics;
+use super::{FIELD_MANAGER, objects, status};
+use crate::policy::{PolicyConfig, RateLimitPolicy};
+
+/// What reconcile needs.
+pub struct Context {
+    pub client: Client,
+    pub gateway_image: String,
+    pub recorder: Recorder,
+    pub metrics: OperatorMetrics,
+    /// Consecutive failures per policy, for the retry backoff.
+    pub failures: DashMap<ObjectRef<RateLimitPolicy>, u32>,
+}
+
+/// Why a reconcile failed (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("the policy has no namespace")]
+    NoNamespace,
+    #[error("cannot apply {kind} {name}: {source}")]
+    Apply {
+        kind: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("cannot update the policy status: {0}")]
+    Status(kube::Error),
+}
+
+impl ReconcileError {
+    /// The `error` label of `sluice_operator_reconciles_total`: the kind of the object that
+    /// failed to apply, `status`, or `namespace`.
+    pub fn metric_label(&self) -> &str {
+        match self {
+            ReconcileError::NoNamespace => "namespace",
+            ReconcileError::Apply { kind, .. } => kind,
+            ReconcileError::Status(_) => "status",
+        }
+    }
+}
+
+async fn apply<K>(
+    client: &Client,
+    ns: &str,
+    mut obj: K,
+    owner: &OwnerReference,
+) -> Result<K, ReconcileError>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    obj.meta_mut().owner_references = Some(vec![owner.clone()]);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let mut value = serde_json::to_value(&obj).expect("object serializes");
+    value["apiVersion"] = json!(K::api_version(&()));
+    value["kind"] = json!(K::kind(&()));
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&value),
+    )
+    .await
+    .map_err(|source| ReconcileError::Apply {
+        kind: K::kind(&()).to_string(),
+        name,
+        source,
+    })
+}
+
+pub(super) async fn reconcile(
+    policy: Arc<RateLimitPolicy>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let start = Instant::now();
+    let result = reconcile_policy(&policy, &ctx).await;
+    ctx.metrics.duration.observe(start.elapsed().as_secs_f64());
+    match &result {
+        Ok((_, valid)) => {
+            ctx.metrics
+                .reconciled(if *valid { "success" } else { "invalid" }, "");
+            ctx.failures.remove(&ObjectRef::from_obj(&*policy));
+        }
+        Err(e) => {
+            ctx.metrics.reconciled("error", e.metric_label());
+            let _ = ctx
+                .recorder
+                .publish(
+                    &Event {
+                        type_: EventType::Warning,
+                        reason: "ReconcileFailed".into(),
+                        note: Some(e.to_string().chars().take(1000).collect()),
+                        action: "Reconcile".into(),
+                        secondary: None,
+                    },
+                    &policy.object_ref(&()),
+                )
+                .await;
+        }
+    }
+    result.map(|(a, _)| a)
+}
+
+async fn reconcile_policy(
+    policy: &RateLimitPolicy,
+    ctx: &Context,
+) -> Result<(Action, bool), ReconcileError> {
+    let ns = policy.namespace().ok_or(ReconcileError::NoNamespace)?;
+    let name = policy.name_any();
+    if policy.metadata.deletion_timestamp.is_some() {
+        // Being deleted: the garbage collector removes what it owned; re-applying would fight it.
+        return Ok((Action::await_change(), true));
+    }
+    let generation = policy.metadata.generation;
+    let previous = policy
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let api: Api<RateLimitPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+    let status_pp = PatchParams::apply(FIELD_MANAGER).force();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+
+    let config = match PolicyConfig::try_from(&policy.spec) {
+        Ok(c) => c,
+        Err(e) => {
+            let message = e.to_string();
+            tracing::warn!(policy = %format!("{ns}/{name}"), error = %message, "policy not accepted");
+            let Some(status) = status::invalid(generation, &message, &previous, &now) else {
+                return Ok((Action::await_change(), false));
+            };
+            api.patch_status(&name, &status_pp, &Patch::Apply(&status))
+                .await
+                .map_err(ReconcileError::Status)?;
+            let _ = ctx
+                .recorder
+                .publish(
+                    &Event {
+                        type_: EventType::Warning,
+                        reason: "InvalidSpec".into(),
+                        note: Some(message.chars().take(1000).collect()),
+                        action: "Validate".into(),
+                        secondary: None,
+                    },
+                    &policy.object_ref(&()),
+                )
+                .await;
+            return Ok((Action::await_change(), false));
+        }
+    };
+
+    let owner = policy
+        .controller_owner_ref(&())
+        .expect("a stored policy has a name and uid");
+    let gateway = policy.spec.gateway.as_ref();
+    let port = gateway
+        .and_then(|g| g.port)
+        .unwrap_or(objects::GATEWAY_PORT);
+    let replicas = gateway.and_then(|g| g.replicas).unwrap_or(1);
+    let image = gateway
+        .and_then(|g| g.image.as_deref())
+        .unwrap_or(&ctx.gateway_image);
+    let c = &ctx.client;
+    apply(c, &ns, objects::gateway_service_account(&ns, &name), &owner).await?;
+    apply(c, &ns, objects::gateway_role(&ns, &name), &owner).await?;
+    apply(c, &ns, objects::gateway_role_binding(&ns, &name), &owner).await?;
+    apply(c, &ns, objects::gateway_service(&ns, &name, port), &owner).await?;
+    let deployment = apply(
+        c,
+        &ns,
+        objects::gateway_deployment(&objects::GatewayPodSpec {
+            namespace: &ns,
+            policy: &name,
+            image,
+            upstream: &config.upstream.url.to_string(),
+            port,
+            replicas,
+            gateway,
+            api_key: config.upstream.api_key_secret.as_ref(),
+        }),
+        &owner,
+    )
+    .await?;
+    let pdb_name = objects::gateway_name(&name);
+    if status::wants_pdb(replicas) {
+        apply(c, &ns, objects::gateway_pdb(&ns, &name), &owner).await?;
+    } else {
+        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(c.clone(), &ns);
+        match pdbs.delete(&pdb_name, &DeleteParams::default()).await {
+            Ok(_) | Err(kube::Error::Api(_)) => {}
+            Err(source) => {
+                return Err(ReconcileError::Apply {
+                    kind: "PodDisruptionBudget".into(),
+                    name: pdb_name,
+                    source,
+                });
+            }
+        }
+    }
+
+    let status = status::reconciled(
+        generation,
+        &previous,
+        &deployment.status.clone().unwrap_or_default(),
+        replicas,
+        &objects::gateway_endpoint(&ns, &name, port),
+        &now,
+    );
+    api.patch_status(&name, &status_pp, &Patch::Apply(&status))
+        .await
+        .map_err(ReconcileError::Status)?;
+    Ok((Action::requeue(Duration::from_secs(300)), true))
+}
+
+pub(super) fn error_policy(
+    policy: Arc<RateLimitPolicy>,
+    error: &ReconcileError,
+    ctx: Arc<Context>,
+) -> Action {
+    let mut n = ctx
+        .failures
+        .entry(ObjectRef::from_obj(&*policy))
+        .or_insert(0);
+    *n += 1;
+    let delay = Duration::from_millis(500 * 2u64.saturating_pow((*n).min(10)))
+        .min(Duration::from_secs(300));
+    tracing::warn!(policy = %format!("{}/{}", policy.namespace().unwrap_or_default(), policy.name_any()), %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_what_failed_for_the_metric() {
+        let apply = ReconcileError::Apply {
+            kind: "Deployment".into(),
+            name: "x-sluice".into(),
+            source: kube::Error::LinesCodecMaxLineLengthExceeded,
+        };
+        assert_eq!(apply.metric_label(), "Deployment");
+        assert!(apply.to_string().contains("Deployment x-sluice"), "{apply}");
+        let status = ReconcileError::Status(kube::Error::LinesCodecMaxLineLengthExceeded);
+        assert_eq!(status.metric_label(), "status");
+        assert_eq!(ReconcileError::NoNamespace.metric_label(), "namespace");
+    }
+}

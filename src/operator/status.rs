@@ -1,0 +1,189 @@
+//! The status a reconcile writes, as pure functions of the spec's validation, the
+//! Deployment's status and the previous conditions, so every rule is unit-tested:
+//! `lastTransitionTime` moves only when a condition's status does, an invalid spec is
+//! reported once per generation and message, and a PodDisruptionBudget exists only above one
+//! replica.
+
+use k8s_openapi::api::apps::v1::DeploymentStatus;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use serde_json::{Value, json};
+
+/// A condition; its transition time is kept from `previous` when its status is unchanged.
+pub fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: &Time,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message: message.to_owned(),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+fn patch(status: Value) -> Value {
+    json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy", "status": status})
+}
+
+/// The status patch of a policy whose spec is invalid, or None when exactly this error was
+/// already reported for this generation (no write, no duplicate Event).
+pub fn invalid(
+    generation: Option<i64>,
+    message: &str,
+    previous: &[Condition],
+    now: &Time,
+) -> Option<Value> {
+    let already_reported = previous.iter().any(|c| {
+        c.type_ == "Accepted"
+            && c.status == "False"
+            && c.message == message
+            && c.observed_generation == generation
+    });
+    if already_reported {
+        return None;
+    }
+    let c = |t, reason, msg| condition(t, false, reason, msg, generation, previous, now);
+    Some(patch(json!({
+        "observedGeneration": generation,
+        "conditions": [
+            c("Accepted", "InvalidSpec", message),
+            c("Ready", "InvalidSpec", "the spec is not valid; nothing is deployed for it"),
+        ],
+    })))
+}
+
+/// The status patch of a valid policy whose objects were applied.
+pub fn reconciled(
+    generation: Option<i64>,
+    previous: &[Condition],
+    deployment: &DeploymentStatus,
+    replicas: i32,
+    endpoint: &str,
+    now: &Time,
+) -> Value {
+    let available = deployment.conditions.as_ref().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c.type_ == "Available" && c.status == "True")
+    });
+    let ready = deployment.ready_replicas.unwrap_or(0);
+    let reason = if available {
+        "DeploymentAvailable"
+    } else {
+        "DeploymentNotAvailable"
+    };
+    let message = format!("{ready}/{replicas} gateway replicas ready");
+    patch(json!({
+        "observedGeneration": generation,
+        "conditions": [
+            condition("Accepted", true, "Valid", "the spec is valid", generation, previous, now),
+            condition("Ready", available, reason, &message, generation, previous, now),
+        ],
+        "replicas": deployment.replicas.unwrap_or(0),
+        "readyReplicas": ready,
+        "endpoint": endpoint,
+    }))
+}
+
+/// Whether a policy with `replicas` gateway replicas gets a PodDisruptionBudget (one replica
+/// or none: a PDB would block node drains, so an existing one is deleted).
+pub fn wants_pdb(replicas: i32) -> bool {
+    replicas > 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::DeploymentCondition;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    fn conditions(v: &Value) -> Vec<Condition> {
+        serde_json::from_value(v["status"]["conditions"].clone()).unwrap()
+    }
+
+    fn deployment(available: bool, ready: i32) -> DeploymentStatus {
+        DeploymentStatus {
+            replicas: Some(2),
+            ready_replicas: Some(ready),
+            conditions: Some(vec![DeploymentCondition {
+                type_: "Available".into(),
+                status: if available { "True" } else { "False" }.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_does() {
+        let first = reconciled(Some(1), &[], &deployment(false, 0), 2, "e", &at(100));
+        let c1 = conditions(&first);
+        assert_eq!(c1[1].status, "False");
+        assert_eq!(c1[1].message, "0/2 gateway replicas ready");
+        assert_eq!(c1[1].last_transition_time, at(100));
+        // Later, still not ready but one replica more: message changes, time stays.
+        let second = reconciled(Some(1), &c1, &deployment(false, 1), 2, "e", &at(200));
+        let c2 = conditions(&second);
+        assert_eq!(c2[1].message, "1/2 gateway replicas ready");
+        assert_eq!(c2[1].last_transition_time, at(100));
+        assert_eq!(c2[0].last_transition_time, at(100), "Accepted unchanged");
+        // Ready: the Ready condition transitions now.
+        let third = reconciled(Some(2), &c2, &deployment(true, 2), 2, "e", &at(300));
+        let c3 = conditions(&third);
+        assert_eq!(
+            (c3[1].status.as_str(), c3[1].reason.as_str()),
+            ("True", "DeploymentAvailable")
+        );
+        assert_eq!(c3[1].last_transition_time, at(300));
+        assert_eq!(c3[0].observed_generation, Some(2));
+        assert_eq!(third["status"]["readyReplicas"], 2);
+        assert_eq!(third["status"]["endpoint"], "e");
+    }
+
+    #[test]
+    fn an_invalid_spec_is_reported_once_per_generation_and_message() {
+        let v = invalid(Some(3), "spec.defaults.ttft: must be > 0", &[], &at(10)).unwrap();
+        let cs = conditions(&v);
+        assert_eq!(cs[0].type_, "Accepted");
+        assert_eq!(
+            (cs[0].status.as_str(), cs[0].reason.as_str()),
+            ("False", "InvalidSpec")
+        );
+        assert_eq!(cs[1].type_, "Ready");
+        assert_eq!(cs[1].status, "False");
+        assert_eq!(v["status"]["observedGeneration"], 3);
+        assert_eq!(
+            invalid(Some(3), "spec.defaults.ttft: must be > 0", &cs, &at(20)),
+            None
+        );
+        // Another message, or the same one at a new generation, is reported again.
+        assert!(invalid(Some(3), "spec.defaults.itl: must be > 0", &cs, &at(20)).is_some());
+        let again = invalid(Some(4), "spec.defaults.ttft: must be > 0", &cs, &at(20)).unwrap();
+        assert_eq!(conditions(&again)[0].last_transition_time, at(10));
+        // Valid again: Accepted transitions back to True.
+        let ok = reconciled(Some(5), &cs, &deployment(true, 2), 2, "e", &at(30));
+        assert_eq!(conditions(&ok)[0].last_transition_time, at(30));
+    }
+
+    #[test]
+    fn a_pdb_only_above_one_replica() {
+        assert!(!wants_pdb(0));
+        assert!(!wants_pdb(1));
+        assert!(wants_pdb(2));
+    }
+}
