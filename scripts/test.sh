@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs all of sluice's checks and tests, installing what they need first:
-#   formatting, clippy, a Python venv with the official `openai` client, the local Kubernetes
+#   formatting, clippy, rustdoc, a Python venv with the official `openai` client, the local Kubernetes
 #   control plane (built once into ~/.cache/sluice), then the whole cargo test suite. The
 #   control plane is stopped at the end, also when a test fails.
 set -euo pipefail
@@ -18,6 +18,9 @@ cargo fmt --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
+
+step "cargo doc --no-deps (warnings, broken intra-doc links included, are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 
 step "Python venv for the openai client (tests/requirements.txt)"
 CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}

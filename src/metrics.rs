@@ -1,5 +1,5 @@
 //! Prometheus metrics of the gateway: one registry per gateway (no global state), families
-//! named after design §3 and Prometheus conventions (base units, `_total` counters).
+//! named after Prometheus conventions (base units, `_total` counters).
 //!
 //! Label values are bounded: `model` is the limiter's key label (policy models, at most
 //! `max_dynamic_keys` others, then `other`), `endpoint` one of a fixed set, `outcome` one of
@@ -51,7 +51,8 @@ impl Outcome {
 }
 
 /// The gateway's metric families: request counters and histograms updated as requests
-/// pass, and [`StateCollector`]'s gauges computed from the policy store at scrape time.
+/// pass, and the limiter's and policy source's gauges computed from the policy store at
+/// scrape time.
 #[derive(Clone)]
 pub struct GatewayMetrics {
     registry: Registry,

@@ -1,4 +1,4 @@
-//! The shedding decision (design §2, extended by the goodput benchmark): from the pressure
+//! The shedding decision (the first memoryless ramp, extended by the goodput benchmark): from the pressure
 //! ratio to a rejection probability, and from the estimator state to Retry-After.
 //!
 //! ```text
@@ -9,7 +9,7 @@
 //! ```
 //! The TTFT signal is the larger of the moving average and the estimate from requests still
 //! waiting for their first token (see `KeyState::waiting_ttft` in the parent module).
-//! `ramp(r)` alone is the design's memoryless curve; the goodput benchmark showed it flapping
+//! `ramp(r)` alone was sluice's first, memoryless curve; the goodput benchmark showed it flapping
 //! under overload (shut while stale samples drain, wide open — and flooding the server — the
 //! moment they have), so the admitted fraction also carries an integral `I` of the pressure's
 //! distance from 1, as PIE (RFC 8033) does for packet queues, on a logarithmic scale so the

@@ -1,4 +1,4 @@
-//! The fading-evidence time-weighted moving average (design §2).
+//! The fading-evidence time-weighted moving average of TTFT and ITL samples.
 //!
 //! State: decayed sums `S` (of sample values) and `W` (of sample weights, each sample
 //! weighing 1) and the time `t` of the last update; `τ` is the time constant and
@@ -17,7 +17,7 @@
 //! fades below one sample's worth, the read becomes `m · W_d` (the mean scaled by the evidence
 //! left), which decays toward zero at rate 1/τ, so an idle limiter reopens.
 //!
-//! **Read/write consistency.** The design's seed formula wrote `S := S_d + v` in the faded
+//! **Read/write consistency.** A simpler formula writes `S := S_d + v` in the faded
 //! regime too. The read then counts the missing weight `1 − W_d` as zero-valued evidence but
 //! the write drops it: after a long idle gap (say `m = 100`, `W_d = 0.009`, read `0.9`), one
 //! sample `0.9` produced `(0.9 + 0.9)/1.009 ≈ 1.78` — the read said "below the threshold of 1"
@@ -190,7 +190,7 @@ mod tests {
                 t += interval;
             }
             let r = e.read(t - interval, tau);
-            // The seed design's "decay the value on every write" pitfall reads about half.
+            // The "decay the value on every write" pitfall would read about half.
             assert!((r - 0.25).abs() < 1e-9, "interval {interval}: read {r}");
         }
     }
@@ -238,7 +238,7 @@ mod tests {
 
     #[test]
     fn a_sample_below_the_threshold_after_idle_never_pushes_the_read_above_it() {
-        // The pitfall of design §2: a high mean faded by idleness reads below the threshold;
+        // The pitfall: a high mean faded by idleness reads below the threshold;
         // a new sample below the threshold must keep it there.
         let (tau, threshold) = (10.0, 1.0);
         let mut e = Estimator::default();

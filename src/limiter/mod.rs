@@ -1,13 +1,22 @@
-//! The latency limiter: per-key moving averages of time-to-first-token (TTFT) and
-//! inter-token latency (ITL), and the decision to admit or shed a new request.
+//! The latency limiter: per key (model), the signals compared with the policy's thresholds
+//! and the decision to admit or shed a new request.
 //!
+//! - TTFT signal: the larger of the moving average of time to first token and twice the mean
+//!   age of the requests still waiting for their first token (it rises while a queue builds,
+//!   where the average lags by the TTFT itself).
+//! - ITL signal: the moving average of inter-token gaps.
+//! - Samples above `ramp × threshold` are recorded at that ceiling (not for the hard cliff),
+//!   so a burst's backlog cannot hold the gate shut long after the queue drained.
+//! - Pressure `r` = the larger signal/threshold ratio; the rejection probability combines a
+//!   ramp in `r` with a log-domain integral of persistent pressure ([`decision`]).
+//!
+//! Modules:
 //! - [`estimator`]: the fading-evidence time-weighted moving average and its maths
 //!   (read/write consistency, evidence cap, time to fall to a level).
-//! - [`decision`]: pressure → rejection probability, Retry-After, priorities.
-//! - [`clock`], [`random`]: injected time and randomness, so tests are exact.
-//!
+//! - [`decision`]: pressure → rejection probability, the integral, Retry-After, priorities.
 //! - [`config`]: thresholds, shedding parameters, mode and scope.
 //! - [`state`]: the per-key state, in cells shared across reloads.
+//! - [`clock`], [`random`]: injected time and randomness, so tests are exact.
 //!
 //! A [`Limiter`] is built from one validated [`LimiterConfig`]; it holds the thresholds and
 //! shedding parameters of that policy and, per key, a shared cell of state. A policy reload
@@ -281,7 +290,7 @@ impl Limiter {
 
     /// An admitted request was sent upstream at `now` and waits for its first token. Call
     /// [`Limiter::end_wait`] with the same `now` exactly once when the first token arrives or
-    /// the request ends without one ([`Waiting`] does this).
+    /// the request ends without one (the gateway's measurement guard does this).
     #[inline]
     pub fn begin_wait(&self, key: KeyId, now: Duration) {
         let mut st = self.slots[key.0 as usize].lock();

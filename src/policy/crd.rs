@@ -36,8 +36,9 @@ pub const MAX_MODELS: usize = 128;
     derive = "PartialEq",
     doc = "RateLimitPolicy keeps an OpenAI-compatible inference server inside its latency targets: \
            a sluice gateway in front of it measures time-to-first-token (TTFT) and inter-token \
-           latency (ITL) and sheds new requests with HTTP 429 when their moving averages cross \
-           the thresholds declared here.",
+           latency (ITL) and sheds new requests with HTTP 429 when they cross the thresholds \
+           declared here (TTFT: the larger of its moving average and an estimate from the \
+           requests still waiting for their first token; ITL: its moving average).",
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(
         name = "TTFT",
@@ -122,8 +123,8 @@ pub struct RateLimitPolicySpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct UpstreamSpec {
-    /// Base URL of the OpenAI-compatible server, e.g. http://vllm.inference.svc:8000
-    /// (requests to /v1/... are forwarded to <url>/v1/...).
+    /// Base URL of the OpenAI-compatible server, e.g. `http://vllm.inference.svc:8000`
+    /// (requests to `/v1/...` are forwarded to `<url>/v1/...`).
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''").message("must be an http:// or https:// URL with a host"))]
     pub url: String,
@@ -142,8 +143,10 @@ pub struct UpstreamSpec {
 
     /// Ask the upstream for a stream even when the client asked for a unary response, and
     /// assemble the unary response in the gateway, so unary traffic yields TTFT and ITL
-    /// samples too. Turn off for upstreams that cannot stream; unary requests are then
-    /// measured by end-to-end latency only.
+    /// samples too. Turn off for upstreams that cannot stream: unary requests are then
+    /// relayed as they are and give the limiter no samples (they are still admitted or shed
+    /// by what streamed traffic measured; their duration is only recorded in
+    /// sluice_request_duration_seconds).
     #[serde(default = "default_true")]
     pub stream_unary: bool,
 }
@@ -210,22 +213,27 @@ pub enum Scope {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Thresholds {
-    /// Time-to-first-token threshold: shedding starts when the moving average of TTFT
-    /// (request sent upstream to first content chunk) exceeds it. Gateway API duration.
+    /// Time-to-first-token threshold: shedding starts when the TTFT signal exceeds it. The
+    /// signal is the larger of the moving average of TTFT (request sent upstream to first
+    /// content chunk; samples above ramp × threshold are recorded at that ceiling) and twice
+    /// the mean age of the requests still waiting for their first token, which rises while a
+    /// queue builds. Set it below the TTFT your users need. Gateway API duration.
     #[serde(default = "default_ttft")]
     #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
     pub ttft: String,
 
     /// Inter-token-latency threshold: shedding starts when the moving average of the gap
-    /// between consecutive content chunks exceeds it. Gateway API duration.
+    /// between consecutive content chunks exceeds it (samples above ramp × threshold are
+    /// recorded at that ceiling). Gateway API duration.
     #[serde(default = "default_itl")]
     #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
     pub itl: String,
 
-    /// Time constant τ of the moving averages: a sample's weight falls to 1/e after τ.
-    /// Longer is steadier, shorter reacts faster. At least 1s. Gateway API duration.
+    /// Time constant τ of the moving averages (a sample's weight falls to 1/e after τ) and of
+    /// the shedding integral. Longer is steadier, shorter reacts faster. At least 1s.
+    /// Gateway API duration.
     #[serde(default = "default_time_constant")]
     #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("must be at least 1s"))]
@@ -259,9 +267,14 @@ pub struct ModelThresholds {
     pub time_constant: Option<String>,
 }
 
-/// Shape of the shedding curve. With pressure r = max(TTFT average / TTFT threshold,
-/// ITL average / ITL threshold), a request is rejected with probability 0 for r ≤ 1 and
-/// maxRejectProbability · min(1, (r − 1)/(ramp − 1)) above.
+/// Shape of shedding. With pressure r = max(TTFT signal / TTFT threshold, ITL average / ITL
+/// threshold), the ramp rejects with probability 0 for r ≤ 1 and
+/// maxRejectProbability · min(1, (r − 1)/(ramp − 1)) above. An integral I ≤ 0 remembers
+/// persistent pressure: it falls by (min(r, ramp) − 1)/(ramp − 1) per time constant while
+/// r > 1 and rises back towards 0 when r < 1, and a request is rejected with probability
+/// min(maxRejectProbability, 1 − (1 − ramp part) · e^I), so the gate does not flood the
+/// server the moment the averages dip. Critical requests are never shed; sheddable ones see
+/// their pressure scaled up by 1.25.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Shedding {
@@ -271,8 +284,9 @@ pub struct Shedding {
     #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("must be greater than 0 and at most 1"))]
     pub max_reject_probability: f64,
 
-    /// Pressure at which the rejection probability reaches its maximum, at least 1. 1 rejects
-    /// at the maximum as soon as a threshold is crossed (a hard cliff).
+    /// Pressure at which the ramp reaches the maximum rejection probability, at least 1. 1
+    /// rejects at the maximum as soon as a threshold is crossed (a hard cliff, without the
+    /// integral or the sample ceiling).
     #[serde(default = "default_ramp")]
     #[x_kube(validation = Rule::new("self >= 1.0").message("must be at least 1"))]
     pub ramp: f64,
@@ -301,7 +315,8 @@ pub struct RateLimitPolicyStatus {
     /// Gateway pods that are ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
-    /// Base URL of the OpenAI-compatible gateway Service, e.g. http://llama-sluice.inference.svc:8080/v1
+    /// Base URL of the OpenAI-compatible gateway Service, e.g.
+    /// `http://llama-sluice.inference.svc:8080/v1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
 }
