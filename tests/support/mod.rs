@@ -7,6 +7,7 @@
 #![allow(dead_code)] // each test crate uses a different part
 
 pub mod http;
+pub mod inproc;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,149 @@
+//! Admission through the real router and relay, in this process, with an injected clock and
+//! a seeded random source (see `support::inproc`): the samples the gateway takes are exactly
+//! the clock steps the test makes, so the values of Retry-After and the moment the gate
+//! reopens are pinned, not timed.
+
+mod support;
+
+use std::time::Duration;
+
+use support::http::metric;
+use support::inproc::InProc;
+
+const MS: Duration = Duration::from_millis(1);
+
+/// The hard cliff (every request shed while the pressure is above 1; no integral, no sample
+/// ceiling): the simplest curve to pin numbers on.
+const CLIFF: &str =
+    "defaults: {ttft: 1s, itl: 1s, timeConstant: 4s}\nshedding: {maxRejectProbability: 1, ramp: 1}";
+
+#[tokio::test]
+async fn retry_after_is_when_the_ttft_average_falls_back_to_the_threshold() {
+    let g = InProc::start(CLIFF).await;
+    // One stream with a first token after 3 s: the TTFT average reads 3 s.
+    assert_eq!(g.stream("m", &[], 3000 * MS, &[]).await.status, 200);
+    let shed = g.stream("m", &[], MS, &[]).await;
+    assert_eq!(shed.status, 429);
+    // One sample's worth of evidence decays as 3·e^(−Δ/4s): back at 1 s after 4·ln 3 =
+    // 4.394 s, stretched by a jitter factor in [1, 1.2).
+    let retry = shed.retry_after();
+    assert!(
+        (4394 * MS..=5273 * MS).contains(&retry),
+        "retry-after-ms {retry:?}"
+    );
+    let secs: u64 = shed.header("retry-after").unwrap().parse().unwrap();
+    assert_eq!(secs, retry.as_millis().div_ceil(1000) as u64);
+    let error = shed.body.as_ref().unwrap();
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+
+    // Just before the average is back under 1 s the gate is still shut ...
+    g.clock.advance(4390 * MS);
+    assert_eq!(g.stream("m", &[], MS, &[]).await.status, 429);
+    // ... and just after, it admits.
+    g.clock.advance(5 * MS);
+    assert_eq!(g.stream("m", &[], 100 * MS, &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn itl_sheds_on_its_own() {
+    let g = InProc::start(CLIFF.replace("itl: 1s", "itl: 50ms").as_str()).await;
+    // Fast first token, then 4 tokens 60 ms apart: the ITL average reads 60 ms > 50 ms.
+    let gaps = [60 * MS; 4];
+    assert_eq!(g.stream("m", &[], 10 * MS, &gaps).await.status, 200);
+    let m = g.metrics().await;
+    // (Samples this sparse, under one per τ·ln 2, read slightly low: see the estimator.)
+    let itl = metric(&m, "sluice_itl_ema_seconds", &[("model", "m")]).unwrap();
+    assert!((0.059..=0.06).contains(&itl), "{itl}");
+    let ttft = metric(&m, "sluice_ttft_ema_seconds", &[("model", "m")]).unwrap();
+    assert!(ttft < 0.01, "{ttft}");
+    assert_eq!(g.stream("m", &[], MS, &[]).await.status, 429);
+}
+
+#[tokio::test]
+async fn critical_is_never_shed_and_sheddable_goes_first() {
+    let g = InProc::start(CLIFF).await;
+    let sheddable = [("x-sluice-priority", "sheddable")];
+    let critical = [("x-sluice-priority", "critical")];
+    // TTFT 0.9 s against 1 s: standard pressure 0.9, sheddable 0.9 × 1.25 = 1.125.
+    assert_eq!(g.stream("m", &[], 900 * MS, &[]).await.status, 200);
+    assert_eq!(g.stream("m", &sheddable, MS, &[]).await.status, 429);
+    assert_eq!(g.stream("m", &[], MS, &[]).await.status, 200);
+    // Far over the threshold: standard is shed, critical still goes through.
+    assert_eq!(g.stream("m", &critical, 5000 * MS, &[]).await.status, 200);
+    assert_eq!(g.stream("m", &[], MS, &[]).await.status, 429);
+    assert_eq!(g.stream("m", &critical, MS, &[]).await.status, 200);
+    let m = g.metrics().await;
+    let count = |outcome| {
+        metric(
+            &m,
+            "sluice_requests_total",
+            &[
+                ("model", "m"),
+                ("endpoint", "chat_completions"),
+                ("stream", "true"),
+                ("outcome", outcome),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!((count("success"), count("rejected")), (4.0, 2.0));
+}
+
+#[tokio::test]
+async fn shadow_mode_serves_what_it_would_shed_and_counts_it() {
+    let g = InProc::start(&format!("mode: Shadow\n{CLIFF}")).await;
+    assert_eq!(g.stream("m", &[], 3000 * MS, &[]).await.status, 200);
+    let r = g.stream("m", &[], MS, &[]).await;
+    assert_eq!(r.status, 200, "shadow mode rejects nothing");
+    assert!(r.header("retry-after").is_none());
+    let m = g.metrics().await;
+    let shadow = metric(
+        &m,
+        "sluice_requests_total",
+        &[
+            ("model", "m"),
+            ("endpoint", "chat_completions"),
+            ("stream", "true"),
+            ("outcome", "shadow_rejected"),
+        ],
+    );
+    assert_eq!(shadow, Some(1.0), "{m}");
+}
+
+#[tokio::test]
+async fn an_edited_threshold_during_an_overload_does_not_reopen_the_gate() {
+    // The default curve (ramp 1.5, p_max 0.95, with the integral), τ 4 s.
+    let spec = "defaults: {ttft: 1s, itl: 1s, timeConstant: 4s}";
+    let g = InProc::start(spec).await;
+    // 30 s of TTFT at 1.25 × the threshold: the integral drives the gate to p_max.
+    let mut shed = 0;
+    for _ in 0..30 {
+        match g.stream("m", &[], 1250 * MS, &[]).await.status {
+            200 => {}
+            429 => {
+                shed += 1;
+                g.clock.advance(1000 * MS);
+            }
+            s => panic!("status {s}"),
+        }
+    }
+    assert!(shed > 10, "only {shed} of 30 shed");
+    let reject = |m: &str| metric(m, "sluice_reject_probability", &[("model", "m")]).unwrap();
+    let before = reject(&g.metrics().await);
+    assert!(before > 0.5, "{before}");
+
+    // `kubectl patch`: the threshold moves to 1.1 s. The ramp alone would give
+    // 0.95 · (1.25/1.1 − 1)/0.5 ≈ 0.26; the integral carries on.
+    g.reload("defaults: {ttft: 1100ms, itl: 1s, timeConstant: 4s}");
+    let m = g.metrics().await;
+    assert_eq!(metric(&m, "sluice_policy_generation", &[]), Some(2.0));
+    assert_eq!(
+        metric(&m, "sluice_ttft_threshold_seconds", &[("model", "m")]),
+        Some(1.1)
+    );
+    let after = reject(&m);
+    assert!(
+        (after - before).abs() < 0.02,
+        "reject probability {before} → {after} across the reload"
+    );
+}

@@ -1,0 +1,229 @@
+//! The gateway's router served in this process on 127.0.0.1:0, in front of a stub upstream
+//! (also on 127.0.0.1:0) whose streams the test drives chunk by chunk, with a
+//! [`ManualClock`] and a seeded random source: every TTFT and ITL sample the gateway takes is
+//! exactly the time the test advanced the clock by, so shedding and Retry-After are exact.
+//!
+//! Synchronisation: the stub hands each request it receives to the test ([`Arrival`]); the
+//! test advances the clock, pushes a chunk and waits until the client has received it through
+//! the gateway, which has then measured it (the relay observes a chunk before passing it on).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use sluice::gateway::{self, Gateway, GatewayOptions, RandomSource};
+use sluice::limiter::ManualClock;
+use sluice::policy::PolicyConfig;
+use sluice::policy::source::PolicyStore;
+use tokio::sync::{Mutex, mpsc};
+
+use super::http::{HttpClient, client, policy_yaml};
+
+/// A request that reached the stub upstream; its response stream is open until dropped.
+pub struct Arrival {
+    pub body: serde_json::Value,
+    chunks: mpsc::UnboundedSender<Bytes>,
+}
+
+impl Arrival {
+    fn send(&self, data: &str) {
+        let _ = self.chunks.send(Bytes::from(format!("data: {data}\n\n")));
+    }
+}
+
+#[derive(Clone)]
+struct Stub {
+    arrivals: mpsc::UnboundedSender<Arrival>,
+}
+
+async fn stub_chat(State(stub): State<Stub>, body: Bytes) -> Response {
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let _ = stub.arrivals.send(Arrival { body, chunks: tx });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    (
+        [("content-type", "text/event-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// How one streamed request went.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    /// The error body of a refused request.
+    pub body: Option<serde_json::Value>,
+}
+
+impl Outcome {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
+
+    /// `retry-after-ms` as a duration.
+    pub fn retry_after(&self) -> Duration {
+        let ms: u64 = self.header("retry-after-ms").unwrap().parse().unwrap();
+        Duration::from_millis(ms)
+    }
+}
+
+/// A gateway and its stub upstream in this process.
+pub struct InProc {
+    pub url: String,
+    pub upstream: String,
+    pub clock: ManualClock,
+    pub store: Arc<PolicyStore>,
+    pub gw: Arc<Gateway>,
+    arrivals: Mutex<mpsc::UnboundedReceiver<Arrival>>,
+    client: HttpClient,
+    generation: std::sync::atomic::AtomicI64,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl InProc {
+    /// A gateway with the policy `spec` (YAML lines under `spec:`, the upstream added).
+    pub async fn start(spec: &str) -> InProc {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(stub_chat))
+            .with_state(Stub { arrivals: tx });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = format!("http://{}", listener.local_addr().unwrap());
+        let stub = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+
+        let clock = ManualClock::starting_at(Duration::from_secs(1000));
+        let store = Arc::new(PolicyStore::new(None));
+        let gw = Gateway::new(
+            store.clone(),
+            Arc::new(clock.clone()),
+            GatewayOptions {
+                random: RandomSource::seeded(42),
+                ..GatewayOptions::default()
+            },
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn({
+            let gw = gw.clone();
+            async move {
+                gateway::serve(
+                    listener,
+                    gateway::router(gw.clone()),
+                    gw,
+                    std::future::pending(),
+                    Duration::from_secs(1),
+                )
+                .await
+                .unwrap();
+            }
+        });
+        let me = InProc {
+            url,
+            upstream,
+            clock,
+            store,
+            gw,
+            arrivals: Mutex::new(rx),
+            client: client(),
+            generation: 0.into(),
+            tasks: vec![stub, server],
+        };
+        me.reload(spec);
+        me
+    }
+
+    /// Puts a new version of the policy in force (as a watch or the file poller would).
+    pub fn reload(&self, spec: &str) {
+        let doc = policy_yaml(&self.upstream, spec);
+        let (_, config) = PolicyConfig::from_yaml(&doc).unwrap();
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        self.store.apply(generation, "test".into(), config);
+    }
+
+    /// A streamed chat request for `model` whose first token comes `ttft` after it reached
+    /// the upstream and whose later tokens come `gaps` apart (clock time); refused requests
+    /// never reach the upstream.
+    pub async fn stream(
+        &self,
+        model: &str,
+        headers: &[(&str, &str)],
+        ttft: Duration,
+        gaps: &[Duration],
+    ) -> Outcome {
+        let mut req = hyper::Request::post(format!("{}/v1/chat/completions", self.url))
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let body = serde_json::json!({"model": model, "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]});
+        let req = req
+            .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let mut response = tokio::spawn(self.client.request(req));
+        let mut arrivals = self.arrivals.lock().await;
+        let arrival = tokio::select! {
+            a = arrivals.recv() => a.expect("stub upstream running"),
+            r = &mut response => {
+                let r = r.unwrap().expect("gateway answers");
+                let (status, headers) = (r.status().as_u16(), r.headers().clone());
+                let bytes = r.into_body().collect().await.unwrap().to_bytes();
+                return Outcome { status, headers, body: serde_json::from_slice(&bytes).ok() };
+            }
+        };
+        drop(arrivals);
+        let resp = response.await.unwrap().expect("gateway answers");
+        let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+        assert_eq!(status, 200);
+        let mut body = resp.into_body();
+        let content = r#"{"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}"#;
+        for step in std::iter::once(&ttft).chain(gaps) {
+            self.clock.advance(*step);
+            arrival.send(content);
+            let frame = body.frame().await.expect("a chunk").expect("no error");
+            assert!(frame.is_data());
+        }
+        arrival.send(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#);
+        arrival.send("[DONE]");
+        drop(arrival);
+        while let Some(f) = body.frame().await {
+            f.expect("the stream ends cleanly");
+        }
+        Outcome {
+            status,
+            headers,
+            body: None,
+        }
+    }
+
+    /// The gateway's /metrics text.
+    pub async fn metrics(&self) -> String {
+        let r = super::http::get(&self.client, &format!("{}/metrics", self.url)).await;
+        assert_eq!(r.status, 200);
+        r.text()
+    }
+}
+
+impl Drop for InProc {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
