@@ -27,12 +27,13 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "../tests/support/process.rs"]
+mod process;
 
+use process::ChildProcess;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -168,49 +169,28 @@ fn variants() -> Vec<Shedding> {
         .collect()
 }
 
-/// A child process killed (by PID) when dropped, also when the bench panics.
-struct Proc(Child, String);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
-
-fn spawn(args: &[&str]) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start sluice {args:?}: {e}"));
-    Proc(child, format!("sluice {}", args.join(" ")))
-}
-
-async fn wait_ready(url: &str, p: &mut Proc) {
+/// A `sluice` child process on 127.0.0.1:0 (its log at warn, plus the line that says where it
+/// listens); the URL it serves once it answers `ready_path` with 200.
+async fn spawn(args: &[&str], what: &str, ready_path: &str) -> (ChildProcess, String) {
+    let mut p = ChildProcess::sluice(
+        args,
+        &[("RUST_LOG", "warn,sluice::sim=info,sluice::gateway=info")],
+    );
+    let url = format!("http://{}", p.listen_addr(what, 20));
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(Some(status)) = p.0.try_wait() {
-            panic!("{} exited early: {status}", p.1);
+        if let Ok(Some(status)) = p.child.try_wait() {
+            panic!("{} exited early: {status}", p.name);
         }
-        let req = hyper::Request::get(url)
+        let req = hyper::Request::get(format!("{url}{ready_path}"))
             .body(Full::new(Bytes::new()))
             .expect("request");
         if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), client.request(req)).await
             && r.status() == 200
         {
-            return;
+            return (p, url);
         }
         assert!(Instant::now() < deadline, "{url} not ready after 20 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -222,18 +202,14 @@ struct System {
     url: String,
     metrics_url: Option<String>,
     max_inflight: Option<usize>,
-    _procs: Vec<Proc>,
+    _procs: Vec<ChildProcess>,
 }
 
 async fn start(limiter: &Limiter, seed: u64, dir: &Path) -> System {
-    let port = free_port();
-    let engine_url = format!("http://127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
     let seed_s = seed.to_string();
-    let mut args = vec!["sim-engine", "--listen", &listen, "--seed", &seed_s];
+    let mut args = vec!["sim-engine", "--listen", "127.0.0.1:0", "--seed", &seed_s];
     args.extend_from_slice(ENGINE);
-    let mut engine = spawn(&args);
-    wait_ready(&format!("{engine_url}/health"), &mut engine).await;
+    let (engine, engine_url) = spawn(&args, "simulated engine", "/health").await;
     match limiter {
         Limiter::None | Limiter::Cap(_) => System {
             url: engine_url,
@@ -247,17 +223,18 @@ async fn start(limiter: &Limiter, seed: u64, dir: &Path) -> System {
         Limiter::Sluice(s) => {
             let policy = dir.join("policy.yaml");
             std::fs::write(&policy, s.policy(&engine_url)).expect("write policy");
-            let gport = free_port();
-            let glisten = format!("127.0.0.1:{gport}");
-            let mut gw = spawn(&[
+            let (gw, url) = spawn(
+                &[
+                    "gateway",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--policy-file",
+                    policy.to_str().expect("utf-8 path"),
+                ],
                 "gateway",
-                "--listen",
-                &glisten,
-                "--policy-file",
-                policy.to_str().expect("utf-8 path"),
-            ]);
-            let url = format!("http://{glisten}");
-            wait_ready(&format!("{url}/readyz"), &mut gw).await;
+                "/readyz",
+            )
+            .await;
             System {
                 metrics_url: Some(format!("{url}/metrics")),
                 url,

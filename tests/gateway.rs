@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use support::http::{
-    Gw, PolicyFile, Sim, client, free_port, get, metric, policy_yaml, post_json, send, start,
+    Gw, PolicyFile, Sim, client, get, metric, policy_yaml, post_json, send, start,
 };
 
 fn chat(max_tokens: u32, stream: bool) -> Value {
@@ -359,8 +359,7 @@ async fn client_errors_are_openai_shaped() {
 #[tokio::test]
 async fn upstream_down_is_502_and_upstream_timeout_is_504() {
     let c = client();
-    let closed = format!("http://127.0.0.1:{}", free_port());
-    let policy = PolicyFile::new(&policy_yaml(&closed, ""));
+    let policy = PolicyFile::new(&policy_yaml(support::http::CLOSED, ""));
     let gw = Gw::start(&c, &policy.0, None, &[]).await;
     let r = post_json(
         &c,
@@ -614,14 +613,17 @@ async fn sigterm_drains_in_flight_streams_and_exits_zero() {
 #[tokio::test]
 async fn the_demo_serves_the_example_policy_and_stops_cleanly() {
     let c = client();
-    let (gw_port, engine_port) = (free_port(), free_port());
-    let listen = format!("127.0.0.1:{gw_port}");
-    let engine = format!("127.0.0.1:{engine_port}");
     let mut demo = support::ChildProcess::sluice(
-        &["demo", "--listen", &listen, "--engine-listen", &engine],
+        &[
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--engine-listen",
+            "127.0.0.1:0",
+        ],
         &[],
     );
-    let url = format!("http://{listen}");
+    let url = format!("http://{}", demo.listen_addr("gateway", 20));
     support::http::wait_ok(&c, &format!("{url}/readyz"), 20, &mut demo).await;
     let r = post_json(&c, &format!("{url}/v1/chat/completions"), &chat(3, false)).await;
     assert_eq!(r.status, 200, "{}", r.text());

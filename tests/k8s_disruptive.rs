@@ -252,15 +252,13 @@ async fn the_operator_refuses_a_semantically_invalid_policy_and_deploys_nothing(
     ensure_crd(&k).await;
     let ns = TestNamespace::new(&k, "op-invalid").await;
     let id = support::operator_identity(&k, &ns.name).await;
-    let port = support::http::free_port();
-    let listen = format!("127.0.0.1:{port}");
     let _op = support::ChildProcess::sluice(
         &[
             "operator",
             "--watch-namespaces",
             &ns.name,
             "--metrics-listen",
-            &listen,
+            "127.0.0.1:0",
         ],
         &[("KUBECONFIG", id.kubeconfig.0.to_str().unwrap())],
     );

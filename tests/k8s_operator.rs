@@ -18,7 +18,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use sluice::policy::RateLimitPolicy;
-use support::http::{client as http_client, free_port, get, metric};
+use support::http::{client as http_client, get, metric};
 use support::{ChildProcess, TestNamespace, client, ensure_crd, eventually, operator_identity};
 
 fn policy(name: &str, replicas: i32) -> RateLimitPolicy {
@@ -41,28 +41,27 @@ struct Operator {
 }
 
 fn start_operator(ns: &str, kubeconfig: &std::path::Path, extra: &[&str]) -> Operator {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let mut args = vec![
         "operator",
         "--watch-namespaces",
         ns,
         "--metrics-listen",
-        &listen,
+        "127.0.0.1:0",
         "--gateway-image",
         "example.test/sluice:dev",
     ];
     args.extend_from_slice(extra);
-    let process = ChildProcess::sluice(
+    let mut process = ChildProcess::sluice(
         &args,
         &[
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
             ("RUST_LOG", "info"),
         ],
     );
+    let addr = process.listen_addr("operator metrics", 30);
     Operator {
         process,
-        metrics_url: format!("http://{listen}/metrics"),
+        metrics_url: format!("http://{addr}/metrics"),
     }
 }
 

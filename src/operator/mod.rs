@@ -193,6 +193,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.metrics_listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "operator metrics listening");
     let state = AppState {
         metrics: metrics.clone(),
         stores: stores.clone(),

@@ -1,7 +1,6 @@
 //! A small HTTP client and helpers to start `sluice sim-engine` and `sluice gateway` as real
 //! processes on 127.0.0.1.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,14 +19,9 @@ pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the child binds it next).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// An address where nothing listens (port 1, tcpmux, is never served here): connecting is
+/// refused at once.
+pub const CLOSED: &str = "http://127.0.0.1:1";
 
 pub struct Reply {
     pub status: u16,
@@ -127,12 +121,10 @@ pub struct Sim {
 
 impl Sim {
     pub async fn start(c: &HttpClient, extra: &[&str]) -> Sim {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut args = vec!["sim-engine", "--listen", &listen];
+        let mut args = vec!["sim-engine", "--listen", "127.0.0.1:0"];
         args.extend_from_slice(extra);
-        let mut process = ChildProcess::sluice(&args, &[("RUST_LOG", "warn")]);
-        let url = format!("http://{listen}");
+        let mut process = ChildProcess::sluice(&args, &[("RUST_LOG", "warn,sluice::sim=info")]);
+        let url = format!("http://{}", process.listen_addr("simulated engine", 20));
         wait_ok(c, &format!("{url}/health"), 20, &mut process).await;
         Sim { process, url }
     }
@@ -173,13 +165,11 @@ impl Gw {
         upstream: Option<&str>,
         extra: &[&str],
     ) -> Gw {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
         let policy = policy.to_str().unwrap();
         let mut args = vec![
             "gateway",
             "--listen",
-            &listen,
+            "127.0.0.1:0",
             "--policy-file",
             policy,
             "--reload-interval",
@@ -190,19 +180,17 @@ impl Gw {
         }
         args.extend_from_slice(extra);
         let mut process = ChildProcess::sluice(&args, &[("RUST_LOG", "info")]);
-        let url = format!("http://{listen}");
+        let url = format!("http://{}", process.listen_addr("gateway", 20));
         wait_ok(c, &format!("{url}/readyz"), 20, &mut process).await;
         Gw { process, url }
     }
 
     /// A gateway following `namespace/policy` through the API, with the given kubeconfig.
     pub async fn start_k8s(c: &HttpClient, namespace: &str, policy: &str, kubeconfig: &Path) -> Gw {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
         let args = [
             "gateway",
             "--listen",
-            &listen,
+            "127.0.0.1:0",
             "--policy",
             policy,
             "--namespace",
@@ -215,7 +203,7 @@ impl Gw {
                 ("KUBECONFIG", kubeconfig.to_str().unwrap()),
             ],
         );
-        let url = format!("http://{listen}");
+        let url = format!("http://{}", process.listen_addr("gateway", 30));
         wait_ok(c, &format!("{url}/readyz"), 30, &mut process).await;
         Gw { process, url }
     }

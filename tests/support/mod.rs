@@ -8,9 +8,12 @@
 
 pub mod http;
 pub mod inproc;
+mod process;
+
+pub use process::ChildProcess;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -163,66 +166,6 @@ impl Drop for TestNamespace {
             "--wait=false",
             "--ignore-not-found",
         ]);
-    }
-}
-
-/// A child process that is killed (by PID) and reaped when dropped, also on test failure.
-pub struct ChildProcess {
-    pub child: Child,
-    pub name: String,
-}
-
-impl ChildProcess {
-    /// Starts the `sluice` binary with `args`; stdout and stderr go to the test's output.
-    pub fn sluice(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        cmd.args(args).stdin(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", env!("CARGO_BIN_EXE_sluice")));
-        ChildProcess {
-            child,
-            name: format!("sluice {}", args.join(" ")),
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends SIGTERM (graceful shutdown).
-    pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -TERM {} failed", self.pid());
-    }
-
-    /// Waits up to `secs` for the process to exit.
-    pub fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {secs}s",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
