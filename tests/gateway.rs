@@ -35,16 +35,10 @@ fn sse_events(body: &[u8]) -> Vec<String> {
 async fn streams_and_unary_responses_pass_through_and_are_measured() {
     let c = client();
     let sim = Sim::start(&c, &["--max-num-seqs", "4"]).await;
-    let policy = PolicyFile::new(&policy_yaml(&sim.url, "defaults: {ttft: 5s, itl: 1s}"));
-    let gw = Gw::start(&c, &policy.0, None, &[]).await;
+    let (gw, _policy) = Gw::with_policy(&c, &sim.url, "defaults: {ttft: 5s, itl: 1s}", &[]).await;
 
     // Streaming chat: the engine's events arrive unchanged, ending with [DONE].
-    let r = post_json(
-        &c,
-        &format!("{}/v1/chat/completions", gw.url),
-        &chat(5, true),
-    )
-    .await;
+    let r = gw.chat(&c, &chat(5, true)).await;
     assert_eq!(r.status, 200);
     assert!(
         r.header("content-type")
@@ -59,18 +53,8 @@ async fn streams_and_unary_responses_pass_through_and_are_measured() {
 
     // Unary chat through the gateway (assembled from a stream) equals the engine's own
     // unary answer to the same request.
-    let via_gw = post_json(
-        &c,
-        &format!("{}/v1/chat/completions", gw.url),
-        &chat(7, false),
-    )
-    .await;
-    let direct = post_json(
-        &c,
-        &format!("{}/v1/chat/completions", sim.url),
-        &chat(7, false),
-    )
-    .await;
+    let via_gw = gw.chat(&c, &chat(7, false)).await;
+    let direct = sim.chat(&c, &chat(7, false)).await;
     assert_eq!(via_gw.status, 200, "{}", via_gw.text());
     assert_eq!(without_ids(via_gw.json()), without_ids(direct.json()));
 
@@ -157,11 +141,13 @@ async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
     let c = client();
     // Two batch slots, 15 ms per step: 30 streams of 30 tokens queue for seconds.
     let sim = Sim::batch(&c, 2, 15).await;
-    let policy = PolicyFile::new(&policy_yaml(
+    let (gw, _policy) = Gw::with_policy(
+        &c,
         &sim.url,
         "defaults: {ttft: 200ms, itl: 1s, timeConstant: 1s}\nshedding: {maxRejectProbability: 0.95, ramp: 1.5, maxEvidence: 20}",
-    ));
-    let gw = Gw::start(&c, &policy.0, None, &[]).await;
+        &[],
+    )
+    .await;
 
     let load = {
         let (c, url) = (c.clone(), gw.url.clone());
@@ -170,12 +156,7 @@ async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
     // Once the queue shows in the TTFT signal, new requests are shed with Retry-After.
     let deadline = Instant::now() + Duration::from_secs(30);
     let shed = loop {
-        let r = post_json(
-            &c,
-            &format!("{}/v1/chat/completions", gw.url),
-            &chat(1, false),
-        )
-        .await;
+        let r = gw.chat(&c, &chat(1, false)).await;
         if r.status == 429 {
             break r;
         }
@@ -231,12 +212,7 @@ async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
         assert!(Instant::now() < deadline, "the gate did not reopen:\n{m}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let r = post_json(
-        &c,
-        &format!("{}/v1/chat/completions", gw.url),
-        &chat(1, false),
-    )
-    .await;
+    let r = gw.chat(&c, &chat(1, false)).await;
     assert_eq!(r.status, 200);
     let m = gw.metrics(&c).await;
     assert!(
@@ -259,11 +235,13 @@ async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
 async fn shadow_mode_never_rejects_but_counts() {
     let c = client();
     let sim = Sim::batch(&c, 1, 10).await;
-    let policy = PolicyFile::new(&policy_yaml(
+    let (gw, _policy) = Gw::with_policy(
+        &c,
         &sim.url,
         "mode: Shadow\ndefaults: {ttft: 50ms, itl: 1ms, timeConstant: 1s}",
-    ));
-    let gw = Gw::start(&c, &policy.0, None, &[]).await;
+        &[],
+    )
+    .await;
     // Every token takes 10 ms against a 1 ms ITL threshold: far over, yet nothing is shed.
     let (ok, shed) = burst(&c, &gw.url, 6, 10).await;
     assert_eq!((ok, shed), (6, 0));
@@ -291,8 +269,7 @@ async fn shadow_mode_never_rejects_but_counts() {
 async fn client_errors_are_openai_shaped() {
     let c = client();
     let sim = Sim::start(&c, &[]).await;
-    let policy = PolicyFile::new(&policy_yaml(&sim.url, ""));
-    let gw = Gw::start(&c, &policy.0, None, &["--max-body-bytes", "1024"]).await;
+    let (gw, _policy) = Gw::with_policy(&c, &sim.url, "", &["--max-body-bytes", "1024"]).await;
     let url = format!("{}/v1/chat/completions", gw.url);
 
     let r = send(&c, "POST", &url, &[], "{not json").await;
@@ -359,14 +336,8 @@ async fn client_errors_are_openai_shaped() {
 #[tokio::test]
 async fn upstream_down_is_502_and_upstream_timeout_is_504() {
     let c = client();
-    let policy = PolicyFile::new(&policy_yaml(support::http::CLOSED, ""));
-    let gw = Gw::start(&c, &policy.0, None, &[]).await;
-    let r = post_json(
-        &c,
-        &format!("{}/v1/chat/completions", gw.url),
-        &chat(1, false),
-    )
-    .await;
+    let (gw, _policy) = Gw::with_policy(&c, support::http::CLOSED, "", &[]).await;
+    let r = gw.chat(&c, &chat(1, false)).await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["error"]["code"], "upstream_unreachable");
     assert!(
@@ -383,12 +354,7 @@ async fn upstream_down_is_502_and_upstream_timeout_is_504() {
     let gw2 = Gw::start(&c, &policy.0, None, &[]).await;
     let long_prompt = json!({"model": "sim-llm", "max_tokens": 2, "messages": [{"role": "user", "content": "a long enough prompt"}]});
     let t = Instant::now();
-    let r = post_json(
-        &c,
-        &format!("{}/v1/chat/completions", gw2.url),
-        &long_prompt,
-    )
-    .await;
+    let r = gw2.chat(&c, &long_prompt).await;
     assert_eq!(r.status, 504, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "upstream_timeout");
     assert!(t.elapsed() < Duration::from_secs(10));
@@ -425,14 +391,8 @@ async fn upstream_500_passes_through_unchanged() {
         }),
     );
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let policy = PolicyFile::new(&policy_yaml(&format!("http://{addr}"), ""));
-    let gw = Gw::start(&c, &policy.0, None, &[]).await;
-    let r = post_json(
-        &c,
-        &format!("{}/v1/chat/completions", gw.url),
-        &chat(1, true),
-    )
-    .await;
+    let (gw, _policy) = Gw::with_policy(&c, &format!("http://{addr}"), "", &[]).await;
+    let r = gw.chat(&c, &chat(1, true)).await;
     assert_eq!(r.status, 500);
     assert_eq!(r.header("x-upstream").as_deref(), Some("yes"));
     assert_eq!(r.json()["error"]["message"], "engine crashed");
@@ -447,8 +407,7 @@ async fn client_disconnect_mid_stream_cancels_upstream() {
         &["--decode-step-ms", "20", "--decode-step-ms-per-seq", "0"],
     )
     .await;
-    let policy = PolicyFile::new(&policy_yaml(&sim.url, ""));
-    let gw = Gw::start(&c, &policy.0, None, &[]).await;
+    let (gw, _policy) = Gw::with_policy(&c, &sim.url, "", &[]).await;
     let resp = start(
         &c,
         "POST",
@@ -501,17 +460,11 @@ async fn client_disconnect_mid_stream_cancels_upstream() {
 async fn policy_file_reloads_live_and_invalid_edits_keep_the_last_good_policy() {
     let c = client();
     let sim = Sim::start(&c, &[]).await;
-    let policy = PolicyFile::new(&policy_yaml(&sim.url, "defaults: {ttft: 1s}"));
-    let gw = Gw::start(&c, &policy.0, None, &[]).await;
+    let (gw, policy) = Gw::with_policy(&c, &sim.url, "defaults: {ttft: 1s}", &[]).await;
     let m = gw.metrics(&c).await;
     assert_eq!(metric(&m, "sluice_policy_generation", &[]), Some(1.0));
     // Warm up the key so its threshold gauge exists.
-    post_json(
-        &c,
-        &format!("{}/v1/chat/completions", gw.url),
-        &chat(2, true),
-    )
-    .await;
+    gw.chat(&c, &chat(2, true)).await;
 
     policy.write(&policy_yaml(&sim.url, "defaults: {ttft: 250ms}"));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -549,12 +502,7 @@ async fn policy_file_reloads_live_and_invalid_edits_keep_the_last_good_policy() 
     }
     // Still serving and ready.
     assert_eq!(get(&c, &format!("{}/readyz", gw.url)).await.status, 200);
-    let r = post_json(
-        &c,
-        &format!("{}/v1/chat/completions", gw.url),
-        &chat(1, false),
-    )
-    .await;
+    let r = gw.chat(&c, &chat(1, false)).await;
     assert_eq!(r.status, 200);
 }
 
@@ -584,8 +532,7 @@ async fn sigterm_drains_in_flight_streams_and_exits_zero() {
         &["--decode-step-ms", "20", "--decode-step-ms-per-seq", "0"],
     )
     .await;
-    let policy = PolicyFile::new(&policy_yaml(&sim.url, ""));
-    let mut gw = Gw::start(&c, &policy.0, None, &["--drain-timeout", "20s"]).await;
+    let (mut gw, _policy) = Gw::with_policy(&c, &sim.url, "", &["--drain-timeout", "20s"]).await;
     let resp = start(
         &c,
         "POST",

@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sluice::policy::RateLimitPolicy;
-use support::http::{Sim, client as http_client, metric, post_json};
+use support::http::{Gw, HttpClient, Sim, client as http_client, metric, post_json};
 use support::{TestNamespace, client, ensure_crd, k8s_env};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -29,6 +30,42 @@ fn policy(upstream: &str, ttft: &str) -> RateLimitPolicy {
         "spec": {"upstream": {"url": upstream}, "defaults": {"ttft": ttft}}
     }))
     .unwrap()
+}
+
+/// A namespace with policy `p` (TTFT 30 s) in front of a simulated engine and a gateway
+/// process following it under the gateway's identity.
+struct Watched {
+    gw: Gw,
+    _kc: support::TempFile,
+    api: Api<RateLimitPolicy>,
+    _sim: Sim,
+    c: HttpClient,
+    ns: TestNamespace,
+    k: Client,
+}
+
+impl Watched {
+    async fn start(prefix: &str) -> Watched {
+        let k = client().await;
+        ensure_crd(&k).await;
+        let ns = TestNamespace::new(&k, prefix).await;
+        let c = http_client();
+        let sim = Sim::start(&c, &[]).await;
+        let api: Api<RateLimitPolicy> = Api::namespaced(k.clone(), &ns.name);
+        api.create(&PostParams::default(), &policy(&sim.url, "30s"))
+            .await
+            .unwrap();
+        let (gw, _kc) = support::watched_gateway(&k, &c, &ns.name, "p").await;
+        Watched {
+            gw,
+            _kc,
+            api,
+            _sim: sim,
+            c,
+            ns,
+            k,
+        }
+    }
 }
 
 /// Restarts kube-apiserver if a test stopped it and failed before starting it again.
@@ -47,16 +84,8 @@ impl Drop for ApiServerGuard {
 #[tokio::test]
 async fn an_api_server_outage_fails_no_request_and_the_watch_resyncs() {
     let _serial = SERIAL.lock().await;
-    let k = client().await;
-    ensure_crd(&k).await;
-    let ns = TestNamespace::new(&k, "outage").await;
-    let c = http_client();
-    let sim = Sim::start(&c, &[]).await;
-    let api: Api<RateLimitPolicy> = Api::namespaced(k.clone(), &ns.name);
-    api.create(&PostParams::default(), &policy(&sim.url, "30s"))
-        .await
-        .unwrap();
-    let (gw, _kc) = support::watched_gateway(&k, &c, &ns.name, "p").await;
+    let w = Watched::start("outage").await;
+    let (gw, c, ns) = (&w.gw, w.c.clone(), &w.ns);
     gw.wait_metric(&c, "sluice_policy_source_up", &[], 1.0, 10)
         .await;
 
@@ -174,16 +203,8 @@ impl Drop for RestoreCrd {
 #[tokio::test]
 async fn an_invalid_object_that_got_past_the_api_server_keeps_the_last_good_policy() {
     let _serial = SERIAL.lock().await;
-    let k = client().await;
-    ensure_crd(&k).await;
-    let ns = TestNamespace::new(&k, "invalid").await;
-    let c = http_client();
-    let sim = Sim::start(&c, &[]).await;
-    let api: Api<RateLimitPolicy> = Api::namespaced(k.clone(), &ns.name);
-    api.create(&PostParams::default(), &policy(&sim.url, "30s"))
-        .await
-        .unwrap();
-    let (gw, _kc) = support::watched_gateway(&k, &c, &ns.name, "p").await;
+    let w = Watched::start("invalid").await;
+    let (gw, api, c, k) = (&w.gw, w.api.clone(), w.c.clone(), w.k.clone());
     gw.wait_metric(&c, "sluice_policy_generation", &[], 1.0, 10)
         .await;
 

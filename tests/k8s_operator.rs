@@ -105,19 +105,45 @@ fn condition<'a>(
         .unwrap()
 }
 
+/// A test namespace, the operator's identity in it (the chart's rules) and the policies API;
+/// fields drop in order: the identity's binding, then the namespace.
+struct Env {
+    api: Api<RateLimitPolicy>,
+    id: support::OperatorIdentity,
+    ns: TestNamespace,
+    k: Client,
+}
+
+impl Env {
+    async fn new(prefix: &str) -> Env {
+        let k = client().await;
+        ensure_crd(&k).await;
+        let ns = TestNamespace::new(&k, prefix).await;
+        let id = operator_identity(&k, &ns.name).await;
+        let api = Api::namespaced(k.clone(), &ns.name);
+        Env { api, id, ns, k }
+    }
+
+    /// An operator process for this namespace under the chart's identity.
+    fn operator(&self, extra: &[&str]) -> Operator {
+        start_operator(&self.ns.name, &self.id.kubeconfig.0, extra)
+    }
+
+    /// Creates `p` and waits until the operator accepted it.
+    async fn create(&self, p: &RateLimitPolicy) -> RateLimitPolicy {
+        let created = self.api.create(&PostParams::default(), p).await.unwrap();
+        accepted(&self.api, &created.name_any()).await;
+        created
+    }
+}
+
 #[tokio::test]
 async fn a_policy_becomes_a_hardened_gateway_with_status() {
-    let k = client().await;
-    ensure_crd(&k).await;
-    let ns = TestNamespace::new(&k, "op-create").await;
-    let id = operator_identity(&k, &ns.name).await;
-    let _op = start_operator(&ns.name, &id.kubeconfig.0, &[]);
-    let api: Api<RateLimitPolicy> = Api::namespaced(k.clone(), &ns.name);
-    let created = api
-        .create(&PostParams::default(), &policy("llama", 2))
-        .await
-        .unwrap();
-    let p = accepted(&api, "llama").await;
+    let fx = Env::new("op-create").await;
+    let _op = fx.operator(&[]);
+    let created = fx.create(&policy("llama", 2)).await;
+    let p = accepted(&fx.api, "llama").await;
+    let (k, ns, api) = (fx.k.clone(), &fx.ns, fx.api.clone());
     let uid = created.uid().unwrap();
     let name = "llama-sluice";
 
@@ -272,7 +298,7 @@ async fn a_policy_becomes_a_hardened_gateway_with_status() {
     assert_eq!(p.status.as_ref().unwrap().ready_replicas, Some(2));
 
     // The operator's identity is minimal: it cannot read Secrets.
-    let as_operator = support::client_from(&id.kubeconfig.0).await;
+    let as_operator = support::client_from(&fx.id.kubeconfig.0).await;
     let secrets: Api<Secret> = Api::namespaced(as_operator, &ns.name);
     match secrets.list(&ListParams::default()).await {
         Err(kube::Error::Api(s)) => assert_eq!(s.code, 403),
@@ -282,16 +308,10 @@ async fn a_policy_becomes_a_hardened_gateway_with_status() {
 
 #[tokio::test]
 async fn threshold_edits_roll_nothing_and_upstream_edits_roll_the_pods() {
-    let k = client().await;
-    ensure_crd(&k).await;
-    let ns = TestNamespace::new(&k, "op-edit").await;
-    let id = operator_identity(&k, &ns.name).await;
-    let _op = start_operator(&ns.name, &id.kubeconfig.0, &[]);
-    let api: Api<RateLimitPolicy> = Api::namespaced(k.clone(), &ns.name);
-    api.create(&PostParams::default(), &policy("p", 1))
-        .await
-        .unwrap();
-    accepted(&api, "p").await;
+    let fx = Env::new("op-edit").await;
+    let _op = fx.operator(&[]);
+    fx.create(&policy("p", 1)).await;
+    let (k, ns, api) = (fx.k.clone(), &fx.ns, fx.api.clone());
     let deployments: Api<Deployment> = Api::namespaced(k.clone(), &ns.name);
     let before = deployments.get("p-sluice").await.unwrap();
 
@@ -329,16 +349,10 @@ async fn threshold_edits_roll_nothing_and_upstream_edits_roll_the_pods() {
 
 #[tokio::test]
 async fn drift_in_owned_objects_is_corrected_and_deletion_cascades() {
-    let k = client().await;
-    ensure_crd(&k).await;
-    let ns = TestNamespace::new(&k, "op-drift").await;
-    let id = operator_identity(&k, &ns.name).await;
-    let _op = start_operator(&ns.name, &id.kubeconfig.0, &[]);
-    let api: Api<RateLimitPolicy> = Api::namespaced(k.clone(), &ns.name);
-    api.create(&PostParams::default(), &policy("p", 1))
-        .await
-        .unwrap();
-    accepted(&api, "p").await;
+    let fx = Env::new("op-drift").await;
+    let _op = fx.operator(&[]);
+    fx.create(&policy("p", 1)).await;
+    let (k, ns, api) = (fx.k.clone(), &fx.ns, fx.api.clone());
     let services: Api<Service> = Api::namespaced(k.clone(), &ns.name);
     let deployments: Api<Deployment> = Api::namespaced(k.clone(), &ns.name);
     let old_uid = services.get("p-sluice").await.unwrap().uid();

@@ -147,6 +147,11 @@ impl Sim {
         .await
     }
 
+    /// POSTs `body` to the engine's `/v1/chat/completions`.
+    pub async fn chat(&self, c: &HttpClient, body: &serde_json::Value) -> Reply {
+        post_json(c, &format!("{}/v1/chat/completions", self.url), body).await
+    }
+
     pub async fn stats(&self, c: &HttpClient) -> serde_json::Value {
         get(c, &format!("{}/sim/stats", self.url)).await.json()
     }
@@ -183,6 +188,24 @@ impl Gw {
         let url = format!("http://{}", process.listen_addr("gateway", 20));
         wait_ok(c, &format!("{url}/readyz"), 20, &mut process).await;
         Gw { process, url }
+    }
+
+    /// A gateway with a policy file of `spec` (lines under `spec:`) in front of `upstream`;
+    /// the file lives as long as the returned guard.
+    pub async fn with_policy(
+        c: &HttpClient,
+        upstream: &str,
+        spec: &str,
+        extra: &[&str],
+    ) -> (Gw, PolicyFile) {
+        let policy = PolicyFile::new(&policy_yaml(upstream, spec));
+        let gw = Gw::start(c, &policy.0, None, extra).await;
+        (gw, policy)
+    }
+
+    /// POSTs `body` to the gateway's `/v1/chat/completions`.
+    pub async fn chat(&self, c: &HttpClient, body: &serde_json::Value) -> Reply {
+        post_json(c, &format!("{}/v1/chat/completions", self.url), body).await
     }
 
     /// A gateway following `namespace/policy` through the API, with the given kubeconfig.
