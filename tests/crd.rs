@@ -155,7 +155,7 @@ fn printer_columns() {
     assert_eq!(
         names,
         [
-            "Mode", "TTFT", "ITL", "Accepted", "Ready", "Replicas", "Endpoint", "Age"
+            "Mode", "TTFT", "ITL", "Accepted", "Ready", "Reason", "Replicas", "Endpoint", "Age"
         ]
     );
     assert_eq!(

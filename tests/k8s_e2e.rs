@@ -138,13 +138,9 @@ async fn helm_install_to_shed_traffic_to_prometheus_to_uninstall() {
         "kubectl apply of the example policy failed"
     );
     let policies: Api<RateLimitPolicy> = Api::namespaced(k.clone(), &apps.name);
-    eventually(30, "example policy Accepted", || async {
+    eventually(30, "example policy Accepted and applied", || async {
         let p = policies.get("llama").await.ok()?;
-        p.status?
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Accepted" && c.status == "True")
-            .then_some(())
+        support::operator::applied(&p).then_some(())
     })
     .await;
     Api::<Deployment>::namespaced(k.clone(), &apps.name)

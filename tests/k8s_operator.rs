@@ -19,7 +19,8 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use sluice::policy::RateLimitPolicy;
 use support::http::{client as http_client, get, metric};
-use support::{ChildProcess, TestNamespace, client, ensure_crd, eventually, operator_identity};
+use support::operator::{Env, accepted, condition, owned, start_operator};
+use support::{TestNamespace, client, ensure_crd, eventually, operator_identity};
 
 fn policy(name: &str, replicas: i32) -> RateLimitPolicy {
     serde_json::from_value(json!({
@@ -33,108 +34,6 @@ fn policy(name: &str, replicas: i32) -> RateLimitPolicy {
         }
     }))
     .unwrap()
-}
-
-struct Operator {
-    process: ChildProcess,
-    metrics_url: String,
-}
-
-fn start_operator(ns: &str, kubeconfig: &std::path::Path, extra: &[&str]) -> Operator {
-    let mut args = vec![
-        "operator",
-        "--watch-namespaces",
-        ns,
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--gateway-image",
-        "example.test/sluice:dev",
-    ];
-    args.extend_from_slice(extra);
-    let mut process = ChildProcess::sluice(
-        &args,
-        &[
-            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-            ("RUST_LOG", "info"),
-        ],
-    );
-    let addr = process.listen_addr("operator metrics", 30);
-    Operator {
-        process,
-        metrics_url: format!("http://{addr}/metrics"),
-    }
-}
-
-async fn accepted(api: &Api<RateLimitPolicy>, name: &str) -> RateLimitPolicy {
-    eventually(30, "policy Accepted=True", || async {
-        let p = api.get(name).await.ok()?;
-        let s = p.status.as_ref()?;
-        (s.observed_generation == p.metadata.generation
-            && s.conditions
-                .iter()
-                .any(|c| c.type_ == "Accepted" && c.status == "True"))
-        .then_some(p)
-    })
-    .await
-}
-
-/// An owned object the operator must have created.
-async fn owned<K>(k: &Client, ns: &str, name: &str) -> K
-where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    Api::<K>::namespaced(k.clone(), ns)
-        .get(name)
-        .await
-        .unwrap_or_else(|e| panic!("{} {name}: {e}", K::kind(&())))
-}
-
-fn condition<'a>(
-    p: &'a RateLimitPolicy,
-    type_: &str,
-) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-    p.status
-        .as_ref()
-        .unwrap()
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .unwrap()
-}
-
-/// A test namespace, the operator's identity in it (the chart's rules) and the policies API;
-/// fields drop in order: the identity's binding, then the namespace.
-struct Env {
-    api: Api<RateLimitPolicy>,
-    id: support::OperatorIdentity,
-    ns: TestNamespace,
-    k: Client,
-}
-
-impl Env {
-    async fn new(prefix: &str) -> Env {
-        let k = client().await;
-        ensure_crd(&k).await;
-        let ns = TestNamespace::new(&k, prefix).await;
-        let id = operator_identity(&k, &ns.name).await;
-        let api = Api::namespaced(k.clone(), &ns.name);
-        Env { api, id, ns, k }
-    }
-
-    /// An operator process for this namespace under the chart's identity.
-    fn operator(&self, extra: &[&str]) -> Operator {
-        start_operator(&self.ns.name, &self.id.kubeconfig.0, extra)
-    }
-
-    /// Creates `p` and waits until the operator accepted it.
-    async fn create(&self, p: &RateLimitPolicy) -> RateLimitPolicy {
-        let created = self.api.create(&PostParams::default(), p).await.unwrap();
-        accepted(&self.api, &created.name_any()).await;
-        created
-    }
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@
 //!
 //! - [`reconcile`]: one reconcile, its context and errors.
 //! - [`status`]: the status patches, as pure functions.
-//! - [`objects`]: builders of the owned objects.
+//! - [`objects`]: builders of the owned objects; [`names`]: their names and label values.
 //! - [`metrics`]: the operator's metrics.
 //! - [`leader`]: Lease-based leader election.
 //!
@@ -21,6 +21,7 @@
 
 pub mod leader;
 pub mod metrics;
+pub mod names;
 pub mod objects;
 pub mod reconcile;
 pub mod status;

@@ -7,33 +7,10 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::ObjectMeta;
 
+pub use super::names::{fnv1a_64, gateway_name, label_value};
+
 /// Label on every object the operator creates for a policy.
 pub const POLICY_LABEL: &str = "sluice.dev/policy";
-
-/// Name of the gateway's Deployment, Service, ServiceAccount, Role and RoleBinding for a
-/// policy: `<policy>-sluice`, shortened with a hash when it would exceed a DNS-1035 label
-/// (63 characters; Service names must be one).
-pub fn gateway_name(policy: &str) -> String {
-    let name = format!("{policy}-sluice");
-    if name.len() <= 63 {
-        return name;
-    }
-    let h = fnv1a_64(policy.as_bytes());
-    let head: String = policy.chars().take(45).collect();
-    format!(
-        "{}-{:08x}-sluice",
-        head.trim_end_matches(['-', '.']),
-        h as u32
-    )
-}
-
-/// FNV-1a, 64 bits (offset basis 0xcbf29ce484222325, prime 0x100000001b3): a specified hash,
-/// so derived names do not change with a hasher's implementation or between versions.
-pub fn fnv1a_64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
 
 fn labels(policy: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -45,7 +22,7 @@ fn labels(policy: &str) -> BTreeMap<String, String> {
             "app.kubernetes.io/managed-by".to_owned(),
             "sluice-operator".to_owned(),
         ),
-        (POLICY_LABEL.to_owned(), policy.to_owned()),
+        (POLICY_LABEL.to_owned(), label_value(policy)),
     ])
 }
 
@@ -106,33 +83,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_fit_a_dns_label_and_stay_distinct() {
-        assert_eq!(gateway_name("llama"), "llama-sluice");
-        let long = "a".repeat(200);
-        let n = gateway_name(&long);
-        assert!(n.len() <= 63, "{n}");
-        assert!(n.ends_with("-sluice"));
-        assert_ne!(gateway_name(&format!("{long}x")), n);
-    }
-
-    #[test]
-    fn derived_names_are_pinned() {
-        // FNV-1a's published test vectors ...
-        assert_eq!(fnv1a_64(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a_64(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a_64(b"foobar"), 0x8594_4171_f739_67e8);
-        // ... and the names they give: changing these renames users' objects.
-        assert_eq!(
-            gateway_name(&"a".repeat(200)),
-            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-4f7a5b0d-sluice"
-        );
-        assert_eq!(
-            gateway_name("team-a.llama-3.1-70b-instruct.production.eu-west-1.primary-cluster"),
-            "team-a.llama-3.1-70b-instruct.production.eu-w-a48881d1-sluice"
-        );
-    }
-
-    #[test]
     fn the_role_is_narrowed_to_the_policy() {
         let r = gateway_role("ns", "llama");
         let rule = &r.rules.unwrap()[0];
@@ -170,7 +120,7 @@ fn selector(policy: &str) -> BTreeMap<String, String> {
             "app.kubernetes.io/name".to_owned(),
             "sluice-gateway".to_owned(),
         ),
-        (POLICY_LABEL.to_owned(), policy.to_owned()),
+        (POLICY_LABEL.to_owned(), label_value(policy)),
     ])
 }
 
@@ -220,7 +170,10 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
         });
     }
     let mut pod_labels = labels(p.policy);
-    pod_labels.insert("app.kubernetes.io/instance".to_owned(), p.policy.to_owned());
+    pod_labels.insert(
+        "app.kubernetes.io/instance".to_owned(),
+        label_value(p.policy),
+    );
     let annotations = BTreeMap::from([
         ("prometheus.io/scrape".to_owned(), "true".to_owned()),
         ("prometheus.io/port".to_owned(), p.port.to_string()),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -42,9 +43,23 @@ pub enum ReconcileError {
     },
     #[error("cannot update the policy status: {0}")]
     Status(kube::Error),
+    #[error(
+        "{kind} {name} already exists and is not owned by this RateLimitPolicy; it is left alone (rename or delete it)"
+    )]
+    NameConflict { kind: String, name: String },
 }
 
 impl ReconcileError {
+    /// The `Ready=False` reason this error shows in the policy's status, if it is about the
+    /// owned objects.
+    pub fn ready_reason(&self) -> Option<&'static str> {
+        match self {
+            ReconcileError::Apply { .. } => Some("ApplyFailed"),
+            ReconcileError::NameConflict { .. } => Some("NameConflict"),
+            ReconcileError::NoNamespace | ReconcileError::Status(_) => None,
+        }
+    }
+
     /// The `error` label of `sluice_operator_reconciles_total`: the kind of the object that
     /// failed to apply, `status`, or `namespace`.
     pub fn metric_label(&self) -> &str {
@@ -52,6 +67,7 @@ impl ReconcileError {
             ReconcileError::NoNamespace => "namespace",
             ReconcileError::Apply { kind, .. } => kind,
             ReconcileError::Status(_) => "status",
+            ReconcileError::NameConflict { .. } => "conflict",
         }
     }
 }
@@ -72,6 +88,7 @@ where
     obj.meta_mut().owner_references = Some(vec![owner.clone()]);
     let name = obj.meta().name.clone().unwrap_or_default();
     let api: Api<K> = Api::namespaced(client.clone(), ns);
+    ensure_ours(&api, &name, owner).await?;
     let mut value = serde_json::to_value(&obj).expect("object serializes");
     value["apiVersion"] = json!(K::api_version(&()));
     value["kind"] = json!(K::kind(&()));
@@ -86,6 +103,40 @@ where
         name,
         source,
     })
+}
+
+/// Fails with [`ReconcileError::NameConflict`] when an object called `name` exists and this
+/// policy is not its controller: it is neither overwritten nor, later, garbage-collected.
+async fn ensure_ours<K>(
+    api: &Api<K>,
+    name: &str,
+    owner: &OwnerReference,
+) -> Result<bool, ReconcileError>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let existing = api
+        .get_opt(name)
+        .await
+        .map_err(|source| ReconcileError::Apply {
+            kind: K::kind(&()).to_string(),
+            name: name.to_owned(),
+            source,
+        })?;
+    let Some(existing) = existing else {
+        return Ok(false);
+    };
+    let ours = existing
+        .owner_references()
+        .iter()
+        .any(|r| r.uid == owner.uid && r.controller == Some(true));
+    if !ours {
+        return Err(ReconcileError::NameConflict {
+            kind: K::kind(&()).to_string(),
+            name: name.to_owned(),
+        });
+    }
+    Ok(true)
 }
 
 pub(super) async fn reconcile(
@@ -108,7 +159,11 @@ pub(super) async fn reconcile(
                 .publish(
                     &Event {
                         type_: EventType::Warning,
-                        reason: "ReconcileFailed".into(),
+                        reason: match e {
+                            ReconcileError::NameConflict { .. } => "NameConflict",
+                            _ => "ReconcileFailed",
+                        }
+                        .into(),
                         note: Some(e.to_string().chars().take(1000).collect()),
                         action: "Reconcile".into(),
                         secondary: None,
@@ -169,6 +224,51 @@ async fn reconcile_policy(
         }
     };
 
+    if let Some(status) = status::accepted(generation, &previous, &now) {
+        api.patch_status(&name, &status_pp, &Patch::Apply(&status))
+            .await
+            .map_err(ReconcileError::Status)?;
+    }
+    let applied = apply_objects(policy, ctx, &ns, &config).await;
+    let (deployment, replicas, port) = match applied {
+        Ok(a) => a,
+        Err(e) => {
+            if let Some(reason) = e.ready_reason() {
+                let message: String = e.to_string().chars().take(1000).collect();
+                let status = status::not_applied(generation, &previous, reason, &message, &now);
+                if let Err(se) = api
+                    .patch_status(&name, &status_pp, &Patch::Apply(&status))
+                    .await
+                {
+                    tracing::warn!(policy = %format!("{ns}/{name}"), error = %se, "cannot record the apply failure in status");
+                }
+            }
+            return Err(e);
+        }
+    };
+    let status = status::reconciled(
+        generation,
+        &previous,
+        &deployment.status.clone().unwrap_or_default(),
+        replicas,
+        &objects::gateway_endpoint(&ns, &name, port),
+        &now,
+    );
+    api.patch_status(&name, &status_pp, &Patch::Apply(&status))
+        .await
+        .map_err(ReconcileError::Status)?;
+    Ok((Action::requeue(Duration::from_secs(300)), true))
+}
+
+/// Applies the owned objects; returns the Deployment as applied, the replicas and the port.
+async fn apply_objects(
+    policy: &RateLimitPolicy,
+    ctx: &Context,
+    ns: &str,
+    config: &PolicyConfig,
+) -> Result<(Deployment, i32, i32), ReconcileError> {
+    let ns = ns.to_owned();
+    let name = policy.name_any();
     let owner = policy
         .controller_owner_ref(&())
         .expect("a stored policy has a name and uid");
@@ -205,31 +305,22 @@ async fn reconcile_policy(
     if status::wants_pdb(replicas) {
         apply(c, &ns, objects::gateway_pdb(&ns, &name), &owner).await?;
     } else {
+        // Only a PDB this policy owns is removed; someone else's stays (and is a conflict).
         let pdbs: Api<PodDisruptionBudget> = Api::namespaced(c.clone(), &ns);
-        match pdbs.delete(&pdb_name, &DeleteParams::default()).await {
-            Ok(_) | Err(kube::Error::Api(_)) => {}
-            Err(source) => {
-                return Err(ReconcileError::Apply {
-                    kind: "PodDisruptionBudget".into(),
-                    name: pdb_name,
-                    source,
-                });
+        if ensure_ours(&pdbs, &pdb_name, &owner).await? {
+            match pdbs.delete(&pdb_name, &DeleteParams::default()).await {
+                Ok(_) | Err(kube::Error::Api(_)) => {}
+                Err(source) => {
+                    return Err(ReconcileError::Apply {
+                        kind: "PodDisruptionBudget".into(),
+                        name: pdb_name,
+                        source,
+                    });
+                }
             }
         }
     }
-
-    let status = status::reconciled(
-        generation,
-        &previous,
-        &deployment.status.clone().unwrap_or_default(),
-        replicas,
-        &objects::gateway_endpoint(&ns, &name, port),
-        &now,
-    );
-    api.patch_status(&name, &status_pp, &Patch::Apply(&status))
-        .await
-        .map_err(ReconcileError::Status)?;
-    Ok((Action::requeue(Duration::from_secs(300)), true))
+    Ok((deployment, replicas, port))
 }
 
 pub(super) fn error_policy(
@@ -264,5 +355,18 @@ mod tests {
         let status = ReconcileError::Status(kube::Error::LinesCodecMaxLineLengthExceeded);
         assert_eq!(status.metric_label(), "status");
         assert_eq!(ReconcileError::NoNamespace.metric_label(), "namespace");
+        assert_eq!(apply.ready_reason(), Some("ApplyFailed"));
+        assert_eq!(status.ready_reason(), None);
+        let conflict = ReconcileError::NameConflict {
+            kind: "Service".into(),
+            name: "p-sluice".into(),
+        };
+        assert_eq!(conflict.ready_reason(), Some("NameConflict"));
+        assert_eq!(conflict.metric_label(), "conflict");
+        assert!(
+            conflict
+                .to_string()
+                .starts_with("Service p-sluice already exists")
+        );
     }
 }

@@ -64,6 +64,59 @@ pub fn invalid(
     })))
 }
 
+/// The status patch that records a valid spec before its objects are applied, or None when
+/// `Accepted=True` is already recorded for this generation. Ready keeps its previous value
+/// (no flapping on a new generation); a policy seen for the first time is `Reconciling`.
+pub fn accepted(generation: Option<i64>, previous: &[Condition], now: &Time) -> Option<Value> {
+    let done = previous.iter().any(|c| {
+        c.type_ == "Accepted" && c.status == "True" && c.observed_generation == generation
+    });
+    if done {
+        return None;
+    }
+    let ready = previous
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .cloned()
+        .unwrap_or_else(|| {
+            condition(
+                "Ready",
+                false,
+                "Reconciling",
+                "applying the gateway objects",
+                generation,
+                previous,
+                now,
+            )
+        });
+    Some(patch(json!({
+        "observedGeneration": generation,
+        "conditions": [
+            condition("Accepted", true, "Valid", "the spec is valid", generation, previous, now),
+            ready,
+        ],
+    })))
+}
+
+/// The status patch of a valid policy whose objects could not be applied: `Ready=False`
+/// with `reason` (`ApplyFailed`, `NameConflict`) and a message naming the object and the
+/// API server's answer.
+pub fn not_applied(
+    generation: Option<i64>,
+    previous: &[Condition],
+    reason: &str,
+    message: &str,
+    now: &Time,
+) -> Value {
+    patch(json!({
+        "observedGeneration": generation,
+        "conditions": [
+            condition("Accepted", true, "Valid", "the spec is valid", generation, previous, now),
+            condition("Ready", false, reason, message, generation, previous, now),
+        ],
+    }))
+}
+
 /// The status patch of a valid policy whose objects were applied.
 pub fn reconciled(
     generation: Option<i64>,
@@ -178,6 +231,52 @@ mod tests {
         // Valid again: Accepted transitions back to True.
         let ok = reconciled(Some(5), &cs, &deployment(true, 2), 2, "e", &at(30));
         assert_eq!(conditions(&ok)[0].last_transition_time, at(30));
+    }
+
+    #[test]
+    fn accepted_is_written_once_per_generation_and_keeps_ready() {
+        let first = accepted(Some(1), &[], &at(10)).unwrap();
+        let c = conditions(&first);
+        assert_eq!(
+            (c[0].type_.as_str(), c[0].status.as_str()),
+            ("Accepted", "True")
+        );
+        assert_eq!(
+            (c[1].type_.as_str(), c[1].reason.as_str()),
+            ("Ready", "Reconciling")
+        );
+        assert_eq!(first["status"]["observedGeneration"], 1);
+        assert_eq!(accepted(Some(1), &c, &at(20)), None, "already recorded");
+        // A healthy policy's new generation: Accepted moves on, Ready stays as it was.
+        let ready = conditions(&reconciled(
+            Some(1),
+            &c,
+            &deployment(true, 2),
+            2,
+            "e",
+            &at(30),
+        ));
+        let next = conditions(&accepted(Some(2), &ready, &at(40)).unwrap());
+        assert_eq!(next[0].observed_generation, Some(2));
+        assert_eq!(next[1], ready[1]);
+    }
+
+    #[test]
+    fn an_apply_failure_is_ready_false_with_its_reason_and_message() {
+        let c = conditions(&accepted(Some(1), &[], &at(10)).unwrap());
+        let v = not_applied(
+            Some(1),
+            &c,
+            "NameConflict",
+            "Service p-sluice exists",
+            &at(20),
+        );
+        let c = conditions(&v);
+        assert_eq!(c[0].status, "True");
+        assert_eq!(c[1].status, "False");
+        assert_eq!(c[1].reason, "NameConflict");
+        assert_eq!(c[1].message, "Service p-sluice exists");
+        assert_eq!(c[1].last_transition_time, at(10), "still False since 10");
     }
 
     #[test]

@@ -63,6 +63,13 @@ pub const MAX_MODELS: usize = 128;
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
+        name = "Reason",
+        type_ = "string",
+        description = "why the gateway is or is not ready",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = "1"
+    ),
+    printcolumn(
         name = "Replicas",
         type_ = "integer",
         json_path = ".status.readyReplicas",

@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod inproc;
+pub mod operator;
 mod process;
 
 pub use process::ChildProcess;

@@ -1,0 +1,162 @@
+//! The operator against a real kube-apiserver with the names users actually give policies
+//! (dots, leading digits, the longest names), objects that already exist under the gateway's
+//! name, and objects the API server refuses: every valid policy gets its gateway or a status
+//! that says why not, and nothing it does not own is touched.
+
+mod support;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+use sluice::operator::names::{gateway_name, label_value};
+use sluice::policy::RateLimitPolicy;
+use support::operator::{Env, owned};
+use support::{eventually, kubectl_ok};
+
+fn policy(name: &str, extra: serde_json::Value) -> RateLimitPolicy {
+    let mut spec = json!({"upstream": {"url": "http://vllm.inference.svc:8000"}});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .unwrap()
+}
+
+/// Waits until the policy's Ready condition has `reason`; returns its message.
+async fn ready_reason(api: &Api<RateLimitPolicy>, name: &str, reason: &str) -> String {
+    eventually(30, &format!("{name}: Ready reason {reason}"), || async {
+        let p = api.get(name).await.ok()?;
+        let s = p.status.as_ref()?;
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (ready.reason == reason && s.observed_generation == p.metadata.generation)
+            .then(|| ready.message.clone())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn every_valid_policy_name_gets_its_gateway_and_a_status() {
+    let fx = Env::new("op-names").await;
+    let _op = fx.operator(&[]);
+    let names = [
+        "llama-3.1-8b".to_owned(),
+        "8b-chat".to_owned(),
+        "a.b".to_owned(),
+        "a-b".to_owned(), // the same as "a.b" after sanitising
+        "n".repeat(63),
+        "n".repeat(64),
+        format!("{}.{}", "m".repeat(126), "m".repeat(126)), // 253 characters
+    ];
+    for n in &names {
+        fx.api
+            .create(&PostParams::default(), &policy(n, json!({})))
+            .await
+            .unwrap_or_else(|e| panic!("the API server refused {n}: {e}"));
+    }
+    for n in &names {
+        // No pods run here, so the Deployment is never available: Ready=False, never blank.
+        ready_reason(&fx.api, n, "DeploymentNotAvailable").await;
+        let p = fx.api.get(n).await.unwrap();
+        let uid = p.uid().unwrap();
+        let gw = gateway_name(n);
+        let svc: Service = owned(&fx.k, &fx.ns.name, &gw).await;
+        let dep: Deployment = owned(&fx.k, &fx.ns.name, &gw).await;
+        for refs in [svc.owner_references(), dep.owner_references()] {
+            assert_eq!(refs[0].uid, uid, "{n}: owner of {gw}");
+        }
+        assert_eq!(
+            svc.labels()["sluice.dev/policy"],
+            label_value(n),
+            "{n}: label"
+        );
+        let endpoint = p.status.unwrap().endpoint.unwrap();
+        assert!(
+            endpoint.starts_with(&format!("http://{gw}.{}.svc:", fx.ns.name)),
+            "{n}: endpoint {endpoint}"
+        );
+    }
+    // `kubectl get rlp` shows a value in every READY cell.
+    let table = kubectl_ok(&["get", "rlp", "-n", &fx.ns.name, "--no-headers"]);
+    assert_eq!(table.lines().count(), names.len(), "{table}");
+    for line in table.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(&cols[4..6], ["True", "False"], "{line}");
+    }
+}
+
+#[tokio::test]
+async fn an_existing_object_under_the_gateways_name_is_left_alone() {
+    let fx = Env::new("op-conflict").await;
+    let _op = fx.operator(&[]);
+    let services: Api<Service> = Api::namespaced(fx.k.clone(), &fx.ns.name);
+    let theirs: Service = serde_json::from_value(json!({
+        "metadata": {"name": "c-sluice", "labels": {"team": "search"}},
+        "spec": {"ports": [{"port": 7000}], "selector": {"app": "search"}}
+    }))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &theirs)
+        .await
+        .unwrap();
+    fx.api
+        .create(&PostParams::default(), &policy("c", json!({})))
+        .await
+        .unwrap();
+    let message = ready_reason(&fx.api, "c", "NameConflict").await;
+    assert!(message.contains("Service c-sluice"), "{message}");
+    let events = kubectl_ok(&["get", "events", "-n", &fx.ns.name]);
+    assert!(events.contains("NameConflict"), "{events}");
+    let after = services.get("c-sluice").await.unwrap();
+    assert!(after.owner_references().is_empty(), "taken over: {after:?}");
+    assert_eq!(
+        after.labels().get("team").map(String::as_str),
+        Some("search")
+    );
+    assert!(!after.labels().contains_key("sluice.dev/policy"));
+    assert_eq!(after.spec.unwrap().ports.unwrap()[0].port, 7000);
+
+    // Deleting the policy collects what it owns, and not the Service.
+    let sas: Api<ServiceAccount> = Api::namespaced(fx.k.clone(), &fx.ns.name);
+    assert!(sas.get_opt("c-sluice").await.unwrap().is_some());
+    fx.api.delete("c", &DeleteParams::default()).await.unwrap();
+    eventually(30, "the policy's own objects collected", || async {
+        sas.get_opt("c-sluice")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(services.get_opt("c-sluice").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn an_object_the_api_server_refuses_shows_in_status() {
+    let fx = Env::new("op-refused").await;
+    let _op = fx.operator(&[]);
+    // Valid for the CRD's schema (quantities are int-or-string there), refused in a Deployment.
+    let bad = policy(
+        "r",
+        json!({"gateway": {"resources": {"limits": {"memory": "lots"}}}}),
+    );
+    fx.api.create(&PostParams::default(), &bad).await.unwrap();
+    let message = ready_reason(&fx.api, "r", "ApplyFailed").await;
+    assert!(message.contains("Deployment r-sluice"), "{message}");
+    assert!(message.contains("quantities must match"), "{message}");
+    let p = fx.api.get("r").await.unwrap();
+    let accepted = p
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Accepted")
+        .unwrap();
+    assert_eq!(accepted.status, "True");
+    let wide = kubectl_ok(&["get", "rlp", "r", "-n", &fx.ns.name, "-o", "wide"]);
+    assert!(wide.contains("ApplyFailed"), "{wide}");
+}
