@@ -124,10 +124,17 @@ pub fn reject_probability_pi(pressure: f64, integral: f64, shed: &super::Sheddin
     (1.0 - (1.0 - p) * integral.exp()).clamp(0.0, p_max)
 }
 
-/// The integral (the log of the admitted fraction it allows, in `[ln(1 − p_max), 0]`) after
-/// `dt_tau` time constants at `pressure`: it falls by up to 1 per time constant while the
-/// pressure is at or past the ramp's end, and rises by up to 1/(ramp − 1) per time constant
-/// when there is no pressure at all. Stays 0 for the hard cliff.
+/// The smallest admitted fraction the integral alone may hold the gate at, so that with
+/// `maxRejectProbability: 1` (where `ln(1 − p_max)` is −∞) it stays bounded: it never sinks
+/// below `ln(0.001)` ≈ −6.9, and returns from there to 0 within 6.9 · (ramp − 1) time constants
+/// once the pressure is gone (3.5 τ at the default ramp 1.5).
+pub const MIN_ADMITTED_FRACTION: f64 = 1e-3;
+
+/// The integral (the log of the admitted fraction it allows, in
+/// `[ln(max(1 − p_max, MIN_ADMITTED_FRACTION)), 0]`) after `dt_tau` time constants at
+/// `pressure`: it falls by up to 1 per time constant while the pressure is at or past the
+/// ramp's end, and rises by up to 1/(ramp − 1) per time constant when there is no pressure at
+/// all. Stays 0 for the hard cliff.
 #[inline]
 pub fn integrate(integral: f64, pressure: f64, dt_tau: f64, shed: &super::Shedding) -> f64 {
     let (p_max, ramp) = (shed.max_reject_probability, shed.ramp);
@@ -139,7 +146,7 @@ pub fn integrate(integral: f64, pressure: f64, dt_tau: f64, shed: &super::Sheddi
     if next >= 0.0 {
         return 0.0; // the common case without pressure: no logarithm to take
     }
-    next.max((1.0 - p_max).ln())
+    next.max((1.0 - p_max).max(MIN_ADMITTED_FRACTION).ln())
 }
 
 /// Retry-After from the un-jittered wait in seconds, a uniform draw `u ∈ [0, 1)`, the jitter
@@ -183,6 +190,33 @@ mod tests {
         assert!((reject_probability(1.5, 0.9, 1.5) - 0.9).abs() < 1e-12);
         assert_eq!(reject_probability(10.0, 0.9, 1.5), 0.9);
         assert_eq!(reject_probability(f64::INFINITY, 0.9, 1.5), 0.9);
+    }
+
+    #[test]
+    fn the_integral_is_bounded_even_when_everything_may_be_shed() {
+        let shed = crate::limiter::Shedding {
+            max_reject_probability: 1.0,
+            ..crate::limiter::Shedding::default()
+        };
+        let floor = MIN_ADMITTED_FRACTION.ln();
+        // An hour of overload, in one step and in many.
+        assert_eq!(integrate(0.0, 10.0, 900.0, &shed), floor);
+        let mut i = 0.0;
+        for _ in 0..10_000 {
+            i = integrate(i, 3.0, 0.1, &shed);
+        }
+        assert!(i.is_finite() && i >= floor, "{i}");
+        // Without pressure it is back at 0 within 6.9 · (ramp − 1) = 3.45 τ.
+        let back = integrate(i, 0.0, 3.46, &shed);
+        assert_eq!(back, 0.0);
+        assert!(integrate(i, 0.0, 3.0, &shed) < 0.0);
+        // The probability it gives stays below 1 at the floor: probes get through unless the
+        // ramp itself is at p_max = 1.
+        let p = reject_probability_pi(1.0, floor, &shed);
+        assert!((p - 0.999).abs() < 1e-9, "{p}");
+        // p_max below 1 keeps its own, higher floor.
+        let usual = crate::limiter::Shedding::default();
+        assert_eq!(integrate(0.0, 10.0, 900.0, &usual), (1.0f64 - 0.95).ln());
     }
 
     #[test]

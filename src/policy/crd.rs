@@ -286,7 +286,9 @@ pub struct ModelThresholds {
 #[serde(rename_all = "camelCase")]
 pub struct Shedding {
     /// Highest rejection probability, in (0, 1]. Below 1 a trickle of requests keeps probing
-    /// the server while shedding, so the gate reopens as soon as it recovers.
+    /// the server while shedding, so the gate reopens as soon as it recovers. At 1 the ramp
+    /// sheds everything past its end, while the integral alone never holds the gate beyond
+    /// 99.9 %, so recovery stays within about 7 · (ramp − 1) time constants.
     #[serde(default = "default_max_reject_probability")]
     #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("must be greater than 0 and at most 1"))]
     pub max_reject_probability: f64,
