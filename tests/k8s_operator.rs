@@ -196,7 +196,8 @@ async fn a_policy_becomes_a_hardened_gateway_with_status() {
     .await;
     assert_eq!(p.status.as_ref().unwrap().ready_replicas, Some(2));
 
-    // The operator's identity is minimal: it cannot read Secrets.
+    // The operator's identity is minimal: it cannot list Secrets (it may only get one, to
+    // read the opt-in annotation of a policy's apiKeySecretRef).
     let as_operator = support::client_from(&fx.id.kubeconfig.0).await;
     let secrets: Api<Secret> = Api::namespaced(as_operator, &ns.name);
     match secrets.list(&ListParams::default()).await {

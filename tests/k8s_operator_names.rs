@@ -160,3 +160,83 @@ async fn an_object_the_api_server_refuses_shows_in_status() {
     let wide = kubectl_ok(&["get", "rlp", "r", "-n", &fx.ns.name, "-o", "wide"]);
     assert!(wide.contains("ApplyFailed"), "{wide}");
 }
+
+#[tokio::test]
+async fn a_secret_counts_only_where_it_opted_in_to_the_policy() {
+    use k8s_openapi::api::core::v1::Secret;
+    let fx = Env::new("op-secret").await;
+    let _op = fx.operator(&[]);
+    let secrets: Api<Secret> = Api::namespaced(fx.k.clone(), &fx.ns.name);
+    let key: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "upstream-key"},
+        "stringData": {"api-key": "sk-live\n"}
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &key).await.unwrap();
+    let reference = json!({"upstream": {"url": "http://vllm.inference.svc:8000",
+        "apiKeySecretRef": {"name": "upstream-key", "key": "api-key"}}});
+    fx.api
+        .create(&PostParams::default(), &policy("s", reference))
+        .await
+        .unwrap();
+    let message = ready_reason(&fx.api, "s", "SecretNotAllowed").await;
+    assert!(
+        message.contains("sluice.dev/allowed-policies: s"),
+        "{message}"
+    );
+    let mounts_key = |d: &Deployment| {
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let args = pod.containers[0].args.clone().unwrap_or_default();
+        let volume = pod.volumes.iter().flatten().any(|v| {
+            v.projected.as_ref().is_some_and(|p| {
+                p.sources
+                    .iter()
+                    .flatten()
+                    .any(|s| s.secret.as_ref().is_some_and(|s| s.name == "upstream-key"))
+            })
+        });
+        (volume, args.contains(&"--upstream-api-key-file".to_owned()))
+    };
+    let d: Deployment = owned(&fx.k, &fx.ns.name, "s-sluice").await;
+    assert_eq!(
+        mounts_key(&d),
+        (false, false),
+        "a refused Secret is not mounted"
+    );
+
+    // The Secret's owner opts in: the next retry mounts it as a file.
+    let annotate =
+        json!({"metadata": {"annotations": {"sluice.dev/allowed-policies": "other, s"}}});
+    secrets
+        .patch(
+            "upstream-key",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&annotate),
+        )
+        .await
+        .unwrap();
+    ready_reason(&fx.api, "s", "DeploymentNotAvailable").await;
+    let d: Deployment = owned(&fx.k, &fx.ns.name, "s-sluice").await;
+    assert_eq!(mounts_key(&d), (true, true));
+    let env = d.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        env.iter().all(|e| e
+            .value_from
+            .as_ref()
+            .is_none_or(|v| v.secret_key_ref.is_none())),
+        "the key must not be an env var: {env:?}"
+    );
+
+    // A reference to a Secret that does not exist says so.
+    let missing = json!({"upstream": {"url": "http://vllm.inference.svc:8000",
+        "apiKeySecretRef": {"name": "nope", "key": "api-key"}}});
+    fx.api
+        .create(&PostParams::default(), &policy("m", missing))
+        .await
+        .unwrap();
+    let message = ready_reason(&fx.api, "m", "SecretNotAllowed").await;
+    assert!(message.contains("does not exist"), "{message}");
+}

@@ -16,6 +16,7 @@
 //! `--drain-timeout`, and exits 0.
 
 pub mod admission;
+pub mod api_key;
 pub mod assemble;
 pub mod error;
 pub mod handlers;
@@ -32,7 +33,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::HeaderValue;
 use axum::routing::{any, get, post};
 
 use crate::limiter::{Clock, MonotonicClock};
@@ -70,9 +70,18 @@ pub struct GatewayArgs {
     /// Largest request body accepted (bytes); larger ones get 413.
     #[arg(long, default_value_t = 16 << 20)]
     pub max_body_bytes: usize,
-    /// API key sent upstream as `Authorization: Bearer <key>` instead of the client's header.
+    /// API key sent upstream as `Authorization: Bearer <key>` instead of the client's header
+    /// (surrounding whitespace ignored).
     #[arg(long, env = "SLUICE_UPSTREAM_API_KEY", hide_env_values = true)]
     pub upstream_api_key: Option<String>,
+    /// File holding the upstream API key (as the operator mounts it from the policy's
+    /// Secret); re-read every --reload-interval, so a rotated key applies without a restart.
+    #[arg(
+        long,
+        env = "SLUICE_UPSTREAM_API_KEY_FILE",
+        conflicts_with = "upstream_api_key"
+    )]
+    pub upstream_api_key_file: Option<PathBuf>,
 }
 
 /// Everything a request handler needs.
@@ -82,7 +91,7 @@ pub struct Gateway {
     pub client: upstream::HttpClient,
     pub clock: Arc<dyn Clock>,
     pub max_body_bytes: usize,
-    pub api_key: Option<HeaderValue>,
+    pub api_key: Arc<api_key::UpstreamKey>,
     /// Set on SIGTERM: /readyz turns 503 so load balancers stop sending.
     pub draining: AtomicBool,
     /// Coin flips of the shedding decision and Retry-After jitter.
@@ -96,6 +105,8 @@ pub struct GatewayOptions {
     pub max_body_bytes: usize,
     /// Sent upstream as `Authorization: Bearer <key>` instead of the client's header.
     pub upstream_api_key: Option<String>,
+    /// Or read from this file (first read here; follow it with [`api_key::follow_key_file`]).
+    pub upstream_api_key_file: Option<PathBuf>,
     pub random: RandomSource,
 }
 
@@ -104,6 +115,7 @@ impl Default for GatewayOptions {
         GatewayOptions {
             max_body_bytes: 16 << 20,
             upstream_api_key: None,
+            upstream_api_key_file: None,
             random: RandomSource::PerThread,
         }
     }
@@ -117,17 +129,10 @@ impl Gateway {
         options: GatewayOptions,
     ) -> anyhow::Result<Arc<Self>> {
         let metrics = GatewayMetrics::new(store.clone(), clock.clone());
-        let api_key = match options.upstream_api_key.as_deref() {
-            Some(k) => {
-                let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
-                    anyhow::anyhow!(
-                        "the upstream API key contains characters not allowed in a header"
-                    )
-                })?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-            None => None,
+        let api_key = match (&options.upstream_api_key, &options.upstream_api_key_file) {
+            (Some(k), _) => Some(api_key::bearer(k)?),
+            (None, Some(path)) => Some(api_key::read_key_file(path)?),
+            (None, None) => None,
         };
         Ok(Arc::new(Gateway {
             store,
@@ -135,7 +140,7 @@ impl Gateway {
             client: upstream::client()?,
             clock,
             max_body_bytes: options.max_body_bytes,
-            api_key,
+            api_key: Arc::new(api_key::UpstreamKey::new(api_key)),
             draining: AtomicBool::new(false),
             random: options.random,
         }))
@@ -212,9 +217,17 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         GatewayOptions {
             max_body_bytes: args.max_body_bytes,
             upstream_api_key: args.upstream_api_key.clone(),
+            upstream_api_key_file: args.upstream_api_key_file.clone(),
             random: RandomSource::PerThread,
         },
     )?;
+    if let Some(path) = &args.upstream_api_key_file {
+        tokio::spawn(api_key::follow_key_file(
+            path.clone(),
+            gw.api_key.clone(),
+            args.reload_interval,
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;

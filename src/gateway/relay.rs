@@ -62,7 +62,8 @@ pub async fn forward(f: Forward<'_>) -> Response {
             GatewayError::bad_request("the request path cannot be forwarded"),
         );
     };
-    let Ok(req) = upstream::request(f.method, uri, f.headers, gw.api_key.as_ref(), f.body) else {
+    let key = gw.api_key.current();
+    let Ok(req) = upstream::request(f.method, uri, f.headers, key.as_deref(), f.body) else {
         return fail(
             &mut tracker,
             GatewayError::bad_request("the request headers cannot be forwarded"),

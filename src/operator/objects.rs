@@ -9,6 +9,11 @@ use kube::api::ObjectMeta;
 
 pub use super::names::{fnv1a_64, gateway_name, label_value};
 
+/// Where the gateway pods find the upstream API key (a projected Secret).
+pub const API_KEY_DIR: &str = "/var/run/sluice/upstream";
+/// The key's file name in [`API_KEY_DIR`].
+pub const API_KEY_FILE: &str = "api-key";
+
 /// Label on every object the operator creates for a policy.
 pub const POLICY_LABEL: &str = "sluice.dev/policy";
 
@@ -128,9 +133,10 @@ fn selector(policy: &str) -> BTreeMap<String, String> {
 pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1::Deployment {
     use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
     use k8s_openapi::api::core::v1::{
-        Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-        ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-        SecretKeySelector, SecurityContext,
+        Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+        ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+        ProjectedVolumeSource, SeccompProfile, SecretProjection, SecurityContext, Volume,
+        VolumeMount, VolumeProjection,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -144,7 +150,7 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
         period_seconds: Some(period),
         ..Probe::default()
     };
-    let mut env = vec![EnvVar {
+    let env = vec![EnvVar {
         name: "POD_NAMESPACE".to_owned(),
         value_from: Some(EnvVarSource {
             field_ref: Some(ObjectFieldSelector {
@@ -155,19 +161,46 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
         }),
         ..EnvVar::default()
     }];
+    let mut args = vec![
+        "gateway".to_owned(),
+        "--policy".to_owned(),
+        p.policy.to_owned(),
+        "--listen".to_owned(),
+        format!("0.0.0.0:{}", p.port),
+        "--upstream".to_owned(),
+        p.upstream.to_owned(),
+    ];
+    // The key is a file from a projected Secret, not an env var: the kubelet updates the file
+    // when the Secret rotates and the gateway re-reads it, with no restart.
+    let (mut volumes, mut mounts) = (Vec::new(), Vec::new());
     if let Some(key) = p.api_key {
-        env.push(EnvVar {
-            name: "SLUICE_UPSTREAM_API_KEY".to_owned(),
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: key.name.clone(),
-                    key: key.key.clone(),
-                    ..SecretKeySelector::default()
-                }),
-                ..EnvVarSource::default()
+        volumes.push(Volume {
+            name: "upstream-api-key".to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    secret: Some(SecretProjection {
+                        name: key.name.clone(),
+                        items: Some(vec![KeyToPath {
+                            key: key.key.clone(),
+                            path: API_KEY_FILE.to_owned(),
+                            ..KeyToPath::default()
+                        }]),
+                        optional: Some(false),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                default_mode: Some(0o440),
             }),
-            ..EnvVar::default()
+            ..Volume::default()
         });
+        mounts.push(VolumeMount {
+            name: "upstream-api-key".to_owned(),
+            mount_path: API_KEY_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        args.push("--upstream-api-key-file".to_owned());
+        args.push(format!("{API_KEY_DIR}/{API_KEY_FILE}"));
     }
     let mut pod_labels = labels(p.policy);
     pod_labels.insert(
@@ -182,16 +215,9 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
     let container = Container {
         name: "gateway".to_owned(),
         image: Some(p.image.to_owned()),
-        args: Some(vec![
-            "gateway".to_owned(),
-            "--policy".to_owned(),
-            p.policy.to_owned(),
-            "--listen".to_owned(),
-            format!("0.0.0.0:{}", p.port),
-            "--upstream".to_owned(),
-            p.upstream.to_owned(),
-        ]),
+        args: Some(args),
         env: Some(env),
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
         ports: Some(vec![ContainerPort {
             name: Some("http".to_owned()),
             container_port: p.port,
@@ -249,6 +275,7 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
                     node_selector: p.gateway.and_then(|g| g.node_selector.clone()),
                     tolerations: p.gateway.and_then(|g| g.tolerations.clone()),
                     containers: vec![container],
+                    volumes: (!volumes.is_empty()).then_some(volumes),
                     ..PodSpec::default()
                 }),
             },

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -47,6 +48,8 @@ pub enum ReconcileError {
         "{kind} {name} already exists and is not owned by this RateLimitPolicy; it is left alone (rename or delete it)"
     )]
     NameConflict { kind: String, name: String },
+    #[error("Secret {secret} is not used: {why}; the gateway runs without the upstream API key")]
+    SecretNotAllowed { secret: String, why: String },
 }
 
 impl ReconcileError {
@@ -56,6 +59,7 @@ impl ReconcileError {
         match self {
             ReconcileError::Apply { .. } => Some("ApplyFailed"),
             ReconcileError::NameConflict { .. } => Some("NameConflict"),
+            ReconcileError::SecretNotAllowed { .. } => Some("SecretNotAllowed"),
             ReconcileError::NoNamespace | ReconcileError::Status(_) => None,
         }
     }
@@ -68,6 +72,7 @@ impl ReconcileError {
             ReconcileError::Apply { kind, .. } => kind,
             ReconcileError::Status(_) => "status",
             ReconcileError::NameConflict { .. } => "conflict",
+            ReconcileError::SecretNotAllowed { .. } => "secret",
         }
     }
 }
@@ -103,6 +108,50 @@ where
         name,
         source,
     })
+}
+
+/// The annotation by which a Secret lets RateLimitPolicies of its namespace use it as their
+/// upstream API key: a comma-separated list of policy names, or `*` for every policy.
+pub const ALLOWED_POLICIES_ANNOTATION: &str = "sluice.dev/allowed-policies";
+
+/// Whether a Secret with these annotations lets `policy` use it.
+pub fn secret_allows(
+    annotations: &std::collections::BTreeMap<String, String>,
+    policy: &str,
+) -> bool {
+    annotations
+        .get(ALLOWED_POLICIES_ANNOTATION)
+        .is_some_and(|v| v.split(',').map(str::trim).any(|p| p == "*" || p == policy))
+}
+
+/// Checks that the Secret `secret` opted in to `policy`; `Ok(Some(refusal))` when it did not
+/// (or does not exist). Reads only the Secret's metadata.
+async fn check_secret(
+    client: &Client,
+    ns: &str,
+    policy: &str,
+    secret: &str,
+) -> Result<Option<ReconcileError>, ReconcileError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let meta = api
+        .get_metadata_opt(secret)
+        .await
+        .map_err(|source| ReconcileError::Apply {
+            kind: "Secret".into(),
+            name: secret.to_owned(),
+            source,
+        })?;
+    let why = match meta {
+        None => "it does not exist".to_owned(),
+        Some(m) if secret_allows(m.annotations(), policy) => return Ok(None),
+        Some(_) => format!(
+            "it does not allow this policy (annotate it with {ALLOWED_POLICIES_ANNOTATION}: {policy})"
+        ),
+    };
+    Ok(Some(ReconcileError::SecretNotAllowed {
+        secret: secret.to_owned(),
+        why,
+    }))
 }
 
 /// Fails with [`ReconcileError::NameConflict`] when an object called `name` exists and this
@@ -281,6 +330,15 @@ async fn apply_objects(
         .and_then(|g| g.image.as_deref())
         .unwrap_or(&ctx.gateway_image);
     let c = &ctx.client;
+    // A Secret reference counts only where the Secret opted in: otherwise whoever may write a
+    // policy could send any Secret of the namespace to an upstream URL of their choosing.
+    let (api_key, refused) = match config.upstream.api_key_secret.as_ref() {
+        None => (None, None),
+        Some(r) => match check_secret(c, &ns, &name, &r.name).await? {
+            None => (Some(r), None),
+            Some(refusal) => (None, Some(refusal)),
+        },
+    };
     apply(c, &ns, objects::gateway_service_account(&ns, &name), &owner).await?;
     apply(c, &ns, objects::gateway_role(&ns, &name), &owner).await?;
     apply(c, &ns, objects::gateway_role_binding(&ns, &name), &owner).await?;
@@ -296,7 +354,7 @@ async fn apply_objects(
             port,
             replicas,
             gateway,
-            api_key: config.upstream.api_key_secret.as_ref(),
+            api_key,
         }),
         &owner,
     )
@@ -320,7 +378,10 @@ async fn apply_objects(
             }
         }
     }
-    Ok((deployment, replicas, port))
+    match refused {
+        Some(e) => Err(e),
+        None => Ok((deployment, replicas, port)),
+    }
 }
 
 pub(super) fn error_policy(

@@ -1,0 +1,103 @@
+//! The upstream API key from a file, as the operator mounts it from the policy's Secret: a
+//! gateway process in front of a stub upstream (in this process, on 127.0.0.1:0) that records
+//! the `Authorization` header of every request it gets.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use support::TempFile;
+use support::http::{Gw, client, send};
+
+/// A stub upstream answering `GET /v1/models`; returns its URL and the headers it saw.
+async fn recording_upstream() -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    async fn models(State(seen): State<Arc<Mutex<Vec<String>>>>, h: HeaderMap) -> &'static str {
+        let auth = h
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        seen.lock().unwrap().push(auth);
+        r#"{"object":"list","data":[]}"#
+    }
+    let app = axum::Router::new()
+        .route("/v1/models", axum::routing::get(models))
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn a_rotated_key_file_applies_without_a_restart_and_a_broken_one_keeps_the_last_key() {
+    let c = client();
+    let (upstream, seen) = recording_upstream().await;
+    let key =
+        TempFile(std::env::temp_dir().join(format!("sluice-test-key-{}", std::process::id())));
+    // As `echo sk-one > key` writes it: the trailing newline is not part of the key.
+    std::fs::write(&key.0, "sk-one\n").unwrap();
+    let (gw, _policy) = Gw::with_policy(
+        &c,
+        &upstream,
+        "",
+        &["--upstream-api-key-file", key.0.to_str().unwrap()],
+    )
+    .await;
+    let last_auth = || async {
+        let r = send(
+            &c,
+            "GET",
+            &format!("{}/v1/models", gw.url),
+            &[("authorization", "Bearer client-key")],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        seen.lock().unwrap().last().cloned().unwrap()
+    };
+    assert_eq!(
+        last_auth().await,
+        "Bearer sk-one",
+        "the client's header is replaced"
+    );
+
+    std::fs::write(&key.0, "sk-two").unwrap();
+    support::eventually(10, "the rotated key in use", || async {
+        (last_auth().await == "Bearer sk-two").then_some(())
+    })
+    .await;
+
+    // An emptied file is refused; the gateway keeps sending the last good key.
+    std::fs::write(&key.0, "\n").unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(last_auth().await, "Bearer sk-two");
+    }
+}
+
+#[test]
+fn an_unusable_key_file_at_start_is_a_clear_error() {
+    let missing = std::env::temp_dir().join("sluice-test-no-such-key");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--policy-file",
+            &format!("{}/examples/policy.yaml", support::REPO),
+            "--upstream-api-key-file",
+            missing.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot read the upstream API key file"),
+        "{stderr}"
+    );
+}
