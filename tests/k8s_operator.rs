@@ -10,16 +10,15 @@
 mod support;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 use serde_json::json;
 use sluice::policy::RateLimitPolicy;
 use support::http::{client as http_client, get, metric};
-use support::operator::{Env, accepted, condition, owned, start_operator};
+use support::operator::{Env, accepted, condition, lease_holder, owned, start_operator};
 use support::{TestNamespace, client, ensure_crd, eventually, operator_identity};
 
 fn policy(name: &str, replicas: i32) -> RateLimitPolicy {
@@ -301,15 +300,6 @@ async fn drift_in_owned_objects_is_corrected_and_deletion_cascades() {
         gone.then_some(())
     })
     .await;
-}
-
-async fn lease_holder(k: &Client, ns: &str) -> Option<String> {
-    Api::<Lease>::namespaced(k.clone(), ns)
-        .get_opt("sluice-operator")
-        .await
-        .ok()??
-        .spec?
-        .holder_identity
 }
 
 #[tokio::test]

@@ -15,7 +15,8 @@
 //! - [`status`]: the status patches, as pure functions.
 //! - [`objects`]: builders of the owned objects; [`names`]: their names and label values.
 //! - [`metrics`]: the operator's metrics.
-//! - [`leader`]: Lease-based leader election.
+//! - [`leader`]: Lease-based leader election (expiry on the observer's clock, renew deadline,
+//!   call timeouts, release on shutdown).
 //!
 //! This module wires them: the controllers, the metrics server ([`app`]) and `run`.
 
@@ -210,7 +211,8 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             Api::<Lease>::namespaced(client.clone(), &ns),
             &args.lease_name,
             &identity,
-            args.lease_duration,
+            leader::Timing::for_lease(args.lease_duration),
+            Arc::new(crate::limiter::MonotonicClock::new()),
         );
         tokio::select! {
             _ = e.acquire() => {}
@@ -265,14 +267,29 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
-        _ = all => Ok(()),
-        _ = crate::shutdown_signal() => {
-            stop.notify_waiters();
+    enum End {
+        Done,
+        Signal,
+        Lost,
+    }
+    // Whichever comes first, the controllers are dropped (reconciling stops) before anything
+    // else happens.
+    let end = tokio::select! {
+        _ = all => End::Done,
+        _ = crate::shutdown_signal() => End::Signal,
+        _ = lost => End::Lost,
+    };
+    stop.notify_waiters();
+    match end {
+        End::Done => Ok(()),
+        End::Signal => {
             tracing::info!("operator stopping");
+            if let Some(e) = &elector {
+                e.release().await;
+            }
             Ok(())
         }
-        _ = lost => {
+        End::Lost => {
             metrics.leader.set(0);
             anyhow::bail!("lost leadership; exiting so this replica restarts as a candidate")
         }

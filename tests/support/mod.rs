@@ -10,6 +10,7 @@ pub mod http;
 pub mod inproc;
 pub mod operator;
 mod process;
+pub mod relay;
 
 pub use process::ChildProcess;
 

@@ -131,3 +131,14 @@ impl Env {
         created
     }
 }
+
+/// The holder of the operator's Lease in `ns`, if any.
+pub async fn lease_holder(k: &Client, ns: &str) -> Option<String> {
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(k.clone(), ns)
+        .get_opt("sluice-operator")
+        .await
+        .ok()??
+        .spec?
+        .holder_identity
+        .filter(|h| !h.is_empty())
+}
