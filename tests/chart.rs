@@ -165,6 +165,29 @@ fn rendered_manifests_validate_against_kubernetes_1_34_schemas() {
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
+/// `group/resource: verbs` for every rule, sorted (verbs sorted too).
+fn grants(rules: &serde_json::Value) -> Vec<String> {
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut out = Vec::new();
+    for r in rules.as_array().unwrap() {
+        let mut verbs = strings(&r["verbs"]);
+        verbs.sort();
+        for g in strings(&r["apiGroups"]) {
+            for res in strings(&r["resources"]) {
+                out.push(format!("{g}/{res}: {}", verbs.join(" ")));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 #[test]
 fn the_chart_renders_the_shared_rbac_and_its_options() {
     let rules: serde_json::Value = serde_yaml::from_str(
@@ -185,6 +208,34 @@ fn the_chart_renders_the_shared_rbac_and_its_options() {
     assert_eq!(
         role["rules"], rules,
         "the ClusterRole is the shared rules file"
+    );
+    // The exact rights, spelled out: a new verb must be added here on purpose (and refused
+    // rights are checked against a real API server in tests/k8s_rbac.rs).
+    assert_eq!(
+        grants(&role["rules"]),
+        [
+            "/secrets: get",
+            "/serviceaccounts: create get list patch watch",
+            "/services: create get list patch watch",
+            "apps/deployments: create get list patch watch",
+            "events.k8s.io/events: create patch",
+            "policy/poddisruptionbudgets: create delete get list patch watch",
+            "rbac.authorization.k8s.io/rolebindings: create get list patch watch",
+            "rbac.authorization.k8s.io/roles: create get list patch watch",
+            "sluice.dev/ratelimitpolicies/finalizers: update",
+            "sluice.dev/ratelimitpolicies/status: patch",
+            "sluice.dev/ratelimitpolicies: get list watch",
+        ]
+    );
+    let leader = default
+        .iter()
+        .find(|d| d["kind"] == "Role")
+        .expect("the leader-election Role");
+    assert_eq!(leader["metadata"]["namespace"], "sluice-system");
+    assert_eq!(
+        grants(&leader["rules"]),
+        ["coordination.k8s.io/leases: create get update"],
+        "Lease rights only in the operator's own namespace"
     );
     let k = kinds(&default);
     assert!(

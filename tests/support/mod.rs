@@ -286,7 +286,7 @@ impl Drop for OperatorIdentity {
 
 pub async fn operator_identity(client: &Client, namespace: &str) -> OperatorIdentity {
     use k8s_openapi::api::core::v1::ServiceAccount;
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     let rules: serde_json::Value = serde_yaml::from_str(
         &std::fs::read_to_string(format!("{REPO}/charts/sluice/files/operator-rules.yaml"))
             .unwrap(),
@@ -320,6 +320,34 @@ pub async fn operator_identity(client: &Client, namespace: &str) -> OperatorIden
     .unwrap();
     Api::<ClusterRoleBinding>::all(client.clone())
         .patch(&binding, &pp, &Patch::Apply(&crb))
+        .await
+        .unwrap();
+    // Leader election rights only in its own namespace (the chart's Role there).
+    let leader_rules: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(format!(
+            "{REPO}/charts/sluice/files/operator-leader-rules.yaml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let role: Role = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "sluice-operator-leader-election"}, "rules": leader_rules
+    }))
+    .unwrap();
+    Api::<Role>::namespaced(client.clone(), namespace)
+        .patch("sluice-operator-leader-election", &pp, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let rb: RoleBinding = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "sluice-operator-leader-election"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sluice-operator-leader-election"},
+        "subjects": [{"kind": "ServiceAccount", "name": "sluice-operator", "namespace": namespace}]
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(client.clone(), namespace)
+        .patch("sluice-operator-leader-election", &pp, &Patch::Apply(&rb))
         .await
         .unwrap();
     OperatorIdentity {
