@@ -286,6 +286,21 @@ async fn client_errors_are_openai_shaped() {
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["param"], "model");
 
+    // A model name past 256 bytes never reaches the limiter or a metric label.
+    let r = post_json(&c, &url, &json!({"model": "m".repeat(257), "messages": []})).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "model");
+    let r = send(
+        &c,
+        "POST",
+        &format!("{}/v1/embeddings", gw.url),
+        &[],
+        json!({"model": "m".repeat(300), "input": "x"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(!gw.metrics(&c).await.contains(&"m".repeat(257)));
+
     let big =
         json!({"model": "sim-llm", "messages": [{"role": "user", "content": "x".repeat(2000)}]});
     let r = post_json(&c, &url, &big).await;
@@ -329,7 +344,7 @@ async fn client_errors_are_openai_shaped() {
                 ("outcome", "client_error")
             ]
         ),
-        Some(4.0)
+        Some(5.0)
     );
 }
 

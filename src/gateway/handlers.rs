@@ -100,11 +100,29 @@ fn parse_completion(bytes: &[u8]) -> Result<CompletionRequest, (bool, GatewayErr
             return Err((stream, e));
         }
     };
+    check_model_name(&model).map_err(|e| (stream, e))?;
     Ok(CompletionRequest {
         body,
         model,
         stream,
     })
+}
+
+/// Longest model name accepted (bytes), as in the policy's `models[].name`: a client's text
+/// reaches the limiter's keys and metric labels, so it is bounded before anything else.
+pub const MAX_MODEL_BYTES: usize = 256;
+
+fn check_model_name(model: &str) -> Result<(), GatewayError> {
+    if model.len() > MAX_MODEL_BYTES {
+        return Err(GatewayError::bad_param(
+            "model",
+            format!(
+                "`model` is {} bytes long; at most {MAX_MODEL_BYTES} are accepted",
+                model.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The upstream body of a unary request that is assembled from a stream: `stream: true`
@@ -197,6 +215,9 @@ pub async fn passthrough(
     };
     let (label, shadow) = match &model {
         Some(m) => {
+            if let Err(e) = check_model_name(m) {
+                return refuse(&gw, "", endpoint, false, e);
+            }
             let priority = match parse_priority(&headers) {
                 Ok(p) => p,
                 Err(e) => return refuse(&gw, "", endpoint, false, e),
@@ -246,4 +267,57 @@ pub async fn not_found(uri: Uri) -> Response {
         path: uri.path().to_owned(),
     }
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn model_names_are_bounded() {
+        let ok = format!(r#"{{"model": "{}"}}"#, "m".repeat(MAX_MODEL_BYTES));
+        assert!(parse_completion(ok.as_bytes()).is_ok());
+        let long = format!(
+            r#"{{"model": "{}", "stream": true}}"#,
+            "m".repeat(MAX_MODEL_BYTES + 1)
+        );
+        match parse_completion(long.as_bytes()) {
+            Err((true, GatewayError::BadRequest { param, message })) => {
+                assert_eq!(param, Some("model"));
+                assert!(message.contains("257 bytes"), "{message}");
+            }
+            other => panic!("{:?}", other.map(|r| r.model)),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any body is either a completion request or a 400 naming what is wrong: no panic,
+        /// no other status.
+        #[test]
+        fn any_body_parses_or_is_a_400(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Err((_, e)) = parse_completion(&body) {
+                prop_assert_eq!(e.api_error().status, StatusCode::BAD_REQUEST);
+            }
+        }
+
+        /// JSON-shaped bodies with odd members: the same.
+        #[test]
+        fn json_shaped_bodies_parse_or_are_a_400(
+            model in prop_oneof![Just(serde_json::Value::Null), any::<i64>().prop_map(serde_json::Value::from),
+                                 ".{0,300}".prop_map(serde_json::Value::from)],
+            stream in prop_oneof![Just(serde_json::Value::Null), any::<bool>().prop_map(serde_json::Value::from),
+                                  ".{0,8}".prop_map(serde_json::Value::from)],
+        ) {
+            let body = serde_json::json!({"model": model, "stream": stream}).to_string();
+            match parse_completion(body.as_bytes()) {
+                Ok(r) => {
+                    prop_assert!(!r.model.is_empty() && r.model.len() <= MAX_MODEL_BYTES);
+                }
+                Err((_, e)) => prop_assert_eq!(e.api_error().status, StatusCode::BAD_REQUEST),
+            }
+        }
+    }
 }

@@ -233,4 +233,57 @@ mod tests {
             );
         }
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Bytes that look like SSE often enough to matter: data lines, blank lines, CRs,
+        /// JSON fragments and noise.
+        fn sse_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                Just(b"data: ".to_vec()),
+                Just(b"\n".to_vec()),
+                Just(b"\r\n".to_vec()),
+                Just(b"\r".to_vec()),
+                Just(b"[DONE]".to_vec()),
+                Just(br#"{"choices":[{"delta":{"content":"x"}}]}"#.to_vec()),
+                Just(br#"{"error":{"message":"e"}}"#.to_vec()),
+                Just(b": comment".to_vec()),
+                proptest::collection::vec(any::<u8>(), 0..16),
+            ];
+            proptest::collection::vec(piece, 0..64).prop_map(|v| v.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// No input panics, every event classifies, and how the bytes are cut into reads
+            /// never changes the events.
+            #[test]
+            fn chunking_never_changes_the_events(
+                bytes in sse_bytes(),
+                cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
+            ) {
+                let whole = events(&[&bytes]);
+                let mut points: Vec<usize> =
+                    cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+                points.sort_unstable();
+                let mut chunks = Vec::new();
+                let mut last = 0;
+                for p in points {
+                    chunks.push(&bytes[last..p]);
+                    last = p;
+                }
+                chunks.push(&bytes[last..]);
+                prop_assert_eq!(events(&chunks), whole.clone());
+                for e in &whole {
+                    let _ = classify(e);
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(e) {
+                        prop_assert_eq!(classify_value(&v), classify(e));
+                    }
+                }
+            }
+        }
+    }
 }
