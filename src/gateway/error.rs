@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | malformed request, unforwardable path or headers | 400 | — |
 //! | body over the limit | 413 | `request_too_large` |
+//! | body not received within the body-read timeout | 408 | `request_timeout` |
 //! | shed | 429 + `Retry-After` (s) + `retry-after-ms` | `rate_limit_exceeded` |
 //! | no policy loaded yet | 503 | — |
 //! | upstream unreachable | 502 | `upstream_unreachable` |
@@ -31,6 +32,8 @@ pub enum GatewayError {
     },
     /// The body is larger than `limit` bytes (413).
     TooLarge { limit: usize },
+    /// The body did not arrive within the body-read timeout (408).
+    BodyTimeout(Duration),
     /// Shed by the latency gate (429).
     Shed {
         model: String,
@@ -69,9 +72,9 @@ impl GatewayError {
     /// counted (no policy loaded yet, unknown paths).
     pub fn outcome(&self) -> Option<Outcome> {
         match self {
-            GatewayError::BadRequest { .. } | GatewayError::TooLarge { .. } => {
-                Some(Outcome::ClientError)
-            }
+            GatewayError::BadRequest { .. }
+            | GatewayError::TooLarge { .. }
+            | GatewayError::BodyTimeout(_) => Some(Outcome::ClientError),
             GatewayError::Shed { .. } => Some(Outcome::Rejected),
             GatewayError::UpstreamUnreachable
             | GatewayError::BrokenStream
@@ -100,6 +103,15 @@ impl GatewayError {
                 format!("request body is larger than {limit} bytes"),
             )
             .code("request_too_large"),
+            E::BodyTimeout(t) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "the request body did not arrive within {} s",
+                    t.as_secs_f64()
+                ),
+            )
+            .code("request_timeout"),
             E::Shed { model, retry_after } => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_exceeded",
@@ -201,6 +213,12 @@ mod tests {
                 GatewayError::TooLarge { limit: 10 },
                 413,
                 Some("request_too_large"),
+                Some(Outcome::ClientError),
+            ),
+            (
+                GatewayError::BodyTimeout(Duration::from_secs(60)),
+                408,
+                Some("request_timeout"),
                 Some(Outcome::ClientError),
             ),
             (GatewayError::NotReady, 503, None, None),

@@ -33,7 +33,7 @@ fn refuse(
     e.into_response()
 }
 
-/// Reads the request body up to the limit (413 beyond it).
+/// Reads the request body up to the limit (413 beyond it) within the body-read timeout (408).
 async fn read_body(gw: &Gateway, headers: &HeaderMap, body: Body) -> Result<Bytes, GatewayError> {
     let too_large = GatewayError::TooLarge {
         limit: gw.max_body_bytes,
@@ -45,7 +45,11 @@ async fn read_body(gw: &Gateway, headers: &HeaderMap, body: Body) -> Result<Byte
     if declared.is_some_and(|n| n > gw.max_body_bytes) {
         return Err(too_large);
     }
-    match Limited::new(body, gw.max_body_bytes).collect().await {
+    let read = Limited::new(body, gw.max_body_bytes).collect();
+    let Ok(read) = tokio::time::timeout(gw.body_read_timeout, read).await else {
+        return Err(GatewayError::BodyTimeout(gw.body_read_timeout));
+    };
+    match read {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large),
         Err(_) => Err(GatewayError::bad_request(

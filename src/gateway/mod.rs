@@ -70,6 +70,13 @@ pub struct GatewayArgs {
     /// Largest request body accepted (bytes); larger ones get 413.
     #[arg(long, default_value_t = 16 << 20)]
     pub max_body_bytes: usize,
+    /// Longest wait for a request's headers, and for the next request on an idle keep-alive
+    /// connection; then the connection is closed (slow or idle clients hold nothing longer).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Longest time to receive a request body; then 408.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
     /// API key sent upstream as `Authorization: Bearer <key>` instead of the client's header
     /// (surrounding whitespace ignored).
     #[arg(long, env = "SLUICE_UPSTREAM_API_KEY", hide_env_values = true)]
@@ -96,6 +103,10 @@ pub struct Gateway {
     pub draining: AtomicBool,
     /// Coin flips of the shedding decision and Retry-After jitter.
     pub random: RandomSource,
+    /// See [`GatewayOptions::header_read_timeout`].
+    pub header_read_timeout: Duration,
+    /// See [`GatewayOptions::body_read_timeout`].
+    pub body_read_timeout: Duration,
 }
 
 /// How a [`Gateway`] is set up apart from its policy, metrics and clock.
@@ -108,6 +119,10 @@ pub struct GatewayOptions {
     /// Or read from this file (first read here; follow it with [`api_key::follow_key_file`]).
     pub upstream_api_key_file: Option<PathBuf>,
     pub random: RandomSource,
+    /// Longest wait for a request's headers (also the idle keep-alive limit).
+    pub header_read_timeout: Duration,
+    /// Longest time to receive a request body.
+    pub body_read_timeout: Duration,
 }
 
 impl Default for GatewayOptions {
@@ -117,6 +132,8 @@ impl Default for GatewayOptions {
             upstream_api_key: None,
             upstream_api_key_file: None,
             random: RandomSource::PerThread,
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -143,6 +160,8 @@ impl Gateway {
             api_key: Arc::new(api_key::UpstreamKey::new(api_key)),
             draining: AtomicBool::new(false),
             random: options.random,
+            header_read_timeout: options.header_read_timeout,
+            body_read_timeout: options.body_read_timeout,
         }))
     }
 }
@@ -161,6 +180,12 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains for at most `drain`.
+///
+/// Each connection is HTTP/1.1 with TCP_NODELAY and the gateway's header-read timeout (which
+/// also bounds how long an idle keep-alive connection waits for its next request), so a client
+/// that trickles its headers, or opens connections and sends nothing, holds nothing for
+/// longer than that. On shutdown the listener closes, /readyz turns 503, idle connections
+/// close and in-flight requests finish, for at most `drain`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -168,21 +193,44 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     drain: Duration,
 ) -> std::io::Result<()> {
-    let signalled = Arc::new(tokio::sync::Notify::new());
-    let notify = signalled.clone();
-    let server = axum::serve(crate::nodelay(listener), app).with_graceful_shutdown(async move {
-        shutdown.await;
-        gw.draining.store(true, Ordering::SeqCst);
-        tracing::info!(timeout = ?drain, "shutting down: no new connections, draining in-flight requests");
-        notify.notify_one();
-    });
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(gw.header_read_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection closed with an error");
+            }
+        });
+    }
+    drop(listener);
+    gw.draining.store(true, Ordering::SeqCst);
+    tracing::info!(timeout = ?drain, "shutting down: no new connections, draining in-flight requests");
     tokio::select! {
-        r = server => r,
-        _ = async { signalled.notified().await; tokio::time::sleep(drain).await } => {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(drain) => {
             tracing::warn!("drain timeout reached; closing remaining connections");
-            Ok(())
         }
     }
+    Ok(())
 }
 
 /// `sluice gateway`.
@@ -219,6 +267,8 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             upstream_api_key: args.upstream_api_key.clone(),
             upstream_api_key_file: args.upstream_api_key_file.clone(),
             random: RandomSource::PerThread,
+            header_read_timeout: args.header_read_timeout,
+            body_read_timeout: args.body_read_timeout,
         },
     )?;
     if let Some(path) = &args.upstream_api_key_file {
