@@ -547,7 +547,13 @@ async fn sigterm_drains_in_flight_streams_and_exits_zero() {
         &["--decode-step-ms", "20", "--decode-step-ms-per-seq", "0"],
     )
     .await;
-    let (mut gw, _policy) = Gw::with_policy(&c, &sim.url, "", &["--drain-timeout", "20s"]).await;
+    let (mut gw, _policy) = Gw::with_policy(
+        &c,
+        &sim.url,
+        "",
+        &["--drain-timeout", "20s", "--drain-delay", "0s"],
+    )
+    .await;
     let resp = start(
         &c,
         "POST",
@@ -598,4 +604,54 @@ async fn the_demo_serves_the_example_policy_and_stops_cleanly() {
     );
     demo.terminate();
     assert!(demo.wait_exit(20).success());
+}
+
+#[tokio::test]
+async fn a_rollout_under_steady_load_fails_no_request() {
+    let c = client();
+    // A client that opens a new connection per request, as new clients arriving do.
+    let fresh: support::http::HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build_http();
+    let sim = Sim::start(&c, &[]).await;
+    let (mut gw, _policy) = Gw::with_policy(&c, &sim.url, "", &["--drain-delay", "2s"]).await;
+    let url = format!("{}/v1/chat/completions", gw.url);
+    let load = |client: support::http::HttpClient, url: String, until: Instant| async move {
+        let (mut ok, mut failed) = (0, Vec::new());
+        while Instant::now() < until {
+            let r = support::http::send(
+                &client,
+                "POST",
+                &url,
+                &[],
+                serde_json::to_vec(&chat(2, false)).unwrap(),
+            )
+            .await;
+            if r.status == 200 {
+                ok += 1;
+            } else {
+                failed.push(r.status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (ok, failed)
+    };
+    // Load from 1 s before SIGTERM to 1.5 s after it: within the 2 s drain delay, the time a
+    // load balancer takes to act on the readiness change.
+    let until = Instant::now() + Duration::from_millis(2500);
+    let pooled = tokio::spawn(load(c.clone(), url.clone(), until));
+    let fresh = tokio::spawn(load(fresh, url.clone(), until));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gw.process.terminate();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ready = get(&c, &format!("{}/readyz", gw.url)).await;
+    assert_eq!(ready.status, 503, "not ready while draining");
+    for h in [pooled, fresh] {
+        let (ok, failed) = h.await.unwrap();
+        assert!(ok > 20, "only {ok} requests");
+        assert!(failed.is_empty(), "failed during the rollout: {failed:?}");
+    }
+    let status = gw.process.wait_exit(20);
+    assert!(status.success(), "exit status {status}");
 }

@@ -12,7 +12,8 @@
 //! Stream framing and token timing live in [`crate::openai`], shared with the load generator.
 //!
 //! The policy comes from a [`PolicyStore`] fed by a policy source; every request reads the
-//! snapshot in force. SIGTERM stops accepting, lets in-flight requests finish up to
+//! snapshot in force. SIGTERM turns /readyz to 503, keeps serving new requests for
+//! `--drain-delay`, then stops accepting, lets in-flight requests finish up to
 //! `--drain-timeout`, and exits 0.
 
 pub mod admission;
@@ -64,9 +65,14 @@ pub struct GatewayArgs {
     /// How often the policy file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub reload_interval: Duration,
-    /// Longest time in-flight requests may take to finish after SIGTERM.
+    /// Longest time in-flight requests may take to finish after SIGTERM (after the drain
+    /// delay).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// After SIGTERM, how long /readyz reports 503 while new requests are still accepted and
+    /// served, so load balancers stop sending before the listener closes.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain_delay: Duration,
     /// Largest request body accepted (bytes); larger ones get 413.
     #[arg(long, default_value_t = 16 << 20)]
     pub max_body_bytes: usize,
@@ -107,6 +113,8 @@ pub struct Gateway {
     pub header_read_timeout: Duration,
     /// See [`GatewayOptions::body_read_timeout`].
     pub body_read_timeout: Duration,
+    /// See [`GatewayOptions::drain_delay`].
+    pub drain_delay: Duration,
 }
 
 /// How a [`Gateway`] is set up apart from its policy, metrics and clock.
@@ -123,6 +131,9 @@ pub struct GatewayOptions {
     pub header_read_timeout: Duration,
     /// Longest time to receive a request body.
     pub body_read_timeout: Duration,
+    /// After shutdown starts, how long new requests are still accepted (readiness already
+    /// false).
+    pub drain_delay: Duration,
 }
 
 impl Default for GatewayOptions {
@@ -134,6 +145,7 @@ impl Default for GatewayOptions {
             random: RandomSource::PerThread,
             header_read_timeout: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(60),
+            drain_delay: Duration::ZERO,
         }
     }
 }
@@ -162,6 +174,7 @@ impl Gateway {
             random: options.random,
             header_read_timeout: options.header_read_timeout,
             body_read_timeout: options.body_read_timeout,
+            drain_delay: options.drain_delay,
         }))
     }
 }
@@ -184,8 +197,12 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 /// Each connection is HTTP/1.1 with TCP_NODELAY and the gateway's header-read timeout (which
 /// also bounds how long an idle keep-alive connection waits for its next request), so a client
 /// that trickles its headers, or opens connections and sends nothing, holds nothing for
-/// longer than that. On shutdown the listener closes, /readyz turns 503, idle connections
-/// close and in-flight requests finish, for at most `drain`.
+/// longer than that.
+///
+/// Shutdown, in the order a rollout needs: /readyz turns 503 at once, but the gateway keeps
+/// accepting and serving for the drain delay (while load balancers and Service endpoints
+/// catch up with the readiness change); then the listener closes, idle connections close and
+/// in-flight requests finish, for at most `drain`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -198,32 +215,42 @@ pub async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(gw.header_read_timeout);
+    let accept = async |listener: &tokio::net::TcpListener| match listener.accept().await {
+        Ok((stream, _)) => {
+            let _ = stream.set_nodelay(true);
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection closed with an error");
+                }
+            });
+        }
+        Err(e) => {
+            // Out of file descriptors and the like: back off instead of spinning.
+            tracing::warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
     tokio::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        tokio::select! {
+            _ = accept(&listener) => {}
             _ = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection closed with an error");
-            }
-        });
+        }
+    }
+    gw.draining.store(true, Ordering::SeqCst);
+    tracing::info!(delay = ?gw.drain_delay, "shutting down: not ready; still serving during the drain delay");
+    let delay = tokio::time::sleep(gw.drain_delay);
+    tokio::pin!(delay);
+    loop {
+        tokio::select! {
+            _ = accept(&listener) => {}
+            _ = &mut delay => break,
+        }
     }
     drop(listener);
-    gw.draining.store(true, Ordering::SeqCst);
-    tracing::info!(timeout = ?drain, "shutting down: no new connections, draining in-flight requests");
+    tracing::info!(timeout = ?drain, "no new connections; draining in-flight requests");
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(drain) => {
@@ -269,6 +296,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             random: RandomSource::PerThread,
             header_read_timeout: args.header_read_timeout,
             body_read_timeout: args.body_read_timeout,
+            drain_delay: args.drain_delay,
         },
     )?;
     if let Some(path) = &args.upstream_api_key_file {

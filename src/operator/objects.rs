@@ -88,6 +88,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pods_drain_for_as_long_as_a_request_may_run() {
+        let d = gateway_deployment(&GatewayPodSpec {
+            namespace: "ns",
+            policy: "p",
+            image: "img",
+            upstream: "http://u:8000/",
+            port: 8080,
+            replicas: 1,
+            gateway: None,
+            api_key: None,
+            upstream_timeout: std::time::Duration::from_millis(600_500),
+        });
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        // 5 s drain delay + 601 s (the timeout, rounded up) + 5 s margin.
+        assert_eq!(pod.termination_grace_period_seconds, Some(611));
+        let args = pod.containers[0].args.clone().unwrap();
+        assert!(args.contains(&"--drain-delay=5s".to_owned()), "{args:?}");
+        assert!(
+            args.contains(&"--drain-timeout=601s".to_owned()),
+            "{args:?}"
+        );
+        assert!(pod.volumes.is_none(), "no key, no volume");
+    }
+
+    #[test]
     fn the_role_is_narrowed_to_the_policy() {
         let r = gateway_role("ns", "llama");
         let rule = &r.rules.unwrap()[0];
@@ -117,7 +142,12 @@ pub struct GatewayPodSpec<'a> {
     pub replicas: i32,
     pub gateway: Option<&'a crate::policy::crd::GatewaySpec>,
     pub api_key: Option<&'a crate::policy::crd::SecretKeyRef>,
+    /// The policy's upstream timeout: the longest a request may run, so the longest drain.
+    pub upstream_timeout: std::time::Duration,
 }
+
+/// How long a terminating gateway keeps accepting while endpoints catch up (`--drain-delay`).
+pub const DRAIN_DELAY_SECS: u64 = 5;
 
 fn selector(policy: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -127,6 +157,10 @@ fn selector(policy: &str) -> BTreeMap<String, String> {
         ),
         (POLICY_LABEL.to_owned(), label_value(policy)),
     ])
+}
+
+fn drain_secs(timeout: std::time::Duration) -> u64 {
+    timeout.as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// The gateway Deployment: hardened pods that follow their policy through the API.
@@ -169,6 +203,8 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
         format!("0.0.0.0:{}", p.port),
         "--upstream".to_owned(),
         p.upstream.to_owned(),
+        format!("--drain-delay={DRAIN_DELAY_SECS}s"),
+        format!("--drain-timeout={}s", drain_secs(p.upstream_timeout)),
     ];
     // The key is a file from a projected Secret, not an env var: the kubelet updates the file
     // when the Secret rotates and the gateway re-reads it, with no restart.
@@ -263,7 +299,11 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
                 spec: Some(PodSpec {
                     service_account_name: Some(gateway_name(p.policy)),
                     automount_service_account_token: Some(true),
-                    termination_grace_period_seconds: Some(45),
+                    // The drain delay, then every request up to the upstream timeout, then a
+                    // margin before the kubelet's SIGKILL.
+                    termination_grace_period_seconds: Some(
+                        (DRAIN_DELAY_SECS + drain_secs(p.upstream_timeout) + 5) as i64,
+                    ),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         seccomp_profile: Some(SeccompProfile {

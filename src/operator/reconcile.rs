@@ -355,6 +355,7 @@ async fn apply_objects(
             replicas,
             gateway,
             api_key,
+            upstream_timeout: config.upstream.timeout,
         }),
         &owner,
     )
