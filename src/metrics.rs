@@ -35,6 +35,8 @@ pub enum Outcome {
     UpstreamError,
     /// The client went away before the response was complete.
     Cancelled,
+    /// Refused with 503: the gateway was at its in-flight limit.
+    Overloaded,
 }
 
 impl Outcome {
@@ -46,6 +48,7 @@ impl Outcome {
             Outcome::ClientError => "client_error",
             Outcome::UpstreamError => "upstream_error",
             Outcome::Cancelled => "cancelled",
+            Outcome::Overloaded => "overloaded",
         }
     }
 }

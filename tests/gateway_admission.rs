@@ -147,3 +147,36 @@ async fn an_edited_threshold_during_an_overload_does_not_reopen_the_gate() {
         "reject probability {before} → {after} across the reload"
     );
 }
+
+#[tokio::test]
+async fn past_the_in_flight_limit_new_requests_get_503_overloaded() {
+    let options = sluice::gateway::GatewayOptions {
+        max_inflight: 2,
+        ..Default::default()
+    };
+    let g = InProc::start_with(CLIFF, options).await;
+    let a = g.hold("m").await;
+    let _b = g.hold("m").await;
+    let r = g.stream("m", &[], MS, &[]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after").as_deref(), Some("1"));
+    assert_eq!(r.body.as_ref().unwrap()["error"]["code"], "overloaded");
+    let m = g.metrics().await;
+    let overloaded = metric(
+        &m,
+        "sluice_requests_total",
+        &[
+            ("model", ""),
+            ("endpoint", "chat_completions"),
+            ("stream", "false"),
+            ("outcome", "overloaded"),
+        ],
+    );
+    assert_eq!(overloaded, Some(1.0), "{m}");
+    // A place frees up when a held request ends.
+    drop(a);
+    support::eventually(5, "a free place", || async {
+        (g.stream("m", &[], MS, &[]).await.status == 200).then_some(())
+    })
+    .await;
+}

@@ -8,6 +8,7 @@
 //! | body not received within the body-read timeout | 408 | `request_timeout` |
 //! | shed | 429 + `Retry-After` (s) + `retry-after-ms` | `rate_limit_exceeded` |
 //! | no policy loaded yet | 503 | — |
+//! | at the gateway's in-flight limit | 503 + `Retry-After: 1` | `overloaded` |
 //! | upstream unreachable | 502 | `upstream_unreachable` |
 //! | upstream stream broke (unary assembly) | 502 | `upstream_broken_stream` |
 //! | upstream timeout | 504 | `upstream_timeout` |
@@ -41,6 +42,8 @@ pub enum GatewayError {
     },
     /// No valid policy has been loaded yet (503).
     NotReady,
+    /// The gateway holds `limit` requests already (503 with Retry-After).
+    Overloaded { limit: usize },
     /// The upstream could not be reached (502).
     UpstreamUnreachable,
     /// The upstream stream ended before `[DONE]`, broke or carried an error (502).
@@ -76,6 +79,7 @@ impl GatewayError {
             | GatewayError::TooLarge { .. }
             | GatewayError::BodyTimeout(_) => Some(Outcome::ClientError),
             GatewayError::Shed { .. } => Some(Outcome::Rejected),
+            GatewayError::Overloaded { .. } => Some(Outcome::Overloaded),
             GatewayError::UpstreamUnreachable
             | GatewayError::BrokenStream
             | GatewayError::UpstreamTimeout(_) => Some(Outcome::UpstreamError),
@@ -121,6 +125,12 @@ impl GatewayError {
                 ),
             )
             .code("rate_limit_exceeded"),
+            E::Overloaded { limit } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                format!("the gateway is serving {limit} requests, its limit; retry after 1 s"),
+            )
+            .code("overloaded"),
             E::NotReady => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
@@ -157,6 +167,11 @@ impl GatewayError {
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let mut resp = self.api_error().into_response();
+        if let GatewayError::Overloaded { .. } = self {
+            let h = resp.headers_mut();
+            h.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            h.insert("retry-after-ms", HeaderValue::from(1000u64));
+        }
         if let GatewayError::Shed { retry_after, .. } = self {
             let h = resp.headers_mut();
             h.insert(
@@ -223,6 +238,12 @@ mod tests {
             ),
             (GatewayError::NotReady, 503, None, None),
             (
+                GatewayError::Overloaded { limit: 8 },
+                503,
+                Some("overloaded"),
+                Some(Outcome::Overloaded),
+            ),
+            (
                 GatewayError::UpstreamUnreachable,
                 502,
                 Some("upstream_unreachable"),
@@ -251,7 +272,12 @@ mod tests {
             assert_eq!(e.outcome(), outcome, "{e:?}");
             let resp = e.clone().into_response();
             assert_eq!(resp.status().as_u16(), status, "{e:?}");
-            assert!(resp.headers().get(header::RETRY_AFTER).is_none());
+            let overloaded = matches!(e, GatewayError::Overloaded { .. });
+            assert_eq!(
+                resp.headers().get(header::RETRY_AFTER).is_some(),
+                overloaded,
+                "{e:?}"
+            );
             let v = body(resp).await;
             assert_eq!(v["error"]["code"].as_str(), code, "{e:?}");
             assert!(

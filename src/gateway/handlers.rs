@@ -16,7 +16,7 @@ use super::Gateway;
 use super::admission::{admit, parse_priority};
 use super::assemble;
 use super::error::GatewayError;
-use super::measure::{Endpoint, Sampler, Tracker, count};
+use super::measure::{Endpoint, InflightSlot, Sampler, Tracker, count};
 use super::relay::{Forward, forward};
 
 /// Counts a request answered by the gateway itself (label `model` when known) and answers.
@@ -142,6 +142,20 @@ fn streaming_body(mut req: Map<String, Value>) -> Bytes {
     Bytes::from(serde_json::to_vec(&req).expect("JSON map serializes"))
 }
 
+/// A place among the gateway's in-flight requests, or the 503 that refuses one.
+fn slot(gw: &Arc<Gateway>, endpoint: Endpoint) -> Result<InflightSlot, Box<Response>> {
+    InflightSlot::acquire(gw).ok_or_else(|| {
+        let limit = gw.max_inflight;
+        Box::new(refuse(
+            gw,
+            "",
+            endpoint,
+            false,
+            GatewayError::Overloaded { limit },
+        ))
+    })
+}
+
 async fn completion(
     gw: Arc<Gateway>,
     endpoint: Endpoint,
@@ -149,6 +163,10 @@ async fn completion(
     body: Body,
 ) -> Response {
     let start = Instant::now();
+    let slot = match slot(&gw, endpoint) {
+        Ok(s) => s,
+        Err(resp) => return *resp,
+    };
     let bytes = match read_body(&gw, &headers, body).await {
         Ok(b) => b,
         Err(e) => return refuse(&gw, "", endpoint, false, e),
@@ -185,7 +203,8 @@ async fn completion(
         path_and_query: endpoint.path(),
         headers: &headers,
         body,
-        tracker: Tracker::new(&gw.metrics, &a.label, endpoint, req.stream, a.shadow, start),
+        tracker: Tracker::new(&gw.metrics, &a.label, endpoint, req.stream, a.shadow, start)
+            .hold(slot),
         sampler: (req.stream || assemble).then(|| Sampler::start(&gw, &a.snap, a.key, &req.model)),
         assemble: assemble.then_some(kind),
     })
@@ -206,6 +225,10 @@ pub async fn passthrough(
         Endpoint::Models
     } else {
         Endpoint::Other
+    };
+    let slot = match slot(&gw, endpoint) {
+        Ok(s) => s,
+        Err(resp) => return *resp,
     };
     let bytes = match read_body(&gw, &headers, body).await {
         Ok(b) => b,
@@ -240,7 +263,7 @@ pub async fn passthrough(
         path_and_query: uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
         headers: &headers,
         body: bytes,
-        tracker: Tracker::new(&gw.metrics, &label, endpoint, false, shadow, start),
+        tracker: Tracker::new(&gw.metrics, &label, endpoint, false, shadow, start).hold(slot),
         sampler: None,
         assemble: None,
     })

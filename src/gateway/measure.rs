@@ -57,6 +57,29 @@ pub fn count(m: &GatewayMetrics, model: &str, endpoint: Endpoint, stream: bool, 
         .inc();
 }
 
+/// One of the gateway's `max_inflight` places, held from before the body is read until the
+/// response is complete (or the client is gone).
+pub struct InflightSlot(Arc<Gateway>);
+
+impl InflightSlot {
+    /// A place, or None when all are taken.
+    pub fn acquire(gw: &Arc<Gateway>) -> Option<Self> {
+        let held = gw
+            .inflight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let slot = InflightSlot(gw.clone());
+        (held < gw.max_inflight).then_some(slot)
+    }
+}
+
+impl Drop for InflightSlot {
+    fn drop(&mut self) {
+        self.0
+            .inflight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Counts an admitted request's outcome, its duration and in-flight gauge, once, when
 /// dropped: a response body dropped before it finished (client gone) counts as `cancelled`.
 pub struct Tracker {
@@ -69,6 +92,7 @@ pub struct Tracker {
     start: Instant,
     inflight: IntGauge,
     duration: Histogram,
+    slot: Option<InflightSlot>,
 }
 
 impl Tracker {
@@ -92,7 +116,14 @@ impl Tracker {
             outcome: None,
             start,
             inflight,
+            slot: None,
         }
+    }
+
+    /// Keeps the request's in-flight place until the response is complete.
+    pub fn hold(mut self, slot: InflightSlot) -> Self {
+        self.slot = Some(slot);
+        self
     }
 
     /// Sets the outcome (the first one set wins).

@@ -83,6 +83,10 @@ pub struct GatewayArgs {
     /// Longest time to receive a request body; then 408.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub body_read_timeout: Duration,
+    /// Most requests the gateway holds at once (bodies read or being read, streams relayed);
+    /// above it new requests get 503 with Retry-After, before their body is read.
+    #[arg(long, default_value_t = 1024)]
+    pub max_inflight: usize,
     /// API key sent upstream as `Authorization: Bearer <key>` instead of the client's header
     /// (surrounding whitespace ignored).
     #[arg(long, env = "SLUICE_UPSTREAM_API_KEY", hide_env_values = true)]
@@ -115,6 +119,10 @@ pub struct Gateway {
     pub body_read_timeout: Duration,
     /// See [`GatewayOptions::drain_delay`].
     pub drain_delay: Duration,
+    /// See [`GatewayOptions::max_inflight`].
+    pub max_inflight: usize,
+    /// Requests held now (see [`measure::InflightSlot`]).
+    pub inflight: std::sync::atomic::AtomicUsize,
 }
 
 /// How a [`Gateway`] is set up apart from its policy, metrics and clock.
@@ -134,6 +142,8 @@ pub struct GatewayOptions {
     /// After shutdown starts, how long new requests are still accepted (readiness already
     /// false).
     pub drain_delay: Duration,
+    /// Most requests held at once; more get 503 `overloaded`.
+    pub max_inflight: usize,
 }
 
 impl Default for GatewayOptions {
@@ -146,6 +156,7 @@ impl Default for GatewayOptions {
             header_read_timeout: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(60),
             drain_delay: Duration::ZERO,
+            max_inflight: 1024,
         }
     }
 }
@@ -175,6 +186,8 @@ impl Gateway {
             header_read_timeout: options.header_read_timeout,
             body_read_timeout: options.body_read_timeout,
             drain_delay: options.drain_delay,
+            max_inflight: options.max_inflight,
+            inflight: Default::default(),
         }))
     }
 }
@@ -297,6 +310,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             header_read_timeout: args.header_read_timeout,
             body_read_timeout: args.body_read_timeout,
             drain_delay: args.drain_delay,
+            max_inflight: args.max_inflight,
         },
     )?;
     if let Some(path) = &args.upstream_api_key_file {

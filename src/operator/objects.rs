@@ -110,6 +110,13 @@ mod tests {
             "{args:?}"
         );
         assert!(pod.volumes.is_none(), "no key, no volume");
+        let res = pod.containers[0].resources.clone().unwrap();
+        assert_eq!(
+            res,
+            default_resources(),
+            "defaults when the policy sets none"
+        );
+        assert_eq!(res.limits.unwrap()["memory"].0, "1Gi");
     }
 
     #[test]
@@ -157,6 +164,22 @@ fn selector(policy: &str) -> BTreeMap<String, String> {
         ),
         (POLICY_LABEL.to_owned(), label_value(policy)),
     ])
+}
+
+/// Resources of gateway pods whose policy sets none: a request that schedules them anywhere and
+/// a memory limit, so a gateway under a flood of large bodies is OOM-killed alone instead of
+/// starving its node.
+pub fn default_resources() -> k8s_openapi::api::core::v1::ResourceRequirements {
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let q = |s: &str| Quantity(s.to_owned());
+    k8s_openapi::api::core::v1::ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), q("100m")),
+            ("memory".to_owned(), q("128Mi")),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_owned(), q("1Gi"))])),
+        ..Default::default()
+    }
 }
 
 fn drain_secs(timeout: std::time::Duration) -> u64 {
@@ -262,7 +285,11 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
         }]),
         readiness_probe: Some(probe("/readyz", 5)),
         liveness_probe: Some(probe("/healthz", 10)),
-        resources: p.gateway.and_then(|g| g.resources.clone()),
+        resources: Some(
+            p.gateway
+                .and_then(|g| g.resources.clone())
+                .unwrap_or_else(default_resources),
+        ),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(65532),

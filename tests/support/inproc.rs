@@ -54,6 +54,12 @@ async fn stub_chat(State(stub): State<Stub>, body: Bytes) -> Response {
         .into_response()
 }
 
+/// A request held open by [`InProc::hold`].
+pub struct Held {
+    _arrival: Arrival,
+    _body: hyper::body::Incoming,
+}
+
 /// How one streamed request went.
 #[derive(Debug)]
 pub struct Outcome {
@@ -93,6 +99,11 @@ pub struct InProc {
 impl InProc {
     /// A gateway with the policy `spec` (YAML lines under `spec:`, the upstream added).
     pub async fn start(spec: &str) -> InProc {
+        InProc::start_with(spec, GatewayOptions::default()).await
+    }
+
+    /// The same with `options` (their random source is replaced by the seeded one).
+    pub async fn start_with(spec: &str, options: GatewayOptions) -> InProc {
         let (tx, rx) = mpsc::unbounded_channel();
         let app = axum::Router::new()
             .route("/v1/chat/completions", axum::routing::post(stub_chat))
@@ -110,7 +121,7 @@ impl InProc {
             Arc::new(clock.clone()),
             GatewayOptions {
                 random: RandomSource::seeded(42),
-                ..GatewayOptions::default()
+                ..options
             },
         )
         .unwrap();
@@ -209,6 +220,25 @@ impl InProc {
             status,
             headers,
             body: None,
+        }
+    }
+
+    /// A streamed request that reached the upstream and got its response headers, held open
+    /// (no token yet) until dropped.
+    pub async fn hold(&self, model: &str) -> Held {
+        let body = serde_json::json!({"model": model, "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]});
+        let req = hyper::Request::post(format!("{}/v1/chat/completions", self.url))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = tokio::spawn(self.client.request(req));
+        let arrival = self.arrivals.lock().await.recv().await.unwrap();
+        let resp = response.await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        Held {
+            _arrival: arrival,
+            _body: resp.into_body(),
         }
     }
 
