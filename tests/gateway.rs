@@ -332,6 +332,29 @@ async fn client_errors_are_openai_shaped() {
     assert_eq!(r.status, 404);
     assert!(r.json()["error"]["message"].is_string());
 
+    // Only the allow-listed OpenAI endpoints reach the upstream; traversal never does.
+    for path in [
+        "/v1/files",
+        "/v1/fine_tuning/jobs",
+        "/v1/models/..",
+        "/v1/models/%2e%2e",
+        "/v1/models/a%2Fb",
+        "/v1/models/../../admin",
+    ] {
+        let r = get(&c, &format!("{}{path}", gw.url)).await;
+        assert_eq!(r.status, 404, "{path}");
+        assert_eq!(r.json()["error"]["code"], "not_found", "{path}");
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("unknown path"),
+            "{path}: {}",
+            r.text()
+        );
+    }
+    assert_eq!(get(&c, &format!("{}/v1/models", gw.url)).await.status, 200);
+
     let m = gw.metrics(&c).await;
     assert_eq!(
         metric(

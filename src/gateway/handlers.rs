@@ -211,8 +211,8 @@ async fn completion(
     .await
 }
 
-/// Other `/v1/*` requests (and `GET /v1/models`): proxied unchanged; admitted by the body's
-/// `model` when there is one.
+/// The passed-through endpoints (responses, embeddings, models): proxied unchanged, admitted
+/// by the body's `model` when there is one, not measured.
 pub async fn passthrough(
     State(gw): State<Arc<Gateway>>,
     method: Method,
@@ -226,6 +226,17 @@ pub async fn passthrough(
     } else {
         Endpoint::Other
     };
+    // `/v1/models/{id}` must not smuggle a traversal or an encoded separator upstream.
+    if uri
+        .path()
+        .split('/')
+        .any(|seg| seg == "." || seg == ".." || seg.contains('%') || seg.contains('\\'))
+    {
+        let e = GatewayError::NotFound {
+            path: uri.path().to_owned(),
+        };
+        return e.into_response();
+    }
     let slot = match slot(&gw, endpoint) {
         Ok(s) => s,
         Err(resp) => return *resp,

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{any, get, post};
+use axum::routing::{get, post};
 
 use crate::limiter::{Clock, MonotonicClock};
 use crate::metrics::GatewayMetrics;
@@ -192,12 +192,19 @@ impl Gateway {
     }
 }
 
-/// The gateway's routes.
+/// The gateway's routes: an allow-list of OpenAI endpoints. Chat and text completions are
+/// measured and shed; responses, embeddings and models are passed through (admitted by their
+/// `model` when they name one, not measured); every other path is a 404 and never reaches
+/// the upstream.
 pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
-        .route("/v1/{*rest}", any(handlers::passthrough))
+        // Passed through, admitted by the body's `model` when there is one, unmeasured.
+        .route("/v1/responses", post(handlers::passthrough))
+        .route("/v1/embeddings", post(handlers::passthrough))
+        .route("/v1/models", get(handlers::passthrough))
+        .route("/v1/models/{id}", get(handlers::passthrough))
         .route("/metrics", get(handlers::metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(handlers::readyz))
