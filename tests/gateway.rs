@@ -144,7 +144,7 @@ async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
     let (gw, _policy) = Gw::with_policy(
         &c,
         &sim.url,
-        "defaults: {ttft: 200ms, itl: 1s, timeConstant: 1s}\nshedding: {maxRejectProbability: 0.95, ramp: 1.5, maxEvidence: 20}",
+        "defaults: {ttft: 200ms, itl: 1s, timeConstant: 1s}\nshedding: {maxRejectProbability: 0.95, ramp: 1.5, maxEvidence: 20}\npriority: {trustHeader: true}",
         &[],
     )
     .await;

@@ -61,7 +61,8 @@ async fn itl_sheds_on_its_own() {
 
 #[tokio::test]
 async fn critical_is_never_shed_and_sheddable_goes_first() {
-    let g = InProc::start(CLIFF).await;
+    // Behind an authenticating proxy that sets the header: trusted.
+    let g = InProc::start(&format!("{CLIFF}\npriority: {{trustHeader: true}}")).await;
     let sheddable = [("x-sluice-priority", "sheddable")];
     let critical = [("x-sluice-priority", "critical")];
     // TTFT 0.9 s against 1 s: standard pressure 0.9, sheddable 0.9 × 1.25 = 1.125.
@@ -179,4 +180,19 @@ async fn past_the_in_flight_limit_new_requests_get_503_overloaded() {
         (g.stream("m", &[], MS, &[]).await.status == 200).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn an_untrusted_critical_claim_is_served_as_standard() {
+    let g = InProc::start(CLIFF).await;
+    let critical = [("x-sluice-priority", "critical")];
+    assert_eq!(g.stream("m", &[], 5000 * MS, &[]).await.status, 200);
+    // Far over the threshold: a client's own "critical" does not get it through ...
+    let r = g.stream("m", &critical, MS, &[]).await;
+    assert_eq!(r.status, 429, "an anonymous critical claim was honoured");
+    // ... while lowering its priority is always allowed (and shed first).
+    g.clock.advance(60_000 * MS);
+    assert_eq!(g.stream("m", &[], 900 * MS, &[]).await.status, 200);
+    let sheddable = [("x-sluice-priority", "sheddable")];
+    assert_eq!(g.stream("m", &sheddable, MS, &[]).await.status, 429);
 }

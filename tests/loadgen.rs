@@ -80,7 +80,8 @@ async fn shed_requests_count_as_misses_through_a_shedding_gateway() {
     let sim = Sim::batch(&c, 2, 10).await;
     let policy = PolicyFile::new(&policy_yaml(
         &sim.url,
-        "defaults: {ttft: 200ms, itl: 1s, timeConstant: 1s}",
+        // The load generator's critical requests count as critical: trusted here.
+        "defaults: {ttft: 200ms, itl: 1s, timeConstant: 1s}\npriority: {trustHeader: true}",
     ));
     let gw = Gw::start(&c, &policy.0, None, &[]).await;
     // Offered far beyond two slots of 30-token streams (~3 req/s).

@@ -66,6 +66,16 @@ pub fn parse_priority(headers: &HeaderMap) -> Result<Priority, GatewayError> {
     }
 }
 
+/// The priority a request is served at: a client may always lower its own priority
+/// (`sheddable`), but a `critical` claim counts only when the policy trusts the header;
+/// otherwise it is served as `standard`.
+pub fn effective_priority(claimed: Priority, trust_header: bool) -> Priority {
+    match claimed {
+        Priority::Critical if !trust_header => Priority::Standard,
+        p => p,
+    }
+}
+
 /// An admitted request: the policy it was admitted under and its key.
 #[derive(Debug)]
 pub struct Admitted {
@@ -77,7 +87,7 @@ pub struct Admitted {
     pub shadow: bool,
 }
 
-/// Admits a request for `model` at `now`, or sheds it. A shed request's error carries its
+/// Admits a request for `model` at `now` (at its effective priority), or sheds it. A shed request's error carries its
 /// Retry-After; its label is the key's, for counting.
 pub fn admit(
     snap: Arc<Snapshot>,
@@ -86,6 +96,7 @@ pub fn admit(
     now: Duration,
     random: &RandomSource,
 ) -> Result<Admitted, (String, GatewayError)> {
+    let priority = effective_priority(priority, snap.config.trust_priority_header);
     let key = snap.limiter.key(model);
     let label = snap.limiter.label(key).to_owned();
     let d = random.with(|r| snap.limiter.decide(key, priority, now, r));
@@ -125,6 +136,21 @@ mod tests {
                 assert!(message.contains("\"urgent\""), "{message}");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_a_trusted_header_makes_a_request_critical() {
+        use Priority::*;
+        assert_eq!(effective_priority(Critical, false), Standard);
+        assert_eq!(effective_priority(Critical, true), Critical);
+        for trust in [false, true] {
+            assert_eq!(
+                effective_priority(Sheddable, trust),
+                Sheddable,
+                "lowering is free"
+            );
+            assert_eq!(effective_priority(Standard, trust), Standard);
         }
     }
 

@@ -23,6 +23,8 @@ pub const KIND: &str = "RateLimitPolicy";
 pub struct PolicyConfig {
     pub upstream: UpstreamConfig,
     pub limiter: LimiterConfig,
+    /// Whether a client's `x-sluice-priority: critical` counts (`spec.priority.trustHeader`).
+    pub trust_priority_header: bool,
 }
 
 /// The validated upstream.
@@ -284,6 +286,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
 
         match (url, timeout) {
             (Some(url), Some(timeout)) if c.errors.is_empty() => Ok(PolicyConfig {
+                trust_priority_header: spec.priority.as_ref().is_some_and(|p| p.trust_header),
                 upstream: UpstreamConfig {
                     url,
                     timeout,

@@ -124,6 +124,22 @@ pub struct RateLimitPolicySpec {
     /// How hard the gateway sheds once the moving averages cross their thresholds.
     #[serde(default)]
     pub shedding: Shedding,
+
+    /// Who may claim a request priority with the `x-sluice-priority` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<PrioritySpec>,
+}
+
+/// Request priorities. Any client may lower its own request to `sheddable`; a `critical`
+/// claim (never shed) counts only where it can be trusted, otherwise it is served as
+/// `standard`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PrioritySpec {
+    /// Trust the client's `x-sluice-priority: critical`. Turn on only behind an
+    /// authenticating proxy that sets the header itself and strips it from clients.
+    #[serde(default)]
+    pub trust_header: bool,
 }
 
 /// The inference server behind the gateway.
