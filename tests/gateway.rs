@@ -678,3 +678,16 @@ async fn a_rollout_under_steady_load_fails_no_request() {
     let status = gw.process.wait_exit(20);
     assert!(status.success(), "exit status {status}");
 }
+
+#[test]
+fn a_policy_whose_upstream_is_the_gateway_itself_is_refused_at_start() {
+    let policy = PolicyFile::new(&policy_yaml("http://localhost:18080", ""));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["gateway", "--listen", "0.0.0.0:18080", "--policy-file"])
+        .arg(&policy.0)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("requests would loop"), "{stderr}");
+}

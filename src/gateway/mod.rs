@@ -282,7 +282,7 @@ pub async fn serve(
 
 /// `sluice gateway`.
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
-    let store = Arc::new(PolicyStore::new(args.upstream.clone()));
+    let store = Arc::new(PolicyStore::new(args.upstream.clone()).listening_on(args.listen));
     if let Some(path) = &args.policy_file {
         let watcher =
             load_and_watch_file(path.clone(), store.clone(), args.reload_interval).await?;

@@ -53,6 +53,35 @@ pub struct PolicyStore {
     status: SourceStatus,
     /// Replaces `spec.upstream.url` of every policy (`--upstream`).
     upstream_override: Option<http::Uri>,
+    /// Where this gateway listens: a policy whose upstream is this address is refused.
+    listen: Option<std::net::SocketAddr>,
+}
+
+/// Whether `url` addresses a gateway listening on `listen`: the same port on the same IP, or
+/// on a loopback name or address when the gateway listens on all interfaces or loopback.
+pub fn points_at(url: &http::Uri, listen: std::net::SocketAddr) -> bool {
+    let default_port = if url.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    if url.port_u16().unwrap_or(default_port) != listen.port() || listen.port() == 0 {
+        return false;
+    }
+    let host = url
+        .host()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let local_name = host.eq_ignore_ascii_case("localhost");
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => {
+            ip == listen.ip()
+                || (listen.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))
+                || (ip.is_loopback() && listen.ip().is_loopback())
+        }
+        Err(_) => local_name && (listen.ip().is_unspecified() || listen.ip().is_loopback()),
+    }
 }
 
 impl PolicyStore {
@@ -61,7 +90,26 @@ impl PolicyStore {
             current: ArcSwapOption::empty(),
             status: SourceStatus::default(),
             upstream_override,
+            listen: None,
         }
+    }
+
+    /// Refuses policies whose upstream is `listen` itself (a request loop).
+    pub fn listening_on(mut self, listen: std::net::SocketAddr) -> Self {
+        self.listen = Some(listen);
+        self
+    }
+
+    /// Why `config` cannot be put in force here, if it cannot.
+    fn refusal(&self, config: &PolicyConfig) -> Option<String> {
+        let url = self
+            .upstream_override
+            .as_ref()
+            .unwrap_or(&config.upstream.url);
+        let listen = self.listen?;
+        points_at(url, listen).then(|| {
+            format!("the upstream {url} is this gateway itself ({listen}): requests would loop")
+        })
     }
 
     /// The source's counters and flags.
@@ -138,9 +186,12 @@ impl PolicyStore {
     /// Carries out what a follower decided about `source`.
     pub fn handle(&self, source: &str, change: Change) {
         match change {
-            Change::Apply { generation, config } => {
-                self.apply(generation, source.to_owned(), *config);
-            }
+            Change::Apply { generation, config } => match self.refusal(&config) {
+                None => {
+                    self.apply(generation, source.to_owned(), *config);
+                }
+                Some(why) => self.reject(source, &why),
+            },
             Change::Reject(e) => self.reject(source, &e),
             Change::Failed(e) if source.starts_with("file:") => self.reject(source, &e),
             Change::Failed(e) => {
@@ -165,6 +216,8 @@ pub enum FileError {
     },
     #[error("{path}: {source}")]
     Policy { path: PathBuf, source: PolicyError },
+    #[error("{path}: {why}")]
+    Refused { path: PathBuf, why: String },
 }
 
 /// Reads and validates a policy file.
@@ -191,6 +244,9 @@ pub async fn load_and_watch_file(
 ) -> Result<impl std::future::Future<Output = ()>, FileError> {
     let (bytes, config) = read_policy_file(&path)?;
     let source = format!("file:{}", path.display());
+    if let Some(why) = store.refusal(&config) {
+        return Err(FileError::Refused { path, why });
+    }
     store.apply(1, source.clone(), config);
     store.set_source(true, true);
     let mut follower = FileFollower::new(bytes);
@@ -207,4 +263,68 @@ pub async fn load_and_watch_file(
             store.set_source(follower.up(), true);
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upstream_that_is_the_gateway_itself_is_recognised() {
+        let any: std::net::SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let lo: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let u = |s: &str| s.parse::<http::Uri>().unwrap();
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080/v1",
+            "http://[::1]:8080",
+        ] {
+            assert!(points_at(&u(url), any), "{url}");
+            assert!(points_at(&u(url), lo), "{url}");
+        }
+        for url in [
+            "http://127.0.0.1:8000",
+            "http://vllm.inference.svc:8080",
+            "http://10.0.0.5:8080",
+            "https://localhost",
+        ] {
+            assert!(!points_at(&u(url), any), "{url}");
+        }
+        assert!(points_at(
+            &u("http://localhost"),
+            "0.0.0.0:80".parse().unwrap()
+        ));
+        assert!(!points_at(
+            &u("http://127.0.0.1:0"),
+            "127.0.0.1:0".parse().unwrap()
+        ));
+    }
+
+    #[test]
+    fn a_looping_policy_is_refused_and_the_last_good_one_stays() {
+        let yaml = |url: &str| {
+            format!(
+                "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: p}}\nspec:\n  upstream: {{url: '{url}'}}\n"
+            )
+        };
+        let store = PolicyStore::new(None).listening_on("0.0.0.0:8080".parse().unwrap());
+        let (_, good) = PolicyConfig::from_yaml(&yaml("http://vllm:8000")).unwrap();
+        let (_, looping) = PolicyConfig::from_yaml(&yaml("http://localhost:8080")).unwrap();
+        store.handle(
+            "t",
+            Change::Apply {
+                generation: 1,
+                config: Box::new(good),
+            },
+        );
+        store.handle(
+            "t",
+            Change::Apply {
+                generation: 2,
+                config: Box::new(looping),
+            },
+        );
+        assert_eq!(store.load().unwrap().generation, 1);
+        assert_eq!(store.status().rejected.load(Ordering::Relaxed), 1);
+    }
 }
