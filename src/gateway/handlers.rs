@@ -142,18 +142,22 @@ fn streaming_body(mut req: Map<String, Value>) -> Bytes {
     Bytes::from(serde_json::to_vec(&req).expect("JSON map serializes"))
 }
 
-/// A place among the gateway's in-flight requests, or the 503 that refuses one.
-fn slot(gw: &Arc<Gateway>, endpoint: Endpoint) -> Result<InflightSlot, Box<Response>> {
-    InflightSlot::acquire(gw).ok_or_else(|| {
-        let limit = gw.max_inflight;
-        Box::new(refuse(
-            gw,
-            "",
-            endpoint,
-            false,
-            GatewayError::Overloaded { limit },
-        ))
-    })
+/// A place among the gateway's in-flight requests (or the 503 that refuses one), then the
+/// body (or the 4xx that refuses it).
+async fn admit_body(
+    gw: &Arc<Gateway>,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(InflightSlot, Bytes), Box<Response>> {
+    let refused = |e| Box::new(refuse(gw, "", endpoint, false, e));
+    let slot = InflightSlot::acquire(gw).ok_or_else(|| {
+        refused(GatewayError::Overloaded {
+            limit: gw.max_inflight,
+        })
+    })?;
+    let bytes = read_body(gw, headers, body).await.map_err(refused)?;
+    Ok((slot, bytes))
 }
 
 async fn completion(
@@ -163,13 +167,9 @@ async fn completion(
     body: Body,
 ) -> Response {
     let start = Instant::now();
-    let slot = match slot(&gw, endpoint) {
-        Ok(s) => s,
+    let (slot, bytes) = match admit_body(&gw, endpoint, &headers, body).await {
+        Ok(r) => r,
         Err(resp) => return *resp,
-    };
-    let bytes = match read_body(&gw, &headers, body).await {
-        Ok(b) => b,
-        Err(e) => return refuse(&gw, "", endpoint, false, e),
     };
     let req = match parse_completion(&bytes) {
         Ok(r) => r,
@@ -237,13 +237,9 @@ pub async fn passthrough(
         };
         return e.into_response();
     }
-    let slot = match slot(&gw, endpoint) {
-        Ok(s) => s,
+    let (slot, bytes) = match admit_body(&gw, endpoint, &headers, body).await {
+        Ok(r) => r,
         Err(resp) => return *resp,
-    };
-    let bytes = match read_body(&gw, &headers, body).await {
-        Ok(b) => b,
-        Err(e) => return refuse(&gw, "", endpoint, false, e),
     };
     let model = serde_json::from_slice::<Value>(&bytes)
         .ok()
