@@ -245,6 +245,38 @@ pub async fn apply_gateway_rbac(client: &Client, namespace: &str, policy: &str) 
     )
     .await
     .unwrap();
+    // RBAC reaches the authorizer's cache a moment after the objects are stored: wait until
+    // the API server itself says the gateway may read its policy.
+    let user = format!("system:serviceaccount:{namespace}:{name}");
+    eventually(10, "the gateway Role in force", || {
+        let (client, user) = (client.clone(), user.clone());
+        async move {
+            use k8s_openapi::api::authorization::v1::{
+                ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+            };
+            let review = SubjectAccessReview {
+                spec: SubjectAccessReviewSpec {
+                    user: Some(user),
+                    resource_attributes: Some(ResourceAttributes {
+                        namespace: Some(namespace.to_owned()),
+                        verb: Some("get".into()),
+                        group: Some("sluice.dev".into()),
+                        resource: Some("ratelimitpolicies".into()),
+                        name: Some(policy.to_owned()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let r = Api::<SubjectAccessReview>::all(client)
+                .create(&PostParams::default(), &review)
+                .await
+                .ok()?;
+            r.status.is_some_and(|s| s.allowed).then_some(())
+        }
+    })
+    .await;
     name
 }
 
