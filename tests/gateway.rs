@@ -691,3 +691,25 @@ fn a_policy_whose_upstream_is_the_gateway_itself_is_refused_at_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("requests would loop"), "{stderr}");
 }
+
+#[tokio::test]
+async fn metrics_can_live_on_their_own_port_only() {
+    let c = client();
+    let sim = Sim::start(&c, &[]).await;
+    let (mut gw, _policy) =
+        Gw::with_policy(&c, &sim.url, "", &["--metrics-listen", "127.0.0.1:0"]).await;
+    let addr = gw.process.listen_addr("gateway metrics", 20);
+    assert_eq!(get(&c, &format!("{}/metrics", gw.url)).await.status, 404);
+    let m = get(&c, &format!("http://{addr}/metrics")).await;
+    assert_eq!(m.status, 200);
+    assert!(
+        m.text().contains("sluice_policy_generation 1"),
+        "{}",
+        m.text()
+    );
+    assert_eq!(
+        get(&c, &format!("http://{addr}/v1/models")).await.status,
+        404
+    );
+    assert_eq!(get(&c, &format!("{}/v1/models", gw.url)).await.status, 200);
+}

@@ -83,6 +83,10 @@ pub struct GatewayArgs {
     /// Longest time to receive a request body; then 408.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub body_read_timeout: Duration,
+    /// Serve /metrics on this address only, not on the API port (e.g. a port only the
+    /// monitoring network reaches).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Most requests the gateway holds at once (bodies read or being read, streams relayed);
     /// above it new requests get 503 with Retry-After, before their body is read.
     #[arg(long, default_value_t = 1024)]
@@ -197,6 +201,11 @@ impl Gateway {
 /// `model` when they name one, not measured); every other path is a 404 and never reaches
 /// the upstream.
 pub fn router(gw: Arc<Gateway>) -> Router {
+    api_router(gw.clone()).route("/metrics", get(handlers::metrics).with_state(gw))
+}
+
+/// The API routes and probes without `/metrics` (for a separate metrics port).
+pub fn api_router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
@@ -205,7 +214,6 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/embeddings", post(handlers::passthrough))
         .route("/v1/models", get(handlers::passthrough))
         .route("/v1/models/{id}", get(handlers::passthrough))
-        .route("/metrics", get(handlers::metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(handlers::readyz))
         .fallback(handlers::not_found)
@@ -331,9 +339,24 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    let app = match args.metrics_listen {
+        None => router(gw.clone()),
+        Some(addr) => {
+            // /metrics only on its own port, e.g. one that only the monitoring network reaches.
+            let metrics = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            tracing::info!(addr = %metrics.local_addr()?, "gateway metrics listening");
+            let app = Router::new()
+                .route("/metrics", get(handlers::metrics))
+                .with_state(gw.clone());
+            tokio::spawn(async move { axum::serve(metrics, app).await });
+            api_router(gw.clone())
+        }
+    };
     serve(
         listener,
-        router(gw.clone()),
+        app,
         gw,
         crate::shutdown_signal(),
         args.drain_timeout,
