@@ -547,18 +547,13 @@ async fn policy_file_reloads_live_and_invalid_edits_keep_the_last_good_policy() 
 #[tokio::test]
 async fn an_invalid_policy_file_at_start_is_a_clear_error() {
     let policy = PolicyFile::new(&policy_yaml("ftp://nowhere", ""));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--policy-file",
-            policy.0.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = support::sluice_fails(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--policy-file",
+        policy.0.to_str().unwrap(),
+    ]);
     assert!(err.contains("spec.upstream.url"), "{err}");
 }
 
@@ -682,13 +677,13 @@ async fn a_rollout_under_steady_load_fails_no_request() {
 #[test]
 fn a_policy_whose_upstream_is_the_gateway_itself_is_refused_at_start() {
     let policy = PolicyFile::new(&policy_yaml("http://localhost:18080", ""));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["gateway", "--listen", "0.0.0.0:18080", "--policy-file"])
-        .arg(&policy.0)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = support::sluice_fails(&[
+        "gateway",
+        "--listen",
+        "0.0.0.0:18080",
+        "--policy-file",
+        policy.0.to_str().unwrap(),
+    ]);
     assert!(stderr.contains("requests would loop"), "{stderr}");
 }
 

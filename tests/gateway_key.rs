@@ -82,20 +82,15 @@ async fn a_rotated_key_file_applies_without_a_restart_and_a_broken_one_keeps_the
 #[test]
 fn an_unusable_key_file_at_start_is_a_clear_error() {
     let missing = std::env::temp_dir().join("sluice-test-no-such-key");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--policy-file",
-            &format!("{}/examples/policy.yaml", support::REPO),
-            "--upstream-api-key-file",
-            missing.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = support::sluice_fails(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--policy-file",
+        &format!("{}/examples/policy.yaml", support::REPO),
+        "--upstream-api-key-file",
+        missing.to_str().unwrap(),
+    ]);
     assert!(
         stderr.contains("cannot read the upstream API key file"),
         "{stderr}"

@@ -203,8 +203,7 @@ async fn completion(
         path_and_query: endpoint.path(),
         headers: &headers,
         body,
-        tracker: Tracker::new(&gw.metrics, &a.label, endpoint, req.stream, a.shadow, start)
-            .hold(slot),
+        tracker: Tracker::new(slot, &a.label, endpoint, req.stream, a.shadow, start),
         sampler: (req.stream || assemble).then(|| Sampler::start(&gw, &a.snap, a.key, &req.model)),
         assemble: assemble.then_some(kind),
     })
@@ -270,7 +269,7 @@ pub async fn passthrough(
         path_and_query: uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
         headers: &headers,
         body: bytes,
-        tracker: Tracker::new(&gw.metrics, &label, endpoint, false, shadow, start).hold(slot),
+        tracker: Tracker::new(slot, &label, endpoint, false, shadow, start),
         sampler: None,
         assemble: None,
     })

@@ -82,8 +82,9 @@ impl Drop for InflightSlot {
 
 /// Counts an admitted request's outcome, its duration and in-flight gauge, once, when
 /// dropped: a response body dropped before it finished (client gone) counts as `cancelled`.
+/// It holds the request's in-flight place until then.
 pub struct Tracker {
-    metrics: GatewayMetrics,
+    slot: InflightSlot,
     model: String,
     endpoint: Endpoint,
     stream: bool,
@@ -92,23 +93,22 @@ pub struct Tracker {
     start: Instant,
     inflight: IntGauge,
     duration: Histogram,
-    slot: Option<InflightSlot>,
 }
 
 impl Tracker {
     pub fn new(
-        m: &GatewayMetrics,
+        slot: InflightSlot,
         model: &str,
         endpoint: Endpoint,
         stream: bool,
         shadow: bool,
         start: Instant,
     ) -> Self {
+        let m = &slot.0.metrics;
         let inflight = m.inflight.with_label_values(&[model]);
         inflight.inc();
         Tracker {
             duration: m.request_duration.with_label_values(&[model]),
-            metrics: m.clone(),
             model: model.to_owned(),
             endpoint,
             stream,
@@ -116,14 +116,8 @@ impl Tracker {
             outcome: None,
             start,
             inflight,
-            slot: None,
+            slot,
         }
-    }
-
-    /// Keeps the request's in-flight place until the response is complete.
-    pub fn hold(mut self, slot: InflightSlot) -> Self {
-        self.slot = Some(slot);
-        self
     }
 
     /// Sets the outcome (the first one set wins).
@@ -143,7 +137,7 @@ impl Drop for Tracker {
             self.duration.observe(self.start.elapsed().as_secs_f64());
         }
         count(
-            &self.metrics,
+            &self.slot.0.metrics,
             &self.model,
             self.endpoint,
             self.stream,

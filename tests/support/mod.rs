@@ -171,6 +171,20 @@ impl Drop for TestNamespace {
     }
 }
 
+/// Runs `sluice args...` to completion, expecting it to fail; returns its stderr.
+pub fn sluice_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .output()
+        .expect("sluice runs");
+    assert!(
+        !out.status.success(),
+        "sluice {} succeeded; expected a failure",
+        args.join(" ")
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A file removed when dropped.
 pub struct TempFile(pub PathBuf);
 
