@@ -188,6 +188,18 @@ where
     Ok(true)
 }
 
+/// Publishes a Warning Event on the policy (best effort; the note is cut at 1000 characters).
+async fn warn(ctx: &Context, policy: &RateLimitPolicy, reason: &str, action: &str, note: &str) {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    };
+    let _ = ctx.recorder.publish(&event, &policy.object_ref(&())).await;
+}
+
 pub(super) async fn reconcile(
     policy: Arc<RateLimitPolicy>,
     ctx: Arc<Context>,
@@ -203,23 +215,11 @@ pub(super) async fn reconcile(
         }
         Err(e) => {
             ctx.metrics.reconciled("error", e.metric_label());
-            let _ = ctx
-                .recorder
-                .publish(
-                    &Event {
-                        type_: EventType::Warning,
-                        reason: match e {
-                            ReconcileError::NameConflict { .. } => "NameConflict",
-                            _ => "ReconcileFailed",
-                        }
-                        .into(),
-                        note: Some(e.to_string().chars().take(1000).collect()),
-                        action: "Reconcile".into(),
-                        secondary: None,
-                    },
-                    &policy.object_ref(&()),
-                )
-                .await;
+            let reason = match e {
+                ReconcileError::NameConflict { .. } => "NameConflict",
+                _ => "ReconcileFailed",
+            };
+            warn(&ctx, &policy, reason, "Reconcile", &e.to_string()).await;
         }
     }
     result.map(|(a, _)| a)
@@ -256,19 +256,7 @@ async fn reconcile_policy(
             api.patch_status(&name, &status_pp, &Patch::Apply(&status))
                 .await
                 .map_err(ReconcileError::Status)?;
-            let _ = ctx
-                .recorder
-                .publish(
-                    &Event {
-                        type_: EventType::Warning,
-                        reason: "InvalidSpec".into(),
-                        note: Some(message.chars().take(1000).collect()),
-                        action: "Validate".into(),
-                        secondary: None,
-                    },
-                    &policy.object_ref(&()),
-                )
-                .await;
+            warn(ctx, policy, "InvalidSpec", "Validate", &message).await;
             return Ok((Action::await_change(), false));
         }
     };
