@@ -47,7 +47,6 @@ fn config() -> LimiterConfig {
             .map(|m| (m.to_string(), thresholds()))
             .collect(),
         shedding: Shedding::default(),
-        max_dynamic_keys: 32,
     }
 }
 

@@ -1,8 +1,8 @@
 //! Prometheus metrics of the gateway: one registry per gateway (no global state), families
 //! named after Prometheus conventions (base units, `_total` counters).
 //!
-//! Label values are bounded: `model` is the limiter's key label (policy models, at most
-//! `max_dynamic_keys` others, then `other`), `endpoint` one of a fixed set, `outcome` one of
+//! Label values are bounded and never a client's text: `model` is the limiter's key label
+//! (a model named in the policy, `other`, or `global`), `endpoint` one of a fixed set, `outcome` one of
 //! [`Outcome`]. Gauges that describe the limiter (averages, thresholds, reject probability)
 //! and the policy source are computed from their state when scraped, by a
 //! [`prometheus::core::Collector`]: nothing is reset or re-set per scrape, so concurrent
@@ -313,8 +313,12 @@ mod tests {
     const POLICY: &str = "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: p}\nspec:\n  upstream: {url: 'http://127.0.0.1:9'}\n  defaults: {ttft: 1s, itl: 50ms}\n  models: [{name: m, ttft: 2s}]\n";
 
     fn metrics() -> (GatewayMetrics, Arc<PolicyStore>) {
+        metrics_of(POLICY)
+    }
+
+    fn metrics_of(policy: &str) -> (GatewayMetrics, Arc<PolicyStore>) {
         let store = Arc::new(PolicyStore::new(None));
-        let (_, config) = PolicyConfig::from_yaml(POLICY).unwrap();
+        let (_, config) = PolicyConfig::from_yaml(policy).unwrap();
         store.apply(7, "test".into(), config);
         store.set_source(true, true);
         let clock = ManualClock::default();
@@ -371,11 +375,8 @@ mod tests {
 
     #[test]
     fn concurrent_scrapes_each_see_every_series() {
-        let (m, store) = metrics();
-        let snap = store.load().unwrap();
-        for i in 0..20 {
-            snap.limiter.key(&format!("model-{i}"));
-        }
+        let models: Vec<String> = (0..20).map(|i| format!("{{name: model-{i}}}")).collect();
+        let (m, _) = metrics_of(&POLICY.replace("{name: m, ttft: 2s}", &models.join(", ")));
         let reference = m.render();
         let series = |t: &str| t.lines().filter(|l| !l.starts_with('#')).count();
         let want = series(&reference);

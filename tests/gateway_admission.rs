@@ -52,9 +52,9 @@ async fn itl_sheds_on_its_own() {
     assert_eq!(g.stream("m", &[], 10 * MS, &gaps).await.status, 200);
     let m = g.metrics().await;
     // (Samples this sparse, under one per τ·ln 2, read slightly low: see the estimator.)
-    let itl = metric(&m, "sluice_itl_ema_seconds", &[("model", "m")]).unwrap();
+    let itl = metric(&m, "sluice_itl_ema_seconds", &[("model", "other")]).unwrap();
     assert!((0.059..=0.06).contains(&itl), "{itl}");
-    let ttft = metric(&m, "sluice_ttft_ema_seconds", &[("model", "m")]).unwrap();
+    let ttft = metric(&m, "sluice_ttft_ema_seconds", &[("model", "other")]).unwrap();
     assert!(ttft < 0.01, "{ttft}");
     assert_eq!(g.stream("m", &[], MS, &[]).await.status, 429);
 }
@@ -79,7 +79,7 @@ async fn critical_is_never_shed_and_sheddable_goes_first() {
             &m,
             "sluice_requests_total",
             &[
-                ("model", "m"),
+                ("model", "other"),
                 ("endpoint", "chat_completions"),
                 ("stream", "true"),
                 ("outcome", outcome),
@@ -102,7 +102,7 @@ async fn shadow_mode_serves_what_it_would_shed_and_counts_it() {
         &m,
         "sluice_requests_total",
         &[
-            ("model", "m"),
+            ("model", "other"),
             ("endpoint", "chat_completions"),
             ("stream", "true"),
             ("outcome", "shadow_rejected"),
@@ -129,7 +129,7 @@ async fn an_edited_threshold_during_an_overload_does_not_reopen_the_gate() {
         }
     }
     assert!(shed > 10, "only {shed} of 30 shed");
-    let reject = |m: &str| metric(m, "sluice_reject_probability", &[("model", "m")]).unwrap();
+    let reject = |m: &str| metric(m, "sluice_reject_probability", &[("model", "other")]).unwrap();
     let before = reject(&g.metrics().await);
     assert!(before > 0.5, "{before}");
 
@@ -139,7 +139,7 @@ async fn an_edited_threshold_during_an_overload_does_not_reopen_the_gate() {
     let m = g.metrics().await;
     assert_eq!(metric(&m, "sluice_policy_generation", &[]), Some(2.0));
     assert_eq!(
-        metric(&m, "sluice_ttft_threshold_seconds", &[("model", "m")]),
+        metric(&m, "sluice_ttft_threshold_seconds", &[("model", "other")]),
         Some(1.1)
     );
     let after = reject(&m);
@@ -195,4 +195,43 @@ async fn an_untrusted_critical_claim_is_served_as_standard() {
     assert_eq!(g.stream("m", &[], 900 * MS, &[]).await.status, 200);
     let sheddable = [("x-sluice-priority", "sheddable")];
     assert_eq!(g.stream("m", &sheddable, MS, &[]).await.status, 429);
+}
+
+#[tokio::test]
+async fn metric_labels_are_policy_models_or_other_never_client_text() {
+    let g = InProc::start(&format!(
+        "{CLIFF}\nmodels: [{{name: named, ttft: 1s, itl: 1s}}]"
+    ))
+    .await;
+    for i in 0..40 {
+        assert_eq!(
+            g.stream(&format!("client-{i}"), &[], MS, &[]).await.status,
+            200
+        );
+    }
+    assert_eq!(g.stream("named", &[], MS, &[]).await.status, 200);
+    let m = g.metrics().await;
+    assert!(
+        !m.contains("client-"),
+        "a client's model name became a label:\n{m}"
+    );
+    let served = |model: &str| {
+        metric(
+            &m,
+            "sluice_requests_total",
+            &[
+                ("model", model),
+                ("endpoint", "chat_completions"),
+                ("stream", "true"),
+                ("outcome", "success"),
+            ],
+        )
+    };
+    assert_eq!(served("other"), Some(40.0), "{m}");
+    assert_eq!(served("named"), Some(1.0), "{m}");
+    // The unknown models share one gate: shedding for one sheds for all of them.
+    g.clock.advance(60_000 * MS);
+    assert_eq!(g.stream("client-x", &[], 5000 * MS, &[]).await.status, 200);
+    assert_eq!(g.stream("client-y", &[], MS, &[]).await.status, 429);
+    assert_eq!(g.stream("named", &[], MS, &[]).await.status, 200);
 }

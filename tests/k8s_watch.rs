@@ -25,6 +25,7 @@ fn policy(name: &str, upstream: &str, ttft: &str) -> RateLimitPolicy {
         "spec": {
             "upstream": {"url": upstream},
             "defaults": {"ttft": ttft, "itl": "1s", "timeConstant": "1s"},
+            "models": [{"name": "sim-llm"}],
             "shedding": {"maxRejectProbability": 1, "ramp": 1, "maxEvidence": 1}
         }
     }))

@@ -79,9 +79,4 @@ pub struct LimiterConfig {
     /// Per-model thresholds; names are unique.
     pub models: Vec<(String, Thresholds)>,
     pub shedding: Shedding,
-    /// How many unknown model names get a key of their own before they share `other`.
-    pub max_dynamic_keys: usize,
 }
-
-/// Default bound on distinct unknown model keys.
-pub const DEFAULT_MAX_DYNAMIC_KEYS: usize = 32;

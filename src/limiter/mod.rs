@@ -24,16 +24,16 @@
 //! that remains (by label): the moving averages, the requests waiting for their first token
 //! and the shedding integral all carry on under the new thresholds, so editing a threshold
 //! during an overload does not reopen the gate. A model removed from the policy loses its
-//! state; unknown-model keys carry over within the new policy's `max_dynamic_keys`.
+//! state; so does `other`.
 //!
-//! Keys: under [`Scope::PerModel`] every model named in the policy has its own key; other
-//! model strings get a key of their own (with the default thresholds) until
-//! `max_dynamic_keys` are in use, and then all share the key labelled [`OTHER_LABEL`], so
-//! arbitrary client input cannot grow memory or metric label sets without bound. Under
-//! [`Scope::Global`] there is one key, [`GLOBAL_LABEL`].
+//! Keys: under [`Scope::PerModel`] every model named in the policy has its own key; every
+//! other model string shares the key labelled [`OTHER_LABEL`] (with the default
+//! thresholds). No key, and so no metric label, is ever made from a client's text: client
+//! input cannot grow memory or metric label sets, or write into dashboards. (An earlier
+//! design gave the first 32 unknown names keys of their own; a client could then choose 32
+//! label values of its own.) Under [`Scope::Global`] there is one key, [`GLOBAL_LABEL`].
 //!
-//! Hot path: [`Limiter::key`] is a hash lookup (no allocation unless a new dynamic key is
-//! created, at most `max_dynamic_keys` times per limiter); [`Limiter::decide`] and
+//! Hot path: [`Limiter::key`] is one hash lookup that never allocates; [`Limiter::decide`] and
 //! [`Limiter::record`] lock one key's small mutex for a copy or an update of two estimators
 //! (never across an `.await`: the API is synchronous) and allocate nothing. Each key's state
 //! cell is cache-line aligned so different keys do not contend (reaching it through the
@@ -50,15 +50,11 @@ mod reload;
 pub mod state;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use dashmap::DashMap;
-
-pub use config::{
-    DEFAULT_MAX_DYNAMIC_KEYS, LimiterConfig, Mode, Scope, Shedding, Signal, Thresholds,
-};
+pub use config::{LimiterConfig, Mode, Scope, Shedding, Signal, Thresholds};
 use state::StateCell;
 
 pub use clock::{Clock, ManualClock, MonotonicClock};
@@ -66,7 +62,7 @@ pub use decision::{Decision, Priority, UnknownPriority, Verdict};
 pub use estimator::{Estimator, InvalidSample};
 pub use random::{SplitMix64, Uniform};
 
-/// Label of the key shared by unknown models once `max_dynamic_keys` are in use.
+/// Label of the key shared by every model the policy does not name.
 pub const OTHER_LABEL: &str = "other";
 /// Label of the single key under [`Scope::Global`].
 pub const GLOBAL_LABEL: &str = "global";
@@ -78,21 +74,17 @@ pub struct KeyId(u32);
 /// One key: its label and thresholds under this policy, and its state (shared with the
 /// limiters of earlier and later versions of the policy).
 struct Slot {
-    label: OnceLock<Box<str>>,
+    label: Box<str>,
     thresholds: Thresholds,
-    /// Set once the key has been handed out (the `other` key and dynamic keys start unused).
+    /// Set once the key has been handed out (the `other` key starts unused).
     in_use: AtomicBool,
     state: Arc<StateCell>,
 }
 
 impl Slot {
-    fn new(label: Option<&str>, thresholds: Thresholds, in_use: bool) -> Self {
-        let cell = OnceLock::new();
-        if let Some(l) = label {
-            let _ = cell.set(l.into());
-        }
+    fn new(label: &str, thresholds: Thresholds, in_use: bool) -> Self {
         Slot {
-            label: cell,
+            label: label.into(),
             thresholds,
             in_use: AtomicBool::new(in_use),
             state: Arc::default(),
@@ -135,9 +127,6 @@ pub struct KeyReading<'a> {
 pub struct Limiter {
     config: LimiterConfig,
     named: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
-    dynamic: DashMap<Box<str>, u32, foldhash::fast::RandomState>,
-    dynamic_used: AtomicUsize,
-    first_dynamic: u32,
     other: u32,
     slots: Box<[Slot]>,
 }
@@ -156,32 +145,23 @@ impl Limiter {
     pub fn new(config: LimiterConfig) -> Self {
         let mut slots = Vec::new();
         let mut named = HashMap::default();
-        let (first_dynamic, other);
-        match config.scope {
+        let other = match config.scope {
             Scope::Global => {
-                slots.push(Slot::new(Some(GLOBAL_LABEL), config.defaults, true));
-                first_dynamic = 1;
-                other = 0;
+                slots.push(Slot::new(GLOBAL_LABEL, config.defaults, true));
+                0
             }
             Scope::PerModel => {
                 for (name, t) in &config.models {
                     named.insert(name.as_str().into(), slots.len() as u32);
-                    slots.push(Slot::new(Some(name), *t, true));
+                    slots.push(Slot::new(name, *t, true));
                 }
-                first_dynamic = slots.len() as u32;
-                for _ in 0..config.max_dynamic_keys {
-                    slots.push(Slot::new(None, config.defaults, false));
-                }
-                other = slots.len() as u32;
-                slots.push(Slot::new(Some(OTHER_LABEL), config.defaults, false));
+                slots.push(Slot::new(OTHER_LABEL, config.defaults, false));
+                slots.len() as u32 - 1
             }
-        }
+        };
         Limiter {
             config,
             named,
-            dynamic: DashMap::default(),
-            dynamic_used: AtomicUsize::new(0),
-            first_dynamic,
             other,
             slots: slots.into_boxed_slice(),
         }
@@ -206,47 +186,15 @@ impl Limiter {
         if let Some(&i) = self.named.get(model) {
             return KeyId(i);
         }
-        if let Some(i) = self.dynamic.get(model) {
-            return KeyId(*i);
-        }
-        self.new_dynamic_key(model)
-    }
-
-    #[cold]
-    fn new_dynamic_key(&self, model: &str) -> KeyId {
-        if self.dynamic_used.load(Ordering::Relaxed) >= self.config.max_dynamic_keys {
-            return self.other_key();
-        }
-        // The entry holds its shard's lock, so one model never gets two slots.
-        let index = *self.dynamic.entry(model.into()).or_insert_with(|| {
-            let n = self.dynamic_used.fetch_add(1, Ordering::Relaxed);
-            if n >= self.config.max_dynamic_keys {
-                return self.other;
-            }
-            let i = self.first_dynamic + n as u32;
-            let slot = &self.slots[i as usize];
-            let _ = slot.label.set(model.into());
-            slot.mark_used();
-            i
-        });
-        if index == self.other {
-            // Lost a race for the last dynamic key: do not remember this name.
-            self.dynamic.remove(model);
-            return self.other_key();
-        }
-        KeyId(index)
+        self.other_key()
     }
 
     /// The metric label of a key.
     pub fn label(&self, key: KeyId) -> &str {
-        self.slots[key.0 as usize]
-            .label
-            .get()
-            .map(|l| &**l)
-            .unwrap_or(OTHER_LABEL)
+        &self.slots[key.0 as usize].label
     }
 
-    /// Number of keys handed out so far (named, dynamic, `other`).
+    /// Number of keys handed out so far (named, and `other` once used).
     pub fn key_count(&self) -> usize {
         self.slots
             .iter()
@@ -400,8 +348,8 @@ impl Limiter {
         self.slots
             .iter()
             .filter(|s| s.in_use.load(Ordering::Relaxed))
-            .filter_map(move |slot| {
-                let label = slot.label.get()?;
+            .map(move |slot| {
+                let label = &*slot.label;
                 let st = *slot.lock();
                 let th = slot.thresholds;
                 let (n, tau) = (now.as_secs_f64(), th.time_constant);
@@ -411,7 +359,7 @@ impl Limiter {
                 // brought up to date by decisions, and the gauge must not freeze at its last
                 // value.
                 let integral = st.integral_at(pressure, n, tau, &shed);
-                Some(KeyReading {
+                KeyReading {
                     label,
                     thresholds: th,
                     ttft: t,
@@ -420,7 +368,7 @@ impl Limiter {
                     waiting_ttft: st.waiting_ttft(n),
                     pressure,
                     reject_probability: decision::reject_probability_pi(pressure, integral, &shed),
-                })
+                }
             })
     }
 }

@@ -185,8 +185,9 @@ async fn send_once(
     }
 }
 
-/// One sample of a gateway's limiter gauges for `model` at `t` seconds into the run; None if the
-/// endpoint did not answer or has no such series.
+/// One sample of a gateway's limiter gauges for `model` at `t` seconds into the run (the series
+/// labelled with the model if the policy names it, else `other`, else `global`); None if the
+/// endpoint did not answer or has none of these series.
 async fn scrape(
     client: &HttpClient,
     url: &str,
@@ -202,18 +203,26 @@ async fn scrape(
         .ok()?;
     let body = resp.into_body().collect().await.ok()?.to_bytes();
     let text = std::str::from_utf8(&body).ok()?;
-    let label = format!("{{model=\"{model}\"}}");
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(label.as_str()))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    };
-    Some(report::GaugeSample {
-        t,
-        ttft_ema_s: value("sluice_ttft_ema_seconds")?,
-        itl_ema_s: value("sluice_itl_ema_seconds")?,
-        pressure: value("sluice_pressure_ratio")?,
-        reject_probability: value("sluice_reject_probability")?,
+    [
+        model,
+        crate::limiter::OTHER_LABEL,
+        crate::limiter::GLOBAL_LABEL,
+    ]
+    .into_iter()
+    .find_map(|m| {
+        let label = format!("{{model=\"{m}\"}}");
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(label.as_str()))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        Some(report::GaugeSample {
+            t,
+            ttft_ema_s: value("sluice_ttft_ema_seconds")?,
+            itl_ema_s: value("sluice_itl_ema_seconds")?,
+            pressure: value("sluice_pressure_ratio")?,
+            reject_probability: value("sluice_reject_probability")?,
+        })
     })
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::crd::{MAX_MODELS, Mode, RateLimitPolicy, RateLimitPolicySpec, Scope, SecretKeyRef};
 use super::duration::parse_duration;
-use crate::limiter::{self, DEFAULT_MAX_DYNAMIC_KEYS, LimiterConfig, Thresholds};
+use crate::limiter::{self, LimiterConfig, Thresholds};
 
 /// The `apiVersion` of RateLimitPolicy documents.
 pub const API_VERSION: &str = "sluice.dev/v1alpha1";
@@ -310,7 +310,6 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
                         max_evidence: f64::from(s.max_evidence),
                         ..limiter::Shedding::default()
                     },
-                    max_dynamic_keys: DEFAULT_MAX_DYNAMIC_KEYS,
                 },
             }),
             _ => Err(PolicyError::Invalid(c.errors)),

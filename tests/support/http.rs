@@ -318,11 +318,16 @@ impl Drop for PolicyFile {
     }
 }
 
-/// A policy YAML document for tests: the given upstream, thresholds and extras.
+/// A policy YAML document for tests: the given upstream, thresholds and extras. Unless the
+/// extras list models, the policy names the sim engine's `sim-llm` (with the default
+/// thresholds), as a user would, so its metrics carry that label.
 pub fn policy_yaml(upstream: &str, spec_extra: &str) -> String {
     let mut doc = format!(
         "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: test}}\nspec:\n  upstream: {{url: '{upstream}'}}\n"
     );
+    if !spec_extra.contains("models:") && !spec_extra.contains("scope: Global") {
+        doc.push_str("  models: [{name: sim-llm}]\n");
+    }
     for line in spec_extra.lines() {
         doc.push_str("  ");
         doc.push_str(line);
