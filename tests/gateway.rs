@@ -286,6 +286,35 @@ async fn client_errors_are_openai_shaped() {
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["param"], "model");
 
+    // The gateway and the engine must not read different models or modes from one body.
+    for (body, param) in [
+        (
+            r#"{"model":"other","model":"sim-llm","messages":[]}"#,
+            "model",
+        ),
+        (
+            r#"{"model":"sim-llm","stream":false,"stream":true}"#,
+            "stream",
+        ),
+        (r#"{"model":"sim-llm","stream":"yes"}"#, "stream"),
+    ] {
+        let r = send(&c, "POST", &url, &[], body).await;
+        assert_eq!(r.status, 400, "{body}");
+        assert_eq!(r.json()["error"]["param"], param, "{body}");
+    }
+    let r = send(
+        &c,
+        "POST",
+        &format!("{}/v1/embeddings", gw.url),
+        &[],
+        r#"{"model":"sim-llm","input":"x","model":"big"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400, "a passed-through body is read the same way");
+    assert_eq!(r.json()["error"]["param"], "model");
+    let r = send(&c, "POST", &format!("{}/v1/embeddings", gw.url), &[], "[1]").await;
+    assert_eq!(r.status, 400);
+
     // A model name past 256 bytes never reaches the limiter or a metric label.
     let r = post_json(&c, &url, &json!({"model": "m".repeat(257), "messages": []})).await;
     assert_eq!(r.status, 400);
@@ -367,7 +396,7 @@ async fn client_errors_are_openai_shaped() {
                 ("outcome", "client_error")
             ]
         ),
-        Some(5.0)
+        Some(8.0)
     );
 }
 

@@ -1,6 +1,7 @@
 //! The request handlers: read and check the request, admit it ([`super::admission`]), forward
 //! it ([`super::relay`]); every answer of the gateway's own is a [`GatewayError`].
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,11 +11,11 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde_json::{Map, Value, json};
 
 use super::Gateway;
 use super::admission::{admit, parse_priority};
 use super::assemble;
+use super::body::{BodyError, RequestHead, streaming_body};
 use super::error::GatewayError;
 use super::measure::{Endpoint, InflightSlot, Sampler, Tracker, count};
 use super::relay::{Forward, forward};
@@ -74,28 +75,29 @@ pub async fn completions(
     completion(gw, Endpoint::Completions, headers, body).await
 }
 
-/// The parts of a completion request the gateway acts on.
-struct CompletionRequest {
-    body: Map<String, Value>,
-    model: String,
+impl From<BodyError> for GatewayError {
+    fn from(e: BodyError) -> Self {
+        match e.param {
+            Some(p) => GatewayError::bad_param(p, e.message),
+            None => GatewayError::bad_request(e.message),
+        }
+    }
+}
+
+/// The parts of a completion request the gateway acts on, borrowed from its body.
+struct CompletionRequest<'a> {
+    head: RequestHead<'a>,
+    model: Cow<'a, str>,
     stream: bool,
 }
 
-fn parse_completion(bytes: &[u8]) -> Result<CompletionRequest, (bool, GatewayError)> {
-    let body: Map<String, Value> = match serde_json::from_slice(bytes) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => {
-            let e = GatewayError::bad_request("the request body must be a JSON object");
-            return Err((false, e));
-        }
-        Err(e) => {
-            let e = GatewayError::bad_request(format!("the request body is not valid JSON: {e}"));
-            return Err((false, e));
-        }
-    };
-    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let model = match body.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+/// Reads a completion request's head; the error says whether the request asked to stream
+/// (as far as that could be read), for its metric.
+fn parse_completion(bytes: &[u8]) -> Result<CompletionRequest<'_>, (bool, GatewayError)> {
+    let head = RequestHead::parse(bytes).map_err(|e| (false, e.into()))?;
+    let stream = head.stream().map_err(|e| (false, e.into()))?;
+    let model = match head.model() {
+        Some(m) if !m.is_empty() => m,
         _ => {
             let e = GatewayError::bad_param(
                 "model",
@@ -106,7 +108,7 @@ fn parse_completion(bytes: &[u8]) -> Result<CompletionRequest, (bool, GatewayErr
     };
     check_model_name(&model).map_err(|e| (stream, e))?;
     Ok(CompletionRequest {
-        body,
+        head,
         model,
         stream,
     })
@@ -127,19 +129,6 @@ fn check_model_name(model: &str) -> Result<(), GatewayError> {
         ));
     }
     Ok(())
-}
-
-/// The upstream body of a unary request that is assembled from a stream: `stream: true`
-/// with usage requested.
-fn streaming_body(mut req: Map<String, Value>) -> Bytes {
-    req.insert("stream".into(), Value::Bool(true));
-    let options = req.entry("stream_options").or_insert_with(|| json!({}));
-    if let Some(o) = options.as_object_mut() {
-        o.insert("include_usage".into(), Value::Bool(true));
-    } else {
-        *options = json!({"include_usage": true});
-    }
-    Bytes::from(serde_json::to_vec(&req).expect("JSON map serializes"))
 }
 
 /// A place among the gateway's in-flight requests (or the 503 that refuses one), then the
@@ -187,11 +176,16 @@ async fn completion(
         Err((label, e)) => return refuse(&gw, &label, endpoint, req.stream, e),
     };
     let assemble = !req.stream && a.snap.config.upstream.stream_unary;
+    let tracker = Tracker::new(slot, &a.label, endpoint, req.stream, a.shadow, start);
+    let sampler = (req.stream || assemble).then(|| Sampler::start(&gw, &a.snap, a.key, &req.model));
     let body = if assemble {
-        streaming_body(req.body)
+        // The client's body is let go once rewritten: one copy is held, not two.
+        streaming_body(&bytes, &req.head)
     } else {
-        bytes
+        bytes.clone()
     };
+    drop(req);
+    drop(bytes);
     let kind = match endpoint {
         Endpoint::Chat => assemble::Kind::Chat,
         _ => assemble::Kind::Completion,
@@ -203,8 +197,8 @@ async fn completion(
         path_and_query: endpoint.path(),
         headers: &headers,
         body,
-        tracker: Tracker::new(slot, &a.label, endpoint, req.stream, a.shadow, start),
-        sampler: (req.stream || assemble).then(|| Sampler::start(&gw, &a.snap, a.key, &req.model)),
+        tracker,
+        sampler,
         assemble: assemble.then_some(kind),
     })
     .await
@@ -240,9 +234,16 @@ pub async fn passthrough(
         Ok(r) => r,
         Err(resp) => return *resp,
     };
-    let model = serde_json::from_slice::<Value>(&bytes)
-        .ok()
-        .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_owned));
+    // A body is a JSON object (read like a completion's) or empty (a GET).
+    let head = if bytes.trim_ascii().is_empty() {
+        RequestHead::default()
+    } else {
+        match RequestHead::parse(&bytes) {
+            Ok(h) => h,
+            Err(e) => return refuse(&gw, "", endpoint, false, e.into()),
+        }
+    };
+    let model = head.model();
     let Some(snap) = gw.store.load() else {
         return GatewayError::NotReady.into_response();
     };

@@ -19,6 +19,7 @@
 pub mod admission;
 pub mod api_key;
 pub mod assemble;
+pub mod body;
 pub mod error;
 pub mod handlers;
 pub mod measure;

@@ -156,6 +156,8 @@ async fn generate(s: AppState, kind: Kind, body: Bytes) -> Response {
         prompt_tokens,
         max_tokens,
     };
+    // Nothing of the request is needed from here on: a queued request holds no parsed copy.
+    drop((req, body));
     if stream {
         stream_response(meta, rx, include_usage)
     } else {
