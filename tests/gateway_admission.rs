@@ -235,3 +235,146 @@ async fn metric_labels_are_policy_models_or_other_never_client_text() {
     assert_eq!(g.stream("client-y", &[], MS, &[]).await.status, 429);
     assert_eq!(g.stream("named", &[], MS, &[]).await.status, 200);
 }
+
+/// A directory of client keys, one file per client, removed when dropped.
+fn keys_dir(name: &str, clients: &[(&str, &str)]) -> support::TempDir {
+    let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (client, key) in clients {
+        std::fs::write(dir.join(client), format!("{key}\n")).unwrap();
+    }
+    support::TempDir(dir)
+}
+
+fn with_keys(dir: &support::TempDir) -> sluice::gateway::GatewayOptions {
+    sluice::gateway::GatewayOptions {
+        client_keys_dir: Some(dir.0.clone()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn required_client_keys_refuse_others_with_401_and_never_reach_the_upstream() {
+    let keys = keys_dir(
+        "auth",
+        &[("checkout", "sk-checkout"), ("batch", "sk-batch")],
+    );
+    let spec = format!("{CLIFF}\nclientAuth: {{secretRef: {{name: keys}}}}");
+    let g = InProc::start_with(&spec, with_keys(&keys)).await;
+    for auth in [
+        None,
+        Some("Bearer sk-wrong"),
+        Some("Bearer sk-checkou"),
+        Some("sk-batch"),
+    ] {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
+        let r = g.stream("m", &headers, MS, &[]).await;
+        assert_eq!(r.status, 401, "{auth:?}");
+        assert_eq!(r.body.as_ref().unwrap()["error"]["code"], "invalid_api_key");
+        assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
+    }
+    let ok = g
+        .stream("m", &[("authorization", "Bearer sk-batch")], MS, &[])
+        .await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(
+        ok.upstream_authorization, None,
+        "the client's key is the gateway's business, never the engine's"
+    );
+    let m = g.metrics().await;
+    let refused = metric(
+        &m,
+        "sluice_requests_total",
+        &[
+            ("model", ""),
+            ("endpoint", "chat_completions"),
+            ("stream", "false"),
+            ("outcome", "client_error"),
+        ],
+    );
+    assert_eq!(refused, Some(4.0), "{m}");
+    // Passed-through endpoints are behind the same door.
+    let c = support::http::client();
+    let models = support::http::get(&c, &format!("{}/v1/models", g.url)).await;
+    assert_eq!(models.status, 401);
+}
+
+#[tokio::test]
+async fn a_clients_class_sets_its_priority_and_caps_its_claims() {
+    let keys = keys_dir(
+        "classes",
+        &[
+            ("checkout", "sk-checkout"),
+            ("batch", "sk-batch"),
+            ("web", "sk-web"),
+        ],
+    );
+    let spec = format!(
+        "{CLIFF}\nclientAuth: {{secretRef: {{name: keys}}, required: false}}\npriority: {{clients: {{checkout: critical, batch: sheddable}}}}"
+    );
+    let g = InProc::start_with(&spec, with_keys(&keys)).await;
+    let as_ = |key: &'static str| [("authorization", key)];
+    let claim =
+        |key: &'static str, p: &'static str| [("authorization", key), ("x-sluice-priority", p)];
+    // TTFT 0.9 s against 1 s: standard pressure 0.9, sheddable 0.9 × 1.25 = 1.125.
+    assert_eq!(
+        g.stream("m", &[], 900 * MS, &[]).await.status,
+        200,
+        "anonymous"
+    );
+    assert_eq!(
+        g.stream("m", &as_("Bearer sk-batch"), MS, &[]).await.status,
+        429,
+        "batch is sheddable"
+    );
+    assert_eq!(
+        g.stream("m", &claim("Bearer sk-batch", "critical"), MS, &[])
+            .await
+            .status,
+        429,
+        "and cannot claim more"
+    );
+    assert_eq!(
+        g.stream("m", &as_("Bearer sk-web"), MS, &[]).await.status,
+        200,
+        "unlisted: standard"
+    );
+    // Far over the threshold: only the critical client gets through, with or without a claim.
+    assert_eq!(
+        g.stream("m", &as_("Bearer sk-checkout"), 5000 * MS, &[])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        g.stream("m", &as_("Bearer sk-checkout"), MS, &[])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        g.stream("m", &claim("Bearer sk-web", "critical"), MS, &[])
+            .await
+            .status,
+        429
+    );
+    assert_eq!(
+        g.stream("m", &[("x-sluice-priority", "critical")], MS, &[])
+            .await
+            .status,
+        429
+    );
+    assert_eq!(
+        g.stream("m", &as_("Bearer sk-wrong"), MS, &[]).await.status,
+        429,
+        "unknown key: anonymous"
+    );
+    // A critical client may lower itself.
+    assert_eq!(
+        g.stream("m", &claim("Bearer sk-checkout", "standard"), MS, &[])
+            .await
+            .status,
+        429
+    );
+}

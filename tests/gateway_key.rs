@@ -1,6 +1,6 @@
-//! The upstream API key from a file, as the operator mounts it from the policy's Secret: a
-//! gateway process in front of a stub upstream (in this process, on 127.0.0.1:0) that records
-//! the `Authorization` header of every request it gets.
+//! API keys from files, as the operator mounts them from the policy's Secrets: the upstream
+//! key and the clients' keys, with a gateway process in front of a stub upstream (in this
+//! process, on 127.0.0.1:0) that records the `Authorization` header of every request it gets.
 
 mod support;
 
@@ -93,6 +93,73 @@ fn an_unusable_key_file_at_start_is_a_clear_error() {
     ]);
     assert!(
         stderr.contains("cannot read the upstream API key file"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn client_keys_rotate_without_a_restart_and_never_go_upstream() {
+    let c = client();
+    let (upstream, seen) = recording_upstream().await;
+    let dir = std::env::temp_dir().join(format!("sluice-test-clients-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = support::TempDir(dir.clone());
+    std::fs::write(dir.join("alice"), "sk-alice-1\n").unwrap();
+    let (gw, _policy) = Gw::with_policy(
+        &c,
+        &upstream,
+        "clientAuth: {secretRef: {name: clients}}",
+        &["--client-keys-dir", dir.to_str().unwrap()],
+    )
+    .await;
+    let status = |key: &'static str| {
+        let (c, url) = (c.clone(), format!("{}/v1/models", gw.url));
+        async move {
+            let auth = format!("Bearer {key}");
+            send(&c, "GET", &url, &[("authorization", auth.as_str())], "")
+                .await
+                .status
+        }
+    };
+    assert_eq!(status("sk-alice-1").await, 200);
+    assert_eq!(status("sk-bob").await, 401);
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        [""],
+        "the client's key is not forwarded"
+    );
+
+    // Rotation: alice's new key works and the old one stops; a new client appears.
+    std::fs::write(dir.join("alice"), "sk-alice-2").unwrap();
+    std::fs::write(dir.join("bob"), "sk-bob").unwrap();
+    support::eventually(10, "the rotated keys in force", || async {
+        (status("sk-alice-2").await == 200 && status("sk-bob").await == 200).then_some(())
+    })
+    .await;
+    assert_eq!(status("sk-alice-1").await, 401);
+
+    // A broken set (an emptied key) keeps the last good one.
+    std::fs::write(dir.join("bob"), "\n").unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(status("sk-bob").await, 200);
+    }
+}
+
+#[test]
+fn a_client_keys_dir_that_cannot_be_read_at_start_is_a_clear_error() {
+    let stderr = support::sluice_fails(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--policy-file",
+        &format!("{}/examples/policy.yaml", support::REPO),
+        "--client-keys-dir",
+        "/nonexistent/sluice-clients",
+    ]);
+    assert!(
+        stderr.contains("cannot read the client keys directory"),
         "{stderr}"
     );
 }

@@ -127,6 +127,11 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
             json!({"scope": "Global", "models": [{"name": "a"}]}),
             "spec.models",
         ),
+        (
+            "client-classes-without-auth",
+            json!({"priority": {"clients": {"batch": "sheddable"}}}),
+            "spec.priority.clients",
+        ),
     ]
 }
 

@@ -240,3 +240,64 @@ async fn a_secret_counts_only_where_it_opted_in_to_the_policy() {
     let message = ready_reason(&fx.api, "m", "SecretNotAllowed").await;
     assert!(message.contains("does not exist"), "{message}");
 }
+
+#[tokio::test]
+async fn client_keys_are_mounted_as_a_directory_once_their_secret_opted_in() {
+    use k8s_openapi::api::core::v1::Secret;
+    let fx = Env::new("op-clients").await;
+    let _op = fx.operator(&[]);
+    let secrets: Api<Secret> = Api::namespaced(fx.k.clone(), &fx.ns.name);
+    let keys: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "llm-clients"},
+        "stringData": {"checkout": "sk-a", "batch": "sk-b"}
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &keys).await.unwrap();
+    let spec = json!({"upstream": {"url": "http://vllm.inference.svc:8000"},
+        "clientAuth": {"secretRef": {"name": "llm-clients"}},
+        "priority": {"clients": {"checkout": "critical", "batch": "sheddable"}}});
+    fx.api
+        .create(&PostParams::default(), &policy("c", spec))
+        .await
+        .unwrap();
+    let message = ready_reason(&fx.api, "c", "SecretNotAllowed").await;
+    assert!(message.contains("llm-clients"), "{message}");
+    let mounted = |d: &Deployment| {
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let args = pod.containers[0].args.clone().unwrap_or_default();
+        let volume = pod.volumes.iter().flatten().find(|v| {
+            v.secret
+                .as_ref()
+                .is_some_and(|s| s.secret_name.as_deref() == Some("llm-clients"))
+        });
+        let mount = volume.and_then(|v| {
+            pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == v.name)
+                .map(|m| m.mount_path.clone())
+        });
+        let arg = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--client-keys-dir="))
+            .map(str::to_owned);
+        (mount, arg)
+    };
+    let d: Deployment = owned(&fx.k, &fx.ns.name, "c-sluice").await;
+    assert_eq!(mounted(&d), (None, None), "a refused Secret is not mounted");
+
+    let annotate = json!({"metadata": {"annotations": {"sluice.dev/allowed-policies": "c"}}});
+    secrets
+        .patch(
+            "llm-clients",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&annotate),
+        )
+        .await
+        .unwrap();
+    ready_reason(&fx.api, "c", "DeploymentNotAvailable").await;
+    let d: Deployment = owned(&fx.k, &fx.ns.name, "c-sluice").await;
+    let dir = sluice::operator::objects::CLIENT_KEYS_DIR.to_owned();
+    assert_eq!(mounted(&d), (Some(dir.clone()), Some(dir)));
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use parking_lot::Mutex;
 
+use super::clients::ClientKeys;
 use super::error::GatewayError;
 use crate::limiter::{KeyId, Priority, SplitMix64, Verdict};
 use crate::policy::source::Snapshot;
@@ -49,31 +50,77 @@ impl RandomSource {
     }
 }
 
-/// The `x-sluice-priority` header (standard when absent).
-pub fn parse_priority(headers: &HeaderMap) -> Result<Priority, GatewayError> {
+/// The `x-sluice-priority` header, if sent.
+pub fn parse_priority(headers: &HeaderMap) -> Result<Option<Priority>, GatewayError> {
     match headers.get(Priority::HEADER) {
-        None => Ok(Priority::Standard),
-        Some(v) => v.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
-            GatewayError::bad_param(
-                Priority::HEADER,
-                format!(
-                    "invalid {} header {:?}: expected critical, standard or sheddable",
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Some)
+            .ok_or_else(|| {
+                GatewayError::bad_param(
                     Priority::HEADER,
-                    String::from_utf8_lossy(v.as_bytes())
-                ),
-            )
-        }),
+                    format!(
+                        "invalid {} header {:?}: expected critical, standard or sheddable",
+                        Priority::HEADER,
+                        String::from_utf8_lossy(v.as_bytes())
+                    ),
+                )
+            }),
     }
 }
 
-/// The priority a request is served at: a client may always lower its own priority
-/// (`sheddable`), but a `critical` claim counts only when the policy trusts the header;
-/// otherwise it is served as `standard`.
-pub fn effective_priority(claimed: Priority, trust_header: bool) -> Priority {
-    match claimed {
-        Priority::Critical if !trust_header => Priority::Standard,
-        p => p,
+/// How urgent a priority is, for comparing claims with what a client may claim.
+fn rank(p: Priority) -> u8 {
+    match p {
+        Priority::Sheddable => 0,
+        Priority::Standard => 1,
+        Priority::Critical => 2,
     }
+}
+
+/// The priority a request is served at, from the header's claim and the client's class
+/// (`standard` for anonymous clients and clients the policy does not list):
+/// - without a claim, the client's class;
+/// - with one, the claim, but never above the client's class: any client may lower its own
+///   priority (`sheddable`), only a `critical` client may claim `critical`;
+/// - where the policy trusts the header (an authenticating proxy sets it), the claim.
+pub fn effective_priority(
+    claimed: Option<Priority>,
+    class: Priority,
+    trust_header: bool,
+) -> Priority {
+    match claimed {
+        None => class,
+        Some(p) if trust_header || rank(p) <= rank(class) => p,
+        Some(_) => class,
+    }
+}
+
+/// Who the client is, when the policy authenticates clients, and the priority its request
+/// is served at; or the 400 (bad header) or 401 (no valid key where one is required) that
+/// refuses it.
+pub fn request_priority(
+    snap: &Snapshot,
+    keys: &ClientKeys,
+    headers: &HeaderMap,
+) -> Result<Priority, GatewayError> {
+    let claimed = parse_priority(headers)?;
+    let class = match &snap.config.client_auth {
+        None => Priority::Standard,
+        Some(auth) => match keys.authenticate(headers) {
+            Some(name) => auth.classes.get(&*name).copied().unwrap_or_default(),
+            None if auth.required => return Err(GatewayError::Unauthorized),
+            None => Priority::Standard,
+        },
+    };
+    Ok(effective_priority(
+        claimed,
+        class,
+        snap.config.trust_priority_header,
+    ))
 }
 
 /// An admitted request: the policy it was admitted under and its key.
@@ -87,8 +134,8 @@ pub struct Admitted {
     pub shadow: bool,
 }
 
-/// Admits a request for `model` at `now` (at its effective priority), or sheds it. A shed request's error carries its
-/// Retry-After; its label is the key's, for counting.
+/// Admits a request for `model` at `now` at `priority` (see [`request_priority`]), or sheds
+/// it. A shed request's error carries its Retry-After; its label is the key's, for counting.
 pub fn admit(
     snap: Arc<Snapshot>,
     model: &str,
@@ -96,7 +143,6 @@ pub fn admit(
     now: Duration,
     random: &RandomSource,
 ) -> Result<Admitted, (String, GatewayError)> {
-    let priority = effective_priority(priority, snap.config.trust_priority_header);
     let key = snap.limiter.key(model);
     let label = snap.limiter.label(key).to_owned();
     let d = random.with(|r| snap.limiter.decide(key, priority, now, r));
@@ -126,9 +172,9 @@ mod tests {
     #[test]
     fn priority_header_parses_or_names_itself_in_the_error() {
         let mut h = HeaderMap::new();
-        assert_eq!(parse_priority(&h), Ok(Priority::Standard));
+        assert_eq!(parse_priority(&h), Ok(None));
         h.insert(Priority::HEADER, " Sheddable ".parse().unwrap());
-        assert_eq!(parse_priority(&h), Ok(Priority::Sheddable));
+        assert_eq!(parse_priority(&h), Ok(Some(Priority::Sheddable)));
         h.insert(Priority::HEADER, "urgent".parse().unwrap());
         match parse_priority(&h) {
             Err(GatewayError::BadRequest { message, param }) => {
@@ -140,18 +186,46 @@ mod tests {
     }
 
     #[test]
-    fn only_a_trusted_header_makes_a_request_critical() {
+    fn a_claim_counts_up_to_the_clients_class_or_when_the_header_is_trusted() {
         use Priority::*;
-        assert_eq!(effective_priority(Critical, false), Standard);
-        assert_eq!(effective_priority(Critical, true), Critical);
-        for trust in [false, true] {
+        let all = [Critical, Standard, Sheddable];
+        for class in all {
+            assert_eq!(effective_priority(None, class, false), class, "no claim");
+            assert_eq!(effective_priority(None, class, true), class, "no claim");
+            for claim in all {
+                assert_eq!(
+                    effective_priority(Some(claim), class, true),
+                    claim,
+                    "trusted"
+                );
+            }
             assert_eq!(
-                effective_priority(Sheddable, trust),
+                effective_priority(Some(Sheddable), class, false),
                 Sheddable,
                 "lowering is free"
             );
-            assert_eq!(effective_priority(Standard, trust), Standard);
         }
+        // Anonymous and unlisted clients are standard: their `critical` is not believed.
+        assert_eq!(
+            effective_priority(Some(Critical), Standard, false),
+            Standard
+        );
+        assert_eq!(
+            effective_priority(Some(Critical), Critical, false),
+            Critical
+        );
+        assert_eq!(
+            effective_priority(Some(Standard), Critical, false),
+            Standard
+        );
+        assert_eq!(
+            effective_priority(Some(Standard), Sheddable, false),
+            Sheddable
+        );
+        assert_eq!(
+            effective_priority(Some(Critical), Sheddable, false),
+            Sheddable
+        );
     }
 
     #[test]

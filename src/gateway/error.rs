@@ -4,6 +4,7 @@
 //! | case | status | `code` |
 //! |---|---|---|
 //! | malformed request, unforwardable path or headers | 400 | — |
+//! | no valid client API key where the policy requires one | 401 + `WWW-Authenticate` | `invalid_api_key` |
 //! | body over the limit | 413 | `request_too_large` |
 //! | body not received within the body-read timeout | 408 | `request_timeout` |
 //! | shed | 429 + `Retry-After` (s) + `retry-after-ms` | `rate_limit_exceeded` |
@@ -31,6 +32,8 @@ pub enum GatewayError {
         message: String,
         param: Option<&'static str>,
     },
+    /// The policy requires a client API key and the request has no valid one (401).
+    Unauthorized,
     /// The body is larger than `limit` bytes (413).
     TooLarge { limit: usize },
     /// The body did not arrive within the body-read timeout (408).
@@ -76,6 +79,7 @@ impl GatewayError {
     pub fn outcome(&self) -> Option<Outcome> {
         match self {
             GatewayError::BadRequest { .. }
+            | GatewayError::Unauthorized
             | GatewayError::TooLarge { .. }
             | GatewayError::BodyTimeout(_) => Some(Outcome::ClientError),
             GatewayError::Shed { .. } => Some(Outcome::Rejected),
@@ -101,6 +105,12 @@ impl GatewayError {
                     None => e,
                 }
             }
+            E::Unauthorized => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "Missing or incorrect API key: send `Authorization: Bearer <key>` with a key this gateway accepts.",
+            )
+            .code("invalid_api_key"),
             E::TooLarge { limit } => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
@@ -167,6 +177,12 @@ impl GatewayError {
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let mut resp = self.api_error().into_response();
+        if let GatewayError::Unauthorized = self {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"sluice\""),
+            );
+        }
         if let GatewayError::Overloaded { .. } = self {
             let h = resp.headers_mut();
             h.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
@@ -237,6 +253,12 @@ mod tests {
                 Some(Outcome::ClientError),
             ),
             (GatewayError::NotReady, 503, None, None),
+            (
+                GatewayError::Unauthorized,
+                401,
+                Some("invalid_api_key"),
+                Some(Outcome::ClientError),
+            ),
             (
                 GatewayError::Overloaded { limit: 8 },
                 503,

@@ -13,12 +13,14 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::Gateway;
-use super::admission::{admit, parse_priority};
+use super::admission::{admit, request_priority};
 use super::assemble;
 use super::body::{BodyError, RequestHead, streaming_body};
 use super::error::GatewayError;
 use super::measure::{Endpoint, InflightSlot, Sampler, Tracker, count};
 use super::relay::{Forward, forward};
+use crate::limiter::Priority;
+use crate::policy::source::Snapshot;
 
 /// Counts a request answered by the gateway itself (label `model` when known) and answers.
 fn refuse(
@@ -131,22 +133,41 @@ fn check_model_name(model: &str) -> Result<(), GatewayError> {
     Ok(())
 }
 
-/// A place among the gateway's in-flight requests (or the 503 that refuses one), then the
-/// body (or the 4xx that refuses it).
-async fn admit_body(
+/// A request let in: the policy in force, its priority (its client authenticated when the
+/// policy says so), its place among the gateway's in-flight requests, and its body.
+struct Accepted {
+    snap: Arc<Snapshot>,
+    priority: Priority,
+    slot: InflightSlot,
+    bytes: Bytes,
+}
+
+/// Lets a request in, in order: a policy (503 before one is loaded), the client and its
+/// priority (401, or 400 for a bad priority header), a place among the in-flight requests
+/// (503), the body (413, 408): nothing of an unauthenticated client's body is read.
+async fn accept(
     gw: &Arc<Gateway>,
     endpoint: Endpoint,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(InflightSlot, Bytes), Box<Response>> {
+) -> Result<Accepted, Box<Response>> {
     let refused = |e| Box::new(refuse(gw, "", endpoint, false, e));
+    let Some(snap) = gw.store.load() else {
+        return Err(Box::new(GatewayError::NotReady.into_response()));
+    };
+    let priority = request_priority(&snap, &gw.client_keys, headers).map_err(refused)?;
     let slot = InflightSlot::acquire(gw).ok_or_else(|| {
         refused(GatewayError::Overloaded {
             limit: gw.max_inflight,
         })
     })?;
     let bytes = read_body(gw, headers, body).await.map_err(refused)?;
-    Ok((slot, bytes))
+    Ok(Accepted {
+        snap,
+        priority,
+        slot,
+        bytes,
+    })
 }
 
 async fn completion(
@@ -156,20 +177,18 @@ async fn completion(
     body: Body,
 ) -> Response {
     let start = Instant::now();
-    let (slot, bytes) = match admit_body(&gw, endpoint, &headers, body).await {
+    let Accepted {
+        snap,
+        priority,
+        slot,
+        bytes,
+    } = match accept(&gw, endpoint, &headers, body).await {
         Ok(r) => r,
         Err(resp) => return *resp,
     };
     let req = match parse_completion(&bytes) {
         Ok(r) => r,
         Err((stream, e)) => return refuse(&gw, "", endpoint, stream, e),
-    };
-    let priority = match parse_priority(&headers) {
-        Ok(p) => p,
-        Err(e) => return refuse(&gw, "", endpoint, req.stream, e),
-    };
-    let Some(snap) = gw.store.load() else {
-        return GatewayError::NotReady.into_response();
     };
     let a = match admit(snap, &req.model, priority, gw.clock.now(), &gw.random) {
         Ok(a) => a,
@@ -230,7 +249,12 @@ pub async fn passthrough(
         };
         return e.into_response();
     }
-    let (slot, bytes) = match admit_body(&gw, endpoint, &headers, body).await {
+    let Accepted {
+        snap,
+        priority,
+        slot,
+        bytes,
+    } = match accept(&gw, endpoint, &headers, body).await {
         Ok(r) => r,
         Err(resp) => return *resp,
     };
@@ -244,18 +268,11 @@ pub async fn passthrough(
         }
     };
     let model = head.model();
-    let Some(snap) = gw.store.load() else {
-        return GatewayError::NotReady.into_response();
-    };
     let (label, shadow) = match &model {
         Some(m) => {
             if let Err(e) = check_model_name(m) {
                 return refuse(&gw, "", endpoint, false, e);
             }
-            let priority = match parse_priority(&headers) {
-                Ok(p) => p,
-                Err(e) => return refuse(&gw, "", endpoint, false, e),
-            };
             match admit(snap.clone(), m, priority, gw.clock.now(), &gw.random) {
                 Ok(a) => (a.label, a.shadow),
                 Err((label, e)) => return refuse(&gw, &label, endpoint, false, e),

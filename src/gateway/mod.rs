@@ -20,6 +20,7 @@ pub mod admission;
 pub mod api_key;
 pub mod assemble;
 pub mod body;
+pub mod clients;
 pub mod error;
 pub mod handlers;
 pub mod measure;
@@ -104,6 +105,11 @@ pub struct GatewayArgs {
         conflicts_with = "upstream_api_key"
     )]
     pub upstream_api_key_file: Option<PathBuf>,
+    /// Directory of client API keys, one file per client (name → key), for policies with
+    /// `spec.clientAuth` (the operator mounts the policy's Secret here); re-read every
+    /// --reload-interval. Without it, a policy that requires client keys refuses every request.
+    #[arg(long, env = "SLUICE_CLIENT_KEYS_DIR")]
+    pub client_keys_dir: Option<PathBuf>,
 }
 
 /// Everything a request handler needs.
@@ -114,6 +120,8 @@ pub struct Gateway {
     pub clock: Arc<dyn Clock>,
     pub max_body_bytes: usize,
     pub api_key: Arc<api_key::UpstreamKey>,
+    /// The clients' API keys (none known without `--client-keys-dir`).
+    pub client_keys: Arc<clients::ClientKeys>,
     /// Set on SIGTERM: /readyz turns 503 so load balancers stop sending.
     pub draining: AtomicBool,
     /// Coin flips of the shedding decision and Retry-After jitter.
@@ -139,6 +147,9 @@ pub struct GatewayOptions {
     pub upstream_api_key: Option<String>,
     /// Or read from this file (first read here; follow it with [`api_key::follow_key_file`]).
     pub upstream_api_key_file: Option<PathBuf>,
+    /// Client API keys, one file per client (first read here; follow it with
+    /// [`clients::follow_keys_dir`]).
+    pub client_keys_dir: Option<PathBuf>,
     pub random: RandomSource,
     /// Longest wait for a request's headers (also the idle keep-alive limit).
     pub header_read_timeout: Duration,
@@ -157,6 +168,7 @@ impl Default for GatewayOptions {
             max_body_bytes: 16 << 20,
             upstream_api_key: None,
             upstream_api_key_file: None,
+            client_keys_dir: None,
             random: RandomSource::PerThread,
             header_read_timeout: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(60),
@@ -179,7 +191,12 @@ impl Gateway {
             (None, Some(path)) => Some(api_key::read_key_file(path)?),
             (None, None) => None,
         };
+        let client_keys = match &options.client_keys_dir {
+            Some(dir) => clients::ClientKeys::load(dir)?,
+            None => clients::ClientKeys::default(),
+        };
         Ok(Arc::new(Gateway {
+            client_keys: Arc::new(client_keys),
             store,
             metrics,
             client: upstream::client()?,
@@ -322,6 +339,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             max_body_bytes: args.max_body_bytes,
             upstream_api_key: args.upstream_api_key.clone(),
             upstream_api_key_file: args.upstream_api_key_file.clone(),
+            client_keys_dir: args.client_keys_dir.clone(),
             random: RandomSource::PerThread,
             header_read_timeout: args.header_read_timeout,
             body_read_timeout: args.body_read_timeout,
@@ -333,6 +351,14 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         tokio::spawn(api_key::follow_key_file(
             path.clone(),
             gw.api_key.clone(),
+            args.reload_interval,
+        ));
+    }
+    if let Some(dir) = &args.client_keys_dir {
+        tracing::info!(dir = %dir.display(), clients = gw.client_keys.len(), "client API keys loaded");
+        tokio::spawn(clients::follow_keys_dir(
+            dir.clone(),
+            gw.client_keys.clone(),
             args.reload_interval,
         ));
     }

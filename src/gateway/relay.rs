@@ -63,7 +63,15 @@ pub async fn forward(f: Forward<'_>) -> Response {
         );
     };
     let key = gw.api_key.current();
-    let Ok(req) = upstream::request(f.method, uri, f.headers, key.as_deref(), f.body) else {
+    let client_auth = f.snap.config.client_auth.is_some();
+    let Ok(req) = upstream::request(
+        f.method,
+        uri,
+        f.headers,
+        key.as_deref(),
+        client_auth,
+        f.body,
+    ) else {
         return fail(
             &mut tracker,
             GatewayError::bad_request("the request headers cannot be forwarded"),

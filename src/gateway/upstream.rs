@@ -58,18 +58,21 @@ fn skip(name: &HeaderName) -> bool {
 }
 
 /// The upstream request: method, URL, the client's end-to-end headers (with `Authorization`
-/// replaced when an upstream key is configured), JSON body.
+/// replaced when an upstream key is configured, and never the client's when `client_auth`:
+/// a key the gateway authenticated is the gateway's business, not the engine's), JSON body.
 pub fn request(
     method: Method,
     uri: Uri,
     client_headers: &HeaderMap,
     api_key: Option<&HeaderValue>,
+    client_auth: bool,
     body: Bytes,
 ) -> Result<axum::http::Request<Full<Bytes>>, axum::http::Error> {
     let mut b = axum::http::Request::builder().method(method).uri(uri);
     let headers = b.headers_mut().expect("fresh builder");
     for (name, value) in client_headers {
-        if !skip(name) {
+        let clients_key = client_auth && name == header::AUTHORIZATION;
+        if !skip(name) && !clients_key {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -121,6 +124,7 @@ mod tests {
             "http://u/v1".parse().unwrap(),
             &h,
             Some(&key),
+            false,
             Bytes::new(),
         )
         .unwrap();
@@ -133,9 +137,24 @@ mod tests {
             "http://u/v1".parse().unwrap(),
             &h,
             None,
+            false,
             Bytes::new(),
         )
         .unwrap();
         assert_eq!(r.headers()["authorization"], "Bearer client");
+        // With client authentication the client's key never goes upstream.
+        for key in [None, Some(&key)] {
+            let r = request(
+                Method::POST,
+                "http://u/v1".parse().unwrap(),
+                &h,
+                key,
+                true,
+                Bytes::new(),
+            )
+            .unwrap();
+            let sent: Vec<_> = r.headers().get_all("authorization").iter().collect();
+            assert_eq!(sent, key.into_iter().collect::<Vec<_>>());
+        }
     }
 }

@@ -14,6 +14,10 @@ pub const API_KEY_DIR: &str = "/var/run/sluice/upstream";
 /// The key's file name in [`API_KEY_DIR`].
 pub const API_KEY_FILE: &str = "api-key";
 
+/// Where the gateway pods find the clients' API keys (the `spec.clientAuth` Secret, one file
+/// per client).
+pub const CLIENT_KEYS_DIR: &str = "/var/run/sluice/clients";
+
 /// Label on every object the operator creates for a policy.
 pub const POLICY_LABEL: &str = "sluice.dev/policy";
 
@@ -98,6 +102,7 @@ mod tests {
             replicas: 1,
             gateway: None,
             api_key: None,
+            client_keys: None,
             upstream_timeout: std::time::Duration::from_millis(600_500),
         });
         let pod = d.spec.unwrap().template.spec.unwrap();
@@ -149,6 +154,8 @@ pub struct GatewayPodSpec<'a> {
     pub replicas: i32,
     pub gateway: Option<&'a crate::policy::crd::GatewaySpec>,
     pub api_key: Option<&'a crate::policy::crd::SecretKeyRef>,
+    /// The Secret of the clients' API keys (`spec.clientAuth`).
+    pub client_keys: Option<&'a str>,
     /// The policy's upstream timeout: the longest a request may run, so the longest drain.
     pub upstream_timeout: std::time::Duration,
 }
@@ -192,8 +199,8 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
     use k8s_openapi::api::core::v1::{
         Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
         ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-        ProjectedVolumeSource, SeccompProfile, SecretProjection, SecurityContext, Volume,
-        VolumeMount, VolumeProjection,
+        ProjectedVolumeSource, SeccompProfile, SecretProjection, SecretVolumeSource,
+        SecurityContext, Volume, VolumeMount, VolumeProjection,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -260,6 +267,27 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
         });
         args.push("--upstream-api-key-file".to_owned());
         args.push(format!("{API_KEY_DIR}/{API_KEY_FILE}"));
+    }
+    // The clients' keys: the whole Secret, one file per client, updated in place by the
+    // kubelet and re-read by the gateway.
+    if let Some(secret) = p.client_keys {
+        volumes.push(Volume {
+            name: "client-keys".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.to_owned()),
+                default_mode: Some(0o440),
+                optional: Some(false),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "client-keys".to_owned(),
+            mount_path: CLIENT_KEYS_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        args.push(format!("--client-keys-dir={CLIENT_KEYS_DIR}"));
     }
     let mut pod_labels = labels(p.policy);
     pod_labels.insert(

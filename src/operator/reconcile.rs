@@ -320,11 +320,24 @@ async fn apply_objects(
     let c = &ctx.client;
     // A Secret reference counts only where the Secret opted in: otherwise whoever may write a
     // policy could send any Secret of the namespace to an upstream URL of their choosing.
-    let (api_key, refused) = match config.upstream.api_key_secret.as_ref() {
+    let (api_key, mut refused) = match config.upstream.api_key_secret.as_ref() {
         None => (None, None),
         Some(r) => match check_secret(c, &ns, &name, &r.name).await? {
             None => (Some(r), None),
             Some(refusal) => (None, Some(refusal)),
+        },
+    };
+    // The clients' keys are read by the gateway only, but the same opt-in applies: a policy
+    // must not make the gateway mount a Secret it was not given. Without it the gateway has
+    // no keys and (auth being required) refuses every request: it fails closed.
+    let client_keys = match config.client_auth.as_ref() {
+        None => None,
+        Some(a) => match check_secret(c, &ns, &name, &a.secret).await? {
+            None => Some(a.secret.as_str()),
+            Some(refusal) => {
+                refused = refused.or(Some(refusal));
+                None
+            }
         },
     };
     apply(c, &ns, objects::gateway_service_account(&ns, &name), &owner).await?;
@@ -343,6 +356,7 @@ async fn apply_objects(
             replicas,
             gateway,
             api_key,
+            client_keys,
             upstream_timeout: config.upstream.timeout,
         }),
         &owner,

@@ -9,9 +9,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
-use super::crd::{MAX_MODELS, Mode, RateLimitPolicy, RateLimitPolicySpec, Scope, SecretKeyRef};
+use super::crd::{
+    MAX_MODELS, Mode, PriorityClass, RateLimitPolicy, RateLimitPolicySpec, Scope, SecretKeyRef,
+};
 use super::duration::parse_duration;
-use crate::limiter::{self, LimiterConfig, Thresholds};
+use crate::limiter::{self, LimiterConfig, Priority, Thresholds};
 
 /// The `apiVersion` of RateLimitPolicy documents.
 pub const API_VERSION: &str = "sluice.dev/v1alpha1";
@@ -25,6 +27,27 @@ pub struct PolicyConfig {
     pub limiter: LimiterConfig,
     /// Whether a client's `x-sluice-priority: critical` counts (`spec.priority.trustHeader`).
     pub trust_priority_header: bool,
+    /// Client authentication (`spec.clientAuth`, `spec.priority.clients`).
+    pub client_auth: Option<ClientAuthConfig>,
+}
+
+/// Who the clients are and the priority class of each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientAuthConfig {
+    /// The Secret holding one API key per client.
+    pub secret: String,
+    /// Refuse requests without a valid key (401).
+    pub required: bool,
+    /// Priority class by client name; others are standard.
+    pub classes: HashMap<String, Priority>,
+}
+
+/// Whether `name` can be a key of a Secret's data (and so a client's name).
+fn secret_data_key(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 /// The validated upstream.
@@ -189,6 +212,48 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
             }
         }
 
+        let client_auth = spec.client_auth.as_ref().map(|a| ClientAuthConfig {
+            secret: a.secret_ref.name.clone(),
+            required: a.required,
+            classes: HashMap::new(),
+        });
+        if spec
+            .client_auth
+            .as_ref()
+            .is_some_and(|a| a.secret_ref.name.is_empty())
+        {
+            c.fail("spec.clientAuth.secretRef.name", "must not be empty");
+        }
+        let clients = spec.priority.as_ref().map(|p| &p.clients);
+        let mut client_auth = client_auth;
+        for (name, class) in clients.into_iter().flatten() {
+            if !secret_data_key(name) {
+                c.fail(
+                    format!("spec.priority.clients[{name:?}]"),
+                    "must be a Secret data key: 1 to 253 of a-z, A-Z, 0-9, '-', '_', '.'",
+                );
+            }
+            match &mut client_auth {
+                Some(a) => {
+                    a.classes.insert(
+                        name.clone(),
+                        match class {
+                            PriorityClass::Critical => Priority::Critical,
+                            PriorityClass::Standard => Priority::Standard,
+                            PriorityClass::Sheddable => Priority::Sheddable,
+                        },
+                    );
+                }
+                None => {
+                    c.fail(
+                        "spec.priority.clients",
+                        "priority classes of clients need clientAuth to know who the clients are",
+                    );
+                    break;
+                }
+            }
+        }
+
         if let Some(g) = &spec.gateway {
             if let Some(r) = g.replicas.filter(|r| !(0..=1000).contains(r)) {
                 c.fail(
@@ -287,6 +352,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
         match (url, timeout) {
             (Some(url), Some(timeout)) if c.errors.is_empty() => Ok(PolicyConfig {
                 trust_priority_header: spec.priority.as_ref().is_some_and(|p| p.trust_header),
+                client_auth,
                 upstream: UpstreamConfig {
                     url,
                     timeout,

@@ -88,6 +88,7 @@ pub const MAX_MODELS: usize = 128;
     )
 )]
 #[x_kube(validation = Rule::new("!has(self.scope) || self.scope != 'Global' || !has(self.models) || size(self.models) == 0").message("per-model entries have no effect with scope Global; remove them or use scope PerModel").field_path(".models"))]
+#[x_kube(validation = Rule::new("!has(self.priority) || !has(self.priority.clients) || size(self.priority.clients) == 0 || has(self.clientAuth)").message("priority classes of clients need clientAuth to know who the clients are").field_path(".priority.clients"))]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimitPolicySpec {
     /// The OpenAI-compatible inference server (vLLM, SGLang, TGI, llama.cpp, ...) that the
@@ -125,9 +126,53 @@ pub struct RateLimitPolicySpec {
     #[serde(default)]
     pub shedding: Shedding,
 
-    /// Who may claim a request priority with the `x-sluice-priority` header.
+    /// Who may claim a request priority with the `x-sluice-priority` header, and the
+    /// priority class of each authenticated client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<PrioritySpec>,
+
+    /// Client authentication: the API keys the gateway accepts, from a Secret. When set, the
+    /// client's `Authorization` header is never forwarded upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuthSpec>,
+}
+
+/// API keys the gateway accepts from its clients (`Authorization: Bearer <key>`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientAuthSpec {
+    /// Secret in the policy's namespace with one entry per client: the entry's name is the
+    /// client's name (as in `priority.clients`), its value that client's API key. The
+    /// operator mounts it into the gateway pods; a rotated or added key reaches running pods
+    /// without a restart. Like the upstream key's Secret, it must carry the annotation
+    /// `sluice.dev/allowed-policies` naming this policy.
+    pub secret_ref: SecretRef,
+
+    /// Refuse requests without a valid key with 401 (default). With false, requests without
+    /// a key (or with an unknown one) are served as anonymous `standard` clients, and a valid
+    /// key only raises a client to its class in `priority.clients`.
+    #[serde(default = "default_true")]
+    pub required: bool,
+}
+
+/// A Secret in the policy's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// A request priority class.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorityClass {
+    /// Never shed.
+    Critical,
+    /// Shed as the policy says.
+    Standard,
+    /// Shed first (its pressure counts 1.25× higher).
+    Sheddable,
 }
 
 /// Request priorities. Any client may lower its own request to `sheddable`; a `critical`
@@ -140,6 +185,13 @@ pub struct PrioritySpec {
     /// authenticating proxy that sets the header itself and strips it from clients.
     #[serde(default)]
     pub trust_header: bool,
+
+    /// Priority class of each client authenticated by `clientAuth`, by its name in the
+    /// Secret: the class its requests get, and the highest one its `x-sluice-priority`
+    /// header may claim. Clients not listed, and anonymous ones, are `standard`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 1000))]
+    pub clients: BTreeMap<String, PriorityClass>,
 }
 
 /// The inference server behind the gateway.

@@ -26,6 +26,8 @@ use super::http::{HttpClient, client, policy_yaml};
 /// A request that reached the stub upstream; its response stream is open until dropped.
 pub struct Arrival {
     pub body: serde_json::Value,
+    /// The `Authorization` header the upstream received.
+    pub authorization: Option<String>,
     chunks: mpsc::UnboundedSender<Bytes>,
 }
 
@@ -40,10 +42,21 @@ struct Stub {
     arrivals: mpsc::UnboundedSender<Arrival>,
 }
 
-async fn stub_chat(State(stub): State<Stub>, body: Bytes) -> Response {
+async fn stub_chat(
+    State(stub): State<Stub>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let _ = stub.arrivals.send(Arrival { body, chunks: tx });
+    let authorization = headers
+        .get("authorization")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let _ = stub.arrivals.send(Arrival {
+        body,
+        authorization,
+        chunks: tx,
+    });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
     });
@@ -67,6 +80,8 @@ pub struct Outcome {
     pub headers: hyper::HeaderMap,
     /// The error body of a refused request.
     pub body: Option<serde_json::Value>,
+    /// The `Authorization` header the upstream received (admitted requests).
+    pub upstream_authorization: Option<String>,
 }
 
 impl Outcome {
@@ -195,7 +210,12 @@ impl InProc {
                 let r = r.unwrap().expect("gateway answers");
                 let (status, headers) = (r.status().as_u16(), r.headers().clone());
                 let bytes = r.into_body().collect().await.unwrap().to_bytes();
-                return Outcome { status, headers, body: serde_json::from_slice(&bytes).ok() };
+                return Outcome {
+                    status,
+                    headers,
+                    body: serde_json::from_slice(&bytes).ok(),
+                    upstream_authorization: None,
+                };
             }
         };
         drop(arrivals);
@@ -212,6 +232,7 @@ impl InProc {
         }
         arrival.send(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#);
         arrival.send("[DONE]");
+        let upstream_authorization = arrival.authorization.clone();
         drop(arrival);
         while let Some(f) = body.frame().await {
             f.expect("the stream ends cleanly");
@@ -220,6 +241,7 @@ impl InProc {
             status,
             headers,
             body: None,
+            upstream_authorization,
         }
     }
 

@@ -194,6 +194,15 @@ impl Drop for TempFile {
     }
 }
 
+/// A directory removed with everything in it when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A kubeconfig for the test cluster that impersonates `system:serviceaccount:<ns>:<sa>` (the
 /// admin identity may impersonate), so a process runs with exactly that account's RBAC.
 pub fn impersonating_kubeconfig(namespace: &str, service_account: &str) -> TempFile {

@@ -190,6 +190,38 @@ fn per_model_entries_with_global_scope_are_rejected() {
 }
 
 #[test]
+fn client_priority_classes_need_client_auth_and_secret_key_names() {
+    assert_single_error(
+        &with_spec("priority: {clients: {batch: sheddable}}"),
+        "spec.priority.clients",
+        "need clientAuth",
+    );
+    assert_single_error(
+        &with_spec("clientAuth: {secretRef: {name: keys}}\npriority: {clients: {'a/b': critical}}"),
+        "spec.priority.clients[\"a/b\"]",
+        "Secret data key",
+    );
+    let (_, c) = PolicyConfig::from_yaml(&with_spec(
+        "clientAuth: {secretRef: {name: keys}, required: false}\npriority: {clients: {checkout: critical, batch.jobs: sheddable}}",
+    ))
+    .unwrap();
+    let auth = c.client_auth.unwrap();
+    assert_eq!((auth.secret.as_str(), auth.required), ("keys", false));
+    assert_eq!(auth.classes["checkout"], Priority::Critical);
+    assert_eq!(auth.classes["batch.jobs"], Priority::Sheddable);
+    let (_, c) =
+        PolicyConfig::from_yaml(&with_spec("clientAuth: {secretRef: {name: keys}}")).unwrap();
+    assert!(c.client_auth.unwrap().required, "required by default");
+    assert!(
+        PolicyConfig::from_yaml(MINIMAL)
+            .unwrap()
+            .1
+            .client_auth
+            .is_none()
+    );
+}
+
+#[test]
 fn every_violation_is_reported_at_once() {
     let errors = errors_of(&with_spec(
         "defaults: {ttft: 0s, itl: fast}\nshedding: {ramp: 0, maxRejectProbability: 2}",
