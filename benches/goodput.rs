@@ -27,37 +27,20 @@
 
 #[path = "common/mod.rs"]
 mod common;
-#[path = "../tests/support/process.rs"]
-mod process;
 
-use process::ChildProcess;
+use common::process::ChildProcess;
+use common::spawn;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use sluice::loadgen::arrivals::Phase;
 use sluice::loadgen::report::Report;
 use sluice::loadgen::{LoadgenArgs, run_load};
 
-/// The engine: 32 batch slots, decode step 6 ms + 0.6 ms per active sequence (25 ms with a
-/// full batch), prefill 0.2 ms per prompt token.
-const ENGINE: &[&str] = &[
-    "--max-num-seqs",
-    "32",
-    "--decode-step-ms",
-    "6",
-    "--decode-step-ms-per-seq",
-    "0.6",
-    "--prefill-ms-per-token",
-    "0.2",
-];
+use common::ENGINE;
 const PROMPT_CHARS: (u32, u32) = (200, 1000);
 const OUTPUT_TOKENS: (u32, u32) = (16, 48);
 const TTFT_SLO: Duration = Duration::from_millis(500);
@@ -167,34 +150,6 @@ fn variants() -> Vec<Shedding> {
             }
         })
         .collect()
-}
-
-/// A `sluice` child process on 127.0.0.1:0 (its log at warn, plus the line that says where it
-/// listens); the URL it serves once it answers `ready_path` with 200.
-async fn spawn(args: &[&str], what: &str, ready_path: &str) -> (ChildProcess, String) {
-    let mut p = ChildProcess::sluice(
-        args,
-        &[("RUST_LOG", "warn,sluice::sim=info,sluice::gateway=info")],
-    );
-    let url = format!("http://{}", p.listen_addr(what, 20));
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(status)) = p.child.try_wait() {
-            panic!("{} exited early: {status}", p.name);
-        }
-        let req = hyper::Request::get(format!("{url}{ready_path}"))
-            .body(Full::new(Bytes::new()))
-            .expect("request");
-        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), client.request(req)).await
-            && r.status() == 200
-        {
-            return (p, url);
-        }
-        assert!(Instant::now() < deadline, "{url} not ready after 20 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A running system under test: engine (+ gateway); `url` is where load goes.

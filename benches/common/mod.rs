@@ -1,7 +1,18 @@
 //! Setup shared by the whole-system benchmarks.
 #![allow(dead_code)] // each bench uses a different part
 
-use std::time::Duration;
+#[path = "../../tests/support/process.rs"]
+pub mod process;
+
+use process::ChildProcess;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams};
@@ -38,4 +49,45 @@ pub async fn cluster() -> (kube::Client, String) {
     // Let the API server establish the CRD.
     tokio::time::sleep(Duration::from_secs(1)).await;
     (client, path)
+}
+
+/// The engine: 32 batch slots, decode step 6 ms + 0.6 ms per active sequence (25 ms with a
+/// full batch), prefill 0.2 ms per prompt token.
+pub const ENGINE: &[&str] = &[
+    "--max-num-seqs",
+    "32",
+    "--decode-step-ms",
+    "6",
+    "--decode-step-ms-per-seq",
+    "0.6",
+    "--prefill-ms-per-token",
+    "0.2",
+];
+
+/// A `sluice` child process on 127.0.0.1:0 (its log at warn, plus the line that says where it
+/// listens); the URL it serves once it answers `ready_path` with 200.
+pub async fn spawn(args: &[&str], what: &str, ready_path: &str) -> (ChildProcess, String) {
+    let mut p = ChildProcess::sluice(
+        args,
+        &[("RUST_LOG", "warn,sluice::sim=info,sluice::gateway=info")],
+    );
+    let url = format!("http://{}", p.listen_addr(what, 20));
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            panic!("{} exited early: {status}", p.name);
+        }
+        let req = hyper::Request::get(format!("{url}{ready_path}"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), client.request(req)).await
+            && r.status() == 200
+        {
+            return (p, url);
+        }
+        assert!(Instant::now() < deadline, "{url} not ready after 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
