@@ -205,6 +205,8 @@ fn args(sys: &System, schedule: Vec<Phase>, seed: u64) -> LoadgenArgs {
     LoadgenArgs {
         url: sys.url.clone(),
         model: "sim-llm".into(),
+        endpoint: sluice::loadgen::Endpoint::Chat,
+        api_key: None,
         rate: schedule[0].rate,
         duration: schedule[0].duration,
         schedule: Some(sluice::loadgen::Schedule(schedule)),

@@ -9,6 +9,11 @@ use serde_json::Value;
 use support::http::{Gw, PolicyFile, Sim, client, policy_yaml};
 
 fn loadgen(url: &str, extra: &[&str]) -> (Value, String) {
+    loadgen_env(url, extra, &[])
+}
+
+/// `loadgen` with environment variables; its stdout and stderr together.
+fn loadgen_env(url: &str, extra: &[&str], env: &[(&str, &str)]) -> (Value, String) {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let json = std::env::temp_dir().join(format!("sluice-loadgen-{}-{n}.json", std::process::id()));
@@ -25,6 +30,7 @@ fn loadgen(url: &str, extra: &[&str]) -> (Value, String) {
             svg.to_str().unwrap(),
         ])
         .args(extra)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(
@@ -37,7 +43,9 @@ fn loadgen(url: &str, extra: &[&str]) -> (Value, String) {
     assert!(svg_text.starts_with("<svg") && svg_text.contains("polyline"));
     let _ = std::fs::remove_file(&json);
     let _ = std::fs::remove_file(&svg);
-    (report, String::from_utf8(out.stdout).unwrap())
+    let mut text = String::from_utf8(out.stdout).unwrap();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (report, text)
 }
 
 #[tokio::test]
@@ -178,4 +186,66 @@ async fn the_in_flight_cap_sends_at_most_n_concurrent_requests_and_counts_the_re
         sent - rejected,
         "{stats}"
     );
+}
+
+#[tokio::test]
+async fn the_api_key_is_sent_never_printed_and_completions_can_be_driven() {
+    let c = client();
+    let sim = Sim::batch(&c, 32, 5).await;
+    let dir = std::env::temp_dir().join(format!("sluice-loadgen-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = support::TempDir(dir.clone());
+    std::fs::write(dir.join("bench"), "sk-loadgen-secret").unwrap();
+    let (gw, _policy) = Gw::with_policy(
+        &c,
+        &sim.url,
+        "clientAuth: {secretRef: {name: clients}}",
+        &["--client-keys-dir", dir.to_str().unwrap()],
+    )
+    .await;
+    let quick = [
+        "--rate",
+        "10",
+        "--duration",
+        "1s",
+        "--prompt-chars",
+        "50-100",
+        "--output-tokens",
+        "2-4",
+        "--seed",
+        "3",
+    ];
+    // Without the key every request is refused (401 counts as an error).
+    let (r, _) = loadgen(&gw.url, &quick);
+    assert_eq!(r["ok"], 0, "{r}");
+    // With it, from the environment as the OpenAI SDK reads it, or from the flag.
+    let (r, out) = loadgen_env(&gw.url, &quick, &[("OPENAI_API_KEY", "sk-loadgen-secret")]);
+    assert_eq!(r["ok"], r["sent"], "{r}");
+    assert!(!out.contains("sk-loadgen-secret"), "{out}");
+    let completions = [
+        &quick[..],
+        &[
+            "--endpoint",
+            "completions",
+            "--api-key",
+            "sk-loadgen-secret",
+        ],
+    ]
+    .concat();
+    let (r, out) = loadgen(&gw.url, &completions);
+    assert_eq!(r["ok"], r["sent"], "{r}");
+    assert!(!out.contains("sk-loadgen-secret"), "{out}");
+    let m = gw.metrics(&c).await;
+    let completions_served = support::http::metric(
+        &m,
+        "sluice_requests_total",
+        &[
+            ("model", "sim-llm"),
+            ("endpoint", "completions"),
+            ("stream", "true"),
+            ("outcome", "success"),
+        ],
+    );
+    assert_eq!(completions_served, r["sent"].as_f64(), "{m}");
 }

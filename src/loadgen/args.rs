@@ -16,6 +16,14 @@ pub struct LoadgenArgs {
     /// Model to request.
     #[arg(long, default_value = "sim-llm")]
     pub model: String,
+    /// The API to drive: `chat` (/v1/chat/completions, one user message) or `completions`
+    /// (/v1/completions, a prompt).
+    #[arg(long, value_enum, default_value_t = Endpoint::Chat)]
+    pub endpoint: Endpoint,
+    /// API key sent as `Authorization: Bearer` (as the OpenAI SDK and `vllm bench serve`
+    /// take it); never printed.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub api_key: Option<ApiKey>,
     /// Offered load in requests per second (with --duration).
     #[arg(long, default_value_t = 5.0)]
     pub rate: f64,
@@ -70,6 +78,43 @@ pub struct LoadgenArgs {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// The API `sluice loadgen` drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+        }
+    }
+}
+
+/// An API key: shown as `[redacted]` wherever the options are printed.
+#[derive(Clone)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::str::FromStr for ApiKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let key = s.trim();
+        if key.is_empty() {
+            return Err("the API key is empty".into());
+        }
+        Ok(ApiKey(key.to_owned()))
+    }
 }
 
 /// A parsed `--schedule` (a newtype, so clap takes it as one value).

@@ -20,7 +20,7 @@ mod args;
 pub mod arrivals;
 pub mod report;
 
-pub use args::{LoadgenArgs, PriorityMix, Schedule};
+pub use args::{ApiKey, Endpoint, LoadgenArgs, PriorityMix, Schedule};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,13 +91,20 @@ fn plan(args: &LoadgenArgs, schedule: &[Phase]) -> Vec<Planned> {
                         .unwrap_or(mix[mix.len() - 1].0)
                 }
             };
-            let body = json!({
+            let max_tokens = draw(args.output_tokens, &mut rng);
+            let text = prompt(draw(args.prompt_chars, &mut rng), &mut rng);
+            let mut body = json!({
                 "model": args.model,
                 "stream": true,
                 "stream_options": {"include_usage": true},
-                "max_tokens": draw(args.output_tokens, &mut rng),
-                "messages": [{"role": "user", "content": prompt(draw(args.prompt_chars, &mut rng), &mut rng)}],
+                "max_tokens": max_tokens,
             });
+            match args.endpoint {
+                Endpoint::Chat => {
+                    body["messages"] = json!([{"role": "user", "content": text}]);
+                }
+                Endpoint::Completions => body["prompt"] = json!(text),
+            }
             Planned {
                 at,
                 priority,
@@ -107,10 +114,16 @@ fn plan(args: &LoadgenArgs, schedule: &[Phase]) -> Vec<Planned> {
         .collect()
 }
 
+/// Where requests go: the endpoint's URL and the `Authorization` header, if any.
+struct Target {
+    url: String,
+    auth: Option<hyper::header::HeaderValue>,
+}
+
 /// Sends one streaming request and measures it.
 async fn send_once(
     client: &HttpClient,
-    url: &str,
+    target: &Target,
     p: &Planned,
     timeout: Duration,
 ) -> (RequestResult, Option<Duration>) {
@@ -125,11 +138,13 @@ async fn send_once(
         tokens: 0,
         retried: false,
     };
-    let req = hyper::Request::post(format!("{url}/v1/chat/completions"))
+    let mut req = hyper::Request::post(&target.url)
         .header("content-type", "application/json")
-        .header(Priority::HEADER, p.priority.as_str())
-        .body(Full::new(p.body.clone()))
-        .expect("valid request");
+        .header(Priority::HEADER, p.priority.as_str());
+    if let Some(auth) = &target.auth {
+        req = req.header(hyper::header::AUTHORIZATION, auth.clone());
+    }
+    let req = req.body(Full::new(p.body.clone())).expect("valid request");
     let work = async {
         let resp = client.request(req).await.map_err(|_| ())?;
         let status = resp.status().as_u16();
@@ -240,7 +255,19 @@ pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(4096)
         .build(HttpConnector::new());
-    let url = args.url.trim_end_matches('/').to_owned();
+    let auth = match &args.api_key {
+        None => None,
+        Some(ApiKey(key)) => {
+            let mut v = hyper::header::HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| anyhow::anyhow!("the API key is not valid in an HTTP header"))?;
+            v.set_sensitive(true);
+            Some(v)
+        }
+    };
+    let target = Arc::new(Target {
+        url: format!("{}{}", args.url.trim_end_matches('/'), args.endpoint.path()),
+        auth,
+    });
     let (sent, done, shed) = (
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
@@ -285,9 +312,9 @@ pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
     let mut tasks = Vec::with_capacity(total);
     for p in planned {
         tokio::time::sleep_until(start + p.at).await;
-        let (client, url, sent, done, shed) = (
+        let (client, target, sent, done, shed) = (
             client.clone(),
-            url.clone(),
+            target.clone(),
             sent.clone(),
             done.clone(),
             shed.clone(),
@@ -310,12 +337,12 @@ pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
         };
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
-            let (mut r, wait) = send_once(&client, &url, &p, timeout).await;
+            let (mut r, wait) = send_once(&client, &target, &p, timeout).await;
             if r.outcome == Outcome::Rejected {
                 shed.fetch_add(1, Ordering::Relaxed);
                 if let (true, Some(wait)) = (retry, wait) {
                     tokio::time::sleep(wait).await;
-                    let (again, _) = send_once(&client, &url, &p, timeout).await;
+                    let (again, _) = send_once(&client, &target, &p, timeout).await;
                     r = RequestResult {
                         at: r.at,
                         retried: true,
