@@ -18,6 +18,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use crate::gateway::unary::UnaryModes;
 use crate::limiter::Clock;
 use crate::policy::source::PolicyStore;
 
@@ -64,11 +65,12 @@ pub struct GatewayMetrics {
     pub ttft: HistogramVec,
     pub itl: HistogramVec,
     pub inflight: IntGaugeVec,
+    pub upstream_errors: IntCounterVec,
 }
 
 impl GatewayMetrics {
     /// The families of a gateway reading its policy and limiter state from `store`.
-    pub fn new(store: Arc<PolicyStore>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(store: Arc<PolicyStore>, clock: Arc<dyn Clock>, unary: Arc<UnaryModes>) -> Self {
         let registry = Registry::new();
         let hist = |name: &str, help: &str, b: &[f64]| {
             HistogramVec::new(
@@ -113,6 +115,14 @@ impl GatewayMetrics {
                 &["model"],
             )
             .unwrap(),
+            upstream_errors: IntCounterVec::new(
+                Opts::new(
+                    "sluice_upstream_errors_total",
+                    "Upstream faults by reason: unreachable, timeout (the policy's upstream timeout), idle_timeout (a stream silent for longer than streamIdleTimeout), broken_stream (the connection broke mid-response), incomplete_stream (ended without [DONE] or a finish_reason), error_event (an error event in the stream), status_5xx.",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
             registry,
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
@@ -121,7 +131,8 @@ impl GatewayMetrics {
             Box::new(m.ttft.clone()),
             Box::new(m.itl.clone()),
             Box::new(m.inflight.clone()),
-            Box::new(StateCollector::new(store, clock)),
+            Box::new(m.upstream_errors.clone()),
+            Box::new(StateCollector::new(store, clock, unary)),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -160,6 +171,7 @@ impl RequestMetrics {
 struct StateCollector {
     store: Arc<PolicyStore>,
     clock: Arc<dyn Clock>,
+    unary: Arc<UnaryModes>,
     descs: Vec<Desc>,
 }
 
@@ -224,7 +236,7 @@ const RELOADS: (&str, &str) = (
 );
 
 impl StateCollector {
-    fn new(store: Arc<PolicyStore>, clock: Arc<dyn Clock>) -> Self {
+    fn new(store: Arc<PolicyStore>, clock: Arc<dyn Clock>, unary: Arc<UnaryModes>) -> Self {
         let mut descs = Vec::new();
         for (name, help) in MODEL_GAUGES {
             descs.extend(model_gauge(name, help).desc().into_iter().cloned());
@@ -233,9 +245,11 @@ impl StateCollector {
             descs.extend(Gauge::new(name, help).unwrap().desc().into_iter().cloned());
         }
         descs.extend(reloads().desc().into_iter().cloned());
+        descs.extend(unary_mode().desc().into_iter().cloned());
         StateCollector {
             store,
             clock,
+            unary,
             descs,
         }
     }
@@ -243,6 +257,17 @@ impl StateCollector {
 
 fn model_gauge(name: &str, help: &str) -> GaugeVec {
     GaugeVec::new(Opts::new(name, help), &["model"]).unwrap()
+}
+
+fn unary_mode() -> IntGaugeVec {
+    IntGaugeVec::new(
+        Opts::new(
+            "sluice_unary_mode",
+            "How unary requests reach the policy's upstream: 1 for the mode in use. assembled: asked for as a stream and measured; passthrough: relayed as they are, not measured (streamUnary false, or the upstream's streams lack usage).",
+        ),
+        &["mode"],
+    )
+    .unwrap()
 }
 
 fn reloads() -> IntCounterVec {
@@ -300,6 +325,16 @@ impl Collector for StateCollector {
             reloads.with_label_values(&[result]).inc_by(n.load(Relaxed));
         }
         out.extend(reloads.collect());
+        if let Some(s) = &snap {
+            let up = &s.config.upstream;
+            let assembled = up.stream_unary && self.unary.assembles(&up.url);
+            let mode = unary_mode();
+            mode.with_label_values(&["assembled"])
+                .set(i64::from(assembled));
+            mode.with_label_values(&["passthrough"])
+                .set(i64::from(!assembled));
+            out.extend(mode.collect());
+        }
         out
     }
 }
@@ -323,7 +358,10 @@ mod tests {
         store.set_source(true, true);
         let clock = ManualClock::default();
         clock.advance(std::time::Duration::from_secs(1));
-        (GatewayMetrics::new(store.clone(), Arc::new(clock)), store)
+        (
+            GatewayMetrics::new(store.clone(), Arc::new(clock), Arc::default()),
+            store,
+        )
     }
 
     fn value(text: &str, series: &str) -> Option<f64> {
@@ -396,7 +434,11 @@ mod tests {
     #[test]
     fn without_a_policy_only_the_source_gauges_speak() {
         let store = Arc::new(PolicyStore::new(None));
-        let m = GatewayMetrics::new(store.clone(), Arc::new(ManualClock::default()));
+        let m = GatewayMetrics::new(
+            store.clone(),
+            Arc::new(ManualClock::default()),
+            Arc::default(),
+        );
         let text = m.render();
         assert_eq!(value(&text, "sluice_policy_generation"), Some(0.0));
         assert_eq!(value(&text, "sluice_policy_present"), Some(0.0));

@@ -3,9 +3,16 @@
 //! response. The result has the shape the upstream would have returned: `id`, `object`
 //! (`chat.completion` or `text_completion`), `created`, `model`, `system_fingerprint` when
 //! present, `choices` (chat: `message` with `role`, `content`, `reasoning_content` and
-//! `tool_calls` merged by index; completions: `text`), each with `logprobs` and the choice's
-//! last `finish_reason` (and any other per-choice fields such as vLLM's `stop_reason`), and
-//! `usage` from the usage chunk.
+//! `tool_calls` merged by index; completions: `text`), each with its `logprobs` merged across
+//! chunks (every array in them concatenated: chat's `content` and `refusal`, completions'
+//! `tokens`, `token_logprobs`, `top_logprobs` and `text_offset`) and the choice's last
+//! `finish_reason` (and any other per-choice fields such as vLLM's `stop_reason`), `usage` from
+//! the usage chunk, and every other top-level field an engine adds (llama.cpp's `timings`,
+//! vLLM's `prompt_logprobs`, ...), last non-null value winning.
+//!
+//! What it cannot make up: a `usage` the upstream never sent. [`Assembler::has_usage`] tells
+//! the gateway, which then relays that upstream's unary requests as they are (see
+//! `super::unary`).
 
 use std::collections::BTreeMap;
 
@@ -33,8 +40,24 @@ struct Choice {
     reasoning: Option<String>,
     text: String,
     tool_calls: BTreeMap<u64, ToolCall>,
+    /// Logprobs merged across chunks (None while every chunk had null).
+    logprobs: Option<Map<String, Value>>,
     /// Other per-choice fields (finish_reason, stop_reason, ...): last non-null value wins.
     extra: Map<String, Value>,
+}
+
+/// Merges one chunk's logprobs into the accumulated ones: arrays are concatenated, other
+/// values replaced.
+fn merge_logprobs(acc: &mut Map<String, Value>, chunk: &Map<String, Value>) {
+    for (k, v) in chunk {
+        match (acc.get_mut(k), v) {
+            (Some(Value::Array(have)), Value::Array(more)) => have.extend(more.iter().cloned()),
+            (Some(_), Value::Null) => {}
+            _ => {
+                acc.insert(k.clone(), v.clone());
+            }
+        }
+    }
 }
 
 /// Accumulates stream chunks.
@@ -56,12 +79,38 @@ impl Assembler {
         }
     }
 
+    /// Whether the stream carried a usage chunk.
+    pub fn has_usage(&self) -> bool {
+        self.usage.is_some()
+    }
+
+    /// Whether every choice has a finish_reason: the answer is complete even if the stream
+    /// then ends without `[DONE]`.
+    pub fn finished(&self) -> bool {
+        !self.choices.is_empty()
+            && self
+                .choices
+                .values()
+                .all(|c| c.extra.get("finish_reason").is_some_and(|f| !f.is_null()))
+    }
+
     /// Adds one chunk (the JSON of one `data:` event).
     pub fn push(&mut self, chunk: &Value) {
         let Some(obj) = chunk.as_object() else { return };
-        for key in ["id", "created", "model", "system_fingerprint"] {
-            if let Some(v) = obj.get(key).filter(|v| !v.is_null()) {
-                self.head.entry(key).or_insert_with(|| v.clone());
+        for (key, v) in obj {
+            match key.as_str() {
+                "object" | "choices" | "usage" => {}
+                // The first value of the response's identity; the last of anything else.
+                "id" | "created" | "model" | "system_fingerprint" => {
+                    if !v.is_null() {
+                        self.head.entry(key).or_insert_with(|| v.clone());
+                    }
+                }
+                _ => {
+                    if !v.is_null() || !self.head.contains_key(key) {
+                        self.head.insert(key.clone(), v.clone());
+                    }
+                }
             }
         }
         if let Some(u) = obj.get("usage").filter(|u| !u.is_null()) {
@@ -110,6 +159,9 @@ impl Assembler {
                     }
                 }
             }
+            if let Some(l) = c.get("logprobs").and_then(Value::as_object) {
+                merge_logprobs(acc.logprobs.get_or_insert_with(Map::new), l);
+            }
             if let Some(o) = c.as_object() {
                 for (k, v) in o {
                     if matches!(k.as_str(), "index" | "delta" | "text" | "logprobs") {
@@ -138,9 +190,9 @@ impl Assembler {
                 Kind::Completion => "text_completion",
             }),
         );
-        for key in ["created", "model", "system_fingerprint"] {
-            if let Some(v) = self.head.get(key) {
-                out.insert(key.into(), v.clone());
+        for (key, v) in &self.head {
+            if key != "id" {
+                out.insert(key.clone(), v.clone());
             }
         }
         let choices: Vec<Value> = self
@@ -183,7 +235,10 @@ impl Assembler {
                         choice.insert("text".into(), Value::String(c.text));
                     }
                 }
-                choice.insert("logprobs".into(), Value::Null);
+                choice.insert(
+                    "logprobs".into(),
+                    c.logprobs.map_or(Value::Null, Value::Object),
+                );
                 choice.entry("finish_reason").or_insert(Value::Null);
                 for (k, v) in c.extra {
                     choice.insert(k, v);
@@ -251,5 +306,41 @@ mod tests {
         assert_eq!(v["choices"][1]["text"], "b");
         assert_eq!(v["choices"][1]["finish_reason"], "length");
         assert_eq!(v["usage"], Value::Null);
+    }
+
+    #[test]
+    fn logprobs_and_engine_fields_are_kept() {
+        let mut a = Assembler::new(Kind::Chat);
+        let tok = |t: &str, l: f64| json!({"token": t, "logprob": l, "top_logprobs": [{"token": t, "logprob": l}]});
+        a.push(&json!({"id": "c", "created": 1, "model": "m", "system_fingerprint": "b0",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "logprobs": {"content": [tok("Hi", -0.5)]}, "finish_reason": null}]}));
+        a.push(&json!({"id": "c", "choices": [{"index": 0, "delta": {"content": "!"}, "logprobs": {"content": [tok("!", -1.0)]}, "finish_reason": null}]}));
+        assert!(!a.finished());
+        a.push(&json!({"id": "c", "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"}]}));
+        assert!(a.finished() && !a.has_usage());
+        a.push(
+            &json!({"id": "c", "choices": [], "usage": {"completion_tokens": 2},
+            "timings": {"predicted_n": 2}, "service_tier": null}),
+        );
+        assert!(a.has_usage());
+        let v = a.finish();
+        assert_eq!(
+            v["choices"][0]["logprobs"],
+            json!({"content": [tok("Hi", -0.5), tok("!", -1.0)]})
+        );
+        assert_eq!(v["timings"], json!({"predicted_n": 2}));
+        assert_eq!(v["system_fingerprint"], "b0");
+        assert_eq!(v["service_tier"], Value::Null);
+        assert_eq!(v["object"], "chat.completion");
+
+        let mut c = Assembler::new(Kind::Completion);
+        for (t, l, off) in [("a", -0.1, 0), ("b", -0.2, 1)] {
+            c.push(&json!({"id": "x", "choices": [{"index": 0, "text": t, "logprobs": {
+                "tokens": [t], "token_logprobs": [l], "top_logprobs": [{t: l}], "text_offset": [off]}}]}));
+        }
+        assert_eq!(
+            c.finish()["choices"][0]["logprobs"],
+            json!({"tokens": ["a", "b"], "token_logprobs": [-0.1, -0.2], "top_logprobs": [{"a": -0.1}, {"b": -0.2}], "text_offset": [0, 1]})
+        );
     }
 }

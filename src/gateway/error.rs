@@ -13,6 +13,7 @@
 //! | upstream unreachable | 502 | `upstream_unreachable` |
 //! | upstream stream broke (unary assembly) | 502 | `upstream_broken_stream` |
 //! | upstream timeout | 504 | `upstream_timeout` |
+//! | upstream silent past the stream idle timeout | 504 | `upstream_idle_timeout` |
 //! | unknown path | 404 | `not_found` |
 
 use std::time::Duration;
@@ -53,6 +54,8 @@ pub enum GatewayError {
     BrokenStream,
     /// The upstream did not answer within the policy's timeout (504).
     UpstreamTimeout(Duration),
+    /// The upstream sent nothing for the policy's stream idle timeout (504).
+    UpstreamIdle(Duration),
     /// No route for this path (404).
     NotFound { path: String },
 }
@@ -86,7 +89,8 @@ impl GatewayError {
             GatewayError::Overloaded { .. } => Some(Outcome::Overloaded),
             GatewayError::UpstreamUnreachable
             | GatewayError::BrokenStream
-            | GatewayError::UpstreamTimeout(_) => Some(Outcome::UpstreamError),
+            | GatewayError::UpstreamTimeout(_)
+            | GatewayError::UpstreamIdle(_) => Some(Outcome::UpstreamError),
             GatewayError::NotReady | GatewayError::NotFound { .. } => None,
         }
     }
@@ -163,6 +167,14 @@ impl GatewayError {
                     t.as_secs_f64()
                 ),
                 "upstream_timeout",
+            ),
+            E::UpstreamIdle(t) => upstream(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "the inference server sent nothing for {} s",
+                    t.as_secs_f64()
+                ),
+                "upstream_idle_timeout",
             ),
             E::NotFound { path } => ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -281,6 +293,12 @@ mod tests {
                 GatewayError::UpstreamTimeout(Duration::from_millis(1500)),
                 504,
                 Some("upstream_timeout"),
+                Some(Outcome::UpstreamError),
+            ),
+            (
+                GatewayError::UpstreamIdle(Duration::from_secs(60)),
+                504,
+                Some("upstream_idle_timeout"),
                 Some(Outcome::UpstreamError),
             ),
             (

@@ -194,7 +194,8 @@ async fn completion(
         Ok(a) => a,
         Err((label, e)) => return refuse(&gw, &label, endpoint, req.stream, e),
     };
-    let assemble = !req.stream && a.snap.config.upstream.stream_unary;
+    let upstream = &a.snap.config.upstream;
+    let assemble = !req.stream && upstream.stream_unary && gw.unary.assembles(&upstream.url);
     let tracker = Tracker::new(slot, &a.label, endpoint, req.stream, a.shadow, start);
     let sampler = (req.stream || assemble).then(|| Sampler::start(&gw, &a.snap, a.key, &req.model));
     let body = if assemble {

@@ -25,6 +25,7 @@ pub mod error;
 pub mod handlers;
 pub mod measure;
 pub mod relay;
+pub mod unary;
 pub mod upstream;
 
 pub use admission::RandomSource;
@@ -116,10 +117,13 @@ pub struct GatewayArgs {
 pub struct Gateway {
     pub store: Arc<PolicyStore>,
     pub metrics: GatewayMetrics,
-    pub client: upstream::HttpClient,
+    /// Pooled clients to the upstream (by the policy's pool idle timeout).
+    pub clients: upstream::Clients,
     pub clock: Arc<dyn Clock>,
     pub max_body_bytes: usize,
     pub api_key: Arc<api_key::UpstreamKey>,
+    /// Whether unary requests are assembled from streams, per upstream.
+    pub unary: Arc<unary::UnaryModes>,
     /// The clients' API keys (none known without `--client-keys-dir`).
     pub client_keys: Arc<clients::ClientKeys>,
     /// Set on SIGTERM: /readyz turns 503 so load balancers stop sending.
@@ -185,7 +189,8 @@ impl Gateway {
         clock: Arc<dyn Clock>,
         options: GatewayOptions,
     ) -> anyhow::Result<Arc<Self>> {
-        let metrics = GatewayMetrics::new(store.clone(), clock.clone());
+        let unary = Arc::new(unary::UnaryModes::default());
+        let metrics = GatewayMetrics::new(store.clone(), clock.clone(), unary.clone());
         let api_key = match (&options.upstream_api_key, &options.upstream_api_key_file) {
             (Some(k), _) => Some(api_key::bearer(k)?),
             (None, Some(path)) => Some(api_key::read_key_file(path)?),
@@ -197,9 +202,10 @@ impl Gateway {
         };
         Ok(Arc::new(Gateway {
             client_keys: Arc::new(client_keys),
+            unary,
             store,
             metrics,
-            client: upstream::client()?,
+            clients: upstream::Clients::new(Duration::from_secs(4))?,
             clock,
             max_body_bytes: options.max_body_bytes,
             api_key: Arc::new(api_key::UpstreamKey::new(api_key)),

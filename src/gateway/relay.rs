@@ -80,10 +80,16 @@ pub async fn forward(f: Forward<'_>) -> Response {
     if let Some(s) = sampler.as_mut() {
         s.sent();
     }
-    let resp = match tokio::time::timeout_at(deadline, gw.client.request(req)).await {
-        Err(_) => return fail(&mut tracker, GatewayError::UpstreamTimeout(timeout)),
+    let client = gw.clients.get(snap.config.upstream.pool_idle_timeout);
+    let faults = Faults(gw.metrics.upstream_errors.clone());
+    let resp = match tokio::time::timeout_at(deadline, client.request(req)).await {
+        Err(_) => {
+            faults.count("timeout");
+            return fail(&mut tracker, GatewayError::UpstreamTimeout(timeout));
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, upstream = %snap.config.upstream.url, "upstream request failed");
+            faults.count("unreachable");
             return fail(&mut tracker, GatewayError::UpstreamUnreachable);
         }
         Ok(Ok(r)) => r,
@@ -95,39 +101,98 @@ pub async fn forward(f: Forward<'_>) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     if !status.is_success() {
+        if status.is_server_error() {
+            faults.count("status_5xx");
+            tracing::warn!(%status, upstream = %snap.config.upstream.url, "the upstream answered with a server error");
+        }
         tracker.finish(if status.is_client_error() {
             Outcome::ClientError
         } else {
             Outcome::UpstreamError
         });
     }
-    let deadline = Deadline {
+    let limits = Limits {
         at: deadline,
         timeout,
+        idle: snap.config.upstream.stream_idle_timeout,
+        faults,
+        upstream: snap.config.upstream.url.clone(),
     };
     if !status.is_success() || !is_sse {
         // Errors, and unary upstream responses (or an upstream that ignored `stream`), are
         // relayed unchanged and unmeasured.
-        return relay(status, headers, resp.into_body(), tracker, None, deadline);
+        return relay(status, headers, resp.into_body(), tracker, None, limits);
     }
     match f.assemble {
-        None => relay(
-            status,
-            headers,
-            resp.into_body(),
-            tracker,
-            sampler,
-            deadline,
-        ),
-        Some(kind) => assembled(resp.into_body(), tracker, sampler, kind, deadline).await,
+        None => relay(status, headers, resp.into_body(), tracker, sampler, limits),
+        Some(kind) => assembled(gw, resp.into_body(), tracker, sampler, kind, limits).await,
     }
 }
 
-/// When the whole request must be over, and the timeout that set it (for messages).
-#[derive(Debug, Clone, Copy)]
-struct Deadline {
+/// Counts upstream faults by reason (`sluice_upstream_errors_total`).
+#[derive(Clone)]
+struct Faults(prometheus::IntCounterVec);
+
+impl Faults {
+    fn count(&self, reason: &str) {
+        self.0.with_label_values(&[reason]).inc();
+    }
+}
+
+/// The limits of one response: when the whole request must be over (and the timeout that set
+/// it), and the longest silence allowed within it.
+struct Limits {
     at: tokio::time::Instant,
     timeout: Duration,
+    idle: Duration,
+    faults: Faults,
+    upstream: http::Uri,
+}
+
+/// What the next read of an upstream body gave.
+enum Next {
+    Frame(hyper::body::Frame<Bytes>),
+    End,
+    Broke(hyper::Error),
+    /// The whole-request timeout passed.
+    Timeout,
+    /// Nothing arrived for the idle timeout.
+    Idle,
+}
+
+impl Limits {
+    async fn next(&self, body: &mut Incoming) -> Next {
+        let idle = tokio::time::Instant::now() + self.idle;
+        match tokio::time::timeout_at(self.at.min(idle), body.frame()).await {
+            Ok(Some(Ok(f))) => Next::Frame(f),
+            Ok(None) => Next::End,
+            Ok(Some(Err(e))) => Next::Broke(e),
+            Err(_) if idle < self.at => Next::Idle,
+            Err(_) => Next::Timeout,
+        }
+    }
+
+    /// Logs and counts why a response ended early; the error its client gets.
+    fn fault(&self, next: &Next) -> GatewayError {
+        let upstream = &self.upstream;
+        match next {
+            Next::Broke(e) => {
+                tracing::warn!(error = %e, %upstream, "the upstream broke its response stream");
+                self.faults.count("broken_stream");
+                GatewayError::BrokenStream
+            }
+            Next::Idle => {
+                tracing::warn!(idle = ?self.idle, %upstream, "the upstream sent nothing for the stream idle timeout");
+                self.faults.count("idle_timeout");
+                GatewayError::UpstreamIdle(self.idle)
+            }
+            _ => {
+                tracing::warn!(timeout = ?self.timeout, %upstream, "the upstream response exceeded the timeout");
+                self.faults.count("timeout");
+                GatewayError::UpstreamTimeout(self.timeout)
+            }
+        }
+    }
 }
 
 /// State of a relayed body.
@@ -135,26 +200,32 @@ struct Relay {
     body: Incoming,
     tracker: Tracker,
     observer: Option<Observer>,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
-    timeout: Duration,
+    limits: Limits,
     ended: bool,
 }
 
-/// Relays an upstream body as it arrives, measuring it when a sampler is given.
+/// The SSE event that tells a streaming client why its stream ends early (OpenAI's SDKs raise
+/// it as an API error).
+fn error_event(e: &GatewayError) -> Bytes {
+    Bytes::from(format!("data: {}\n\n", e.api_error().body()))
+}
+
+/// Relays an upstream body as it arrives, measuring it when a sampler is given. A stream that
+/// breaks, stalls past the idle timeout or outlasts the request timeout ends early: a measured
+/// (SSE) stream with an error event, any other body by aborting the response.
 fn relay(
     status: StatusCode,
     headers: HeaderMap,
     body: Incoming,
     tracker: Tracker,
     sampler: Option<Sampler>,
-    deadline: Deadline,
+    limits: Limits,
 ) -> Response {
     let state = Relay {
         body,
         observer: sampler.map(|s| Observer::new(Some(s), None)),
         tracker,
-        deadline: Box::pin(tokio::time::sleep_until(deadline.at)),
-        timeout: deadline.timeout,
+        limits,
         ended: false,
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
@@ -162,34 +233,42 @@ fn relay(
             return None;
         }
         loop {
-            tokio::select! {
-                frame = st.body.frame() => match frame {
-                    None => {
-                        // A measured stream must end with [DONE]; otherwise it broke.
-                        let complete = st.observer.as_ref().is_none_or(Observer::complete);
-                        st.tracker.finish(if complete { Outcome::Success } else { Outcome::UpstreamError });
-                        return None;
+            match st.limits.next(&mut st.body).await {
+                Next::End => {
+                    // A measured stream must end with [DONE]; otherwise it broke.
+                    let complete = st.observer.as_ref().is_none_or(Observer::complete);
+                    if !complete {
+                        let why = if st.observer.as_ref().is_some_and(|o| o.saw_error) {
+                            "error_event"
+                        } else {
+                            "incomplete_stream"
+                        };
+                        tracing::warn!(upstream = %st.limits.upstream, reason = why, "the upstream stream ended before [DONE]");
+                        st.limits.faults.count(why);
                     }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "upstream stream broke");
-                        st.tracker.finish(Outcome::UpstreamError);
-                        st.ended = true;
-                        return Some((Err(std::io::Error::other("upstream stream broke")), st));
-                    }
-                    Some(Ok(frame)) => {
-                        if let Ok(data) = frame.into_data() {
-                            if let Some(o) = st.observer.as_mut() {
-                                o.observe(&data);
-                            }
-                            return Some((Ok(data), st));
+                    st.tracker.finish(if complete {
+                        Outcome::Success
+                    } else {
+                        Outcome::UpstreamError
+                    });
+                    return None;
+                }
+                Next::Frame(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        if let Some(o) = st.observer.as_mut() {
+                            o.observe(&data);
                         }
+                        return Some((Ok(data), st));
                     }
-                },
-                _ = &mut st.deadline => {
-                    tracing::warn!(timeout = ?st.timeout, "upstream stream exceeded the timeout");
+                }
+                next => {
+                    let e = st.limits.fault(&next);
                     st.tracker.finish(Outcome::UpstreamError);
                     st.ended = true;
-                    return Some((Err(std::io::Error::other("upstream timeout")), st));
+                    if st.observer.is_some() {
+                        return Some((Ok(error_event(&e)), st));
+                    }
+                    return Some((Err(std::io::Error::other(e.api_error().message)), st));
                 }
             }
         }
@@ -200,13 +279,17 @@ fn relay(
     resp
 }
 
-/// Reads a whole upstream stream, measuring it, and answers with the assembled unary JSON.
+/// Reads a whole upstream stream, measuring it, and answers with the assembled unary JSON. The
+/// answer is complete at `[DONE]`, or when the stream ends after every choice has its
+/// finish_reason. A stream without the usage chunk that was asked for switches the upstream's
+/// unary requests to passthrough (see [`super::unary`]).
 async fn assembled(
+    gw: &Gateway,
     mut body: Incoming,
     mut tracker: Tracker,
     sampler: Option<Sampler>,
     kind: assemble::Kind,
-    deadline: Deadline,
+    limits: Limits,
 ) -> Response {
     let mut obs = Observer::new(sampler, Some(Assembler::new(kind)));
     let mut fail = |e: GatewayError| {
@@ -214,24 +297,31 @@ async fn assembled(
         e.into_response()
     };
     loop {
-        match tokio::time::timeout_at(deadline.at, body.frame()).await {
-            Err(_) => return fail(GatewayError::UpstreamTimeout(deadline.timeout)),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                tracing::warn!(error = %e, "upstream stream broke");
-                return fail(GatewayError::BrokenStream);
-            }
-            Ok(Some(Ok(frame))) => {
+        match limits.next(&mut body).await {
+            Next::End => break,
+            Next::Frame(frame) => {
                 if let Ok(data) = frame.into_data() {
                     obs.observe(&data);
                 }
             }
+            next => return fail(limits.fault(&next)),
         }
     }
-    if !obs.complete() {
+    let assembler = obs.assembler.take().expect("assembler set");
+    let finished = obs.saw_done || assembler.finished();
+    if obs.saw_error || !obs.measuring || !finished {
+        let why = if obs.saw_error {
+            "error_event"
+        } else {
+            "incomplete_stream"
+        };
+        tracing::warn!(upstream = %limits.upstream, reason = why, "the upstream stream ended before the answer was complete");
+        limits.faults.count(why);
         return fail(GatewayError::BrokenStream);
     }
+    if !assembler.has_usage() {
+        gw.unary.lacks_usage(&limits.upstream);
+    }
     tracker.finish(Outcome::Success);
-    let value = obs.assembler.take().expect("assembler set").finish();
-    axum::Json(value).into_response()
+    axum::Json(assembler.finish()).into_response()
 }

@@ -12,8 +12,41 @@ use hyper_util::rt::TokioExecutor;
 /// Pooled HTTP/1.1 keep-alive client for http and https upstreams.
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Builds the client: keep-alive pool, no Nagle delay, native TLS roots for https.
-pub fn client() -> std::io::Result<HttpClient> {
+/// The client of the pool idle timeout in force: rebuilt (a new pool) when a policy changes
+/// `spec.upstream.poolIdleTimeout`, shared otherwise.
+pub struct Clients(arc_swap::ArcSwap<(Duration, HttpClient)>);
+
+impl Clients {
+    pub fn new(pool_idle_timeout: Duration) -> std::io::Result<Self> {
+        let c = client(pool_idle_timeout)?;
+        Ok(Clients(arc_swap::ArcSwap::from_pointee((
+            pool_idle_timeout,
+            c,
+        ))))
+    }
+
+    /// The client whose pool keeps idle connections for `pool_idle_timeout`.
+    pub fn get(&self, pool_idle_timeout: Duration) -> HttpClient {
+        let current = self.0.load();
+        if current.0 == pool_idle_timeout {
+            return current.1.clone();
+        }
+        match client(pool_idle_timeout) {
+            Ok(c) => {
+                self.0
+                    .store(std::sync::Arc::new((pool_idle_timeout, c.clone())));
+                c
+            }
+            // The TLS roots could not be read again: keep the pool there is.
+            Err(_) => current.1.clone(),
+        }
+    }
+}
+
+/// Builds a client: keep-alive pool (idle connections closed after `pool_idle_timeout`, before
+/// the server's own keep-alive timeout closes them under a request), no Nagle delay, native
+/// TLS roots for https.
+pub fn client(pool_idle_timeout: Duration) -> std::io::Result<HttpClient> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
@@ -24,7 +57,8 @@ pub fn client() -> std::io::Result<HttpClient> {
         .enable_http1()
         .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(pool_idle_timeout)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
         .pool_max_idle_per_host(1024)
         .build(https))
 }

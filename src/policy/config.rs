@@ -59,6 +59,10 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// Measure unary requests by streaming them upstream.
     pub stream_unary: bool,
+    /// How long idle upstream connections are kept.
+    pub pool_idle_timeout: Duration,
+    /// Longest silence within a response stream.
+    pub stream_idle_timeout: Duration,
     pub api_key_secret: Option<SecretKeyRef>,
 }
 
@@ -201,6 +205,16 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
         let timeout = c.duration(
             "spec.upstream.timeout",
             &spec.upstream.timeout,
+            Duration::ZERO,
+        );
+        let pool_idle_timeout = c.duration(
+            "spec.upstream.poolIdleTimeout",
+            &spec.upstream.pool_idle_timeout,
+            Duration::ZERO,
+        );
+        let stream_idle_timeout = c.duration(
+            "spec.upstream.streamIdleTimeout",
+            &spec.upstream.stream_idle_timeout,
             Duration::ZERO,
         );
         if let Some(r) = &spec.upstream.api_key_secret_ref {
@@ -349,35 +363,41 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
             );
         }
 
-        match (url, timeout) {
-            (Some(url), Some(timeout)) if c.errors.is_empty() => Ok(PolicyConfig {
-                trust_priority_header: spec.priority.as_ref().is_some_and(|p| p.trust_header),
-                client_auth,
-                upstream: UpstreamConfig {
-                    url,
-                    timeout,
-                    stream_unary: spec.upstream.stream_unary,
-                    api_key_secret: spec.upstream.api_key_secret_ref.clone(),
-                },
-                limiter: LimiterConfig {
-                    mode: match spec.mode {
-                        Mode::Enforce => limiter::Mode::Enforce,
-                        Mode::Shadow => limiter::Mode::Shadow,
+        match (url, timeout, pool_idle_timeout, stream_idle_timeout) {
+            (Some(url), Some(timeout), Some(pool_idle_timeout), Some(stream_idle_timeout))
+                if c.errors.is_empty() =>
+            {
+                Ok(PolicyConfig {
+                    trust_priority_header: spec.priority.as_ref().is_some_and(|p| p.trust_header),
+                    client_auth,
+                    upstream: UpstreamConfig {
+                        url,
+                        timeout,
+                        stream_unary: spec.upstream.stream_unary,
+                        pool_idle_timeout,
+                        stream_idle_timeout,
+                        api_key_secret: spec.upstream.api_key_secret_ref.clone(),
                     },
-                    scope: match spec.scope {
-                        Scope::PerModel => limiter::Scope::PerModel,
-                        Scope::Global => limiter::Scope::Global,
+                    limiter: LimiterConfig {
+                        mode: match spec.mode {
+                            Mode::Enforce => limiter::Mode::Enforce,
+                            Mode::Shadow => limiter::Mode::Shadow,
+                        },
+                        scope: match spec.scope {
+                            Scope::PerModel => limiter::Scope::PerModel,
+                            Scope::Global => limiter::Scope::Global,
+                        },
+                        defaults,
+                        models,
+                        shedding: limiter::Shedding {
+                            max_reject_probability: p_max,
+                            ramp: s.ramp,
+                            max_evidence: f64::from(s.max_evidence),
+                            ..limiter::Shedding::default()
+                        },
                     },
-                    defaults,
-                    models,
-                    shedding: limiter::Shedding {
-                        max_reject_probability: p_max,
-                        ramp: s.ramp,
-                        max_evidence: f64::from(s.max_evidence),
-                        ..limiter::Shedding::default()
-                    },
-                },
-            }),
+                })
+            }
             _ => Err(PolicyError::Invalid(c.errors)),
         }
     }

@@ -224,6 +224,23 @@ pub struct UpstreamSpec {
     /// sluice_request_duration_seconds).
     #[serde(default = "default_true")]
     pub stream_unary: bool,
+
+    /// How long an idle connection to the upstream is kept for reuse. Keep it under the
+    /// server's own keep-alive timeout (uvicorn, under vLLM and llama-cpp-python, closes idle
+    /// connections after 5 s), or a request can be sent on a connection the server is closing.
+    #[serde(default = "default_pool_idle_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
+    pub pool_idle_timeout: String,
+
+    /// Longest silence within a response stream (no byte from the upstream) before the gateway
+    /// gives up on it: a streamed response is cut with an error event, a unary one answered
+    /// 504 `upstream_idle_timeout`; counted in sluice_upstream_errors_total{reason="idle_timeout"}.
+    /// The whole-request `timeout` applies as well.
+    #[serde(default = "default_stream_idle_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
+    pub stream_idle_timeout: String,
 }
 
 /// A key in a Secret in the policy's namespace.
@@ -403,6 +420,12 @@ fn default_true() -> bool {
 }
 fn default_upstream_timeout() -> String {
     "600s".into()
+}
+fn default_pool_idle_timeout() -> String {
+    "4s".into()
+}
+fn default_stream_idle_timeout() -> String {
+    "60s".into()
 }
 fn default_ttft() -> String {
     "1s".into()
