@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs all of sluice's checks and tests, installing what they need first:
-#   formatting, clippy, rustdoc, a Python venv with the official `openai` client, the local Kubernetes
+#   formatting, clippy, rustdoc, a Python venv with the official `openai` client, llama.cpp's
+#   llama-server with the Gemma 3 270M model (scripts/llama.sh), the local Kubernetes
 #   control plane (built once into ~/.cache/sluice), then the whole cargo test suite. The
 #   control plane is stopped at the end, also when a test fails.
 set -euo pipefail
@@ -47,6 +48,10 @@ if [ ! -x "$PROM/usr/bin/prometheus" ] || [ ! -x "$PROM/usr/bin/promtool" ]; the
 fi
 export SLUICE_PROMETHEUS_BIN=$PROM/usr/bin
 "$SLUICE_PROMETHEUS_BIN/prometheus" --version 2>&1 | head -n 1
+
+step "a real engine: llama.cpp's llama-server and Gemma 3 270M (scripts/llama.sh; built once into the cache, about 10 minutes the first time)"
+# shellcheck disable=SC1090
+source "$(scripts/llama.sh)"
 
 step "local Kubernetes control plane (scripts/k8s-env.sh)"
 scripts/k8s-env.sh install >/dev/null

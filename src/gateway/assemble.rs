@@ -40,8 +40,10 @@ struct Choice {
     reasoning: Option<String>,
     text: String,
     tool_calls: BTreeMap<u64, ToolCall>,
-    /// Logprobs merged across chunks (None while every chunk had null).
-    logprobs: Option<Map<String, Value>>,
+    /// Logprobs merged across chunks: None if no chunk had the field (then the answer has
+    /// none either, as the engine's own unary answer would not), null while every chunk had
+    /// null.
+    logprobs: Option<Value>,
     /// Other per-choice fields (finish_reason, stop_reason, ...): last non-null value wins.
     extra: Map<String, Value>,
 }
@@ -159,8 +161,14 @@ impl Assembler {
                     }
                 }
             }
-            if let Some(l) = c.get("logprobs").and_then(Value::as_object) {
-                merge_logprobs(acc.logprobs.get_or_insert_with(Map::new), l);
+            match (c.get("logprobs"), &mut acc.logprobs) {
+                (None, _) => {}
+                (Some(Value::Object(l)), Some(Value::Object(have))) => merge_logprobs(have, l),
+                (Some(l), have) => {
+                    if !l.is_null() || have.is_none() {
+                        *have = Some(l.clone());
+                    }
+                }
             }
             if let Some(o) = c.as_object() {
                 for (k, v) in o {
@@ -235,10 +243,9 @@ impl Assembler {
                         choice.insert("text".into(), Value::String(c.text));
                     }
                 }
-                choice.insert(
-                    "logprobs".into(),
-                    c.logprobs.map_or(Value::Null, Value::Object),
-                );
+                if let Some(l) = c.logprobs {
+                    choice.insert("logprobs".into(), l);
+                }
                 choice.entry("finish_reason").or_insert(Value::Null);
                 for (k, v) in c.extra {
                     choice.insert(k, v);
@@ -283,7 +290,6 @@ mod tests {
                     "message": {"role": "assistant", "content": "Hello", "tool_calls": [
                         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"a\":1}"}}
                     ]},
-                    "logprobs": null,
                     "finish_reason": "tool_calls"
                 }],
                 "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}

@@ -114,10 +114,11 @@ async fn generate(s: AppState, kind: Kind, body: Bytes) -> Response {
         .map(|n| n.clamp(1, 1 << 20) as u32)
         .unwrap_or(s.config.default_max_tokens);
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let include_usage = req
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let include_usage = !s.config.ignore_stream_usage
+        && req
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
     // The text depends on what was asked, not on how (stream or not), like greedy decoding.
     let asked = match kind {
         Kind::Chat => req.get("messages"),

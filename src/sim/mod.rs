@@ -65,6 +65,10 @@ pub struct SimConfig {
     /// Seed of the generated text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Never send a usage chunk in streams, whatever `stream_options.include_usage` asks (as
+    /// llama-cpp-python's server does): for testing how the gateway copes.
+    #[arg(long)]
+    pub ignore_stream_usage: bool,
 }
 
 impl Default for SimConfig {
@@ -78,6 +82,7 @@ impl Default for SimConfig {
             prefill_ms_per_token: 0.2,
             default_max_tokens: 64,
             seed: 0,
+            ignore_stream_usage: false,
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod inproc;
+pub mod llama;
 pub mod operator;
 mod process;
 pub mod relay;

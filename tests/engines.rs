@@ -1,0 +1,125 @@
+//! Engines behind the gateway, driven by the official `openai` Python client
+//! (tests/engine_client.py): llama.cpp's `llama-server` serving Gemma 3 270M (installed by
+//! scripts/llama.sh), and the simulated engine. Everything runs on 127.0.0.1; every process is
+//! stopped by PID when its test ends, also on failure.
+
+mod support;
+
+use std::process::Command;
+
+use support::http::{Gw, PolicyFile, Sim, client, get, metric, policy_yaml};
+use support::llama::LlamaServer;
+
+fn python() -> String {
+    std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| {
+        panic!("SLUICE_PYTHON is not set: the venv of tests/requirements.txt (scripts/test.sh creates it)")
+    })
+}
+
+/// Runs a scenario of tests/engine_client.py; fails with its output.
+fn scenario(gateway: &str, engine: &str, model: &str, name: &str) {
+    let out = Command::new(python())
+        .arg(format!("{}/tests/engine_client.py", support::REPO))
+        .args([gateway, engine, model, name])
+        .output()
+        .expect("python runs");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "scenario {name} failed:\n{text}");
+    eprintln!("{text}");
+}
+
+/// Thresholds no CPU engine here reaches, so the comparison is never shed.
+const LENIENT: &str = "defaults: {ttft: 120s, itl: 60s}";
+
+async fn unary_mode(c: &support::http::HttpClient, gw: &Gw, mode: &str) -> Option<f64> {
+    let m = get(c, &format!("{}/metrics", gw.url)).await.text();
+    metric(&m, "sluice_unary_mode", &[("mode", mode)])
+}
+
+#[tokio::test]
+async fn llama_server_answers_the_same_through_the_gateway() {
+    let c = client();
+    let llama = LlamaServer::start(4);
+    let policy = PolicyFile::new(&policy_yaml(
+        &llama.url,
+        &format!("{LENIENT}\nmodels: [{{name: gemma}}]"),
+    ));
+    let gw = Gw::start(&c, &policy.0, None, &[]).await;
+    scenario(&gw.url, &llama.url, "gemma", "compare_logprobs");
+    // llama-server streams usage: unary requests stay assembled, and so measured.
+    assert_eq!(unary_mode(&c, &gw, "assembled").await, Some(1.0));
+    let m = get(&c, &format!("{}/metrics", gw.url)).await.text();
+    let ttft = metric(&m, "sluice_ttft_seconds_count", &[("model", "gemma")]).unwrap();
+    assert!(
+        ttft >= 6.0,
+        "unary and streamed requests were measured: {ttft}"
+    );
+    let errors: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("sluice_upstream_errors_total"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(errors, 0.0, "{m}");
+}
+
+#[tokio::test]
+async fn llama_server_overload_is_shed_with_retry_after_and_the_gate_recovers() {
+    let c = client();
+    let llama = LlamaServer::start(4);
+    // A hard cliff at 1 ms TTFT with τ 1 s: every measured request overloads it, and the
+    // average is back under the threshold a few seconds later.
+    let policy = PolicyFile::new(&policy_yaml(
+        &llama.url,
+        "defaults: {ttft: 1ms, itl: 60s, timeConstant: 1s}\nmodels: [{name: gemma}]\nshedding: {maxRejectProbability: 1, ramp: 1, maxEvidence: 1}",
+    ));
+    let gw = Gw::start(&c, &policy.0, None, &[]).await;
+    scenario(&gw.url, &llama.url, "gemma", "overload");
+    let m = get(&c, &format!("{}/metrics", gw.url)).await.text();
+    let shed = metric(
+        &m,
+        "sluice_requests_total",
+        &[
+            ("model", "gemma"),
+            ("endpoint", "chat_completions"),
+            ("stream", "false"),
+            ("outcome", "rejected"),
+        ],
+    );
+    assert!(shed.is_some_and(|n| n >= 1.0), "{m}");
+}
+
+#[tokio::test]
+async fn the_simulated_engine_answers_the_same_through_the_gateway() {
+    let c = client();
+    let sim = Sim::start(&c, &[]).await;
+    let policy = PolicyFile::new(&policy_yaml(&sim.url, LENIENT));
+    let gw = Gw::start(&c, &policy.0, None, &[]).await;
+    scenario(&gw.url, &sim.url, "sim-llm", "compare");
+    assert_eq!(unary_mode(&c, &gw, "assembled").await, Some(1.0));
+}
+
+#[tokio::test]
+async fn an_engine_whose_streams_lack_usage_gets_its_unary_requests_passed_through() {
+    let c = client();
+    let sim = Sim::start(&c, &["--ignore-stream-usage"]).await;
+    let policy = PolicyFile::new(&policy_yaml(&sim.url, LENIENT));
+    let gw = Gw::start(&c, &policy.0, None, &[]).await;
+    assert_eq!(unary_mode(&c, &gw, "assembled").await, Some(1.0));
+    // The first unary request finds out: its stream had no usage (answered with usage null).
+    let body = serde_json::json!({"model": "sim-llm", "max_tokens": 3,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let first = gw.chat(&c, &body).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.json()["usage"], serde_json::Value::Null);
+    assert_eq!(unary_mode(&c, &gw, "passthrough").await, Some(1.0));
+    assert_eq!(unary_mode(&c, &gw, "assembled").await, Some(0.0));
+    // From then on unary requests are relayed as they are: the engine's own answer, with usage,
+    // equal to what it gives directly.
+    let second = gw.chat(&c, &body).await;
+    assert_eq!(second.json()["usage"]["completion_tokens"], 3);
+    scenario(&gw.url, &sim.url, "sim-llm", "compare_unary");
+}
