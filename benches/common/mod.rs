@@ -4,6 +4,9 @@
 #[path = "../../tests/support/process.rs"]
 pub mod process;
 
+#[path = "../../tests/support/llama.rs"]
+pub mod llama;
+
 use process::ChildProcess;
 
 use std::time::{Duration, Instant};
