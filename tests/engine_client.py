@@ -10,6 +10,7 @@ Scenarios:
             (except per-request values: ids, timestamps, timings, prompt-cache counts).
   compare_logprobs  the same, and the engine's logprobs must be there.
   compare_unary     the unary half of compare.
+  compare_responses the Responses API, unary and streamed.
   overload  a hard-cliff policy: a measured request, then 429 with Retry-After, then admitted
             again once the average has decayed.
 """
@@ -28,7 +29,7 @@ MESSAGES = [{"role": "user", "content": "Name three colours."}]
 GREEDY = {"temperature": 0, "seed": 1}
 
 # Values that differ between any two requests, whatever relays them.
-PER_REQUEST = {"id", "created", "timings", "cached_tokens"}
+PER_REQUEST = {"id", "created", "created_at", "item_id", "timings", "cached_tokens"}
 
 
 def shape(v, path="$"):
@@ -120,6 +121,26 @@ def compare():
     compare_streamed()
 
 
+def compare_responses():
+    """The Responses API: unary and streamed, directly and through the gateway."""
+    create = lambda c, **kw: c.responses.create(model=model, input="Name three colours.", max_output_tokens=8, **kw)
+    a = same("responses, unary", create)
+    assert a["output"][0]["content"][0]["text"] and a["usage"]["output_tokens"] > 0, a
+
+    def events(client):
+        out, final = [], None
+        for e in create(client, stream=True):
+            out.append(e.type)
+            if e.type in ("response.completed", "response.incomplete"):
+                final = e.response.model_dump(exclude_unset=True)
+        return sorted(set(out)), shape(final)
+
+    x, y = events(direct), events(through)
+    assert x == y, f"responses, streamed: {x} direct, {y} through the gateway"
+    assert "response.output_text.delta" in x[0], x
+    print("responses, streamed: equal")
+
+
 def compare_logprobs():
     """`compare`, for an engine that returns logprobs (they must survive assembly)."""
     compare_unary(logprobs_expected=True)
@@ -147,6 +168,7 @@ SCENARIOS = {
     "compare": compare,
     "compare_logprobs": compare_logprobs,
     "compare_unary": compare_unary,
+    "compare_responses": compare_responses,
     "overload": overload,
 }
 SCENARIOS[scenario]()

@@ -103,6 +103,34 @@ async fn the_simulated_engine_answers_the_same_through_the_gateway() {
 }
 
 #[tokio::test]
+async fn the_responses_api_is_relayed_and_measured() {
+    let c = client();
+    let sim = Sim::start(&c, &[]).await;
+    let policy = PolicyFile::new(&policy_yaml(&sim.url, LENIENT));
+    let gw = Gw::start(&c, &policy.0, None, &[]).await;
+    scenario(&gw.url, &sim.url, "sim-llm", "compare_responses");
+    let m = get(&c, &format!("{}/metrics", gw.url)).await.text();
+    for stream in ["true", "false"] {
+        let served = metric(
+            &m,
+            "sluice_requests_total",
+            &[
+                ("model", "sim-llm"),
+                ("endpoint", "responses"),
+                ("stream", stream),
+                ("outcome", "success"),
+            ],
+        );
+        assert_eq!(served, Some(1.0), "stream={stream}: {m}");
+    }
+    // Both were measured: first output-text delta (TTFT) and the gaps between deltas (ITL).
+    let ttft = metric(&m, "sluice_ttft_seconds_count", &[("model", "sim-llm")]);
+    assert_eq!(ttft, Some(2.0), "{m}");
+    let itl = metric(&m, "sluice_itl_seconds_count", &[("model", "sim-llm")]).unwrap();
+    assert!(itl >= 2.0, "{m}");
+}
+
+#[tokio::test]
 async fn an_engine_whose_streams_lack_usage_gets_its_unary_requests_passed_through() {
     let c = client();
     let sim = Sim::start(&c, &["--ignore-stream-usage"]).await;

@@ -18,11 +18,14 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
-/// Chat or text completion.
+/// Chat or text completion, or a Responses API response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Chat,
     Completion,
+    /// The Responses API: its final event (`response.completed`, or `response.incomplete`)
+    /// carries the whole response object, which is the unary answer.
+    Response,
 }
 
 #[derive(Debug, Default)]
@@ -69,6 +72,8 @@ pub struct Assembler {
     head: Map<String, Value>,
     choices: BTreeMap<u64, Choice>,
     usage: Option<Value>,
+    /// The Responses API's final response object.
+    response: Option<Value>,
 }
 
 impl Assembler {
@@ -78,17 +83,27 @@ impl Assembler {
             head: Map::new(),
             choices: BTreeMap::new(),
             usage: None,
+            response: None,
         }
     }
 
     /// Whether the stream carried a usage chunk.
     pub fn has_usage(&self) -> bool {
-        self.usage.is_some()
+        match self.kind {
+            Kind::Response => self
+                .response
+                .as_ref()
+                .is_some_and(|r| r.get("usage").is_some_and(|u| !u.is_null())),
+            _ => self.usage.is_some(),
+        }
     }
 
     /// Whether every choice has a finish_reason: the answer is complete even if the stream
     /// then ends without `[DONE]`.
     pub fn finished(&self) -> bool {
+        if self.kind == Kind::Response {
+            return self.response.is_some();
+        }
         !self.choices.is_empty()
             && self
                 .choices
@@ -99,6 +114,16 @@ impl Assembler {
     /// Adds one chunk (the JSON of one `data:` event).
     pub fn push(&mut self, chunk: &Value) {
         let Some(obj) = chunk.as_object() else { return };
+        if self.kind == Kind::Response {
+            let last = matches!(
+                obj.get("type").and_then(Value::as_str),
+                Some("response.completed" | "response.incomplete")
+            );
+            if let Some(r) = obj.get("response").filter(|_| last) {
+                self.response = Some(r.clone());
+            }
+            return;
+        }
         for (key, v) in obj {
             match key.as_str() {
                 "object" | "choices" | "usage" => {}
@@ -186,6 +211,9 @@ impl Assembler {
 
     /// The non-streaming response.
     pub fn finish(self) -> Value {
+        if self.kind == Kind::Response {
+            return self.response.unwrap_or(Value::Null);
+        }
         let mut out = Map::new();
         out.insert(
             "id".into(),
@@ -195,7 +223,7 @@ impl Assembler {
             "object".into(),
             json!(match self.kind {
                 Kind::Chat => "chat.completion",
-                Kind::Completion => "text_completion",
+                _ => "text_completion",
             }),
         );
         for (key, v) in &self.head {
@@ -239,7 +267,7 @@ impl Assembler {
                         }
                         choice.insert("message".into(), Value::Object(message));
                     }
-                    Kind::Completion => {
+                    _ => {
                         choice.insert("text".into(), Value::String(c.text));
                     }
                 }

@@ -154,14 +154,14 @@ fn push_key(out: &mut Vec<u8>, key: &str) {
 }
 
 /// The upstream body of a unary request assembled from a stream: `body`'s members except
-/// `stream` and `stream_options`, as they were, then `"stream":true` and `stream_options`
-/// with `include_usage: true` (the client's other options kept). `body` must have passed
-/// [`RequestHead::parse`].
-pub fn streaming_body(body: &[u8], head: &RequestHead<'_>) -> Bytes {
+/// `stream` (and, with `include_usage`, `stream_options`), as they were, then `"stream":true`
+/// and, with `include_usage`, `stream_options` with `include_usage: true` (the client's other
+/// options kept). `body` must have passed [`RequestHead::parse`].
+pub fn streaming_body(body: &[u8], head: &RequestHead<'_>, include_usage: bool) -> Bytes {
     let mut out = Vec::with_capacity(body.len() + 64);
     out.push(b'{');
     walk_members(body, |k, v| {
-        if k != "stream" && k != "stream_options" {
+        if k != "stream" && !(include_usage && k == "stream_options") {
             push_key(&mut out, k);
             out.extend_from_slice(v.get().as_bytes());
             out.push(b',');
@@ -169,6 +169,10 @@ pub fn streaming_body(body: &[u8], head: &RequestHead<'_>) -> Bytes {
         Ok(())
     })
     .expect("the body was parsed before");
+    if !include_usage {
+        out.extend_from_slice(br#""stream":true}"#);
+        return Bytes::from(out);
+    }
     out.extend_from_slice(br#""stream":true,"stream_options":{"#);
     // An object keeps its other members; anything else (null, a wrong type) is replaced.
     if let Some(options) = head.stream_options.filter(|o| o.get().starts_with('{')) {
@@ -193,7 +197,7 @@ mod tests {
 
     fn upgraded(body: &str) -> Value {
         let head = RequestHead::parse(body.as_bytes()).unwrap();
-        serde_json::from_slice(&streaming_body(body.as_bytes(), &head)).unwrap()
+        serde_json::from_slice(&streaming_body(body.as_bytes(), &head, true)).unwrap()
     }
 
     #[test]
@@ -284,7 +288,7 @@ mod tests {
         assert_eq!(out, want);
         // Numbers keep their text (no float round trip).
         let head = RequestHead::parse(body.as_bytes()).unwrap();
-        let bytes = streaming_body(body.as_bytes(), &head);
+        let bytes = streaming_body(body.as_bytes(), &head, true);
         let text = std::str::from_utf8(&bytes).unwrap();
         assert!(text.contains("0.10000000000000001"), "{text}");
         assert!(text.contains(r#""we\"ird":{"k":[1,2.5e3]}"#), "{text}");
@@ -349,7 +353,7 @@ mod tests {
             }
             let body = serde_json::to_vec(&obj).unwrap();
             let head = RequestHead::parse(&body).unwrap();
-            let out: Value = serde_json::from_slice(&streaming_body(&body, &head)).unwrap();
+            let out: Value = serde_json::from_slice(&streaming_body(&body, &head, true)).unwrap();
             // (Reparsed, so both sides read the numbers through the same parser.)
             let mut want: serde_json::Map<String, Value> = serde_json::from_slice(&body).unwrap();
             let obj = want.clone();

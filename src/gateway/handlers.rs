@@ -77,6 +77,10 @@ pub async fn completions(
     completion(gw, Endpoint::Completions, headers, body).await
 }
 
+pub async fn responses(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    completion(gw, Endpoint::Responses, headers, body).await
+}
+
 impl From<BodyError> for GatewayError {
     fn from(e: BodyError) -> Self {
         match e.param {
@@ -199,8 +203,9 @@ async fn completion(
     let tracker = Tracker::new(slot, &a.label, endpoint, req.stream, a.shadow, start);
     let sampler = (req.stream || assemble).then(|| Sampler::start(&gw, &a.snap, a.key, &req.model));
     let body = if assemble {
-        // The client's body is let go once rewritten: one copy is held, not two.
-        streaming_body(&bytes, &req.head)
+        // The client's body is let go once rewritten: one copy is held, not two. (The
+        // Responses API reports usage in its final event without being asked.)
+        streaming_body(&bytes, &req.head, endpoint != Endpoint::Responses)
     } else {
         bytes.clone()
     };
@@ -208,6 +213,7 @@ async fn completion(
     drop(bytes);
     let kind = match endpoint {
         Endpoint::Chat => assemble::Kind::Chat,
+        Endpoint::Responses => assemble::Kind::Response,
         _ => assemble::Kind::Completion,
     };
     forward(Forward {
@@ -224,7 +230,7 @@ async fn completion(
     .await
 }
 
-/// The passed-through endpoints (responses, embeddings, models): proxied unchanged, admitted
+/// The passed-through endpoints (embeddings, models): proxied unchanged, admitted
 /// by the body's `model` when there is one, not measured.
 pub async fn passthrough(
     State(gw): State<Arc<Gateway>>,

@@ -22,6 +22,8 @@ use crate::policy::source::Snapshot;
 pub enum Endpoint {
     Chat,
     Completions,
+    /// The Responses API (`/v1/responses`).
+    Responses,
     Models,
     Other,
 }
@@ -31,6 +33,7 @@ impl Endpoint {
         match self {
             Endpoint::Chat => "chat_completions",
             Endpoint::Completions => "completions",
+            Endpoint::Responses => "responses",
             Endpoint::Models => "models",
             Endpoint::Other => "other",
         }
@@ -40,6 +43,7 @@ impl Endpoint {
     pub fn path(self) -> &'static str {
         match self {
             Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Responses => "/v1/responses",
             _ => "/v1/completions",
         }
     }
@@ -282,7 +286,11 @@ impl Observer {
                 Some(a) if event != b"[DONE]" => match serde_json::from_slice::<Value>(event) {
                     Ok(v) => {
                         let kind = classify_value(&v);
-                        if matches!(kind, EventKind::Content | EventKind::Empty) {
+                        // (A Responses stream's final event is its Done, and the answer.)
+                        if matches!(
+                            kind,
+                            EventKind::Content | EventKind::Empty | EventKind::Done
+                        ) {
                             a.push(&v);
                         }
                         kind

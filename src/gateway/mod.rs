@@ -220,8 +220,8 @@ impl Gateway {
     }
 }
 
-/// The gateway's routes: an allow-list of OpenAI endpoints. Chat and text completions are
-/// measured and shed; responses, embeddings and models are passed through (admitted by their
+/// The gateway's routes: an allow-list of OpenAI endpoints. Chat and text completions and
+/// responses are measured and shed; embeddings and models are passed through (admitted by their
 /// `model` when they name one, not measured); every other path is a 404 and never reaches
 /// the upstream.
 pub fn router(gw: Arc<Gateway>) -> Router {
@@ -233,8 +233,8 @@ pub fn api_router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
+        .route("/v1/responses", post(handlers::responses))
         // Passed through, admitted by the body's `model` when there is one, unmeasured.
-        .route("/v1/responses", post(handlers::passthrough))
         .route("/v1/embeddings", post(handlers::passthrough))
         .route("/v1/models", get(handlers::passthrough))
         .route("/v1/models/{id}", get(handlers::passthrough))

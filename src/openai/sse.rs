@@ -4,8 +4,11 @@
 //!
 //! An event ends with a blank line (`\n\n` or `\r\n\r\n`); its `data:` lines are joined.
 //! Content-bearing: a chat delta with non-empty `content`, `reasoning_content` or
-//! `tool_calls`, or a completion choice with non-empty `text`. The role chunk, the finish
-//! chunk and the usage chunk carry none.
+//! `tool_calls`, a completion choice with non-empty `text`, or a Responses API
+//! `response.output_text.delta` (or reasoning or function-call arguments delta) with a
+//! non-empty `delta`. The role chunk, the finish chunk and the usage chunk carry none. A
+//! Responses stream has no `[DONE]`: its `response.completed` (or `response.incomplete`) event
+//! ends it, and `response.failed` or an `error` event is an error.
 
 use std::borrow::Cow;
 
@@ -31,6 +34,12 @@ pub enum EventKind {
 struct ChunkView<'a> {
     #[serde(default, borrow)]
     choices: Vec<ChoiceView<'a>>,
+    /// A Responses API event's type.
+    #[serde(default, borrow, rename = "type")]
+    event: Option<Cow<'a, str>>,
+    /// A Responses API delta event's text.
+    #[serde(default, borrow)]
+    delta: Option<Cow<'a, str>>,
     /// `"error": null` is no error (deserializes to None).
     #[serde(default)]
     error: Option<IgnoredAny>,
@@ -80,6 +89,20 @@ impl ChunkView<'_> {
     fn kind(&self) -> EventKind {
         if self.error.is_some() {
             return EventKind::Error;
+        }
+        if let Some(event) = self.event.as_deref() {
+            return match event {
+                "response.output_text.delta"
+                | "response.reasoning_text.delta"
+                | "response.function_call_arguments.delta"
+                    if self.delta.as_ref().is_some_and(|d| !d.is_empty()) =>
+                {
+                    EventKind::Content
+                }
+                "response.completed" | "response.incomplete" => EventKind::Done,
+                "response.failed" | "error" => EventKind::Error,
+                _ => EventKind::Empty,
+            };
         }
         let non_empty = |s: &Option<Cow<str>>| s.as_ref().is_some_and(|s| !s.is_empty());
         let has_content = self.choices.iter().any(|c| {
@@ -192,6 +215,26 @@ mod tests {
     #[test]
     fn joins_multi_line_data() {
         assert_eq!(events(&[b"data: a\ndata: b\n\n"]), [b"a\nb".to_vec()]);
+    }
+
+    #[test]
+    fn classifies_responses_api_events() {
+        let created = br#"{"type":"response.created","response":{"id":"r","status":"in_progress"}}"#;
+        let delta = br#"{"type":"response.output_text.delta","item_id":"m","delta":"Hi"}"#;
+        let empty = br#"{"type":"response.output_text.delta","item_id":"m","delta":""}"#;
+        let args = br#"{"type":"response.function_call_arguments.delta","delta":"{"}"#;
+        let done = br#"{"type":"response.completed","response":{"id":"r","usage":{}}}"#;
+        let incomplete = br#"{"type":"response.incomplete","response":{"id":"r"}}"#;
+        let failed = br#"{"type":"response.failed","response":{"error":{"message":"x"}}}"#;
+        let error = br#"{"type":"error","code":"server_error","message":"x"}"#;
+        assert_eq!(classify(created), EventKind::Empty);
+        assert_eq!(classify(delta), EventKind::Content);
+        assert_eq!(classify(empty), EventKind::Empty);
+        assert_eq!(classify(args), EventKind::Content);
+        assert_eq!(classify(done), EventKind::Done);
+        assert_eq!(classify(incomplete), EventKind::Done);
+        assert_eq!(classify(failed), EventKind::Error);
+        assert_eq!(classify(error), EventKind::Error);
     }
 
     #[test]

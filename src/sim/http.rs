@@ -1,5 +1,7 @@
 //! The simulated engine's OpenAI HTTP surface: chat and text completions (streamed exactly
-//! like vLLM's server, or unary), `/v1/models` and `/stats`.
+//! like vLLM's server, or unary), the Responses API (`/v1/responses`: `response.created`,
+//! `response.output_text.delta` events and `response.completed` with the whole response, or
+//! that response unary), `/v1/models` and `/stats`.
 
 use super::*;
 use crate::openai::{ApiError, SSE_DONE, sse_json, unix_now};
@@ -8,6 +10,7 @@ pub(super) fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(responses))
         .route("/v1/models", get(models))
         .route("/sim/stats", get(stats))
         .route("/health", get(|| async { "ok" }))
@@ -41,6 +44,11 @@ async fn stats(State(s): State<AppState>) -> Response {
 enum Kind {
     Chat,
     Completion,
+    Response,
+}
+
+async fn responses(State(s): State<AppState>, body: Bytes) -> Response {
+    generate(s, Kind::Response, body).await
 }
 
 async fn chat(State(s): State<AppState>, body: Bytes) -> Response {
@@ -79,6 +87,15 @@ fn prompt_chars(kind: Kind, req: &Value) -> Option<usize> {
             Value::Array(a) => Some(a.iter().filter_map(Value::as_str).map(str::len).sum()),
             _ => None,
         },
+        // `input`: a string, or a list of messages as in chat.
+        Kind::Response => match req.get("input")? {
+            Value::String(s) => Some(s.len()),
+            Value::Array(_) => prompt_chars(
+                Kind::Chat,
+                &json!({"messages": req.get("input").cloned().unwrap_or_default()}),
+            ),
+            _ => None,
+        },
     }
 }
 
@@ -104,12 +121,14 @@ async fn generate(s: AppState, kind: Kind, body: Bytes) -> Response {
         return bad_request(match kind {
             Kind::Chat => "`messages` must be a list of messages",
             Kind::Completion => "`prompt` must be a string or a list of strings",
+            Kind::Response => "`input` must be a string or a list of messages",
         });
     };
     let prompt_tokens = (chars / 4).max(1) as u32;
     let max_tokens = req
         .get("max_completion_tokens")
         .or_else(|| req.get("max_tokens"))
+        .or_else(|| req.get("max_output_tokens"))
         .and_then(Value::as_u64)
         .map(|n| n.clamp(1, 1 << 20) as u32)
         .unwrap_or(s.config.default_max_tokens);
@@ -123,6 +142,7 @@ async fn generate(s: AppState, kind: Kind, body: Bytes) -> Response {
     let asked = match kind {
         Kind::Chat => req.get("messages"),
         Kind::Completion => req.get("prompt"),
+        Kind::Response => req.get("input"),
     };
     let text_seed = foldhash::fast::FixedState::with_seed(s.config.seed)
         .hash_one((&model, asked.map(Value::to_string)));
@@ -150,6 +170,7 @@ async fn generate(s: AppState, kind: Kind, body: Bytes) -> Response {
         id: match kind {
             Kind::Chat => format!("chatcmpl-sim{n:016x}"),
             Kind::Completion => format!("cmpl-sim{n:016x}"),
+            Kind::Response => format!("resp_sim{n:016x}"),
         },
         created: unix_now(),
         model,
@@ -181,6 +202,7 @@ impl Meta {
             (Kind::Chat, true) => "chat.completion.chunk",
             (Kind::Chat, false) => "chat.completion",
             (Kind::Completion, _) => "text_completion",
+            (Kind::Response, _) => "response",
         }
     }
 
@@ -212,20 +234,98 @@ impl Meta {
             Kind::Chat => self.chunk(
                 json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}),
             ),
-            Kind::Completion => self.chunk(json!({
+            _ => self.chunk(json!({
                 "index": 0, "text": delta.get("content").and_then(Value::as_str).unwrap_or(""),
                 "logprobs": null, "finish_reason": finish, "stop_reason": null,
             })),
         }
     }
+
+    /// The Responses API's response object, `in_progress` (no output yet) or complete.
+    fn response(&self, done: Option<(&str, u32)>) -> Value {
+        let Some((text, n)) = done else {
+            return json!({
+                "id": self.id, "object": "response", "created_at": self.created,
+                "model": self.model, "status": "in_progress", "output": [], "usage": null,
+            });
+        };
+        let incomplete = self.finish_reason(n) == "length";
+        json!({
+            "id": self.id, "object": "response", "created_at": self.created, "model": self.model,
+            "status": if incomplete { "incomplete" } else { "completed" },
+            "incomplete_details": if incomplete { json!({"reason": "max_output_tokens"}) } else { Value::Null },
+            "output": [{
+                "type": "message", "id": format!("msg_{}", self.id), "role": "assistant",
+                "status": if incomplete { "incomplete" } else { "completed" },
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }],
+            "usage": {
+                "input_tokens": self.prompt_tokens, "output_tokens": n,
+                "total_tokens": self.prompt_tokens + n,
+            },
+        })
+    }
+}
+
+/// One Responses API stream event: `event:` and `data:` lines.
+fn response_event(kind: &str, mut data: Value) -> Bytes {
+    data["type"] = json!(kind);
+    Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+}
+
+fn responses_stream(meta: Meta, mut rx: mpsc::UnboundedReceiver<&'static str>) -> Body {
+    async_stream_body(move |tx| async move {
+        tx.send(response_event(
+            "response.created",
+            json!({"response": meta.response(None)}),
+        ))?;
+        let (mut text, mut n) = (String::new(), 0u32);
+        let item = format!("msg_{}", meta.id);
+        while let Some(word) = rx.recv().await {
+            text.push_str(word);
+            n += 1;
+            tx.send(response_event(
+                "response.output_text.delta",
+                json!({"item_id": item, "output_index": 0, "content_index": 0, "delta": word}),
+            ))?;
+        }
+        let done = meta.response(Some((&text, n)));
+        let kind = if done["status"] == "completed" {
+            "response.completed"
+        } else {
+            "response.incomplete"
+        };
+        tx.send(response_event(kind, json!({"response": done})))?;
+        Ok(())
+    })
 }
 
 fn stream_response(
     meta: Meta,
-    mut rx: mpsc::UnboundedReceiver<&'static str>,
+    rx: mpsc::UnboundedReceiver<&'static str>,
     include_usage: bool,
 ) -> Response {
-    let stream = async_stream_body(move |tx| async move {
+    let stream = if meta.kind == Kind::Response {
+        responses_stream(meta, rx)
+    } else {
+        chat_stream(meta, rx, include_usage)
+    };
+    let mut resp = Response::new(stream);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn chat_stream(
+    meta: Meta,
+    mut rx: mpsc::UnboundedReceiver<&'static str>,
+    include_usage: bool,
+) -> Body {
+    async_stream_body(move |tx| async move {
         let mut n = 0u32;
         while let Some(word) = rx.recv().await {
             if n == 0 && meta.kind == Kind::Chat {
@@ -248,15 +348,7 @@ fn stream_response(
         }
         tx.send(Bytes::from_static(SSE_DONE))?;
         Ok(())
-    });
-    let mut resp = Response::new(stream);
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp
+    })
 }
 
 /// A body fed by a task; dropping the body (client gone) ends the task at its next send.
@@ -285,13 +377,16 @@ async fn unary_response(meta: Meta, mut rx: mpsc::UnboundedReceiver<&'static str
         text.push_str(word);
         n += 1;
     }
+    if meta.kind == Kind::Response {
+        return axum::Json(meta.response(Some((&text, n)))).into_response();
+    }
     let finish = meta.finish_reason(n);
     let choice = match meta.kind {
         Kind::Chat => json!({
             "index": 0, "message": {"role": "assistant", "content": text},
             "logprobs": null, "finish_reason": finish,
         }),
-        Kind::Completion => json!({
+        _ => json!({
             "index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null,
         }),
     };
