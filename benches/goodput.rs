@@ -178,18 +178,7 @@ async fn start(limiter: &Limiter, seed: u64, dir: &Path) -> System {
         Limiter::Sluice(s) => {
             let policy = dir.join("policy.yaml");
             std::fs::write(&policy, s.policy(&engine_url)).expect("write policy");
-            let (gw, url) = spawn(
-                &[
-                    "gateway",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--policy-file",
-                    policy.to_str().expect("utf-8 path"),
-                ],
-                "gateway",
-                "/readyz",
-            )
-            .await;
+            let (gw, url) = common::spawn_gateway(&policy).await;
             System {
                 metrics_url: Some(format!("{url}/metrics")),
                 url,

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use common::llama::LlamaServer;
 use common::process::ChildProcess;
-use common::spawn;
+
 use sluice::loadgen::arrivals::Phase;
 use sluice::loadgen::report::Report;
 use sluice::loadgen::{Endpoint, LoadgenArgs, Schedule, run_load};
@@ -69,18 +69,7 @@ async fn run(limiter: Limiter, rate: f64, seed: u64) -> Report {
                 ),
             )
             .unwrap();
-            let (gw, url) = spawn(
-                &[
-                    "gateway",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--policy-file",
-                    policy.to_str().unwrap(),
-                ],
-                "gateway",
-                "/readyz",
-            )
-            .await;
+            let (gw, url) = common::spawn_gateway(&policy).await;
             procs.push(gw);
             url
         }

@@ -79,18 +79,7 @@ fn main() {
             ),
         )
         .unwrap();
-        let (gw, url) = spawn(
-            &[
-                "gateway",
-                "--listen",
-                "127.0.0.1:0",
-                "--policy-file",
-                policy.to_str().unwrap(),
-            ],
-            "gateway",
-            "/readyz",
-        )
-        .await;
+        let (gw, url) = common::spawn_gateway(&policy).await;
         let pid = gw.pid();
 
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())

@@ -94,3 +94,20 @@ pub async fn spawn(args: &[&str], what: &str, ready_path: &str) -> (ChildProcess
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A `sluice gateway` process on 127.0.0.1:0 following the policy file `policy`; the URL it
+/// serves once ready.
+pub async fn spawn_gateway(policy: &std::path::Path) -> (ChildProcess, String) {
+    spawn(
+        &[
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--policy-file",
+            policy.to_str().expect("utf-8 path"),
+        ],
+        "gateway",
+        "/readyz",
+    )
+    .await
+}

@@ -219,7 +219,8 @@ mod tests {
 
     #[test]
     fn classifies_responses_api_events() {
-        let created = br#"{"type":"response.created","response":{"id":"r","status":"in_progress"}}"#;
+        let created =
+            br#"{"type":"response.created","response":{"id":"r","status":"in_progress"}}"#;
         let delta = br#"{"type":"response.output_text.delta","item_id":"m","delta":"Hi"}"#;
         let empty = br#"{"type":"response.output_text.delta","item_id":"m","delta":""}"#;
         let args = br#"{"type":"response.function_call_arguments.delta","delta":"{"}"#;
