@@ -30,6 +30,10 @@ GREEDY = {"temperature": 0, "seed": 1}
 
 # Values that differ between any two requests, whatever relays them.
 PER_REQUEST = {"id", "created", "created_at", "item_id", "timings", "cached_tokens"}
+# Fields an engine puts in its unary answer but not in the streamed one, so an answer
+# assembled from the stream cannot have them: llama-server's Responses API sets `completed_at`
+# only on unary responses. Tolerated only as missing through the gateway.
+UNARY_ONLY = {"completed_at"}
 
 
 def shape(v, path="$"):
@@ -44,6 +48,9 @@ def shape(v, path="$"):
 def diff(a, b, path="$"):
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
+            if k in a and k not in b and k in UNARY_ONLY:
+                print(f"note: {path}.{k} is only in the engine's unary answer, not in its stream")
+                continue
             if k not in a or k not in b:
                 return f"{path}.{k}: only {'direct' if k in a else 'through the gateway'}"
             d = diff(a[k], b[k], f"{path}.{k}")
@@ -123,7 +130,7 @@ def compare():
 
 def compare_responses():
     """The Responses API: unary and streamed, directly and through the gateway."""
-    create = lambda c, **kw: c.responses.create(model=model, input="Name three colours.", max_output_tokens=8, **kw)
+    create = lambda c, **kw: c.responses.create(model=model, input="Name three colours.", max_output_tokens=8, temperature=0, **kw)
     a = same("responses, unary", create)
     assert a["output"][0]["content"][0]["text"] and a["usage"]["output_tokens"] > 0, a
 

@@ -50,6 +50,7 @@ async fn llama_server_answers_the_same_through_the_gateway() {
     ));
     let gw = Gw::start(&c, &policy.0, None, &[]).await;
     scenario(&gw.url, &llama.url, "gemma", "compare_logprobs");
+    scenario(&gw.url, &llama.url, "gemma", "compare_responses");
     // llama-server streams usage: unary requests stay assembled, and so measured.
     assert_eq!(unary_mode(&c, &gw, "assembled").await, Some(1.0));
     let m = get(&c, &format!("{}/metrics", gw.url)).await.text();
