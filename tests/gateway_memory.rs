@@ -60,7 +60,16 @@ async fn many_large_requests_at_once_cost_about_their_bytes() {
     )
     .await;
     // Shadow mode: the queue this builds is the point, not something to shed.
-    let (gw, _policy) = Gw::with_policy(&c, &sim.url, "mode: Shadow", &[]).await;
+    // A body-memory budget above what is sent: this measures what a held byte costs (the
+    // budget, 256 MiB by default, is what caps the total; tests/gateway_slow.rs).
+    let budget = (2 * n * SIZE).to_string();
+    let (gw, _policy) = Gw::with_policy(
+        &c,
+        &sim.url,
+        "mode: Shadow",
+        &["--max-body-memory", &budget],
+    )
+    .await;
     let url = format!("{}/v1/chat/completions", gw.url);
     let body = long_conversation(SIZE);
     let warm = send(&c, "POST", &url, &[], body.clone()).await;

@@ -109,3 +109,75 @@ async fn slow_and_idle_connections_are_closed_on_time_while_others_are_served() 
     let r = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &body).await;
     assert_eq!(r.status, 200);
 }
+
+/// A chat request of exactly `size` bytes (padded with an extra member the engine ignores).
+fn sized_request(size: usize) -> String {
+    let head =
+        r#"{"model":"sim-llm","max_tokens":1,"messages":[{"role":"user","content":"hi"}],"pad":""#;
+    let tail = r#""}"#;
+    format!("{head}{}{tail}", "x".repeat(size - head.len() - tail.len()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_past_the_memory_budget_wait_their_turn_with_503() {
+    let c = client();
+    let sim = Sim::start(&c, &[]).await;
+    // 64 KiB of bodies at once: one 40 000-byte body fits, a second does not.
+    let (gw, _policy) = Gw::with_policy(&c, &sim.url, "", &["--max-body-memory", "65536"]).await;
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let body = sized_request(40_000);
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    // A slow client: its declared length is reserved before a byte of the body arrives.
+    let mut slow = TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&body.as_bytes()[..100]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A second large body is refused at once, with the in-flight limit's answer.
+    let refused = support::http::send(
+        &c,
+        "POST",
+        &format!("{}/v1/chat/completions", gw.url),
+        &[],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.json()["error"]["code"], "overloaded");
+    assert_eq!(refused.headers["retry-after"], "1");
+    // Small bodies still fit beside it.
+    let small = json!({"model": "sim-llm", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]});
+    let r = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &small).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // The slow body completes and is served; its share is given back.
+    slow.write_all(&body.as_bytes()[100..]).await.unwrap();
+    let mut answer = vec![0u8; 12];
+    slow.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let r = support::http::send(
+        &c,
+        "POST",
+        &format!("{}/v1/chat/completions", gw.url),
+        &[],
+        body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let m = gw.metrics(&c).await;
+    let overloaded = support::http::metric(
+        &m,
+        "sluice_requests_total",
+        &[
+            ("model", ""),
+            ("endpoint", "chat_completions"),
+            ("stream", "false"),
+            ("outcome", "overloaded"),
+        ],
+    );
+    assert_eq!(overloaded, Some(1.0), "{m}");
+}

@@ -10,6 +10,7 @@
 //! | shed | 429 + `Retry-After` (s) + `retry-after-ms` | `rate_limit_exceeded` |
 //! | no policy loaded yet | 503 | — |
 //! | at the gateway's in-flight limit | 503 + `Retry-After: 1` | `overloaded` |
+//! | at the gateway's body-memory limit | 503 + `Retry-After: 1` | `overloaded` |
 //! | upstream unreachable | 502 | `upstream_unreachable` |
 //! | upstream stream broke (unary assembly) | 502 | `upstream_broken_stream` |
 //! | upstream timeout | 504 | `upstream_timeout` |
@@ -48,6 +49,8 @@ pub enum GatewayError {
     NotReady,
     /// The gateway holds `limit` requests already (503 with Retry-After).
     Overloaded { limit: usize },
+    /// The gateway holds `limit` bytes of request bodies already (503 with Retry-After).
+    BodyMemory { limit: usize },
     /// The upstream could not be reached (502).
     UpstreamUnreachable,
     /// The upstream stream ended before `[DONE]`, broke or carried an error (502).
@@ -86,7 +89,9 @@ impl GatewayError {
             | GatewayError::TooLarge { .. }
             | GatewayError::BodyTimeout(_) => Some(Outcome::ClientError),
             GatewayError::Shed { .. } => Some(Outcome::Rejected),
-            GatewayError::Overloaded { .. } => Some(Outcome::Overloaded),
+            GatewayError::Overloaded { .. } | GatewayError::BodyMemory { .. } => {
+                Some(Outcome::Overloaded)
+            }
             GatewayError::UpstreamUnreachable
             | GatewayError::BrokenStream
             | GatewayError::UpstreamTimeout(_)
@@ -145,6 +150,14 @@ impl GatewayError {
                 format!("the gateway is serving {limit} requests, its limit; retry after 1 s"),
             )
             .code("overloaded"),
+            E::BodyMemory { limit } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                format!(
+                    "the gateway holds {limit} bytes of request bodies, its limit; retry after 1 s"
+                ),
+            )
+            .code("overloaded"),
             E::NotReady => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
@@ -195,7 +208,7 @@ impl IntoResponse for GatewayError {
                 HeaderValue::from_static("Bearer realm=\"sluice\""),
             );
         }
-        if let GatewayError::Overloaded { .. } = self {
+        if let GatewayError::Overloaded { .. } | GatewayError::BodyMemory { .. } = self {
             let h = resp.headers_mut();
             h.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
             h.insert("retry-after-ms", HeaderValue::from(1000u64));
@@ -278,6 +291,12 @@ mod tests {
                 Some(Outcome::Overloaded),
             ),
             (
+                GatewayError::BodyMemory { limit: 1024 },
+                503,
+                Some("overloaded"),
+                Some(Outcome::Overloaded),
+            ),
+            (
                 GatewayError::UpstreamUnreachable,
                 502,
                 Some("upstream_unreachable"),
@@ -312,7 +331,10 @@ mod tests {
             assert_eq!(e.outcome(), outcome, "{e:?}");
             let resp = e.clone().into_response();
             assert_eq!(resp.status().as_u16(), status, "{e:?}");
-            let overloaded = matches!(e, GatewayError::Overloaded { .. });
+            let overloaded = matches!(
+                e,
+                GatewayError::Overloaded { .. } | GatewayError::BodyMemory { .. }
+            );
             assert_eq!(
                 resp.headers().get(header::RETRY_AFTER).is_some(),
                 overloaded,

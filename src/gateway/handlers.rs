@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 
 use super::Gateway;
 use super::admission::{admit, request_priority};
@@ -36,8 +36,37 @@ fn refuse(
     e.into_response()
 }
 
-/// Reads the request body up to the limit (413 beyond it) within the body-read timeout (408).
-async fn read_body(gw: &Gateway, headers: &HeaderMap, body: Body) -> Result<Bytes, GatewayError> {
+/// A share of the gateway's body-memory budget, held while a body is in the gateway.
+pub type BodyPermit = tokio::sync::OwnedSemaphorePermit;
+
+/// Takes `bytes` more of the body-memory budget (whole KiB) into `held`, or refuses.
+fn reserve(gw: &Gateway, held: &mut Option<BodyPermit>, bytes: usize) -> Result<(), GatewayError> {
+    let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+    if kib == 0 {
+        return Ok(());
+    }
+    let more = gw
+        .body_memory
+        .clone()
+        .try_acquire_many_owned(kib)
+        .map_err(|_| GatewayError::BodyMemory {
+            limit: gw.max_body_memory,
+        })?;
+    match held {
+        Some(p) => p.merge(more),
+        None => *held = Some(more),
+    }
+    Ok(())
+}
+
+/// Reads the request body up to the limit (413 beyond it) within the body-read timeout (408),
+/// within the gateway's body-memory budget (503): a declared length is reserved before
+/// anything is read, a chunked body as it arrives. The permit holds the reservation.
+async fn read_body(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    mut body: Body,
+) -> Result<(Bytes, Option<BodyPermit>), GatewayError> {
     let too_large = GatewayError::TooLarge {
         limit: gw.max_body_bytes,
     };
@@ -48,17 +77,35 @@ async fn read_body(gw: &Gateway, headers: &HeaderMap, body: Body) -> Result<Byte
     if declared.is_some_and(|n| n > gw.max_body_bytes) {
         return Err(too_large);
     }
-    let read = Limited::new(body, gw.max_body_bytes).collect();
+    let mut permit = None;
+    let mut reserved = declared.unwrap_or(0);
+    reserve(gw, &mut permit, reserved)?;
+    let read = async {
+        // Copied as it arrives into one buffer of the declared size: the body is held once,
+        // not as hyper's chunks and then a contiguous copy.
+        let mut buf: Vec<u8> = Vec::with_capacity(declared.unwrap_or(0));
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|_| GatewayError::bad_request("the request body could not be read"))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let total = buf.len() + data.len();
+            if total > gw.max_body_bytes {
+                return Err(too_large.clone());
+            }
+            if total > reserved {
+                reserve(gw, &mut permit, total - reserved)?;
+                reserved = total;
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(Bytes::from(buf))
+    };
     let Ok(read) = tokio::time::timeout(gw.body_read_timeout, read).await else {
         return Err(GatewayError::BodyTimeout(gw.body_read_timeout));
     };
-    match read {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large),
-        Err(_) => Err(GatewayError::bad_request(
-            "the request body could not be read",
-        )),
-    }
+    Ok((read?, permit))
 }
 
 pub async fn chat_completions(
@@ -144,6 +191,8 @@ struct Accepted {
     priority: Priority,
     slot: InflightSlot,
     bytes: Bytes,
+    /// The body's share of the body-memory budget, until the upstream has the body.
+    body_permit: Option<BodyPermit>,
 }
 
 /// Lets a request in, in order: a policy (503 before one is loaded), the client and its
@@ -165,12 +214,13 @@ async fn accept(
             limit: gw.max_inflight,
         })
     })?;
-    let bytes = read_body(gw, headers, body).await.map_err(refused)?;
+    let (bytes, body_permit) = read_body(gw, headers, body).await.map_err(refused)?;
     Ok(Accepted {
         snap,
         priority,
         slot,
         bytes,
+        body_permit,
     })
 }
 
@@ -186,6 +236,7 @@ async fn completion(
         priority,
         slot,
         bytes,
+        body_permit,
     } = match accept(&gw, endpoint, &headers, body).await {
         Ok(r) => r,
         Err(resp) => return *resp,
@@ -226,6 +277,7 @@ async fn completion(
         tracker,
         sampler,
         assemble: assemble.then_some(kind),
+        body_permit,
     })
     .await
 }
@@ -261,6 +313,7 @@ pub async fn passthrough(
         priority,
         slot,
         bytes,
+        body_permit,
     } = match accept(&gw, endpoint, &headers, body).await {
         Ok(r) => r,
         Err(resp) => return *resp,
@@ -297,6 +350,7 @@ pub async fn passthrough(
         tracker: Tracker::new(slot, &label, endpoint, false, shadow, start),
         sampler: None,
         assemble: None,
+        body_permit,
     })
     .await
 }

@@ -94,6 +94,12 @@ pub struct GatewayArgs {
     /// above it new requests get 503 with Retry-After, before their body is read.
     #[arg(long, default_value_t = 1024)]
     pub max_inflight: usize,
+    /// Most bytes of request bodies the gateway holds at once (being read, or read and not yet
+    /// taken by the upstream); a request whose body would go past it gets 503 with
+    /// Retry-After. With the pod's default 1 GiB memory limit, 256 MiB of bodies (at most
+    /// twice that in memory while they are read) leaves room for everything else.
+    #[arg(long, default_value_t = 256 << 20)]
+    pub max_body_memory: usize,
     /// API key sent upstream as `Authorization: Bearer <key>` instead of the client's header
     /// (surrounding whitespace ignored).
     #[arg(long, env = "SLUICE_UPSTREAM_API_KEY", hide_env_values = true)]
@@ -140,6 +146,10 @@ pub struct Gateway {
     pub max_inflight: usize,
     /// Requests held now (see [`measure::InflightSlot`]).
     pub inflight: std::sync::atomic::AtomicUsize,
+    /// See [`GatewayOptions::max_body_memory`].
+    pub max_body_memory: usize,
+    /// The body-memory budget, one permit per KiB.
+    pub body_memory: Arc<tokio::sync::Semaphore>,
 }
 
 /// How a [`Gateway`] is set up apart from its policy, metrics and clock.
@@ -164,6 +174,8 @@ pub struct GatewayOptions {
     pub drain_delay: Duration,
     /// Most requests held at once; more get 503 `overloaded`.
     pub max_inflight: usize,
+    /// Most bytes of request bodies held at once; more get 503 `overloaded`.
+    pub max_body_memory: usize,
 }
 
 impl Default for GatewayOptions {
@@ -178,6 +190,7 @@ impl Default for GatewayOptions {
             body_read_timeout: Duration::from_secs(60),
             drain_delay: Duration::ZERO,
             max_inflight: 1024,
+            max_body_memory: 256 << 20,
         }
     }
 }
@@ -216,6 +229,10 @@ impl Gateway {
             drain_delay: options.drain_delay,
             max_inflight: options.max_inflight,
             inflight: Default::default(),
+            max_body_memory: options.max_body_memory,
+            body_memory: Arc::new(tokio::sync::Semaphore::new(
+                options.max_body_memory.div_ceil(1024),
+            )),
         }))
     }
 }
@@ -351,6 +368,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             body_read_timeout: args.body_read_timeout,
             drain_delay: args.drain_delay,
             max_inflight: args.max_inflight,
+            max_body_memory: args.max_body_memory,
         },
     )?;
     if let Some(path) = &args.upstream_api_key_file {

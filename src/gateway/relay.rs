@@ -37,6 +37,9 @@ pub struct Forward<'a> {
     pub sampler: Option<Sampler>,
     /// Assemble the upstream stream into a unary answer of this kind.
     pub assemble: Option<assemble::Kind>,
+    /// The body's share of the gateway's body-memory budget: given back once the upstream has
+    /// answered (it has read the body by then).
+    pub body_permit: Option<super::handlers::BodyPermit>,
 }
 
 /// Forwards one request and relays (or assembles) the response.
@@ -46,6 +49,7 @@ pub async fn forward(f: Forward<'_>) -> Response {
         snap,
         mut tracker,
         mut sampler,
+        body_permit,
         ..
     } = f;
     let fail = |tracker: &mut Tracker, e: GatewayError| {
@@ -94,6 +98,7 @@ pub async fn forward(f: Forward<'_>) -> Response {
         }
         Ok(Ok(r)) => r,
     };
+    drop(body_permit);
     let status = resp.status();
     let headers = upstream::response_headers(resp.headers());
     let is_sse = headers
