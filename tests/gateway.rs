@@ -384,6 +384,12 @@ async fn client_errors_are_openai_shaped() {
     }
     assert_eq!(get(&c, &format!("{}/v1/models", gw.url)).await.status, 200);
 
+    // A known path with the wrong method: 405, OpenAI-shaped, with Allow.
+    let r = get(&c, &format!("{}/v1/chat/completions", gw.url)).await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.json()["error"]["code"], "method_not_allowed");
+    assert_eq!(r.headers["allow"], "POST");
+
     let m = gw.metrics(&c).await;
     assert_eq!(
         metric(

@@ -16,6 +16,7 @@
 //! | upstream timeout | 504 | `upstream_timeout` |
 //! | upstream silent past the stream idle timeout | 504 | `upstream_idle_timeout` |
 //! | unknown path | 404 | `not_found` |
+//! | known path, wrong method | 405 + `Allow` | `method_not_allowed` |
 
 use std::time::Duration;
 
@@ -61,6 +62,8 @@ pub enum GatewayError {
     UpstreamIdle(Duration),
     /// No route for this path (404).
     NotFound { path: String },
+    /// The path exists but not with this method (405).
+    MethodNotAllowed { method: String, path: String },
 }
 
 impl GatewayError {
@@ -96,7 +99,9 @@ impl GatewayError {
             | GatewayError::BrokenStream
             | GatewayError::UpstreamTimeout(_)
             | GatewayError::UpstreamIdle(_) => Some(Outcome::UpstreamError),
-            GatewayError::NotReady | GatewayError::NotFound { .. } => None,
+            GatewayError::NotReady
+            | GatewayError::NotFound { .. }
+            | GatewayError::MethodNotAllowed { .. } => None,
         }
     }
 
@@ -195,6 +200,12 @@ impl GatewayError {
                 format!("unknown path {path}"),
             )
             .code("not_found"),
+            E::MethodNotAllowed { method, path } => ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                format!("{method} is not allowed on {path}"),
+            )
+            .code("method_not_allowed"),
         }
     }
 }
@@ -319,6 +330,15 @@ mod tests {
                 504,
                 Some("upstream_idle_timeout"),
                 Some(Outcome::UpstreamError),
+            ),
+            (
+                GatewayError::MethodNotAllowed {
+                    method: "GET".into(),
+                    path: "/v1/chat/completions".into(),
+                },
+                405,
+                Some("method_not_allowed"),
+                None,
             ),
             (
                 GatewayError::NotFound { path: "/x".into() },

@@ -374,6 +374,15 @@ pub async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     }
 }
 
+/// A known path with a method it does not serve (axum adds the `Allow` header).
+pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    GatewayError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+    .into_response()
+}
+
 pub async fn not_found(uri: Uri) -> Response {
     GatewayError::NotFound {
         path: uri.path().to_owned(),
