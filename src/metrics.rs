@@ -9,18 +9,19 @@
 //! scrapes (an HA Prometheus pair) each see every series.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricFamily;
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::gateway::unary::UnaryModes;
 use crate::limiter::Clock;
 use crate::policy::source::PolicyStore;
+
+mod state;
+use state::StateCollector;
 
 /// How a request ended, the `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,181 +167,9 @@ impl RequestMetrics {
     }
 }
 
-/// The limiter's and the policy source's gauges, computed from the [`PolicyStore`] when
-/// scraped.
-struct StateCollector {
-    store: Arc<PolicyStore>,
-    clock: Arc<dyn Clock>,
-    unary: Arc<UnaryModes>,
-    descs: Vec<Desc>,
-}
-
-/// Per-model gauges: name and help.
-const MODEL_GAUGES: [(&str, &str); 8] = [
-    (
-        "sluice_ttft_ema_seconds",
-        "Moving average of TTFT (samples clamped at ramp × threshold).",
-    ),
-    (
-        "sluice_itl_ema_seconds",
-        "Moving average of ITL (samples clamped at ramp × threshold).",
-    ),
-    (
-        "sluice_waiting_requests",
-        "Admitted requests still waiting for their first token.",
-    ),
-    (
-        "sluice_ttft_waiting_estimate_seconds",
-        "TTFT estimated from the requests waiting for their first token (twice their mean age); the TTFT signal is the larger of this and the moving average.",
-    ),
-    (
-        "sluice_ttft_threshold_seconds",
-        "TTFT threshold of the policy.",
-    ),
-    (
-        "sluice_itl_threshold_seconds",
-        "ITL threshold of the policy.",
-    ),
-    (
-        "sluice_pressure_ratio",
-        "max(TTFT signal / TTFT threshold, ITL average / ITL threshold), where the TTFT signal is the larger of the moving average and the waiting-request estimate; above 1 the gate sheds.",
-    ),
-    (
-        "sluice_reject_probability",
-        "Probability that a standard-priority request is shed now (pressure ramp and shedding integral).",
-    ),
-];
-
-const POLICY_GAUGES: [(&str, &str); 4] = [
-    (
-        "sluice_policy_generation",
-        "Generation of the policy in force (metadata.generation, or reload count for files).",
-    ),
-    (
-        "sluice_policy_last_reload_successful",
-        "1 if the last policy load succeeded, 0 if the last good policy is kept after an error.",
-    ),
-    (
-        "sluice_policy_source_up",
-        "1 while the policy source (file or Kubernetes watch) is readable.",
-    ),
-    (
-        "sluice_policy_present",
-        "1 while the policy object exists; 0 after it was deleted (the last policy keeps serving).",
-    ),
-];
-
-const RELOADS: (&str, &str) = (
-    "sluice_policy_reloads_total",
-    "Policy loads by result: success, error (invalid policy), watch_error (an incident of the Kubernetes watch).",
-);
-
-impl StateCollector {
-    fn new(store: Arc<PolicyStore>, clock: Arc<dyn Clock>, unary: Arc<UnaryModes>) -> Self {
-        let mut descs = Vec::new();
-        for (name, help) in MODEL_GAUGES {
-            descs.extend(model_gauge(name, help).desc().into_iter().cloned());
-        }
-        for (name, help) in POLICY_GAUGES {
-            descs.extend(Gauge::new(name, help).unwrap().desc().into_iter().cloned());
-        }
-        descs.extend(reloads().desc().into_iter().cloned());
-        descs.extend(unary_mode().desc().into_iter().cloned());
-        StateCollector {
-            store,
-            clock,
-            unary,
-            descs,
-        }
-    }
-}
-
-fn model_gauge(name: &str, help: &str) -> GaugeVec {
-    GaugeVec::new(Opts::new(name, help), &["model"]).unwrap()
-}
-
-fn unary_mode() -> IntGaugeVec {
-    IntGaugeVec::new(
-        Opts::new(
-            "sluice_unary_mode",
-            "How unary requests reach the policy's upstream: 1 for the mode in use. assembled: asked for as a stream and measured; passthrough: relayed as they are, not measured (streamUnary false, or the upstream's streams lack usage).",
-        ),
-        &["mode"],
-    )
-    .unwrap()
-}
-
-fn reloads() -> IntCounterVec {
-    IntCounterVec::new(Opts::new(RELOADS.0, RELOADS.1), &["result"]).unwrap()
-}
-
-impl Collector for StateCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let snap = self.store.load();
-        let mut out = Vec::new();
-        let gauges = MODEL_GAUGES.map(|(name, help)| model_gauge(name, help));
-        if let Some(s) = &snap {
-            for r in s.limiter.readings(self.clock.now()) {
-                let values = [
-                    r.ttft,
-                    r.itl,
-                    f64::from(r.waiting),
-                    r.waiting_ttft,
-                    r.thresholds.ttft,
-                    r.thresholds.itl,
-                    r.pressure,
-                    r.reject_probability,
-                ];
-                for (g, v) in gauges.iter().zip(values) {
-                    g.with_label_values(&[r.label]).set(v);
-                }
-            }
-        }
-        for g in &gauges {
-            out.extend(g.collect());
-        }
-        let st = self.store.status();
-        let flag = |b: &std::sync::atomic::AtomicBool| f64::from(u8::from(b.load(Relaxed)));
-        let values = [
-            snap.as_ref().map_or(0.0, |s| s.generation as f64),
-            flag(&st.last_ok),
-            flag(&st.up),
-            flag(&st.present),
-        ];
-        for ((name, help), v) in POLICY_GAUGES.into_iter().zip(values) {
-            let g = Gauge::new(name, help).unwrap();
-            g.set(v);
-            out.extend(g.collect());
-        }
-        let reloads = reloads();
-        for (result, n) in [
-            ("success", &st.applied),
-            ("error", &st.rejected),
-            ("watch_error", &st.watch_errors),
-        ] {
-            reloads.with_label_values(&[result]).inc_by(n.load(Relaxed));
-        }
-        out.extend(reloads.collect());
-        if let Some(s) = &snap {
-            let up = &s.config.upstream;
-            let assembled = up.stream_unary && self.unary.assembles(&up.url);
-            let mode = unary_mode();
-            mode.with_label_values(&["assembled"])
-                .set(i64::from(assembled));
-            mode.with_label_values(&["passthrough"])
-                .set(i64::from(!assembled));
-            out.extend(mode.collect());
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::state::{MODEL_GAUGES, POLICY_GAUGES, RELOADS};
     use super::*;
     use crate::limiter::ManualClock;
     use crate::policy::PolicyConfig;
