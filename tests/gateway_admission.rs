@@ -236,17 +236,6 @@ async fn metric_labels_are_policy_models_or_other_never_client_text() {
     assert_eq!(g.stream("named", &[], MS, &[]).await.status, 200);
 }
 
-/// A directory of client keys, one file per client, removed when dropped.
-fn keys_dir(name: &str, clients: &[(&str, &str)]) -> support::TempDir {
-    let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for (client, key) in clients {
-        std::fs::write(dir.join(client), format!("{key}\n")).unwrap();
-    }
-    support::TempDir(dir)
-}
-
 fn with_keys(dir: &support::TempDir) -> sluice::gateway::GatewayOptions {
     sluice::gateway::GatewayOptions {
         client_keys_dir: Some(dir.0.clone()),
@@ -256,7 +245,7 @@ fn with_keys(dir: &support::TempDir) -> sluice::gateway::GatewayOptions {
 
 #[tokio::test]
 async fn required_client_keys_refuse_others_with_401_and_never_reach_the_upstream() {
-    let keys = keys_dir(
+    let keys = support::TempDir::client_keys(
         "auth",
         &[("checkout", "sk-checkout"), ("batch", "sk-batch")],
     );
@@ -302,7 +291,7 @@ async fn required_client_keys_refuse_others_with_401_and_never_reach_the_upstrea
 
 #[tokio::test]
 async fn a_clients_class_sets_its_priority_and_caps_its_claims() {
-    let keys = keys_dir(
+    let keys = support::TempDir::client_keys(
         "classes",
         &[
             ("checkout", "sk-checkout"),

@@ -101,11 +101,8 @@ fn an_unusable_key_file_at_start_is_a_clear_error() {
 async fn client_keys_rotate_without_a_restart_and_never_go_upstream() {
     let c = client();
     let (upstream, seen) = recording_upstream().await;
-    let dir = std::env::temp_dir().join(format!("sluice-test-clients-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let _cleanup = support::TempDir(dir.clone());
-    std::fs::write(dir.join("alice"), "sk-alice-1\n").unwrap();
+    let keys = support::TempDir::client_keys("test-clients", &[("alice", "sk-alice-1")]);
+    let dir = keys.0.clone();
     let (gw, _policy) = Gw::with_policy(
         &c,
         &upstream,

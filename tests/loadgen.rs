@@ -192,16 +192,12 @@ async fn the_in_flight_cap_sends_at_most_n_concurrent_requests_and_counts_the_re
 async fn the_api_key_is_sent_never_printed_and_completions_can_be_driven() {
     let c = client();
     let sim = Sim::batch(&c, 32, 5).await;
-    let dir = std::env::temp_dir().join(format!("sluice-loadgen-keys-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let _cleanup = support::TempDir(dir.clone());
-    std::fs::write(dir.join("bench"), "sk-loadgen-secret").unwrap();
+    let keys = support::TempDir::client_keys("loadgen-keys", &[("bench", "sk-loadgen-secret")]);
     let (gw, _policy) = Gw::with_policy(
         &c,
         &sim.url,
         "clientAuth: {secretRef: {name: clients}}",
-        &["--client-keys-dir", dir.to_str().unwrap()],
+        &["--client-keys-dir", keys.arg()],
     )
     .await;
     let quick = [

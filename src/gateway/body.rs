@@ -111,7 +111,8 @@ impl<'a> RequestHead<'a> {
             };
             if slot.replace(v).is_some() {
                 duplicate = Some(name);
-                return Err(format!("`{name}` is given more than once"));
+                // Stops the walk; the error is built below.
+                return Err(String::new());
             }
             Ok(())
         })

@@ -231,37 +231,37 @@ async fn completion(
     body: Body,
 ) -> Response {
     let start = Instant::now();
-    let Accepted {
-        snap,
-        priority,
-        slot,
-        bytes,
-        body_permit,
-    } = match accept(&gw, endpoint, &headers, body).await {
+    let acc = match accept(&gw, endpoint, &headers, body).await {
         Ok(r) => r,
         Err(resp) => return *resp,
     };
-    let req = match parse_completion(&bytes) {
+    let req = match parse_completion(&acc.bytes) {
         Ok(r) => r,
         Err((stream, e)) => return refuse(&gw, "", endpoint, stream, e),
     };
-    let a = match admit(snap, &req.model, priority, gw.clock.now(), &gw.random) {
+    let a = match admit(
+        acc.snap,
+        &req.model,
+        acc.priority,
+        gw.clock.now(),
+        &gw.random,
+    ) {
         Ok(a) => a,
         Err((label, e)) => return refuse(&gw, &label, endpoint, req.stream, e),
     };
     let upstream = &a.snap.config.upstream;
     let assemble = !req.stream && upstream.stream_unary && gw.unary.assembles(&upstream.url);
-    let tracker = Tracker::new(slot, &a.label, endpoint, req.stream, a.shadow, start);
+    let tracker = Tracker::new(acc.slot, &a.label, endpoint, req.stream, a.shadow, start);
     let sampler = (req.stream || assemble).then(|| Sampler::start(&gw, &a.snap, a.key, &req.model));
     let body = if assemble {
         // The client's body is let go once rewritten: one copy is held, not two. (The
         // Responses API reports usage in its final event without being asked.)
-        streaming_body(&bytes, &req.head, endpoint != Endpoint::Responses)
+        streaming_body(&acc.bytes, &req.head, endpoint != Endpoint::Responses)
     } else {
-        bytes.clone()
+        acc.bytes.clone()
     };
     drop(req);
-    drop(bytes);
+    drop(acc.bytes);
     let kind = match endpoint {
         Endpoint::Chat => assemble::Kind::Chat,
         Endpoint::Responses => assemble::Kind::Response,
@@ -277,7 +277,7 @@ async fn completion(
         tracker,
         sampler,
         assemble: assemble.then_some(kind),
-        body_permit,
+        body_permit: acc.body_permit,
     })
     .await
 }
@@ -308,21 +308,15 @@ pub async fn passthrough(
         };
         return e.into_response();
     }
-    let Accepted {
-        snap,
-        priority,
-        slot,
-        bytes,
-        body_permit,
-    } = match accept(&gw, endpoint, &headers, body).await {
+    let acc = match accept(&gw, endpoint, &headers, body).await {
         Ok(r) => r,
         Err(resp) => return *resp,
     };
     // A body is a JSON object (read like a completion's) or empty (a GET).
-    let head = if bytes.trim_ascii().is_empty() {
+    let head = if acc.bytes.trim_ascii().is_empty() {
         RequestHead::default()
     } else {
-        match RequestHead::parse(&bytes) {
+        match RequestHead::parse(&acc.bytes) {
             Ok(h) => h,
             Err(e) => return refuse(&gw, "", endpoint, false, e.into()),
         }
@@ -333,7 +327,13 @@ pub async fn passthrough(
             if let Err(e) = check_model_name(m) {
                 return refuse(&gw, "", endpoint, false, e);
             }
-            match admit(snap.clone(), m, priority, gw.clock.now(), &gw.random) {
+            match admit(
+                acc.snap.clone(),
+                m,
+                acc.priority,
+                gw.clock.now(),
+                &gw.random,
+            ) {
                 Ok(a) => (a.label, a.shadow),
                 Err((label, e)) => return refuse(&gw, &label, endpoint, false, e),
             }
@@ -342,15 +342,15 @@ pub async fn passthrough(
     };
     forward(Forward {
         gw: &gw,
-        snap: &snap,
+        snap: &acc.snap,
         method,
         path_and_query: uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
         headers: &headers,
-        body: bytes,
-        tracker: Tracker::new(slot, &label, endpoint, false, shadow, start),
+        body: acc.bytes,
+        tracker: Tracker::new(acc.slot, &label, endpoint, false, shadow, start),
         sampler: None,
         assemble: None,
-        body_permit,
+        body_permit: acc.body_permit,
     })
     .await
 }

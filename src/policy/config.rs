@@ -42,6 +42,50 @@ pub struct ClientAuthConfig {
     pub classes: HashMap<String, Priority>,
 }
 
+impl From<PriorityClass> for Priority {
+    fn from(c: PriorityClass) -> Self {
+        match c {
+            PriorityClass::Critical => Priority::Critical,
+            PriorityClass::Standard => Priority::Standard,
+            PriorityClass::Sheddable => Priority::Sheddable,
+        }
+    }
+}
+
+/// `spec.clientAuth` with the classes of `spec.priority.clients`, checked.
+fn client_auth(spec: &RateLimitPolicySpec, c: &mut Checker) -> Option<ClientAuthConfig> {
+    let clients = spec.priority.as_ref().map(|p| &p.clients);
+    for name in clients.into_iter().flatten().map(|(n, _)| n) {
+        if !secret_data_key(name) {
+            c.fail(
+                format!("spec.priority.clients[{name:?}]"),
+                "must be a Secret data key: 1 to 253 of a-z, A-Z, 0-9, '-', '_', '.'",
+            );
+        }
+    }
+    let Some(auth) = &spec.client_auth else {
+        if clients.is_some_and(|m| !m.is_empty()) {
+            c.fail(
+                "spec.priority.clients",
+                "priority classes of clients need clientAuth to know who the clients are",
+            );
+        }
+        return None;
+    };
+    if auth.secret_ref.name.is_empty() {
+        c.fail("spec.clientAuth.secretRef.name", "must not be empty");
+    }
+    Some(ClientAuthConfig {
+        secret: auth.secret_ref.name.clone(),
+        required: auth.required,
+        classes: clients
+            .into_iter()
+            .flatten()
+            .map(|(n, class)| (n.clone(), (*class).into()))
+            .collect(),
+    })
+}
+
 /// Whether `name` can be a key of a Secret's data (and so a client's name).
 fn secret_data_key(name: &str) -> bool {
     (1..=253).contains(&name.len())
@@ -226,47 +270,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
             }
         }
 
-        let client_auth = spec.client_auth.as_ref().map(|a| ClientAuthConfig {
-            secret: a.secret_ref.name.clone(),
-            required: a.required,
-            classes: HashMap::new(),
-        });
-        if spec
-            .client_auth
-            .as_ref()
-            .is_some_and(|a| a.secret_ref.name.is_empty())
-        {
-            c.fail("spec.clientAuth.secretRef.name", "must not be empty");
-        }
-        let clients = spec.priority.as_ref().map(|p| &p.clients);
-        let mut client_auth = client_auth;
-        for (name, class) in clients.into_iter().flatten() {
-            if !secret_data_key(name) {
-                c.fail(
-                    format!("spec.priority.clients[{name:?}]"),
-                    "must be a Secret data key: 1 to 253 of a-z, A-Z, 0-9, '-', '_', '.'",
-                );
-            }
-            match &mut client_auth {
-                Some(a) => {
-                    a.classes.insert(
-                        name.clone(),
-                        match class {
-                            PriorityClass::Critical => Priority::Critical,
-                            PriorityClass::Standard => Priority::Standard,
-                            PriorityClass::Sheddable => Priority::Sheddable,
-                        },
-                    );
-                }
-                None => {
-                    c.fail(
-                        "spec.priority.clients",
-                        "priority classes of clients need clientAuth to know who the clients are",
-                    );
-                    break;
-                }
-            }
-        }
+        let client_auth = client_auth(spec, &mut c);
 
         if let Some(g) = &spec.gateway {
             if let Some(r) = g.replicas.filter(|r| !(0..=1000).contains(r)) {

@@ -204,6 +204,25 @@ impl Drop for TempDir {
     }
 }
 
+impl TempDir {
+    /// A directory of client API keys as the operator mounts a `clientAuth` Secret: one file
+    /// per client, named after it, holding its key (with a trailing newline, as `echo` writes).
+    pub fn client_keys(name: &str, clients: &[(&str, &str)]) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (client, key) in clients {
+            std::fs::write(dir.join(client), format!("{key}\n")).unwrap();
+        }
+        TempDir(dir)
+    }
+
+    /// The path as a command-line argument.
+    pub fn arg(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
 /// A kubeconfig for the test cluster that impersonates `system:serviceaccount:<ns>:<sa>` (the
 /// admin identity may impersonate), so a process runs with exactly that account's RBAC.
 pub fn impersonating_kubeconfig(namespace: &str, service_account: &str) -> TempFile {
