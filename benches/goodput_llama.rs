@@ -97,6 +97,7 @@ async fn run(limiter: Limiter, rate: f64, seed: u64) -> Report {
             Limiter::Cap(n) => Some(n),
             _ => None,
         },
+        gradient: false,
         metrics_url: None,
         timeout: Duration::from_secs(30),
         seed,

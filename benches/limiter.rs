@@ -80,6 +80,22 @@ impl Naive {
     }
 }
 
+/// A limiter with every model busy, as under load: 10 requests in flight, the engine last
+/// met the thresholds at 8 (so no work-conservation shortcut, and under the concurrency
+/// ceiling of 12): every decision takes the whole path.
+fn busy_limiter() -> Limiter {
+    let l = Limiter::new(config());
+    for m in MODELS {
+        let k = l.key(m);
+        for _ in 0..10 {
+            l.begin_request(k);
+        }
+        l.record(k, Signal::Itl, 0.02, Duration::ZERO).unwrap();
+        l.record_first_token(k, 0.1, 8, Duration::ZERO).unwrap();
+    }
+    l
+}
+
 /// sluice: resolve the key, decide, record one ITL sample.
 #[inline]
 fn sluice_op(l: &Limiter, model: &str, now: Duration, sample: f64, rng: &mut SplitMix64) -> bool {
@@ -91,13 +107,13 @@ fn sluice_op(l: &Limiter, model: &str, now: Duration, sample: f64, rng: &mut Spl
 
 fn single_thread(c: &mut Criterion) {
     let mut g = c.benchmark_group("decide+record/1 thread");
-    let l = Limiter::new(config());
+    let l = busy_limiter();
     let naive = Naive::new();
     let mut rng = SplitMix64::new(1);
     let mut t = 0u64;
     g.bench_function("sluice", |b| {
         b.iter(|| {
-            t += 1_000;
+            t += 100;
             sluice_op(
                 &l,
                 black_box(MODELS[0]),
@@ -109,7 +125,7 @@ fn single_thread(c: &mut Criterion) {
     });
     g.bench_function("naive Mutex<HashMap>", |b| {
         b.iter(|| {
-            t += 1_000;
+            t += 100;
             naive.decide_and_record(black_box(MODELS[0]), t as f64 * 1e-9, 0.02, &mut rng)
         })
     });
@@ -117,7 +133,7 @@ fn single_thread(c: &mut Criterion) {
     let k = l.key(MODELS[0]);
     g.bench_function("sluice decide only", |b| {
         b.iter(|| {
-            t += 1_000;
+            t += 100;
             l.decide(
                 black_box(k),
                 Priority::Standard,
@@ -166,7 +182,7 @@ fn contended(c: &mut Criterion) {
                 MODELS[0]
             }
         };
-        let l = Arc::new(Limiter::new(config()));
+        let l = Arc::new(busy_limiter());
         g.bench_function("sluice", |b| {
             b.iter_custom(|iters| {
                 let l = l.clone();
@@ -174,7 +190,7 @@ fn contended(c: &mut Criterion) {
                     black_box(sluice_op(
                         &l,
                         model(th, i),
-                        Duration::from_nanos(i * 1000),
+                        Duration::from_nanos(i * 100),
                         0.02,
                         rng,
                     ));
@@ -186,7 +202,7 @@ fn contended(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let naive = naive.clone();
                 two_threads(iters, move |th, i, rng| {
-                    black_box(naive.decide_and_record(model(th, i), i as f64 * 1e-6, 0.02, rng));
+                    black_box(naive.decide_and_record(model(th, i), i as f64 * 1e-7, 0.02, rng));
                 })
             })
         });

@@ -13,13 +13,18 @@ use support::inproc::InProc;
 const MS: Duration = Duration::from_millis(1);
 
 /// The hard cliff (every request shed while the pressure is above 1; no integral, no sample
-/// ceiling): the simplest curve to pin numbers on.
-const CLIFF: &str =
-    "defaults: {ttft: 1s, itl: 1s, timeConstant: 4s}\nshedding: {maxRejectProbability: 1, ramp: 1}";
+/// ceiling), on the latency signals alone: the simplest curve to pin numbers on. (The
+/// adaptive concurrency is pinned in the limiter's unit tests and tests/thresholds.rs.)
+const CLIFF: &str = "defaults: {ttft: 1s, itl: 1s, timeConstant: 4s}\nshedding: {maxRejectProbability: 1, ramp: 1, adaptiveConcurrency: false}";
+
+/// Requests in flight on the key of `m` (5: more than the low-concurrency baseline counts),
+/// so that shedding applies at all: with nothing in flight nothing is shed.
+const LOAD: usize = 5;
 
 #[tokio::test]
 async fn retry_after_is_when_the_ttft_average_falls_back_to_the_threshold() {
     let g = InProc::start(CLIFF).await;
+    let _load = g.busy("m", LOAD).await;
     // One stream with a first token after 3 s: the TTFT average reads 3 s.
     assert_eq!(g.stream("m", &[], 3000 * MS, &[]).await.status, 200);
     let shed = g.stream("m", &[], MS, &[]).await;
@@ -47,6 +52,7 @@ async fn retry_after_is_when_the_ttft_average_falls_back_to_the_threshold() {
 #[tokio::test]
 async fn itl_sheds_on_its_own() {
     let g = InProc::start(CLIFF.replace("itl: 1s", "itl: 50ms").as_str()).await;
+    let _load = g.busy("m", LOAD).await;
     // Fast first token, then 4 tokens 60 ms apart: the ITL average reads 60 ms > 50 ms.
     let gaps = [60 * MS; 4];
     assert_eq!(g.stream("m", &[], 10 * MS, &gaps).await.status, 200);
@@ -63,6 +69,7 @@ async fn itl_sheds_on_its_own() {
 async fn critical_is_never_shed_and_sheddable_goes_first() {
     // Behind an authenticating proxy that sets the header: trusted.
     let g = InProc::start(&format!("{CLIFF}\npriority: {{trustHeader: true}}")).await;
+    let _load = g.busy("m", LOAD).await;
     let sheddable = [("x-sluice-priority", "sheddable")];
     let critical = [("x-sluice-priority", "critical")];
     // TTFT 0.9 s against 1 s: standard pressure 0.9, sheddable 0.9 × 1.25 = 1.125.
@@ -93,6 +100,7 @@ async fn critical_is_never_shed_and_sheddable_goes_first() {
 #[tokio::test]
 async fn shadow_mode_serves_what_it_would_shed_and_counts_it() {
     let g = InProc::start(&format!("mode: Shadow\n{CLIFF}")).await;
+    let _load = g.busy("m", LOAD).await;
     assert_eq!(g.stream("m", &[], 3000 * MS, &[]).await.status, 200);
     let r = g.stream("m", &[], MS, &[]).await;
     assert_eq!(r.status, 200, "shadow mode rejects nothing");
@@ -114,8 +122,10 @@ async fn shadow_mode_serves_what_it_would_shed_and_counts_it() {
 #[tokio::test]
 async fn an_edited_threshold_during_an_overload_does_not_reopen_the_gate() {
     // The default curve (ramp 1.5, p_max 0.95, with the integral), τ 4 s.
-    let spec = "defaults: {ttft: 1s, itl: 1s, timeConstant: 4s}";
+    let spec =
+        "defaults: {ttft: 1s, itl: 1s, timeConstant: 4s}\nshedding: {adaptiveConcurrency: false}";
     let g = InProc::start(spec).await;
+    let _load = g.busy("m", LOAD).await;
     // 30 s of TTFT at 1.25 × the threshold: the integral drives the gate to p_max.
     let mut shed = 0;
     for _ in 0..30 {
@@ -135,7 +145,9 @@ async fn an_edited_threshold_during_an_overload_does_not_reopen_the_gate() {
 
     // `kubectl patch`: the threshold moves to 1.1 s. The ramp alone would give
     // 0.95 · (1.25/1.1 − 1)/0.5 ≈ 0.26; the integral carries on.
-    g.reload("defaults: {ttft: 1100ms, itl: 1s, timeConstant: 4s}");
+    g.reload(
+        "defaults: {ttft: 1100ms, itl: 1s, timeConstant: 4s}\nshedding: {adaptiveConcurrency: false}",
+    );
     let m = g.metrics().await;
     assert_eq!(metric(&m, "sluice_policy_generation", &[]), Some(2.0));
     assert_eq!(
@@ -185,6 +197,7 @@ async fn past_the_in_flight_limit_new_requests_get_503_overloaded() {
 #[tokio::test]
 async fn an_untrusted_critical_claim_is_served_as_standard() {
     let g = InProc::start(CLIFF).await;
+    let _load = g.busy("m", LOAD).await;
     let critical = [("x-sluice-priority", "critical")];
     assert_eq!(g.stream("m", &[], 5000 * MS, &[]).await.status, 200);
     // Far over the threshold: a client's own "critical" does not get it through ...
@@ -203,6 +216,7 @@ async fn metric_labels_are_policy_models_or_other_never_client_text() {
         "{CLIFF}\nmodels: [{{name: named, ttft: 1s, itl: 1s}}]"
     ))
     .await;
+    let _load = g.busy("m", LOAD).await;
     for i in 0..40 {
         assert_eq!(
             g.stream(&format!("client-{i}"), &[], MS, &[]).await.status,
@@ -303,6 +317,7 @@ async fn a_clients_class_sets_its_priority_and_caps_its_claims() {
         "{CLIFF}\nclientAuth: {{secretRef: {{name: keys}}, required: false}}\npriority: {{clients: {{checkout: critical, batch: sheddable}}}}"
     );
     let g = InProc::start_with(&spec, with_keys(&keys)).await;
+    let _load = g.busy("m", LOAD).await;
     let as_ = |key: &'static str| [("authorization", key)];
     let claim =
         |key: &'static str, p: &'static str| [("authorization", key), ("x-sluice-priority", p)];
@@ -366,4 +381,17 @@ async fn a_clients_class_sets_its_priority_and_caps_its_claims() {
             .status,
         429
     );
+}
+
+#[tokio::test]
+async fn with_nothing_in_flight_nothing_is_shed_whatever_the_latency() {
+    let g = InProc::start(CLIFF).await;
+    // TTFT 5 s against 1 s; then one request at a time: the engine is idle each time.
+    assert_eq!(g.stream("m", &[], 5000 * MS, &[]).await.status, 200);
+    for _ in 0..5 {
+        assert_eq!(g.stream("m", &[], 5000 * MS, &[]).await.status, 200);
+    }
+    // With one request in flight the same latency sheds.
+    let _load = g.busy("m", 1).await;
+    assert_eq!(g.stream("m", &[], MS, &[]).await.status, 429);
 }

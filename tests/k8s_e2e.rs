@@ -226,22 +226,29 @@ async fn helm_install_to_shed_traffic_to_prometheus_to_uninstall() {
     );
     support::http::wait_ok(&c, &format!("http://{prom_listen}/-/ready"), 60, &mut prom).await;
 
-    // 7. Overload: many concurrent streams against two batch slots → 429s.
-    let burst: Vec<_> = (0..30)
-        .map(|_| {
-            let (c, url) = (c.clone(), gw.url.clone());
-            tokio::spawn(async move {
-                let body = json!({"model": "sim-llm", "stream": true, "max_tokens": 30, "messages": [{"role": "user", "content": "go"}]});
-                post_json(&c, &format!("{url}/v1/chat/completions"), &body).await.status
-            })
-        })
-        .collect();
+    // 7. Overload: a new stream every 50 ms (20 req/s) against two batch slots that serve
+    // about 4 req/s → 429s once the queue shows. (With nothing in flight nothing is shed, so
+    // requests one at a time would never see one.)
     let one = json!({"model": "sim-llm", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]});
-    let shed = eventually(30, "a 429 under overload", || async {
-        let r = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &one).await;
-        (r.status == 429).then_some(r)
-    })
-    .await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut burst = Vec::new();
+    let shed = loop {
+        let (c, url, tx) = (c.clone(), gw.url.clone(), tx.clone());
+        burst.push(tokio::spawn(async move {
+            let body = json!({"model": "sim-llm", "stream": true, "max_tokens": 30, "messages": [{"role": "user", "content": "go"}]});
+            let r = post_json(&c, &format!("{url}/v1/chat/completions"), &body).await;
+            let s = r.status;
+            let _ = tx.send(r);
+            s
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if let Ok(r) = rx.try_recv()
+            && r.status == 429
+        {
+            break r;
+        }
+        assert!(burst.len() < 400, "no 429 after 20 s of overload");
+    };
     assert!(shed.header("retry-after").is_some());
     for b in burst {
         let s = b.await.unwrap();
@@ -306,7 +313,7 @@ async fn helm_install_to_shed_traffic_to_prometheus_to_uninstall() {
             &[
                 ("model", "sim-llm"),
                 ("endpoint", "chat_completions"),
-                ("stream", "false"),
+                ("stream", "true"),
                 ("outcome", "rejected")
             ]
         )

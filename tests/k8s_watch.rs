@@ -10,7 +10,7 @@ use std::time::Instant;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sluice::policy::RateLimitPolicy;
-use support::http::{Sim, client as http_client, metric, post_json};
+use support::http::{Sim, client as http_client, long_stream, metric, post_json};
 use support::{TestNamespace, apply_gateway_rbac, client, ensure_crd, impersonating_kubeconfig};
 
 fn chat() -> Value {
@@ -65,8 +65,17 @@ async fn threshold_patches_apply_live_under_the_gateways_own_role() {
         .await;
     let url = format!("{}/v1/chat/completions", gw.url);
 
-    // 1 ms TTFT: the first request is measured far above it, the next one is shed.
-    assert_eq!(post_json(&c, &url, &chat()).await.status, 200);
+    // 1 ms TTFT: a long stream is measured far above it and stays in flight; the next request
+    // is shed.
+    let _load = long_stream(&c, &gw.url).await;
+    gw.wait_metric(
+        &c,
+        "sluice_ttft_seconds_count",
+        &[("model", "sim-llm")],
+        1.0,
+        10,
+    )
+    .await;
     assert_eq!(post_json(&c, &url, &chat()).await.status, 429);
 
     // Raise the threshold: applied without a restart, and the same request is admitted.

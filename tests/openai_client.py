@@ -6,6 +6,7 @@ OpenAI-compatible server should.
 """
 
 import sys
+import threading
 import time
 
 import json
@@ -51,8 +52,17 @@ def models():
 
 
 def rate_limited():
-    # Prime the average: one request measured against a 1 ms TTFT threshold (hard cliff).
-    client.chat.completions.create(model="sim-llm", messages=MESSAGES, max_tokens=1)
+    # A long stream keeps the engine busy (with nothing in flight nothing is shed); its first
+    # token is measured against a 1 ms TTFT threshold (hard cliff): the next request is shed.
+    first_token = threading.Event()
+
+    def busy():
+        for _ in client.chat.completions.create(model="sim-llm", messages=MESSAGES, max_tokens=600, stream=True):
+            first_token.set()
+
+    background = threading.Thread(target=busy, daemon=True)
+    background.start()
+    assert first_token.wait(20), "no first token"
     try:
         client.chat.completions.create(model="sim-llm", messages=MESSAGES, max_tokens=1)
         raise AssertionError("expected a 429")
@@ -79,6 +89,7 @@ def rate_limited():
     assert waited >= 0.7 * wait_ms, (waited, wait_ms)
     assert waited <= 1.5 * wait_ms + 2000, (waited, wait_ms)
     print(f"retry-after-ms {wait_ms:.0f}, SDK waited {waited:.0f} ms")
+    background.join(30)
 
 
 {"chat_streaming": chat_streaming, "chat_unary": chat_unary, "completions": completions,

@@ -7,6 +7,8 @@ pub mod process;
 #[path = "../../tests/support/llama.rs"]
 pub mod llama;
 
+pub mod plot;
+
 use process::ChildProcess;
 
 use std::time::{Duration, Instant};

@@ -132,6 +132,32 @@ pub struct Admitted {
     pub label: String,
     /// Would have been shed; served because the policy is in shadow mode.
     pub shadow: bool,
+    /// Counts the request in its key's requests in flight until dropped.
+    pub active: Active,
+}
+
+/// An admitted request in flight, counted by the limiter from admission until dropped (the
+/// request's tracker holds it until the response is complete or the client is gone).
+#[derive(Debug)]
+pub struct Active {
+    snap: Arc<Snapshot>,
+    key: KeyId,
+}
+
+impl Active {
+    fn begin(snap: &Arc<Snapshot>, key: KeyId) -> Self {
+        snap.limiter.begin_request(key);
+        Active {
+            snap: snap.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.snap.limiter.end_request(self.key);
+    }
 }
 
 /// Admits a request for `model` at `now` at `priority` (see [`request_priority`]), or sheds
@@ -157,6 +183,7 @@ pub fn admit(
         ));
     }
     Ok(Admitted {
+        active: Active::begin(&snap, key),
         snap,
         key,
         label,

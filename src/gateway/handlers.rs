@@ -251,7 +251,8 @@ async fn completion(
     };
     let upstream = &a.snap.config.upstream;
     let assemble = !req.stream && upstream.stream_unary && gw.unary.assembles(&upstream.url);
-    let tracker = Tracker::new(acc.slot, &a.label, endpoint, req.stream, a.shadow, start);
+    let tracker =
+        Tracker::new(acc.slot, &a.label, endpoint, req.stream, a.shadow, start).holding(a.active);
     let sampler = (req.stream || assemble).then(|| Sampler::start(&gw, &a.snap, a.key, &req.model));
     let body = if assemble {
         // The client's body is let go once rewritten: one copy is held, not two. (The
@@ -322,7 +323,7 @@ pub async fn passthrough(
         }
     };
     let model = head.model();
-    let (label, shadow) = match &model {
+    let (label, shadow, active) = match &model {
         Some(m) => {
             if let Err(e) = check_model_name(m) {
                 return refuse(&gw, "", endpoint, false, e);
@@ -334,12 +335,16 @@ pub async fn passthrough(
                 gw.clock.now(),
                 &gw.random,
             ) {
-                Ok(a) => (a.label, a.shadow),
+                Ok(a) => (a.label, a.shadow, Some(a.active)),
                 Err((label, e)) => return refuse(&gw, &label, endpoint, false, e),
             }
         }
-        None => (String::new(), false),
+        None => (String::new(), false, None),
     };
+    let mut tracker = Tracker::new(acc.slot, &label, endpoint, false, shadow, start);
+    if let Some(a) = active {
+        tracker = tracker.holding(a);
+    }
     forward(Forward {
         gw: &gw,
         snap: &acc.snap,
@@ -347,7 +352,7 @@ pub async fn passthrough(
         path_and_query: uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
         headers: &headers,
         body: acc.bytes,
-        tracker: Tracker::new(acc.slot, &label, endpoint, false, shadow, start),
+        tracker,
         sampler: None,
         assemble: None,
         body_permit: acc.body_permit,

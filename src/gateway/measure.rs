@@ -10,6 +10,7 @@ use prometheus::{Histogram, IntGauge};
 use serde_json::Value;
 
 use super::Gateway;
+use super::admission::Active;
 use super::assemble::Assembler;
 use crate::limiter::{KeyId, Signal};
 use crate::metrics::{GatewayMetrics, Outcome, RequestMetrics};
@@ -89,6 +90,8 @@ impl Drop for InflightSlot {
 /// It holds the request's in-flight place until then.
 pub struct Tracker {
     slot: InflightSlot,
+    /// The limiter's count of the request, when it was admitted by the latency gate.
+    active: Option<Active>,
     model: String,
     endpoint: Endpoint,
     stream: bool,
@@ -121,7 +124,14 @@ impl Tracker {
             start,
             inflight,
             slot,
+            active: None,
         }
+    }
+
+    /// Holds the limiter's count of the request for as long as the request lasts.
+    pub fn holding(mut self, active: Active) -> Self {
+        self.active = Some(active);
+        self
     }
 
     /// Sets the outcome (the first one set wins).
@@ -157,15 +167,18 @@ struct Waiting {
     snap: Arc<Snapshot>,
     key: KeyId,
     since: Duration,
+    /// Requests of the key in flight when this one began waiting, itself included.
+    concurrency: u32,
 }
 
 impl Waiting {
     fn begin(snap: &Arc<Snapshot>, key: KeyId, now: Duration) -> Self {
-        snap.limiter.begin_wait(key, now);
+        let concurrency = snap.limiter.begin_wait(key, now);
         Waiting {
             snap: snap.clone(),
             key,
             since: now,
+            concurrency,
         }
     }
 }
@@ -215,7 +228,7 @@ impl Sampler {
         let Some(timing) = self.timer.on_content(n, now) else {
             return;
         };
-        self.waiting = None;
+        let concurrency = self.waiting.take().map(|w| w.concurrency);
         // A reload swaps the limiter: follow it for its thresholds (the key's state is the
         // same one, shared by label).
         if let Some(cur) = self
@@ -231,7 +244,10 @@ impl Sampler {
         let limiter = &self.snap.limiter;
         match timing {
             Timing::Ttft(ttft) => {
-                let _ = limiter.record(self.key, Signal::Ttft, ttft, now);
+                let _ = match concurrency {
+                    Some(c) => limiter.record_first_token(self.key, ttft, c, now),
+                    None => limiter.record(self.key, Signal::Ttft, ttft, now),
+                };
                 self.metrics.ttft.observe(ttft);
             }
             Timing::Gaps { gap, count } => {

@@ -55,6 +55,9 @@ pub struct Shedding {
     pub retry_after_jitter: f64,
     /// Longest Retry-After.
     pub retry_after_cap: Duration,
+    /// Use the good concurrency: work conservation below it, the ceiling at it (see
+    /// [`super::concurrency`]). Without it, a key with nothing in flight still admits.
+    pub adaptive_concurrency: bool,
 }
 
 impl Default for Shedding {
@@ -66,6 +69,7 @@ impl Default for Shedding {
             sheddable_factor: 1.25,
             retry_after_jitter: 0.2,
             retry_after_cap: Duration::from_secs(60),
+            adaptive_concurrency: true,
         }
     }
 }

@@ -17,10 +17,13 @@
 //! `p_max < 1` lets probe requests through while shedding, so fresh samples keep arriving and
 //! the gate opens as soon as the server recovers. `ramp = 1` is the hard cliff, without `I`.
 //!
-//! Retry-After is the time until `r` falls back to 1 with no new samples (the larger of the
-//! two signals' times, see [`super::estimator`]), stretched by a uniform jitter factor in
-//! `[1, 1 + jitter)` so rejected clients do not return in lockstep, then capped; whole seconds
-//! for the `Retry-After` header (at least 1) and milliseconds for `retry-after-ms`.
+//! Retry-After is the wait from every signal that can shed (`Wait`): the time until the
+//! averages fall back to their thresholds with no new samples, until the integral is back at
+//! 0, until the requests waiting for a first token have drained, until the requests in flight
+//! are back under the concurrency ceiling. At least 100 ms, stretched by a uniform jitter
+//! factor in `[1, 1 + jitter)` so rejected clients do not return in lockstep, then capped;
+//! whole seconds for the `Retry-After` header (at least 1) and milliseconds for
+//! `retry-after-ms`.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -149,17 +152,69 @@ pub fn integrate(integral: f64, pressure: f64, dt_tau: f64, shed: &super::Sheddi
     next.max((1.0 - p_max).max(MIN_ADMITTED_FRACTION).ln())
 }
 
+/// The shortest Retry-After: a client told to come back sooner would find the same state.
+pub const MIN_RETRY_AFTER: Duration = Duration::from_millis(100);
+
 /// Retry-After from the un-jittered wait in seconds, a uniform draw `u ∈ [0, 1)`, the jitter
-/// fraction and the cap. Always at least 1 ms, at most `cap`.
+/// fraction and the cap: `max(wait, 100 ms) · (1 + jitter·u)`, at most `cap`.
 #[inline]
 pub fn retry_after(wait_secs: f64, u: f64, jitter: f64, cap: Duration) -> Duration {
     let cap_secs = cap.as_secs_f64();
     let secs = if wait_secs.is_finite() {
-        (wait_secs * (1.0 + jitter * u)).min(cap_secs)
+        (wait_secs.max(MIN_RETRY_AFTER.as_secs_f64()) * (1.0 + jitter * u)).min(cap_secs)
     } else {
         cap_secs
     };
     Duration::from_secs_f64(secs.max(0.001))
+}
+
+/// The wait before a shed request is worth retrying, from every signal that can shed: the
+/// largest of
+/// - the time until each moving average falls back to its (effective) threshold / factor with
+///   no new samples (see [`super::estimator`]);
+/// - while the integral sheds, the time it needs to return to 0 with no pressure at all (it
+///   rises by 1/(ramp − 1) per τ);
+/// - the time the requests waiting for their first token need to drain at the current rate of
+///   first tokens (their estimated TTFT before any first token was seen);
+/// - over the concurrency ceiling, the time for enough requests to finish to bring the
+///   requests in flight under it, at the same rate.
+pub(crate) struct Wait<'a> {
+    pub(crate) state: &'a super::state::KeyState,
+    /// Effective `(ttft, itl)` thresholds.
+    pub(crate) effective: (f64, f64),
+    /// The priority's pressure factor.
+    pub(crate) factor: f64,
+    /// Set when the request was over the concurrency ceiling.
+    pub(crate) ceiling: Option<f64>,
+}
+
+impl Wait<'_> {
+    pub(crate) fn seconds(&self, now: f64, tau: f64, shed: &super::Shedding) -> f64 {
+        let st = self.state;
+        let [ttft, itl] = st.est;
+        let (t_ttft, t_itl) = self.effective;
+        let averages = ttft
+            .seconds_until_at_most(t_ttft / self.factor, now, tau)
+            .max(itl.seconds_until_at_most(t_itl / self.factor, now, tau));
+        let integral = -st.integral * (shed.ramp - 1.0).max(0.0) * tau;
+        let rate = st.conc.first_tokens.per_second(now, tau);
+        let drain = |n: f64| {
+            if rate > 0.0 {
+                n / rate
+            } else {
+                st.waiting_ttft(now)
+            }
+        };
+        let waiting = if st.waiting > 0 {
+            drain(f64::from(st.waiting))
+        } else {
+            0.0
+        };
+        let crowd = self.ceiling.map_or(0.0, |c| {
+            drain((f64::from(st.conc.in_flight) - c + 1.0).max(1.0))
+        });
+        averages.max(integral).max(waiting).max(crowd)
+    }
 }
 
 /// The `Retry-After` header value: whole seconds, rounded up, at least 1.
@@ -244,7 +299,12 @@ mod tests {
         assert!((d.as_secs_f64() - 2.2).abs() < 1e-9);
         assert_eq!(retry_after(1e9, 0.3, 0.2, cap), cap);
         assert_eq!(retry_after(f64::INFINITY, 0.3, 0.2, cap), cap);
-        assert_eq!(retry_after(0.0, 0.3, 0.2, cap), Duration::from_millis(1));
+        assert_eq!(retry_after(0.0, 0.0, 0.2, cap), MIN_RETRY_AFTER);
+        let d = retry_after(0.01, 0.5, 0.2, cap);
+        assert!(
+            (d.as_secs_f64() - 0.11).abs() < 1e-9,
+            "the floor is jittered too"
+        );
         assert_eq!(retry_after_header_secs(Duration::from_millis(1)), 1);
         assert_eq!(retry_after_header_secs(Duration::from_millis(2001)), 3);
         assert_eq!(retry_after_header_ms(Duration::from_micros(1500)), 2);

@@ -9,11 +9,19 @@
 //!   so a burst's backlog cannot hold the gate shut long after the queue drained.
 //! - Pressure `r` = the larger signal/threshold ratio; the rejection probability combines a
 //!   ramp in `r` with a log-domain integral of persistent pressure ([`decision`]).
+//! - Before any of that, concurrency ([`concurrency`]): nothing is shed with nothing in flight
+//!   or fewer in flight than the concurrency at which the engine last met the thresholds;
+//!   once a queue starts, a request beyond that concurrency is shed; a threshold the engine
+//!   misses even at low concurrency is replaced by its low-concurrency latency with a margin.
+//!   (The founding design compared latency alone; the goodput benchmark and a careless
+//!   user's thresholds showed why these come first: see docs/benchmarks.md.)
 //!
 //! Modules:
 //! - [`estimator`]: the fading-evidence time-weighted moving average and its maths
 //!   (read/write consistency, evidence cap, time to fall to a level).
 //! - [`decision`]: pressure → rejection probability, the integral, Retry-After, priorities.
+//! - [`concurrency`]: requests in flight, the good concurrency, the ceiling, the
+//!   low-concurrency baseline and unreachable thresholds.
 //! - [`config`]: thresholds, shedding parameters, mode and scope.
 //! - [`state`]: the per-key state, in cells shared across reloads.
 //! - [`clock`], [`random`]: injected time and randomness, so tests are exact.
@@ -42,10 +50,12 @@
 //! tens of nanoseconds. The maps from model names to keys use foldhash.
 
 pub mod clock;
+pub mod concurrency;
 pub mod config;
 pub mod decision;
 pub mod estimator;
 pub mod random;
+mod record;
 mod reload;
 pub mod state;
 
@@ -119,8 +129,15 @@ pub struct KeyReading<'a> {
     pub waiting_ttft: f64,
     /// Pressure ratio of a standard-priority request.
     pub pressure: f64,
-    /// Rejection probability of a standard-priority request.
+    /// Rejection probability of a standard-priority request (latency and integral; the
+    /// concurrency ceiling and work conservation depend on the requests in flight).
     pub reject_probability: f64,
+    /// Admitted requests not finished yet.
+    pub in_flight: u32,
+    /// The concurrency at which the engine last met the thresholds (see [`concurrency`]).
+    pub good_concurrency: f64,
+    /// The engine misses a threshold even at low concurrency.
+    pub unreachable: bool,
 }
 
 /// The per-key moving averages and the admission decision.
@@ -207,59 +224,6 @@ impl Limiter {
         self.slots[key.0 as usize].thresholds
     }
 
-    /// Records a latency sample (seconds) taken at `now`.
-    #[inline]
-    pub fn record(
-        &self,
-        key: KeyId,
-        signal: Signal,
-        seconds: f64,
-        now: Duration,
-    ) -> Result<(), InvalidSample> {
-        let slot = &self.slots[key.0 as usize];
-        let th = slot.thresholds;
-        let shed = &self.config.shedding;
-        // Beyond ramp × threshold a sample cannot shed more, only keep the gate shut longer
-        // after the server recovers: record it at that ceiling (not for the hard cliff).
-        let seconds = if shed.ramp > 1.0 && seconds.is_finite() {
-            let threshold = match signal {
-                Signal::Ttft => th.ttft,
-                Signal::Itl => th.itl,
-            };
-            seconds.min(shed.ramp * threshold)
-        } else {
-            seconds
-        };
-        slot.lock().est[signal as usize].record(
-            seconds,
-            now.as_secs_f64(),
-            th.time_constant,
-            shed.max_evidence,
-        )
-    }
-
-    /// An admitted request was sent upstream at `now` and waits for its first token. Call
-    /// [`Limiter::end_wait`] with the same `now` exactly once when the first token arrives or
-    /// the request ends without one (the gateway's measurement guard does this).
-    #[inline]
-    pub fn begin_wait(&self, key: KeyId, now: Duration) {
-        let mut st = self.slots[key.0 as usize].lock();
-        st.waiting += 1;
-        st.waiting_since += now.as_secs_f64();
-    }
-
-    /// The request that began waiting at `since` stopped waiting.
-    #[inline]
-    pub fn end_wait(&self, key: KeyId, since: Duration) {
-        let mut st = self.slots[key.0 as usize].lock();
-        st.waiting = st.waiting.saturating_sub(1);
-        st.waiting_since = if st.waiting == 0 {
-            0.0
-        } else {
-            st.waiting_since - since.as_secs_f64()
-        };
-    }
-
     /// Requests of a key waiting for their first token, and the TTFT estimated from their
     /// ages at `now` (seconds).
     pub fn waiting(&self, key: KeyId, now: Duration) -> (u32, f64) {
@@ -296,7 +260,6 @@ impl Limiter {
             st.integrated_at = Some(now);
             (standard, *st)
         };
-        let [ttft, itl] = st.est;
         let factor = match priority {
             Priority::Sheddable => shed.sheddable_factor,
             _ => 1.0,
@@ -308,23 +271,38 @@ impl Limiter {
             reject_probability: 0.0,
             retry_after: None,
         };
-        if priority == Priority::Critical {
+        let in_flight = f64::from(st.conc.in_flight);
+        // Work conservation: nothing in flight, or fewer than the engine last served within
+        // the thresholds: admitting cannot build a queue.
+        let adaptive = shed.adaptive_concurrency;
+        if priority == Priority::Critical
+            || in_flight == 0.0
+            || (adaptive && in_flight < st.conc.good_at(now, tau))
+        {
             return admit;
         }
-        let p = decision::reject_probability_pi(pressure, st.integral, shed);
+        let ceiling = st.conc.ceiling(now, tau);
+        let over_ceiling =
+            adaptive && in_flight >= ceiling && st.queue(now, &th) >= concurrency::CEILING_PRESSURE;
+        let p_ceiling = if over_ceiling {
+            shed.max_reject_probability
+        } else {
+            0.0
+        };
+        let p = decision::reject_probability_pi(pressure, st.integral, shed).max(p_ceiling);
         if p == 0.0 || rng.next_f64() >= p {
             return Decision {
                 reject_probability: p,
                 ..admit
             };
         }
-        // Time until the pressure is back at 1: each signal read ≤ threshold / factor.
-        // ... and, while the integral sheds, the time it needs to return to 0 with no pressure
-        // at all (it rises by 1/(ramp − 1) per τ).
-        let wait = ttft
-            .seconds_until_at_most(th.ttft / factor, now, tau)
-            .max(itl.seconds_until_at_most(th.itl / factor, now, tau))
-            .max(-st.integral * (shed.ramp - 1.0).max(0.0) * tau);
+        let wait = decision::Wait {
+            state: &st,
+            effective: st.effective(&th),
+            factor,
+            ceiling: over_ceiling.then_some(ceiling),
+        }
+        .seconds(now, tau, shed);
         let retry = decision::retry_after(
             wait,
             rng.next_f64(),
@@ -368,6 +346,9 @@ impl Limiter {
                     waiting_ttft: st.waiting_ttft(n),
                     pressure,
                     reject_probability: decision::reject_probability_pi(pressure, integral, &shed),
+                    in_flight: st.conc.in_flight,
+                    good_concurrency: st.conc.good_at(n, tau),
+                    unreachable: st.conc.unreachable(th.ttft, th.itl),
                 }
             })
     }

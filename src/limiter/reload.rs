@@ -7,7 +7,8 @@ use crate::limiter::LimiterConfig;
 
 impl Limiter {
     /// A limiter for `config` that shares `previous`'s state cell with every key that
-    /// remains, by label: the models named in both policies, and `other`. A model removed
+    /// remains, by label (a tightened threshold forgets the good concurrency, learned against
+    /// the old ones): the models named in both policies, and `other`. A model removed
     /// from the policy loses its state (its requests join `other`), and a model newly named
     /// starts afresh (`other` keeps its state); everything starts afresh when the scope
     /// changes.
@@ -29,6 +30,12 @@ impl Limiter {
                 let to = &mut next.slots[j as usize];
                 to.state = slot.state.clone();
                 to.mark_used();
+                // The good concurrency was learned against the old thresholds: still evidence
+                // under looser ones, none under tighter ones.
+                let (old, new) = (slot.thresholds, to.thresholds);
+                if new.ttft < old.ttft || new.itl < old.itl {
+                    to.state.lock().conc.good = 0.0;
+                }
             }
         }
         next

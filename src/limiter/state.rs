@@ -6,6 +6,7 @@
 
 use parking_lot::{Mutex, MutexGuard};
 
+use super::concurrency::Concurrency;
 use super::config::{Shedding, Thresholds};
 use super::decision;
 use super::estimator::Estimator;
@@ -35,6 +36,8 @@ pub(crate) struct KeyState {
     pub(crate) integral: f64,
     /// When `integral` was last brought up to date (seconds); None before the first decision.
     pub(crate) integrated_at: Option<f64>,
+    /// Requests in flight, the good concurrency, the low-concurrency baseline.
+    pub(crate) conc: Concurrency,
 }
 
 impl KeyState {
@@ -59,11 +62,33 @@ impl KeyState {
         self.est[0].read(now, tau).max(self.waiting_ttft(now))
     }
 
+    /// The thresholds the signals are compared with: the policy's, or for a threshold the
+    /// engine cannot meet even at low concurrency, its low-concurrency latency with a margin
+    /// (see [`super::concurrency`]).
+    #[inline]
+    pub(crate) fn effective(&self, th: &Thresholds) -> (f64, f64) {
+        (
+            self.conc.effective(0, th.ttft),
+            self.conc.effective(1, th.itl),
+        )
+    }
+
+    /// How far the TTFT signal has come from the engine's low-concurrency TTFT (0 before it is
+    /// known) towards the effective threshold: 0 with no queue, 1 at the threshold.
+    #[inline]
+    pub(crate) fn queue(&self, now: f64, th: &Thresholds) -> f64 {
+        let threshold = self.conc.effective(0, th.ttft);
+        let base = self.conc.baseline[0].get().unwrap_or(0.0).min(threshold);
+        let span = (threshold - base).max(1e-9 * threshold);
+        (self.ttft(now, th.time_constant) - base) / span
+    }
+
     /// Pressure ratio of a standard-priority request at `now` (seconds).
     #[inline]
     pub(crate) fn pressure(&self, now: f64, th: &Thresholds) -> f64 {
         let tau = th.time_constant;
-        (self.ttft(now, tau) / th.ttft).max(self.est[1].read(now, tau) / th.itl)
+        let (ttft, itl) = self.effective(th);
+        (self.ttft(now, tau) / ttft).max(self.est[1].read(now, tau) / itl)
     }
 
     /// The integral brought up to `now` (seconds) at `pressure`.

@@ -57,8 +57,13 @@ pub struct LoadgenArgs {
     /// Client-side concurrency cap: a request that would be the (N+1)-th in flight is not sent
     /// and counts as shed. The "static in-flight cap" baseline of the goodput benchmark (what a
     /// proxy's max-concurrent-requests limit does).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "gradient")]
     pub max_inflight: Option<usize>,
+    /// Client-side adaptive concurrency limit in the manner of Netflix's Gradient2, on each
+    /// request's TTFT: a request over the limit is not sent and counts as shed. The adaptive
+    /// peer of the goodput benchmark.
+    #[arg(long)]
+    pub gradient: bool,
     /// A sluice gateway's /metrics URL to sample every second during the run: the moving
     /// averages, pressure and reject probability of --model go into the report's `gauges`.
     #[arg(long)]

@@ -18,6 +18,7 @@
 
 mod args;
 pub mod arrivals;
+pub mod gradient;
 pub mod report;
 
 pub use args::{ApiKey, Endpoint, LoadgenArgs, PriorityMix, Schedule};
@@ -114,6 +115,22 @@ fn plan(args: &LoadgenArgs, schedule: &[Phase]) -> Vec<Planned> {
         .collect()
 }
 
+/// A client-side limit on requests in flight (the benchmark's baselines).
+enum ClientLimit {
+    None,
+    /// `--max-inflight`: a static cap.
+    Cap(Arc<tokio::sync::Semaphore>),
+    /// `--gradient`: an adaptive limit.
+    Gradient(gradient::Gradient),
+}
+
+/// A request's place under the client-side limit, held until it ends.
+enum Permit {
+    None,
+    Cap(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
+    Gradient(gradient::Permit),
+}
+
 /// Where requests go: the endpoint's URL and the `Authorization` header, if any.
 struct Target {
     url: String,
@@ -126,6 +143,7 @@ async fn send_once(
     target: &Target,
     p: &Planned,
     timeout: Duration,
+    first_token: &(dyn Fn(f64) + Sync),
 ) -> (RequestResult, Option<Duration>) {
     let start = Instant::now();
     let mut result = RequestResult {
@@ -178,7 +196,10 @@ async fn send_once(
                 _ => {}
             });
             match timer.on_content(n, start.elapsed()) {
-                Some(Timing::Ttft(s)) => result.ttft = Some(s),
+                Some(Timing::Ttft(s)) => {
+                    result.ttft = Some(s);
+                    first_token(s);
+                }
                 Some(Timing::Gaps { gap, count }) => {
                     result.gaps.extend(std::iter::repeat_n(gap, count))
                 }
@@ -291,9 +312,14 @@ pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
             }
         })
     });
-    let inflight = args
-        .max_inflight
-        .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+    let client_limit = match (args.max_inflight, args.gradient) {
+        (Some(_), true) => {
+            anyhow::bail!("--max-inflight and --gradient are two client-side limits: choose one")
+        }
+        (Some(n), false) => ClientLimit::Cap(Arc::new(tokio::sync::Semaphore::new(n))),
+        (None, true) => ClientLimit::Gradient(gradient::Gradient::default()),
+        (None, false) => ClientLimit::None,
+    };
     let start = tokio::time::Instant::now();
     let gauges = Arc::new(std::sync::Mutex::new(Vec::new()));
     let scraper = args.metrics_url.clone().map(|metrics_url| {
@@ -321,28 +347,31 @@ pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
         );
         let (timeout, retry) = (args.timeout, args.honor_retry_after);
         sent.fetch_add(1, Ordering::Relaxed);
-        let permit = match &inflight {
-            None => None,
-            Some(sem) => match sem.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    shed.fetch_add(1, Ordering::Relaxed);
-                    done.fetch_add(1, Ordering::Relaxed);
-                    tasks.push(tokio::spawn(async move {
-                        RequestResult::capped(p.at.as_secs_f64(), p.priority.as_str())
-                    }));
-                    continue;
-                }
-            },
+        let permit = match &client_limit {
+            ClientLimit::None => Some(Permit::None),
+            ClientLimit::Cap(sem) => sem.clone().try_acquire_owned().ok().map(Permit::Cap),
+            ClientLimit::Gradient(g) => g.try_acquire().map(Permit::Gradient),
+        };
+        let Some(permit) = permit else {
+            shed.fetch_add(1, Ordering::Relaxed);
+            done.fetch_add(1, Ordering::Relaxed);
+            tasks.push(tokio::spawn(async move {
+                RequestResult::capped(p.at.as_secs_f64(), p.priority.as_str())
+            }));
+            continue;
         };
         tasks.push(tokio::spawn(async move {
-            let _permit = permit;
-            let (mut r, wait) = send_once(&client, &target, &p, timeout).await;
+            let first_token = |ttft: f64| {
+                if let Permit::Gradient(g) = &permit {
+                    g.sample(ttft);
+                }
+            };
+            let (mut r, wait) = send_once(&client, &target, &p, timeout, &first_token).await;
             if r.outcome == Outcome::Rejected {
                 shed.fetch_add(1, Ordering::Relaxed);
                 if let (true, Some(wait)) = (retry, wait) {
                     tokio::time::sleep(wait).await;
-                    let (again, _) = send_once(&client, &target, &p, timeout).await;
+                    let (again, _) = send_once(&client, &target, &p, timeout, &first_token).await;
                     r = RequestResult {
                         at: r.at,
                         retried: true,
@@ -350,6 +379,7 @@ pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
                     };
                 }
             }
+            drop(permit);
             done.fetch_add(1, Ordering::Relaxed);
             r
         }));

@@ -22,7 +22,7 @@ pub(super) struct StateCollector {
 }
 
 /// Per-model gauges: name and help.
-pub(super) const MODEL_GAUGES: [(&str, &str); 8] = [
+pub(super) const MODEL_GAUGES: [(&str, &str); 11] = [
     (
         "sluice_ttft_ema_seconds",
         "Moving average of TTFT (samples clamped at ramp × threshold).",
@@ -54,6 +54,18 @@ pub(super) const MODEL_GAUGES: [(&str, &str); 8] = [
     (
         "sluice_reject_probability",
         "Probability that a standard-priority request is shed now (pressure ramp and shedding integral).",
+    ),
+    (
+        "sluice_limiter_in_flight_requests",
+        "Admitted requests of the key not finished yet, as the limiter counts them.",
+    ),
+    (
+        "sluice_good_concurrency",
+        "Requests in flight at which the engine last met both thresholds (learned from first tokens, forgotten over time): below it nothing is shed, from 1.5 times it (at least 4) requests are shed.",
+    ),
+    (
+        "sluice_thresholds_unreachable",
+        "1 while the engine misses a threshold even with at most 4 requests in flight: the limiter compares that signal with 1.5 times the low-concurrency latency instead. Raise the threshold.",
     ),
 ];
 
@@ -144,6 +156,9 @@ impl Collector for StateCollector {
                     r.thresholds.itl,
                     r.pressure,
                     r.reject_probability,
+                    f64::from(r.in_flight),
+                    r.good_concurrency,
+                    f64::from(u8::from(r.unreachable)),
                 ];
                 for (g, v) in gauges.iter().zip(values) {
                     g.with_label_values(&[r.label]).set(v);

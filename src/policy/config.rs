@@ -397,6 +397,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
                             max_reject_probability: p_max,
                             ramp: s.ramp,
                             max_evidence: f64::from(s.max_evidence),
+                            adaptive_concurrency: s.adaptive_concurrency,
                             ..limiter::Shedding::default()
                         },
                     },

@@ -325,6 +325,15 @@ pub struct Shedding {
     #[serde(default = "default_max_evidence")]
     #[schemars(range(min = 1, max = 1000000))]
     pub max_evidence: i32,
+
+    /// Learn the concurrency G at which the engine last met the thresholds (from requests
+    /// whose first token came in time) and use it: below G requests in flight nothing is shed
+    /// whatever the latency; once the TTFT signal shows a queue (half way from the engine's
+    /// low-concurrency TTFT to the threshold), a request finding max(4, G) or more in flight
+    /// is shed with maxRejectProbability, before the latency crosses the threshold. false
+    /// leaves only the latency signals (and never sheds with nothing in flight).
+    #[serde(default = "default_true")]
+    pub adaptive_concurrency: bool,
 }
 
 /// Observed state of a RateLimitPolicy, written by the operator.
@@ -398,6 +407,7 @@ impl Default for Shedding {
             max_reject_probability: default_max_reject_probability(),
             ramp: default_ramp(),
             max_evidence: default_max_evidence(),
+            adaptive_concurrency: true,
         }
     }
 }

@@ -62,6 +62,33 @@ pub async fn send(
     }
 }
 
+/// A long streamed chat request for the sim engine's `sim-llm` through `gateway`, held in
+/// flight (after its first chunk arrived) until the returned body is dropped: load on the
+/// model's key, without which the gateway sheds nothing. `max_tokens` 5000: about a minute
+/// on the default sim engine.
+pub async fn long_stream(c: &HttpClient, gateway: &str) -> hyper::body::Incoming {
+    let body = serde_json::json!({"model": "sim-llm", "stream": true, "max_tokens": 5000,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let url = format!("{gateway}/v1/chat/completions");
+    let resp = start(
+        c,
+        "POST",
+        &url,
+        &[("content-type", "application/json")],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200, "the long stream was admitted");
+    let mut body = resp.into_body();
+    let first = body
+        .frame()
+        .await
+        .expect("a first chunk")
+        .expect("no error");
+    assert!(first.is_data());
+    body
+}
+
 /// Sends a request and returns the response with its body still streaming.
 pub async fn start(
     c: &HttpClient,

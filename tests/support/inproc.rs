@@ -40,6 +40,23 @@ impl Arrival {
 #[derive(Clone)]
 struct Stub {
     arrivals: mpsc::UnboundedSender<Arrival>,
+    /// Embeddings requests: their response is held open until the sender is dropped.
+    held: mpsc::UnboundedSender<mpsc::UnboundedSender<Bytes>>,
+}
+
+/// Embeddings: answered with headers at once, the body held open (load in flight that
+/// yields no latency sample).
+async fn stub_embeddings(State(stub): State<Stub>) -> Response {
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let _ = stub.held.send(tx);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    (
+        [("content-type", "application/json")],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 async fn stub_chat(
@@ -65,6 +82,12 @@ async fn stub_chat(
         Body::from_stream(stream),
     )
         .into_response()
+}
+
+/// Requests in flight that yield no samples, held by [`InProc::busy`] until dropped.
+pub struct Busy {
+    _upstream: Vec<mpsc::UnboundedSender<Bytes>>,
+    _bodies: Vec<hyper::body::Incoming>,
 }
 
 /// A request held open by [`InProc::hold`].
@@ -106,6 +129,7 @@ pub struct InProc {
     pub store: Arc<PolicyStore>,
     pub gw: Arc<Gateway>,
     arrivals: Mutex<mpsc::UnboundedReceiver<Arrival>>,
+    held: Mutex<mpsc::UnboundedReceiver<mpsc::UnboundedSender<Bytes>>>,
     client: HttpClient,
     generation: std::sync::atomic::AtomicI64,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -120,9 +144,14 @@ impl InProc {
     /// The same with `options` (their random source is replaced by the seeded one).
     pub async fn start_with(spec: &str, options: GatewayOptions) -> InProc {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (held_tx, held_rx) = mpsc::unbounded_channel();
         let app = axum::Router::new()
             .route("/v1/chat/completions", axum::routing::post(stub_chat))
-            .with_state(Stub { arrivals: tx });
+            .route("/v1/embeddings", axum::routing::post(stub_embeddings))
+            .with_state(Stub {
+                arrivals: tx,
+                held: held_tx,
+            });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream = format!("http://{}", listener.local_addr().unwrap());
         let stub = tokio::spawn(async move {
@@ -163,6 +192,7 @@ impl InProc {
             store,
             gw,
             arrivals: Mutex::new(rx),
+            held: Mutex::new(held_rx),
             client: client(),
             generation: 0.into(),
             tasks: vec![stub, server],
@@ -262,6 +292,30 @@ impl InProc {
             _arrival: arrival,
             _body: resp.into_body(),
         }
+    }
+
+    /// `n` embeddings requests for `model`, admitted and held open at the upstream: requests
+    /// in flight on the model's key (so work conservation does not apply) that yield no
+    /// latency sample. Admitted one by one while nothing sheds.
+    pub async fn busy(&self, model: &str, n: usize) -> Busy {
+        let mut busy = Busy {
+            _upstream: Vec::new(),
+            _bodies: Vec::new(),
+        };
+        for _ in 0..n {
+            let body = serde_json::json!({"model": model, "input": "hi"});
+            let req = hyper::Request::post(format!("{}/v1/embeddings", self.url))
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+                .unwrap();
+            let response = tokio::spawn(self.client.request(req));
+            busy._upstream
+                .push(self.held.lock().await.recv().await.unwrap());
+            let resp = response.await.unwrap().unwrap();
+            assert_eq!(resp.status(), 200);
+            busy._bodies.push(resp.into_body());
+        }
+        busy
     }
 
     /// The gateway's /metrics text.

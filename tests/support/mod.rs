@@ -9,6 +9,7 @@
 pub mod http;
 pub mod inproc;
 pub mod llama;
+pub mod loadgen;
 pub mod operator;
 mod process;
 pub mod relay;

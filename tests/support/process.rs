@@ -12,6 +12,8 @@ pub struct ChildProcess {
     pub name: String,
     /// The `<what> listening addr=...` lines of its log, as they appear.
     listening: Option<std::sync::mpsc::Receiver<(String, std::net::SocketAddr)>>,
+    /// The WARN lines of its log so far.
+    warnings: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ChildProcess {
@@ -28,6 +30,8 @@ impl ChildProcess {
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", env!("CARGO_BIN_EXE_sluice")));
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let warnings: std::sync::Arc<std::sync::Mutex<Vec<String>>> = std::sync::Arc::default();
+        let keep = std::sync::Arc::clone(&warnings);
         std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stderr).lines() {
@@ -36,9 +40,19 @@ impl ChildProcess {
                 if let Some(found) = listening_line(&line) {
                     let _ = tx.send(found);
                 }
+                if line.contains(" WARN ") {
+                    keep.lock().unwrap().push(line);
+                }
             }
         });
-        ChildProcess::new(child, format!("sluice {}", args.join(" ")), Some(rx))
+        let mut p = ChildProcess::new(child, format!("sluice {}", args.join(" ")), Some(rx));
+        p.warnings = warnings;
+        p
+    }
+
+    /// The WARN lines the process has logged so far (for `sluice` processes).
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().unwrap().clone()
     }
 
     /// Wraps a process started some other way (no log watching).
@@ -51,6 +65,7 @@ impl ChildProcess {
             child,
             name,
             listening,
+            warnings: std::sync::Arc::default(),
         }
     }
 

@@ -3,7 +3,9 @@
 use super::random::Sequence;
 use super::*;
 
+mod concurrency;
 mod reload;
+mod retry;
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -15,7 +17,8 @@ fn th(ttft: f64, itl: f64, tau: f64) -> Thresholds {
     }
 }
 
-/// A config builder for tests: defaults 1 s / 50 ms / τ 10 s, one named model "llama".
+/// A config builder for tests: defaults 1 s / 50 ms / τ 10 s, one named model "llama"; the
+/// latency gate alone (see [`adaptive`]).
 fn config() -> LimiterConfig {
     LimiterConfig {
         mode: Mode::Enforce,
@@ -29,8 +32,16 @@ fn config() -> LimiterConfig {
             sheddable_factor: 1.25,
             retry_after_jitter: 0.0,
             retry_after_cap: Duration::from_secs(60),
+            adaptive_concurrency: false,
         },
     }
+}
+
+/// [`config`] with the adaptive concurrency (work conservation and the ceiling).
+fn adaptive() -> LimiterConfig {
+    let mut c = config();
+    c.shedding.adaptive_concurrency = true;
+    c
 }
 
 /// [`config`] with the hard cliff: `p_max = 1`, `ramp = 1`.
@@ -41,8 +52,19 @@ fn cliff_config() -> LimiterConfig {
     c
 }
 
-/// Feeds `n` samples of each signal at `now` so the averages equal the values.
+/// Eight requests in flight (more than the low-concurrency baseline counts), as many as the
+/// engine last served within the thresholds.
+fn busy(l: &Limiter, key: KeyId, now: Duration) {
+    let mut st = l.slots[key.0 as usize].lock();
+    st.conc.in_flight = 8;
+    st.conc.good = 8.0;
+    st.conc.raised_at = now.as_secs_f64();
+}
+
+/// Feeds `n` samples of each signal at `now` so the averages equal the values, with the key
+/// [`busy`].
 fn load(l: &Limiter, key: KeyId, ttft: f64, itl: f64, now: Duration, n: usize) {
+    busy(l, key, now);
     for _ in 0..n {
         l.record(key, Signal::Ttft, ttft, now).unwrap();
         l.record(key, Signal::Itl, itl, now).unwrap();
@@ -174,77 +196,6 @@ fn critical_is_never_shed_and_sheddable_is_shed_first() {
 }
 
 #[test]
-fn retry_after_is_when_a_read_falls_back_to_the_threshold() {
-    let clock = ManualClock::starting_at(Duration::from_secs(100));
-    let l = Limiter::new(config());
-    let k = l.key("llama");
-    for _ in 0..50 {
-        l.record(k, Signal::Ttft, 0.7, clock.now()).unwrap(); // r_ttft = 1.4
-        l.record(k, Signal::Itl, 0.039, clock.now()).unwrap(); // r_itl = 1.3
-        clock.advance(Duration::from_millis(20));
-    }
-    let d = l.decide(
-        k,
-        Priority::Standard,
-        clock.now(),
-        &mut Sequence::new(vec![0.0, 0.0]),
-    );
-    assert_eq!(d.verdict, Verdict::Reject);
-    let retry = d.retry_after.unwrap();
-    // Just before Retry-After the pressure is still above 1; at it, exactly 1.
-    let start = clock.now();
-    clock.set(start + retry - Duration::from_millis(50));
-    let before = l.decide(
-        k,
-        Priority::Standard,
-        clock.now(),
-        &mut Sequence::new(vec![0.99]),
-    );
-    assert!(before.pressure > 1.0, "{}", before.pressure);
-    clock.set(start + retry);
-    let at = l.decide(
-        k,
-        Priority::Standard,
-        clock.now(),
-        &mut Sequence::new(vec![0.5]),
-    );
-    assert!((at.pressure - 1.0).abs() < 1e-6, "{}", at.pressure);
-    // Only the integral's memory of the decay's tail above 1 still sheds (a little).
-    assert!(
-        at.reject_probability < 0.1 && at.reject_probability <= before.reject_probability,
-        "{at:?} after {before:?}"
-    );
-    assert_eq!(at.verdict, Verdict::Admit);
-}
-
-#[test]
-fn retry_after_is_jittered_and_capped() {
-    let mut c = config();
-    c.shedding.retry_after_jitter = 0.2;
-    c.shedding.retry_after_cap = Duration::from_secs(5);
-    let l = Limiter::new(c);
-    let k = l.key("llama");
-    load(&l, k, 0.6, 0.0, SEC, 1); // one sample: W = 1, wait = τ·ln(1.2)
-    let base = 10.0 * 1.2f64.ln();
-    let d = l.decide(
-        k,
-        Priority::Standard,
-        SEC,
-        &mut Sequence::new(vec![0.0, 0.5]),
-    );
-    let got = d.retry_after.unwrap().as_secs_f64();
-    assert!((got - base * 1.1).abs() < 1e-6, "{got} vs {}", base * 1.1);
-    load(&l, k, 500.0, 0.0, SEC, 10);
-    let d = l.decide(
-        k,
-        Priority::Standard,
-        SEC,
-        &mut Sequence::new(vec![0.0, 0.99]),
-    );
-    assert_eq!(d.retry_after, Some(Duration::from_secs(5)));
-}
-
-#[test]
 fn an_idle_limiter_reopens() {
     let mut c = config();
     c.shedding.retry_after_cap = Duration::from_secs(3600);
@@ -330,6 +281,7 @@ fn invalid_samples_are_refused_and_change_nothing() {
 fn requests_waiting_for_their_first_token_raise_the_ttft_signal_until_they_stop_waiting() {
     let l = Limiter::new(config());
     let k = l.key("llama"); // TTFT threshold 0.5 s
+    busy(&l, k, SEC);
     l.begin_wait(k, SEC);
     l.begin_wait(k, 2 * SEC);
     // At 3 s the ages are 2 s and 1 s: twice the mean age is 3 s.
@@ -407,6 +359,7 @@ fn persistent_pressure_integrates_to_the_floor_and_the_gate_reopens_when_it_ends
     // The metrics' reading, taken before any new decision, already shows the open gate.
     let reading = l.readings(t).find(|r| r.label == "llama").unwrap();
     assert_eq!(reading.reject_probability, 0.0, "{reading:?}");
+    busy(&l, k, t); // (the good concurrency of 1000 s ago is forgotten; a fresh one)
     let d = l.decide(k, Priority::Standard, t, &mut never());
     assert!(d.pressure < 1e-6, "{d:?}");
     assert_eq!(d.reject_probability, 0.0, "{d:?}");
