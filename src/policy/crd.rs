@@ -294,7 +294,12 @@ pub struct ModelThresholds {
     pub time_constant: Option<String>,
 }
 
-/// Shape of shedding. With pressure r = max(TTFT signal / TTFT threshold, ITL average / ITL
+/// Shape of shedding. First, concurrency: with no request of the model in flight, or fewer
+/// than the concurrency G at which the engine last met both thresholds, nothing is shed; once
+/// the TTFT signal shows a queue, a request finding max(4, G) in flight is shed with
+/// maxRejectProbability (see adaptiveConcurrency); a threshold the engine misses even with at
+/// most 4 requests in flight is compared with 1.5 times that low-concurrency latency instead.
+/// Then latency: with pressure r = max(TTFT signal / TTFT threshold, ITL average / ITL
 /// threshold), the ramp rejects with probability 0 for r ≤ 1 and
 /// maxRejectProbability · min(1, (r − 1)/(ramp − 1)) above. An integral I ≤ 0 remembers
 /// persistent pressure: it falls by (min(r, ramp) − 1)/(ramp − 1) per time constant while
