@@ -15,7 +15,10 @@
 //!   before the first late token are already queued, and a controller that waits for the
 //!   latency to cross its threshold holds the queue at the threshold. So once the pressure is
 //!   at 0.5 (latency at half a threshold: a queue is starting), a request finding `max(4, G)`
-//!   or more requests in flight is shed with probability `p_max`. `G` then moves as a learned
+//!   or more requests in flight is shed with probability `p_max`, or always while the requests
+//!   waiting for a first token would take longer than the TTFT threshold to drain at the
+//!   current rate of first tokens (a probe would only wait past it: with long generations a
+//!   slot frees rarely). `G` then moves as a learned
 //!   concurrency limit: up to the concurrency of each probe (the `1 − p_max` admitted past the
 //!   ceiling) whose first token comes in time, down by 1/16 for each late one. Below pressure
 //!   0.5 the ceiling does not bind: a client raising its concurrency on an engine that answers
@@ -167,6 +170,15 @@ impl Concurrency {
     #[inline]
     pub fn ceiling(&self, now: f64, tau: f64) -> f64 {
         self.good_at(now, tau).max(f64::from(LOW_CONCURRENCY))
+    }
+
+    /// Whether `waiting` requests, draining at the current rate of first tokens, take longer
+    /// than `threshold` seconds: a request admitted now would wait past it. (False while the
+    /// rate is unknown.)
+    #[inline]
+    pub fn queue_outlasts(&self, waiting: u32, now: f64, tau: f64, threshold: f64) -> bool {
+        let rate = self.first_tokens.per_second(now, tau);
+        rate > 0.0 && f64::from(waiting) > rate * threshold
     }
 
     /// The threshold a signal is compared with: the policy's, or `margin × baseline` when the

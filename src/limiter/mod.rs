@@ -284,10 +284,15 @@ impl Limiter {
         let ceiling = st.conc.ceiling(now, tau);
         let over_ceiling =
             adaptive && in_flight >= ceiling && st.queue(now, &th) >= concurrency::CEILING_PRESSURE;
-        let p_ceiling = if over_ceiling {
-            shed.max_reject_probability
-        } else {
+        let p_ceiling = if !over_ceiling {
             0.0
+        } else if st
+            .conc
+            .queue_outlasts(st.waiting, now, tau, st.effective(&th).0)
+        {
+            1.0 // a probe would wait past the threshold: none
+        } else {
+            shed.max_reject_probability
         };
         let p = decision::reject_probability_pi(pressure, st.integral, shed).max(p_ceiling);
         if p == 0.0 || rng.next_f64() >= p {

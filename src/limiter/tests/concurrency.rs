@@ -334,3 +334,39 @@ fn a_burst_admitted_at_low_counts_does_not_make_the_baseline() {
     let r = l.readings(SEC).next().unwrap();
     assert!(!r.unreachable, "{r:?}");
 }
+
+#[test]
+fn past_the_ceiling_no_probe_is_let_through_while_the_queue_outlasts_the_threshold() {
+    let l = Limiter::new(adaptive()); // llama: TTFT 0.5 s, p_max 0.9
+    let k = l.key("llama");
+    // 10 first tokens per second, in time at concurrency 6 (TTFT 0.3 s: the ceiling binds).
+    let mut t = SEC;
+    l.record(k, Signal::Itl, 0.01, t).unwrap();
+    for _ in 0..100 {
+        l.record_first_token(k, 0.3, 6, t).unwrap();
+        t += Duration::from_millis(100);
+    }
+    for _ in 0..9 {
+        l.begin_request(k);
+    }
+    // Two waiting for a first token drain in 0.2 s, within the threshold: probes (1 − p_max).
+    l.begin_wait(k, t);
+    l.begin_wait(k, t);
+    let d = l.decide(k, Priority::Standard, t, &mut Sequence::new(vec![0.5]));
+    assert_eq!(d.reject_probability, 0.9, "{d:?}");
+    // Ten drain in 1 s, past the threshold: a probe would only wait there. None.
+    for _ in 0..8 {
+        l.begin_wait(k, t);
+    }
+    let d = l.decide(
+        k,
+        Priority::Standard,
+        t,
+        &mut Sequence::new(vec![0.95, 0.0]),
+    );
+    assert_eq!(
+        (d.verdict, d.reject_probability),
+        (Verdict::Reject, 1.0),
+        "{d:?}"
+    );
+}
