@@ -15,8 +15,14 @@ use super::ChildProcess;
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// A pooling client that lets idle connections go after 10 s: the gateway closes keep-alive
+/// connections idle for 30 s (`--header-read-timeout`), and a client that kept them longer
+/// would sometimes send on one the gateway had just closed (`IncompleteMessage`).
 pub fn client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+    Client::builder(TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(10))
+        .build(HttpConnector::new())
 }
 
 /// An address where nothing listens (port 1, tcpmux, is never served here): connecting is
