@@ -8,7 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use support::{REPO, tool};
+use support::{REPO, TempDir, tool};
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/sluice");
 const ALL_FEATURES: &str = concat!(
@@ -54,9 +54,12 @@ fn docs(yaml: &str) -> Vec<serde_json::Value> {
 }
 
 /// Kubernetes 1.34 schemas for kubeconform (from kubernetes-validate) plus the
-/// RateLimitPolicy schema from the CRD, in a fresh directory.
-fn schemas() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluice-schemas-{}", std::process::id()));
+/// RateLimitPolicy schema from the CRD, in a fresh directory removed when the guard drops
+/// (pass or fail).
+fn schemas() -> TempDir {
+    let guard =
+        TempDir(std::env::temp_dir().join(format!("sluice-schemas-{}", std::process::id())));
+    let dir = guard.0.clone();
     if !dir
         .join("v1.34.0-standalone-strict/deployment-apps-v1.json")
         .is_file()
@@ -75,7 +78,7 @@ fn schemas() -> PathBuf {
         schema.to_string(),
     )
     .unwrap();
-    dir
+    guard
 }
 
 fn kubeconform(dir: &Path, files: &[&Path]) -> Output {
@@ -120,8 +123,11 @@ fn helm_lint_strict_passes_with_default_and_all_features() {
 
 #[test]
 fn rendered_manifests_validate_against_kubernetes_1_34_schemas() {
-    let dir = schemas();
-    let tmp = std::env::temp_dir().join(format!("sluice-rendered-{}", std::process::id()));
+    let schemas = schemas();
+    let dir = schemas.0.clone();
+    let rendered =
+        TempDir(std::env::temp_dir().join(format!("sluice-rendered-{}", std::process::id())));
+    let tmp = rendered.0.clone();
     std::fs::create_dir_all(&tmp).unwrap();
     let default = tmp.join("default.yaml");
     let all = tmp.join("all.yaml");
@@ -162,7 +168,6 @@ fn rendered_manifests_validate_against_kubernetes_1_34_schemas() {
         !kubeconform(&dir, &[&bad_policy]).status.success(),
         "a policy with ttft: fast passed the CRD schema"
     );
-    let _ = std::fs::remove_dir_all(&tmp);
 }
 
 /// `group/resource: verbs` for every rule, sorted (verbs sorted too).

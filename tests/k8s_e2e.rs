@@ -193,7 +193,10 @@ async fn helm_install_to_shed_traffic_to_prometheus_to_uninstall() {
     run_openai(&gw.url, "chat_unary");
 
     // 6. Prometheus scrapes the gateway (127.0.0.1 only).
-    let tmp = std::env::temp_dir().join(format!("sluice-prom-{}", std::process::id()));
+    // Removed when the guard drops, after Prometheus (declared later) has stopped.
+    let prom_dir =
+        support::TempDir(std::env::temp_dir().join(format!("sluice-prom-{}", std::process::id())));
+    let tmp = prom_dir.0.clone();
     std::fs::create_dir_all(&tmp).unwrap();
     let config = tmp.join("prometheus.yml");
     std::fs::write(
@@ -374,5 +377,4 @@ async fn helm_install_to_shed_traffic_to_prometheus_to_uninstall() {
             .is_none()
     );
     drop(prom);
-    let _ = std::fs::remove_dir_all(&tmp);
 }
