@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the Go modules under scripts/go/ from which scripts/k8s-env.sh builds the test
 # control plane and tools (kube-apiserver, kube-controller-manager, kubectl, etcd, helm,
-# kubeconform). Only go.mod and go.sum are committed; run this to move to other versions.
+# kubeconform) and the test cluster's node (kubelet, kube-proxy, kube-scheduler, CoreDNS). Only go.mod and go.sum are committed; run this to move to other versions.
 #
 # k8s.io/kubernetes can only be built from a consumer module that replaces every staging
 # module (k8s.io/api, k8s.io/apimachinery, ...) by its published v0.X.Y version: the list is
@@ -13,6 +13,8 @@ KUBE_VERSION=${KUBE_VERSION:-v1.34.4}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 HELM_VERSION=${HELM_VERSION:-v3.19.5}
 KUBECONFORM_VERSION=${KUBECONFORM_VERSION:-v0.7.0}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.15.0}
+PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-v0.316.0}   # Prometheus 3.16 (its Go module versions are v0.3xx)
 GO_DIRECTIVE=${GO_DIRECTIVE:-1.24.0}
 
 fresh() { # dir module-path
@@ -35,7 +37,10 @@ staging_version="v0${KUBE_VERSION#v1}"   # v1.34.4 -> v0.34.4
 (cd kubernetes &&
   go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@${KUBE_VERSION}" \
     "k8s.io/kubernetes/cmd/kube-controller-manager@${KUBE_VERSION}" \
-    "k8s.io/kubernetes/cmd/kubectl@${KUBE_VERSION}" &&
+    "k8s.io/kubernetes/cmd/kubectl@${KUBE_VERSION}" \
+    "k8s.io/kubernetes/cmd/kubelet@${KUBE_VERSION}" \
+    "k8s.io/kubernetes/cmd/kube-proxy@${KUBE_VERSION}" \
+    "k8s.io/kubernetes/cmd/kube-scheduler@${KUBE_VERSION}" &&
   go mod tidy)
 
 # --- etcd: a wrapper module (go install fails on etcd's own replace directives) ------------
@@ -50,4 +55,14 @@ fresh helm sluice.dev/testenv/helm
 fresh kubeconform sluice.dev/testenv/kubeconform
 (cd kubeconform && go get -tool "github.com/yannh/kubeconform/cmd/kubeconform@${KUBECONFORM_VERSION}" && go mod tidy)
 
-echo "versions: kubernetes ${KUBE_VERSION} etcd ${ETCD_VERSION} helm ${HELM_VERSION} kubeconform ${KUBECONFORM_VERSION}"
+# --- coredns: scripts/go/coredns/main.go links only the plugins the test cluster uses --------
+(cd coredns && rm -f go.sum && printf 'module sluice.dev/testenv/coredns\n\ngo %s\n' "$GO_DIRECTIVE" >go.mod &&
+  go get "github.com/coredns/coredns@${COREDNS_VERSION}" && go mod tidy)
+
+# --- prometheus: built with only Kubernetes service discovery (scripts/k8s-env.sh) ------------
+fresh prometheus sluice.dev/testenv/prometheus
+(cd prometheus && go get -tool "github.com/prometheus/prometheus/cmd/prometheus@${PROMETHEUS_VERSION}" && go mod tidy)
+
+# scripts/go/pause is the standard library only: nothing to regenerate.
+
+echo "versions: kubernetes ${KUBE_VERSION} etcd ${ETCD_VERSION} helm ${HELM_VERSION} kubeconform ${KUBECONFORM_VERSION} coredns ${COREDNS_VERSION} prometheus ${PROMETHEUS_VERSION}"

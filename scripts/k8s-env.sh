@@ -13,6 +13,10 @@
 #
 # Cache: ${SLUICE_CACHE:-~/.cache/sluice}/testenv/<hash of scripts/go/*/go.sum>/bin
 # State: ${SLUICE_K8S_STATE:-${TMPDIR:-/tmp}/sluice-k8s} (certs, data, logs, pids, kubeconfig)
+# SLUICE_K8S_ADDRESS (default 127.0.0.1) is the API server's bind and advertise address,
+# SLUICE_K8S_API_PORT its port (default: a free one) and SLUICE_K8S_CONTROLLERS the
+# controller manager's controllers: scripts/cluster.sh sets them to run this control plane
+# inside its network namespace, where a kubelet and pods reach it on the node's address.
 # With SLUICE_TEST_KUBECONFIG set to an existing cluster's kubeconfig (kind, k3d), `up` only
 # checks that it answers and `down` does nothing.
 set -euo pipefail
@@ -21,6 +25,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 GO_DIR=$ROOT/scripts/go
 CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}
 STATE=${SLUICE_K8S_STATE:-${TMPDIR:-/tmp}/sluice-k8s}
+ADDRESS=${SLUICE_K8S_ADDRESS:-127.0.0.1}
+CONTROLLERS=${SLUICE_K8S_CONTROLLERS:-garbagecollector,namespace,deployment,replicaset,serviceaccount,serviceaccount-token,disruption}
 
 log() { printf '[k8s-env] %s\n' "$*" >&2; }
 die() { printf '[k8s-env] error: %s\n' "$*" >&2; exit 1; }
@@ -35,10 +41,10 @@ bin_dir() {
   echo "$CACHE/testenv/$hash/bin"
 }
 
-build() { # module-dir package output [ldflags]
-  local dir=$1 pkg=$2 out=$3 ldflags=${4:-}
+build() { # module-dir package output [ldflags] [build tags]
+  local dir=$1 pkg=$2 out=$3 ldflags=${4:-} tags=${5:-}
   log "building $(basename "$out") from $pkg"
-  (cd "$GO_DIR/$dir" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp" "$pkg")
+  (cd "$GO_DIR/$dir" && CGO_ENABLED=0 go build -trimpath -tags "$tags" -ldflags "-s -w $ldflags" -o "$out.tmp" "$pkg")
   mv "$out.tmp" "$out"
 }
 
@@ -51,7 +57,7 @@ cmd_install() {
   kube=$(awk '/k8s.io\/kubernetes v/ {print $2; exit}' "$GO_DIR/kubernetes/go.mod")
   local minor=${kube#v1.}; minor=${minor%%.*}
   local kv="-X k8s.io/component-base/version.gitVersion=$kube -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitVersion=$kube -X k8s.io/component-base/version.gitTreeState=clean"
-  for c in kube-apiserver kube-controller-manager kubectl; do
+  for c in kube-apiserver kube-controller-manager kubectl kubelet kube-proxy kube-scheduler; do
     [ -x "$bin/$c" ] || build kubernetes "k8s.io/kubernetes/cmd/$c" "$bin/$c" "$kv"
   done
   etcd_v=$(version_of etcd go.etcd.io/etcd/server/v3)
@@ -59,6 +65,14 @@ cmd_install() {
   helm_v=$(version_of helm helm.sh/helm/v3)
   [ -x "$bin/helm" ] || build helm helm.sh/helm/v3/cmd/helm "$bin/helm" "-X helm.sh/helm/v3/internal/version.version=$helm_v"
   [ -x "$bin/kubeconform" ] || build kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$bin/kubeconform"
+  [ -x "$bin/coredns" ] || build coredns . "$bin/coredns"
+  [ -x "$bin/pause" ] || build pause . "$bin/pause"
+  # Debian's prometheus has no Kubernetes service discovery; this one has only that one.
+  local prom_v; prom_v=$(version_of prometheus github.com/prometheus/prometheus)
+  [ -x "$bin/prometheus" ] || build prometheus github.com/prometheus/prometheus/cmd/prometheus "$bin/prometheus" \
+    "-X github.com/prometheus/common/version.Version=$prom_v" remove_all_sd,enable_kubernetes_sd
+  # Binaries of other module versions are of no further use.
+  find "$(dirname "$bin")/.." -mindepth 1 -maxdepth 1 -type d ! -name "$(basename "$(dirname "$bin")")" -exec rm -rf {} +
   stamp=$(( $(date +%s) - start ))
   log "binaries in $bin (${stamp}s this run; $(du -sh "$bin" | cut -f1) on disk)"
   echo "$bin"
@@ -74,7 +88,7 @@ gen_certs() { # dir
     cd "$d"
     openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 7 -subj "/CN=sluice-test-ca" 2>/dev/null
     cat >serving.ext <<EXT
-subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+subjectAltName=IP:127.0.0.1,IP:$ADDRESS,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 extendedKeyUsage=serverAuth
 EXT
     openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver" 2>/dev/null
@@ -177,8 +191,8 @@ cmd_up() {
   mkdir -p "$STATE/pki" "$STATE/logs"
   gen_certs "$STATE/pki"
   local etcd_port peer_port api_port cm_port
-  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port); cm_port=$(free_port)
-  local server="https://127.0.0.1:$api_port"
+  etcd_port=$(free_port); peer_port=$(free_port); api_port=${SLUICE_K8S_API_PORT:-$(free_port)}; cm_port=$(free_port)
+  local server="https://$ADDRESS:$api_port"
 
   start etcd "$bin/etcd" --name sluice-test --data-dir "$STATE/etcd" \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
@@ -188,7 +202,9 @@ cmd_up() {
 
   start kube-apiserver "$bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --bind-address "$ADDRESS" --advertise-address "$ADDRESS" --secure-port "$api_port" \
+    --kubelet-client-certificate "$STATE/pki/admin.crt" --kubelet-client-key "$STATE/pki/admin.key" \
+    --kubelet-preferred-address-types InternalIP \
     --tls-cert-file "$STATE/pki/apiserver.crt" --tls-private-key-file "$STATE/pki/apiserver.key" \
     --client-ca-file "$STATE/pki/ca.crt" \
     --authorization-mode RBAC \
@@ -205,7 +221,7 @@ cmd_up() {
     --authentication-kubeconfig "$STATE/controller-manager.kubeconfig" \
     --authorization-kubeconfig "$STATE/controller-manager.kubeconfig" \
     --bind-address 127.0.0.1 --secure-port "$cm_port" --leader-elect=false \
-    --controllers garbagecollector,namespace,deployment,replicaset,serviceaccount,serviceaccount-token,disruption \
+    --controllers "$CONTROLLERS" \
     --service-account-private-key-file "$STATE/pki/sa.key" --root-ca-file "$STATE/pki/ca.crt" \
     --use-service-account-credentials=false --profiling=false --v=1
   wait_for kube-controller-manager 60 curl -skf "https://127.0.0.1:$cm_port/healthz"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs all of sluice's checks and tests, installing what they need first:
 #   formatting, clippy, rustdoc, a Python venv with the official `openai` client, llama.cpp's
-#   llama-server with the Gemma 3 270M model (scripts/llama.sh), the local Kubernetes
-#   control plane (built once into ~/.cache/sluice), then the whole cargo test suite. The
-#   control plane is stopped at the end, also when a test fails.
+#   llama-server with the Gemma 3 270M model (scripts/llama.sh), Debian's container tools,
+#   sluice's image (scripts/image.sh), the local Kubernetes control plane (built once into
+#   ~/.cache/sluice), then the whole cargo test suite; last, a single-node cluster with real
+#   pods in its own network namespace (scripts/cluster.sh) and tests/k8s_pods.rs inside it.
+#   Both clusters are stopped at the end, also when a test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,12 +55,33 @@ step "a real engine: llama.cpp's llama-server and Gemma 3 270M (scripts/llama.sh
 # shellcheck disable=SC1090
 source "$(scripts/llama.sh)"
 
+step "container tools (Debian: containerd, runc, CNI plugins, buildah, iptables)"
+missing=()
+for p in containerd runc containernetworking-plugins buildah iptables; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+step "sluice's image (scripts/image.sh: release build, buildah from scratch on Debian packages)"
+SLUICE_IMAGE_ARCHIVE=$(scripts/image.sh build)
+export SLUICE_IMAGE_ARCHIVE
+
 step "local Kubernetes control plane (scripts/k8s-env.sh)"
 scripts/k8s-env.sh install >/dev/null
+trap 'scripts/k8s-env.sh down || true; scripts/cluster.sh down || true' EXIT
 env_file=$(scripts/k8s-env.sh up)
-trap 'scripts/k8s-env.sh down' EXIT
 # shellcheck disable=SC1090
 source "$env_file"
 
 step "cargo test"
 cargo test --locked --no-fail-fast
+
+step "real pods: a single-node cluster in network namespace sluice-k8s (scripts/cluster.sh)"
+scripts/k8s-env.sh down
+cargo test --locked --no-run --test k8s_pods
+scripts/cluster.sh up >/dev/null
+scripts/cluster.sh load "$SLUICE_IMAGE_ARCHIVE"
+scripts/cluster.sh exec cargo test --locked --offline --test k8s_pods

@@ -368,3 +368,38 @@ pub fn policy_yaml(upstream: &str, spec_extra: &str) -> String {
     }
     doc
 }
+
+/// Sends a JSON POST and reads the whole body: the status, or what went wrong (refused, reset,
+/// a body cut short) as text, for tests that count failures instead of stopping at the first.
+pub async fn try_post_json(
+    c: &HttpClient,
+    url: &str,
+    body: &serde_json::Value,
+) -> Result<u16, String> {
+    let req = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())))
+        .unwrap();
+    try_request(c, req).await
+}
+
+/// [`try_post_json`] for a GET.
+pub async fn try_get(c: &HttpClient, url: &str) -> Result<u16, String> {
+    try_request(
+        c,
+        hyper::Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+}
+
+async fn try_request(c: &HttpClient, req: hyper::Request<Full<Bytes>>) -> Result<u16, String> {
+    let resp = c.request(req).await.map_err(|e| format!("{e:?}"))?;
+    let status = resp.status().as_u16();
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?;
+    Ok(status)
+}

@@ -1,0 +1,587 @@
+//! sluice as real pods, from its own image (`scripts/image.sh`), on the single-node cluster of
+//! `scripts/cluster.sh`: `helm install`; the operator pod becomes Ready; a policy and a
+//! sim-engine Deployment are applied in a namespace that enforces Pod Security `restricted`;
+//! the gateway pods pass their readiness probes; the official `openai` client reaches the
+//! gateway Service by its DNS name (CoreDNS); overload is shed; `kubectl patch` applies live;
+//! Prometheus finds the pods through Kubernetes service discovery; two replicas share the load;
+//! `kubectl rollout restart` under steady load fails no request; `helm uninstall` leaves
+//! nothing behind.
+//!
+//! It runs only inside the cluster's network namespace, where pod and Service addresses exist
+//! (outside it they would be routed off this machine): scripts/test.sh runs it with
+//! `scripts/cluster.sh exec cargo test --test k8s_pods`. Anywhere else it fails at once.
+
+mod support;
+
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::http::{client as http_client, get, metric, post_json};
+use support::{ChildProcess, REPO, TempDir, eventually, kubectl, kubectl_ok, tool};
+
+const APPS: &str = "inference";
+const SYSTEM: &str = "sluice-system";
+const GATEWAY: &str = "llama-sluice";
+
+/// The cluster's namespace name; panics unless this process runs inside it.
+fn inside_the_cluster_namespace() -> String {
+    let ns = std::env::var("SLUICE_NETNS").unwrap_or_else(|_| {
+        panic!("SLUICE_NETNS is not set: run this test through `scripts/cluster.sh exec` (scripts/test.sh does)")
+    });
+    let pinned = std::fs::metadata(format!("/run/netns/{ns}")).unwrap_or_else(|e| {
+        panic!("network namespace {ns} does not exist ({e}): is the cluster up?")
+    });
+    let mine = std::fs::metadata("/proc/self/ns/net").unwrap();
+    assert_eq!(
+        (pinned.dev(), pinned.ino()),
+        (mine.dev(), mine.ino()),
+        "this test is not inside network namespace {ns}: pod and Service addresses must never be \
+         addressed from outside it; run it with `scripts/cluster.sh exec`"
+    );
+    ns
+}
+
+fn apply(yaml: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(tool("kubectl"))
+        .env("KUBECONFIG", support::kubeconfig_path())
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn apply_ok(yaml: &str) {
+    let out = apply(yaml);
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn helm(args: &[&str]) -> String {
+    let out = Command::new(tool("helm"))
+        .env("KUBECONFIG", support::kubeconfig_path())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json_of(args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    serde_json::from_str(&kubectl_ok(&all)).unwrap()
+}
+
+/// Names and IPs of the Ready gateway pods.
+fn gateway_pods() -> Vec<(String, String)> {
+    let pods = json_of(&[
+        "get",
+        "pods",
+        "-n",
+        APPS,
+        "-l",
+        "app.kubernetes.io/instance=llama",
+    ]);
+    pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .filter(|p| {
+            p["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+        })
+        .map(|p| {
+            let name = p["metadata"]["name"].as_str().unwrap().to_owned();
+            let ip = p["status"]["podIP"].as_str().unwrap_or_default().to_owned();
+            (name, ip)
+        })
+        .collect()
+}
+
+const SIM_ENGINE: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: sim-engine, namespace: inference}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: sim-engine}}
+  template:
+    metadata: {labels: {app: sim-engine}}
+    spec:
+      securityContext: {runAsNonRoot: true, seccompProfile: {type: RuntimeDefault}}
+      containers:
+      - name: engine
+        image: ghcr.io/sluice-dev/sluice:dev
+        imagePullPolicy: Never
+        args: [sim-engine, --listen, "0.0.0.0:8000", --max-num-seqs, "2", --decode-step-ms, "15"]
+        ports: [{name: http, containerPort: 8000}]
+        readinessProbe: {httpGet: {path: /v1/models, port: http}, periodSeconds: 2}
+        securityContext: {allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {drop: [ALL]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sim-engine, namespace: inference}
+spec:
+  selector: {app: sim-engine}
+  ports: [{name: http, port: 8000, targetPort: http}]
+"#;
+
+/// `command` in a private mount namespace whose /etc/resolv.conf names the cluster's CoreDNS:
+/// it resolves Service names as a pod does.
+fn with_cluster_dns(program: &str, args: &[&str]) -> std::process::Output {
+    let resolv = std::env::var("SLUICE_CLUSTER_RESOLV_CONF")
+        .expect("SLUICE_CLUSTER_RESOLV_CONF (scripts/cluster.sh env)");
+    Command::new("unshare")
+        .args([
+            "--mount",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"",
+        ])
+        .arg(&resolv)
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The official client, resolving the gateway's Service name through the cluster's DNS.
+fn openai_by_dns_name(base: &str, scenario: &str) {
+    let python =
+        std::env::var("SLUICE_PYTHON").expect("SLUICE_PYTHON: the venv of tests/requirements.txt");
+    let script = format!("{REPO}/tests/openai_client.py");
+    let out = with_cluster_dns(&python, &[&script, base, scenario]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "openai {scenario} via {base}: {}...{}",
+        String::from_utf8_lossy(&out.stdout),
+        &err[err.len().saturating_sub(1500)..]
+    );
+}
+
+#[tokio::test]
+async fn helm_install_to_real_pods_to_uninstall() {
+    inside_the_cluster_namespace();
+    let c = http_client();
+
+    // Namespaces that enforce Pod Security "restricted" through the API server's admission.
+    for ns in [SYSTEM, APPS] {
+        apply_ok(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{pod-security.kubernetes.io/enforce: restricted}}}}\n"
+        ));
+    }
+    let privileged = apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: privileged, namespace: inference}\nspec:\n  containers:\n  - {name: c, image: ghcr.io/sluice-dev/sluice:dev, securityContext: {privileged: true}}\n",
+    );
+    let why = String::from_utf8_lossy(&privileged.stderr);
+    assert!(
+        !privileged.status.success() && why.contains("violates PodSecurity"),
+        "a privileged pod was not refused by Pod Security admission: {why}"
+    );
+
+    // 1. helm install with the image built here; the operator pod becomes Ready (real probes).
+    let chart = format!("{REPO}/charts/sluice");
+    helm(&[
+        "install",
+        "sluice",
+        &chart,
+        "--namespace",
+        SYSTEM,
+        "--set",
+        "image.tag=dev",
+        "--set",
+        "image.pullPolicy=Never",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    let manifest = helm(&["get", "manifest", "sluice", "--namespace", SYSTEM]);
+    kubectl_ok(&[
+        "wait",
+        "-n",
+        SYSTEM,
+        "--for=condition=Ready",
+        "pod",
+        "-l",
+        "app.kubernetes.io/name=sluice-operator",
+        "--timeout=60s",
+    ]);
+
+    // 2. A sim engine, and the example policy pointed at it by its Service name.
+    apply_ok(SIM_ENGINE);
+    let policy = std::fs::read_to_string(format!("{REPO}/examples/policy.yaml"))
+        .unwrap()
+        .replace(
+            "http://vllm.inference.svc.cluster.local:8000",
+            "http://sim-engine.inference.svc.cluster.local:8000",
+        );
+    apply_ok(&policy);
+
+    // 3. Two gateway pods pass their readiness probes.
+    kubectl_ok(&[
+        "rollout",
+        "status",
+        "-n",
+        APPS,
+        "deployment/sim-engine",
+        "--timeout=90s",
+    ]);
+    kubectl_ok(&[
+        "rollout",
+        "status",
+        "-n",
+        APPS,
+        &format!("deployment/{GATEWAY}"),
+        "--timeout=90s",
+    ]);
+    let pods = eventually(60, "two Ready gateway pods", || async {
+        let p = gateway_pods();
+        (p.len() == 2).then_some(p)
+    })
+    .await;
+    let generation =
+        json_of(&["get", "deployment", GATEWAY, "-n", APPS])["metadata"]["generation"].clone();
+
+    // 4. The official client through the Service, by DNS name (once kube-proxy routes it).
+    let service_ip = json_of(&["get", "service", GATEWAY, "-n", APPS])["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let service = format!("http://{service_ip}:8080");
+    eventually(30, "the gateway Service routes to a Ready pod", || async {
+        (support::http::try_get(&c, &format!("{service}/readyz")).await == Ok(200)).then_some(())
+    })
+    .await;
+    let host = format!("{GATEWAY}.{APPS}.svc.cluster.local");
+    eventually(
+        30,
+        "CoreDNS resolves the gateway Service's name",
+        || async {
+            let out = with_cluster_dns("getent", &["hosts", &host]);
+            String::from_utf8_lossy(&out.stdout)
+                .starts_with(&service_ip)
+                .then_some(())
+        },
+    )
+    .await;
+    let by_name = format!("http://{host}:8080");
+    openai_by_dns_name(&by_name, "chat_streaming");
+    openai_by_dns_name(&by_name, "chat_unary");
+
+    // 5. Overload (a new stream every 50 ms against two slots) is shed with 429 + Retry-After.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut burst = Vec::new();
+    let shed = loop {
+        let (c, url, tx) = (c.clone(), service.clone(), tx.clone());
+        burst.push(tokio::spawn(async move {
+            let body = json!({"model": "sim-llm", "stream": true, "max_tokens": 30, "messages": [{"role": "user", "content": "go"}]});
+            let r = post_json(&c, &format!("{url}/v1/chat/completions"), &body).await;
+            let s = r.status;
+            let _ = tx.send(r);
+            s
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Ok(r) = rx.try_recv()
+            && r.status == 429
+        {
+            break r;
+        }
+        assert!(burst.len() < 400, "no 429 after 20 s of overload");
+    };
+    assert!(shed.header("retry-after").is_some());
+    for b in burst {
+        let s = b.await.unwrap();
+        assert!(s == 200 || s == 429, "{s}");
+    }
+
+    // 6. kubectl patch applies live: every pod reports the new threshold, none restarted.
+    let patch = r#"[{"op":"replace","path":"/spec/models/1/ttft","value":"1h"}]"#;
+    kubectl_ok(&[
+        "patch", "rlp", "llama", "-n", APPS, "--type", "json", "-p", patch,
+    ]);
+    for (name, ip) in &pods {
+        eventually(
+            30,
+            &format!("{name} applied the patched threshold"),
+            || async {
+                let text = get(&c, &format!("http://{ip}:8080/metrics")).await.text();
+                (metric(
+                    &text,
+                    "sluice_ttft_threshold_seconds",
+                    &[("model", "sim-llm")],
+                ) == Some(3600.0))
+                .then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(gateway_pods(), pods, "the patch replaced gateway pods");
+    assert_eq!(
+        json_of(&["get", "deployment", GATEWAY, "-n", APPS])["metadata"]["generation"],
+        generation,
+        "the patch changed the gateway Deployment (a rollout)"
+    );
+
+    // 7. Both replicas served part of the load (kube-proxy spreads connections).
+    for (name, ip) in &pods {
+        let text = get(&c, &format!("http://{ip}:8080/metrics")).await.text();
+        let served: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("sluice_requests_total{") && l.contains("outcome=\"success\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(served >= 1.0, "gateway pod {name} served nothing:\n{text}");
+    }
+
+    // 8. Prometheus discovers the annotated pods through the API and scrapes them.
+    let prom = prometheus().await;
+    let up: Value = eventually(
+        60,
+        "Prometheus scraped 3 pods (2 gateways, the operator)",
+        || async {
+            let v = get(&c, &format!("http://{}/api/v1/query?query=up", prom.1))
+                .await
+                .json();
+            let r = v["data"]["result"].as_array()?.clone();
+            (r.len() >= 3 && r.iter().all(|s| s["value"][1] == "1")).then_some(v)
+        },
+    )
+    .await;
+    let scraped: Vec<&str> = up["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["metric"]["pod"].as_str().unwrap())
+        .collect();
+    for (name, _) in &pods {
+        assert!(
+            scraped.contains(&name.as_str()),
+            "{name} not scraped: {scraped:?}"
+        );
+    }
+    drop(prom);
+
+    // 9. kubectl rollout restart under steady load: no request fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (c, url, stop, ok, failed) = (c.clone(), service.clone(), stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                let body = json!({"model": "sim-llm", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]});
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    match support::http::try_post_json(&c, &format!("{url}/v1/chat/completions"), &body).await {
+                        Ok(200) => ok.fetch_add(1, Ordering::SeqCst),
+                        other => {
+                            errors.push(format!("{other:?}"));
+                            failed.fetch_add(1, Ordering::SeqCst)
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                errors
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kubectl_ok(&[
+        "rollout",
+        "restart",
+        "-n",
+        APPS,
+        &format!("deployment/{GATEWAY}"),
+    ]);
+    kubectl_ok(&[
+        "rollout",
+        "status",
+        "-n",
+        APPS,
+        &format!("deployment/{GATEWAY}"),
+        "--timeout=120s",
+    ]);
+    eventually(60, "the old gateway pods gone", || async {
+        let left = json_of(&[
+            "get",
+            "pods",
+            "-n",
+            APPS,
+            "-l",
+            "app.kubernetes.io/instance=llama",
+        ]);
+        (left["items"].as_array()?.len() == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut errors = Vec::new();
+    for w in workers {
+        errors.extend(w.await.unwrap());
+    }
+    let new_pods = gateway_pods();
+    assert!(
+        new_pods.iter().all(|p| !pods.contains(p)),
+        "the restart kept old pods: {new_pods:?}"
+    );
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "requests failed during the rollout: {errors:?}"
+    );
+    assert!(
+        ok.load(Ordering::SeqCst) >= 20,
+        "too little load to prove anything"
+    );
+
+    // 10. Delete the policy, then helm uninstall: nothing the chart created is left.
+    kubectl_ok(&[
+        "delete",
+        "rlp",
+        "llama",
+        "-n",
+        APPS,
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    eventually(
+        60,
+        "the gateway Deployment and pods garbage-collected",
+        || async {
+            let left = json_of(&[
+                "get",
+                "deployments,pods",
+                "-n",
+                APPS,
+                "-l",
+                "app.kubernetes.io/instance=llama",
+            ]);
+            left["items"].as_array()?.is_empty().then_some(())
+        },
+    )
+    .await;
+    helm(&[
+        "uninstall",
+        "sluice",
+        "--namespace",
+        SYSTEM,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    for doc in manifest.split("\n---") {
+        let Ok(obj) = serde_yaml::from_str::<Value>(doc) else {
+            continue;
+        };
+        let (Some(kind), Some(name)) = (obj["kind"].as_str(), obj["metadata"]["name"].as_str())
+        else {
+            continue;
+        };
+        let ns = obj["metadata"]["namespace"].as_str().unwrap_or(SYSTEM);
+        let out = kubectl(&[
+            "get",
+            kind,
+            name,
+            "-n",
+            ns,
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ]);
+        assert!(
+            out.status.success() && out.stdout.is_empty(),
+            "helm uninstall left {kind}/{name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    eventually(60, "the operator pod gone", || async {
+        json_of(&["get", "pods", "-n", SYSTEM])["items"]
+            .as_array()?
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+}
+
+/// Prometheus with Kubernetes pod discovery (the API server through the admin kubeconfig),
+/// keeping pods annotated `prometheus.io/scrape: "true"`; returns it and its listen address.
+async fn prometheus() -> (ChildProcess, String, TempDir) {
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("sluice-pods-prom-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let config = dir.0.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"global: {{scrape_interval: 1s}}
+scrape_configs:
+- job_name: pods
+  kubernetes_sd_configs:
+  - role: pod
+    kubeconfig_file: {kc}
+    namespaces: {{names: [{APPS}, {SYSTEM}]}}
+  relabel_configs:
+  - {{source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape], action: keep, regex: "true"}}
+  - source_labels: [__meta_kubernetes_pod_ip, __meta_kubernetes_pod_annotation_prometheus_io_port]
+    regex: (.+);(.+)
+    replacement: $1:$2
+    target_label: __address__
+  - {{source_labels: [__meta_kubernetes_pod_name], target_label: pod}}
+"#,
+            kc = support::kubeconfig_path().display()
+        ),
+    )
+    .unwrap();
+    let listen = "127.0.0.1:9090".to_owned();
+    let mut prom = ChildProcess::new(
+        // Built by scripts/k8s-env.sh with Kubernetes discovery (Debian's build has none).
+        Command::new(tool("prometheus"))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={listen}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+        "prometheus".into(),
+        None,
+    );
+    support::http::wait_ok(
+        &http_client(),
+        &format!("http://{listen}/-/ready"),
+        60,
+        &mut prom,
+    )
+    .await;
+    (prom, listen, dir)
+}
