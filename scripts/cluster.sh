@@ -7,7 +7,7 @@
 # (`scripts/cluster.sh exec CMD`).
 #
 #   scripts/cluster.sh install        build the binaries and the pause image (once, cached)
-#   scripts/cluster.sh up             start it all; prints the env file to source
+#   scripts/cluster.sh up             start it all
 #   scripts/cluster.sh load ARCHIVE   import a docker-archive image into the node's containerd
 #   scripts/cluster.sh exec CMD...    run CMD inside the namespace, with the cluster's env
 #   scripts/cluster.sh down           delete the pods through the API, stop every recorded PID,
@@ -194,9 +194,11 @@ cmd_up() {
   in_ns sysctl -q -w net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1
 
   # The control plane, inside the namespace on the node's address.
-  SLUICE_K8S_STATE=$STATE/control-plane SLUICE_K8S_ADDRESS=$NODE_IP SLUICE_K8S_API_PORT=$API_PORT \
+  # (Not an existing cluster some caller's environment names.)
+  in_ns env -u SLUICE_TEST_KUBECONFIG -u KUBECONFIG \
+    SLUICE_K8S_STATE="$STATE/control-plane" SLUICE_K8S_ADDRESS=$NODE_IP SLUICE_K8S_API_PORT=$API_PORT \
     SLUICE_K8S_CONTROLLERS=garbagecollector,namespace,deployment,replicaset,serviceaccount,serviceaccount-token,disruption,endpoint,endpointslice,root-ca-cert-publisher,podgc,job,ttl-after-finished,nodelifecycle \
-    in_ns "$ROOT/scripts/k8s-env.sh" up >/dev/null
+    "$ROOT/scripts/k8s-env.sh" up >/dev/null
   KUBECONFIG_FILE=$STATE/control-plane/admin.kubeconfig
   PKI=$STATE/control-plane/pki
   write_configs
@@ -224,7 +226,13 @@ cmd_up() {
   wait_for coredns 30 in_ns curl -sf http://127.0.0.1:8181/ready
   wait_for kube-proxy 30 in_ns curl -sf http://127.0.0.1:10256/healthz
 
+  # Sourced outside the namespace, this environment would send kubectl to 10.99.0.1 off the
+  # machine: it refuses.
   cat >"$STATE/env" <<ENV
+if [ "\$(stat -L -c %d:%i /proc/self/ns/net)" != "\$(stat -L -c %d:%i /run/netns/$NS 2>/dev/null)" ]; then
+  echo "[cluster] this environment is for use inside network namespace $NS only: scripts/cluster.sh exec CMD" >&2
+  return 1 2>/dev/null || exit 1
+fi
 export SLUICE_TEST_KUBECONFIG=$KUBECONFIG_FILE
 export KUBECONFIG=$KUBECONFIG_FILE
 export SLUICE_K8S_BIN=$BIN
@@ -235,8 +243,7 @@ export SLUICE_CLUSTER_RESOLV_CONF=$STATE/client-resolv.conf
 export PATH=$BIN:\$PATH
 ENV
   local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-  log "node $NODE Ready in $((ms / 1000)).$(printf '%03d' $((ms % 1000)))s (namespace $NS, API https://$NODE_IP:$API_PORT, logs in $STATE/logs)"
-  echo "$STATE/env"
+  log "node $NODE Ready in $((ms / 1000)).$(printf '%03d' $((ms % 1000)))s (namespace $NS, API https://$NODE_IP:$API_PORT, logs in $STATE/logs); use it with scripts/cluster.sh exec CMD"
 }
 
 cmd_load() { # archive
@@ -247,7 +254,7 @@ cmd_load() { # archive
 
 cmd_exec() {
   [ -f "$STATE/env" ] || die "the cluster is not up"
-  # shellcheck disable=SC1091
+  # shellcheck disable=SC2016 # expanded by the inner bash
   in_ns bash -c 'source "$0" && exec "$@"' "$STATE/env" "$@"
 }
 
@@ -272,7 +279,9 @@ cmd_down() {
     done
     rm -f "$STATE/pids"
   fi
-  [ -d "$STATE/control-plane" ] && SLUICE_K8S_STATE=$STATE/control-plane "$ROOT/scripts/k8s-env.sh" down || true
+  if [ -d "$STATE/control-plane" ]; then
+    SLUICE_K8S_STATE=$STATE/control-plane "$ROOT/scripts/k8s-env.sh" down || true
+  fi
   # Containers that outlived their shims, then the shims of this containerd.
   if [ -d "$STATE/runc/k8s.io" ]; then
     for id in $(runc --root "$STATE/runc/k8s.io" list -q 2>/dev/null); do
@@ -287,7 +296,9 @@ cmd_down() {
   done
   # Pod cgroups, deepest first.
   for ctl in /sys/fs/cgroup/*/; do
-    [ -d "$ctl$CGROUP" ] && find "$ctl$CGROUP" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+    if [ -d "$ctl$CGROUP" ]; then
+      find "$ctl$CGROUP" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+    fi
   done
   [ -e "/run/netns/$NS" ] && ip netns delete "$NS" && log "deleted network namespace $NS"
   rm -rf "$STATE"

@@ -14,6 +14,7 @@ ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 HELM_VERSION=${HELM_VERSION:-v3.19.5}
 KUBECONFORM_VERSION=${KUBECONFORM_VERSION:-v0.7.0}
 COREDNS_VERSION=${COREDNS_VERSION:-v1.15.0}
+ACTIONLINT_VERSION=${ACTIONLINT_VERSION:-v1.7.12}
 PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-v0.316.0}   # Prometheus 3.16 (its Go module versions are v0.3xx)
 GO_DIRECTIVE=${GO_DIRECTIVE:-1.24.0}
 
@@ -63,6 +64,10 @@ fresh kubeconform sluice.dev/testenv/kubeconform
 fresh prometheus sluice.dev/testenv/prometheus
 (cd prometheus && go get -tool "github.com/prometheus/prometheus/cmd/prometheus@${PROMETHEUS_VERSION}" && go mod tidy)
 
+# --- actionlint: lints .github/workflows (tests/release.rs) ----------------------------------
+fresh actionlint sluice.dev/testenv/actionlint
+(cd actionlint && go get -tool "github.com/rhysd/actionlint/cmd/actionlint@${ACTIONLINT_VERSION}" && go mod tidy)
+
 # scripts/go/pause is the standard library only: nothing to regenerate.
 
-echo "versions: kubernetes ${KUBE_VERSION} etcd ${ETCD_VERSION} helm ${HELM_VERSION} kubeconform ${KUBECONFORM_VERSION} coredns ${COREDNS_VERSION} prometheus ${PROMETHEUS_VERSION}"
+echo "versions: kubernetes ${KUBE_VERSION} etcd ${ETCD_VERSION} helm ${HELM_VERSION} kubeconform ${KUBECONFORM_VERSION} coredns ${COREDNS_VERSION} prometheus ${PROMETHEUS_VERSION} actionlint ${ACTIONLINT_VERSION}"

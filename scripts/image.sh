@@ -28,28 +28,29 @@ epoch() {
 
 debs() { # -> directory holding the .debs named in image-packages.txt
   local dir=$CACHE/debs pkgs
-  pkgs=$(grep -v '^#' "$ROOT/scripts/image-packages.txt" | xargs)
+  mapfile -t pkgs < <(grep -v -e '^#' -e '^$' "$ROOT/scripts/image-packages.txt")
   mkdir -p "$dir"
   local missing=0 p
-  for p in $pkgs; do ls "$dir/${p}"_*.deb >/dev/null 2>&1 || missing=1; done
+  for p in "${pkgs[@]}"; do ls "$dir/${p}"_*.deb >/dev/null 2>&1 || missing=1; done
   if [ $missing = 1 ]; then
-    log "downloading Debian packages: $pkgs"
-    if ! (cd "$dir" && apt-get download $pkgs >/dev/null 2>&1); then
+    log "downloading Debian packages: ${pkgs[*]}"
+    if ! (cd "$dir" && apt-get download "${pkgs[@]}" >/dev/null 2>&1); then
       apt-get update -qq
-      (cd "$dir" && apt-get download $pkgs >/dev/null)
+      (cd "$dir" && apt-get download "${pkgs[@]}" >/dev/null)
     fi
   fi
   echo "$dir"
 }
 
 cmd_rootfs() { # DIR
-  local out=$1 dir deb
+  local out=${1:?} dir deb
   dir=$(debs)
   mkdir -p "$out"
   for deb in "$dir"/*.deb; do dpkg-deb -x "$deb" "$out"; done
   # Nothing that runs: no shell, no package scripts, no docs.
-  rm -rf "$out"/usr/share/{doc,man,info,lintian,locale} "$out"/usr/sbin "$out"/usr/bin "$out"/etc/ca-certificates* \
-    "$out"/usr/lib/x86_64-linux-gnu/gconv "$out"/usr/libexec "$out"/sbin "$out"/bin
+  rm -rf "${out:?}"/usr/share/{doc,man,info,lintian,locale} "${out:?}"/usr/sbin "${out:?}"/usr/bin \
+    "${out:?}"/etc/ca-certificates* "${out:?}"/usr/lib/x86_64-linux-gnu/gconv "${out:?}"/usr/libexec \
+    "${out:?}"/sbin "${out:?}"/bin
   # What update-ca-certificates would write: the bundle of every Mozilla certificate.
   mkdir -p "$out/etc/ssl/certs"
   find "$out/usr/share/ca-certificates" -name '*.crt' | LC_ALL=C sort | xargs cat >"$out/etc/ssl/certs/ca-certificates.crt"

@@ -65,6 +65,7 @@ cmd_install() {
   helm_v=$(version_of helm helm.sh/helm/v3)
   [ -x "$bin/helm" ] || build helm helm.sh/helm/v3/cmd/helm "$bin/helm" "-X helm.sh/helm/v3/internal/version.version=$helm_v"
   [ -x "$bin/kubeconform" ] || build kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$bin/kubeconform"
+  [ -x "$bin/actionlint" ] || build actionlint github.com/rhysd/actionlint/cmd/actionlint "$bin/actionlint"
   [ -x "$bin/coredns" ] || build coredns . "$bin/coredns"
   [ -x "$bin/pause" ] || build pause . "$bin/pause"
   # Debian's prometheus has no Kubernetes service discovery; this one has only that one.
@@ -281,7 +282,7 @@ case ${1:-} in
   install) cmd_install ;;
   up) cmd_up ;;
   down) cmd_down ;;
-  env) [ -f "$STATE/env" ] && echo "$STATE/env" || die "not up" ;;
+  env) if [ -f "$STATE/env" ]; then echo "$STATE/env"; else die "not up"; fi ;;
   status) cmd_status ;;
   stop-apiserver) cmd_stop_apiserver ;;
   start-apiserver) cmd_start_apiserver ;;

@@ -55,9 +55,9 @@ step "a real engine: llama.cpp's llama-server and Gemma 3 270M (scripts/llama.sh
 # shellcheck disable=SC1090
 source "$(scripts/llama.sh)"
 
-step "container tools (Debian: containerd, runc, CNI plugins, buildah, iptables)"
+step "container tools and shellcheck (Debian: containerd, runc, CNI plugins, buildah, iptables, shellcheck)"
 missing=()
-for p in containerd runc containernetworking-plugins buildah iptables; do
+for p in containerd runc containernetworking-plugins buildah iptables shellcheck; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then

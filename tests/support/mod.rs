@@ -11,6 +11,7 @@ pub mod inproc;
 pub mod llama;
 pub mod loadgen;
 pub mod operator;
+pub mod pods;
 mod process;
 pub mod relay;
 
