@@ -25,7 +25,7 @@ NODE=sluice-node
 NODE_IP=10.99.0.1
 POD_CIDR=10.244.0.0/24
 API_PORT=6443
-CGROUP=sluice-k8s
+CGROUP=$NS   # the kubelet's cgroup root, one per cluster
 NSENTER=(nsenter "--net=/run/netns/$NS")
 CNI_BIN=/usr/lib/cni
 PAUSE_IMAGE=localhost/sluice-pause:1

@@ -61,21 +61,7 @@ async fn helm_install_to_shed_traffic_to_prometheus_to_uninstall() {
 
     // 1. helm install (the CRD comes from the chart's crds/ when it is not installed yet).
     let kc = support::kubeconfig_path();
-    let helm = |args: &[&str]| {
-        let out = Command::new(tool("helm"))
-            .args(args)
-            .env("KUBECONFIG", &kc)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "helm {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let notes = helm(&[
+    let notes = support::helm(&[
         "install",
         &release,
         &chart,
@@ -233,30 +219,8 @@ async fn helm_install_to_shed_traffic_to_prometheus_to_uninstall() {
     // about 4 req/s → 429s once the queue shows. (With nothing in flight nothing is shed, so
     // requests one at a time would never see one.)
     let one = json!({"model": "sim-llm", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]});
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut burst = Vec::new();
-    let shed = loop {
-        let (c, url, tx) = (c.clone(), gw.url.clone(), tx.clone());
-        burst.push(tokio::spawn(async move {
-            let body = json!({"model": "sim-llm", "stream": true, "max_tokens": 30, "messages": [{"role": "user", "content": "go"}]});
-            let r = post_json(&c, &format!("{url}/v1/chat/completions"), &body).await;
-            let s = r.status;
-            let _ = tx.send(r);
-            s
-        }));
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        if let Ok(r) = rx.try_recv()
-            && r.status == 429
-        {
-            break r;
-        }
-        assert!(burst.len() < 400, "no 429 after 20 s of overload");
-    };
+    let shed = support::http::stream_until_shed(&c, &gw.url).await;
     assert!(shed.header("retry-after").is_some());
-    for b in burst {
-        let s = b.await.unwrap();
-        assert!(s == 200 || s == 429, "{s}");
-    }
 
     // 8. kubectl patch the threshold (sim-llm's TTFT to 1h): admitted again, no restart.
     let patch = r#"[{"op":"replace","path":"/spec/models/1/ttft","value":"1h"}]"#;
@@ -355,7 +319,7 @@ async fn helm_install_to_shed_traffic_to_prometheus_to_uninstall() {
             .then_some(())
     })
     .await;
-    helm(&["uninstall", &release, "--namespace", &system.name]);
+    support::helm(&["uninstall", &release, "--namespace", &system.name]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while Api::<ClusterRole>::all(k.clone())
         .get_opt(&fullname)

@@ -20,10 +20,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::http::{client as http_client, get, metric, post_json};
 use support::pods::{
-    APPS, SIM_ENGINE, SYSTEM, apply, apply_ok, gateway_pods, helm, inside_the_cluster_namespace,
-    json_of, openai_by_dns_name, prometheus, with_cluster_dns,
+    APPS, SIM_ENGINE, SYSTEM, apply, apply_ok, gateway_pods, inside_the_cluster_namespace, json_of,
+    llama_pods, openai_by_dns_name, prometheus, rollout_status, with_cluster_dns,
 };
-use support::{REPO, eventually, kubectl, kubectl_ok};
+use support::{REPO, eventually, helm, kubectl, kubectl_ok};
 const GATEWAY: &str = "llama-sluice";
 
 #[tokio::test]
@@ -85,14 +85,7 @@ async fn helm_install_to_real_pods_to_uninstall() {
     apply_ok(&policy);
 
     // 3. Two gateway pods pass their readiness probes.
-    kubectl_ok(&[
-        "rollout",
-        "status",
-        "-n",
-        APPS,
-        "deployment/sim-engine",
-        "--timeout=90s",
-    ]);
+    rollout_status("sim-engine", 90);
     eventually(
         60,
         "the operator created the gateway Deployment",
@@ -104,14 +97,7 @@ async fn helm_install_to_real_pods_to_uninstall() {
         },
     )
     .await;
-    kubectl_ok(&[
-        "rollout",
-        "status",
-        "-n",
-        APPS,
-        &format!("deployment/{GATEWAY}"),
-        "--timeout=90s",
-    ]);
+    rollout_status(GATEWAY, 90);
     let pods = eventually(60, "two Ready gateway pods", || async {
         let p = gateway_pods();
         (p.len() == 2).then_some(p)
@@ -147,30 +133,8 @@ async fn helm_install_to_real_pods_to_uninstall() {
     openai_by_dns_name(&by_name, "chat_unary");
 
     // 5. Overload (a new stream every 50 ms against two slots) is shed with 429 + Retry-After.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut burst = Vec::new();
-    let shed = loop {
-        let (c, url, tx) = (c.clone(), service.clone(), tx.clone());
-        burst.push(tokio::spawn(async move {
-            let body = json!({"model": "sim-llm", "stream": true, "max_tokens": 30, "messages": [{"role": "user", "content": "go"}]});
-            let r = post_json(&c, &format!("{url}/v1/chat/completions"), &body).await;
-            let s = r.status;
-            let _ = tx.send(r);
-            s
-        }));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if let Ok(r) = rx.try_recv()
-            && r.status == 429
-        {
-            break r;
-        }
-        assert!(burst.len() < 400, "no 429 after 20 s of overload");
-    };
+    let shed = support::http::stream_until_shed(&c, &service).await;
     assert!(shed.header("retry-after").is_some());
-    for b in burst {
-        let s = b.await.unwrap();
-        assert!(s == 200 || s == 429, "{s}");
-    }
 
     // 6. kubectl patch applies live: every pod reports the new threshold, none restarted.
     let patch = r#"[{"op":"replace","path":"/spec/models/1/ttft","value":"1h"}]"#;
@@ -272,24 +236,9 @@ async fn helm_install_to_real_pods_to_uninstall() {
         APPS,
         &format!("deployment/{GATEWAY}"),
     ]);
-    kubectl_ok(&[
-        "rollout",
-        "status",
-        "-n",
-        APPS,
-        &format!("deployment/{GATEWAY}"),
-        "--timeout=120s",
-    ]);
+    rollout_status(GATEWAY, 120);
     eventually(60, "the old gateway pods gone", || async {
-        let left = json_of(&[
-            "get",
-            "pods",
-            "-n",
-            APPS,
-            "-l",
-            "app.kubernetes.io/instance=llama",
-        ]);
-        (left["items"].as_array()?.len() == 2).then_some(())
+        (llama_pods().len() == 2).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;

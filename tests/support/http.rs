@@ -403,3 +403,34 @@ async fn try_request(c: &HttpClient, req: hyper::Request<Full<Bytes>>) -> Result
         .map_err(|e| format!("body: {e}"))?;
     Ok(status)
 }
+
+/// Opens a new 30-token stream to `{base}/v1/chat/completions` (model sim-llm) every 50 ms
+/// (20 req/s) until one is shed; returns the 429 once every stream started has ended, each
+/// with 200 or 429. Fails after 400 streams without one. (With nothing in flight nothing is
+/// shed, so requests one at a time would never see one.)
+pub async fn stream_until_shed(c: &HttpClient, base: &str) -> Reply {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut burst = Vec::new();
+    let shed = loop {
+        let (c, url, tx) = (c.clone(), format!("{base}/v1/chat/completions"), tx.clone());
+        burst.push(tokio::spawn(async move {
+            let body = serde_json::json!({"model": "sim-llm", "stream": true, "max_tokens": 30, "messages": [{"role": "user", "content": "go"}]});
+            let r = post_json(&c, &url, &body).await;
+            let s = r.status;
+            let _ = tx.send(r);
+            s
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Ok(r) = rx.try_recv()
+            && r.status == 429
+        {
+            break r;
+        }
+        assert!(burst.len() < 400, "no 429 after 20 s of overload");
+    };
+    for b in burst {
+        let s = b.await.unwrap();
+        assert!(s == 200 || s == 429, "{s}");
+    }
+    shed
+}

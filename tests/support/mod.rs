@@ -87,6 +87,23 @@ pub fn kubectl(args: &[&str]) -> Output {
         .expect("kubectl runs")
 }
 
+/// Runs helm against the test cluster and returns stdout; fails the test with stderr when
+/// helm fails.
+pub fn helm(args: &[&str]) -> String {
+    let out = Command::new(tool("helm"))
+        .env("KUBECONFIG", kubeconfig_path())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Runs kubectl and returns stdout; fails the test with stderr when kubectl fails.
 pub fn kubectl_ok(args: &[&str]) -> String {
     let out = kubectl(args);

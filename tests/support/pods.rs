@@ -59,29 +59,26 @@ pub fn apply_ok(yaml: &str) {
     );
 }
 
-pub fn helm(args: &[&str]) -> String {
-    let out = Command::new(tool("helm"))
-        .env("KUBECONFIG", kubeconfig_path())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 pub fn json_of(args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.extend(["-o", "json"]);
     serde_json::from_str(&kubectl_ok(&all)).unwrap()
 }
 
-/// Names and IPs of the Ready gateway pods.
-pub fn gateway_pods() -> Vec<(String, String)> {
+/// `kubectl rollout status` of a Deployment in the apps namespace; fails after `secs`.
+pub fn rollout_status(deployment: &str, secs: u32) {
+    kubectl_ok(&[
+        "rollout",
+        "status",
+        "-n",
+        APPS,
+        &format!("deployment/{deployment}"),
+        &format!("--timeout={secs}s"),
+    ]);
+}
+
+/// Every pod of the `llama` policy's gateway, terminating ones included.
+pub fn llama_pods() -> Vec<Value> {
     let pods = json_of(&[
         "get",
         "pods",
@@ -90,9 +87,12 @@ pub fn gateway_pods() -> Vec<(String, String)> {
         "-l",
         "app.kubernetes.io/instance=llama",
     ]);
-    pods["items"]
-        .as_array()
-        .unwrap()
+    pods["items"].as_array().unwrap().clone()
+}
+
+/// Names and IPs of the Ready gateway pods.
+pub fn gateway_pods() -> Vec<(String, String)> {
+    llama_pods()
         .iter()
         .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
         .filter(|p| {
