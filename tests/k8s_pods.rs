@@ -105,6 +105,13 @@ async fn helm_install_to_real_pods_to_uninstall() {
     .await;
     let generation =
         json_of(&["get", "deployment", GATEWAY, "-n", APPS])["metadata"]["generation"].clone();
+    // Their logs through the API server and the kubelet: the policy came from the API, and the
+    // upstream is the sim engine's Service name.
+    let logs = kubectl_ok(&["logs", "-n", APPS, &pods[0].0]);
+    assert!(
+        logs.contains("policy applied") && logs.contains("sim-engine.inference.svc.cluster.local"),
+        "{logs}"
+    );
 
     // 4. The official client through the Service, by DNS name (once kube-proxy routes it).
     let service_ip = json_of(&["get", "service", GATEWAY, "-n", APPS])["spec"]["clusterIP"]
