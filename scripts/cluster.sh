@@ -185,6 +185,8 @@ cmd_up() {
   local t0; t0=$(date +%s%N)
   rm -rf "$STATE"; mkdir -p "$STATE/logs"
 
+  # Pod network namespaces containerd pins under /run/netns (cni-*) that were there before.
+  find /run/netns -maxdepth 1 -name 'cni-*' -printf '%f\n' 2>/dev/null | sort >"$STATE/cni-pins-before"
   ip netns add "$NS"
   in_ns ip link set lo up
   in_ns ip link add sluice0 type bridge
@@ -294,6 +296,14 @@ cmd_down() {
   awk -v s="$STATE/" 'index($5, s) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
     umount -l "$m" 2>/dev/null || true
   done
+  # Pod network namespaces whose pods were never deleted through the API (a dead kubelet).
+  if [ -f "$STATE/cni-pins-before" ]; then
+    find /run/netns -maxdepth 1 -name 'cni-*' -printf '%f\n' 2>/dev/null | sort |
+      comm -13 "$STATE/cni-pins-before" - | while read -r pin; do
+        umount "/run/netns/$pin" 2>/dev/null || true
+        rm -f "/run/netns/$pin" && log "removed pod network namespace $pin"
+      done
+  fi
   # Pod cgroups, deepest first.
   for ctl in /sys/fs/cgroup/*/; do
     if [ -d "$ctl$CGROUP" ]; then

@@ -110,16 +110,29 @@ async fn streams_and_unary_responses_pass_through_and_are_measured() {
     );
 }
 
-/// Drives `n` concurrent streams of `tokens` tokens each; returns how many got each status.
-async fn burst(c: &support::http::HttpClient, url: &str, n: usize, tokens: u32) -> (usize, usize) {
+/// Drives `n` concurrent streams of `tokens` tokens each, with the given `x-sluice-priority`
+/// header (if any); returns how many got each status.
+async fn burst(
+    c: &support::http::HttpClient,
+    url: &str,
+    n: usize,
+    tokens: u32,
+    priority: Option<&'static str>,
+) -> (usize, usize) {
     let mut tasks = Vec::new();
     for _ in 0..n {
         let (c, url) = (c.clone(), url.to_owned());
         tasks.push(tokio::spawn(async move {
-            post_json(
+            let headers: Vec<(&str, &str)> = priority
+                .map(|p| ("x-sluice-priority", p))
+                .into_iter()
+                .collect();
+            send(
                 &c,
+                "POST",
                 &format!("{url}/v1/chat/completions"),
-                &chat(tokens, true),
+                &headers,
+                serde_json::to_vec(&chat(tokens, true)).unwrap(),
             )
             .await
             .status
@@ -151,18 +164,37 @@ async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
 
     let load = {
         let (c, url) = (c.clone(), gw.url.clone());
-        tokio::spawn(async move { burst(&c, &url, 30, 30).await })
+        // Critical, so all 30 are admitted and queue at the engine whatever the limiter
+        // decides (a burst the limiter sheds at the door leaves no queue for the requests
+        // below to meet).
+        tokio::spawn(async move { burst(&c, &url, 30, 30, Some("critical")).await })
     };
-    // Once the queue shows in the TTFT signal, new requests are shed with Retry-After.
+    // Once the queue shows in the TTFT signal, new requests are shed with Retry-After. A new
+    // request every 100 ms, none waiting for the one before: one that gets through (with
+    // probability 1 - maxRejectProbability) queues behind the burst for seconds, and the
+    // next must not wait for it.
     let deadline = Instant::now() + Duration::from_secs(30);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut probes = Vec::new();
     let shed = loop {
-        let r = gw.chat(&c, &chat(1, false)).await;
-        if r.status == 429 {
+        let (pc, url, tx) = (c.clone(), gw.url.clone(), tx.clone());
+        probes.push(tokio::spawn(async move {
+            let r = post_json(&pc, &format!("{url}/v1/chat/completions"), &chat(1, false)).await;
+            let status = r.status;
+            let _ = tx.send(r);
+            status
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(r) = rx.try_recv()
+            && r.status == 429
+        {
             break r;
         }
-        assert_eq!(r.status, 200, "{}", r.text());
-        assert!(Instant::now() < deadline, "never shed under overload");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            Instant::now() < deadline,
+            "never shed under overload:\n{}",
+            gw.metrics(&c).await
+        );
     };
     let secs: u64 = shed.header("retry-after").unwrap().parse().unwrap();
     let ms: u64 = shed.header("retry-after-ms").unwrap().parse().unwrap();
@@ -202,6 +234,10 @@ async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
 
     let (ok, _) = load.await.unwrap();
     assert!(ok >= 1);
+    for p in probes {
+        let status = p.await.unwrap();
+        assert!(status == 200 || status == 429, "{status}");
+    }
     // After the load stops, the averages fade and the gate reopens.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -243,9 +279,9 @@ async fn shadow_mode_never_rejects_but_counts() {
     )
     .await;
     // Every token takes 10 ms against a 1 ms ITL threshold: far over, yet nothing is shed.
-    let (ok, shed) = burst(&c, &gw.url, 6, 10).await;
+    let (ok, shed) = burst(&c, &gw.url, 6, 10, None).await;
     assert_eq!((ok, shed), (6, 0));
-    let (ok, shed) = burst(&c, &gw.url, 6, 2).await;
+    let (ok, shed) = burst(&c, &gw.url, 6, 2, None).await;
     assert_eq!((ok, shed), (6, 0));
     let m = gw.metrics(&c).await;
     let shadow = metric(
