@@ -106,9 +106,10 @@ async fn run(limiter: Limiter, rate: f64, seed: u64) -> Report {
         quiet: true,
     };
     let report = run_load(&args).await.expect("load generator runs");
-    // The gateway stops before the engine.
+    // The gateway stops before the engine; then its policy file goes.
     drop(procs);
     drop(llama);
+    let _ = std::fs::remove_dir_all(&dir);
     report
 }
 
