@@ -136,9 +136,11 @@ async fn bodies_past_the_memory_budget_wait_their_turn_with_503() {
     slow.write_all(&body.as_bytes()[..100]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // A second large body is refused at once, with the in-flight limit's answer.
+    // A second large body is refused at once, with the in-flight limit's answer. (On a client
+    // of its own: the gateway may close that connection without reading the body, and a
+    // pooled client reusing it would see IncompleteMessage.)
     let refused = support::http::send(
-        &c,
+        &client(),
         "POST",
         &format!("{}/v1/chat/completions", gw.url),
         &[],
