@@ -26,10 +26,14 @@
 //! - `SLUICE_GOODPUT_CAPACITY`: skip the search and use this C* (req/s).
 //! - `SLUICE_GOODPUT_SEEDS`: seeds per point (default 3); `SLUICE_GOODPUT_FAMILY_SEEDS` for
 //!   the families (default 1).
+//! - `SLUICE_GOODPUT_FAMILIES`: only the families whose names start with one of these
+//!   (comma list, e.g. `long generations`); `SLUICE_GOODPUT_FAMILY_CAPACITY` and
+//!   `SLUICE_GOODPUT_FAMILY_CAP` skip their capacity search and cap tuning (for one family).
 //! - `SLUICE_GOODPUT_LOADS`: multiples of C* for the sweep (default 0.5,1,1.5,2,3,4).
 //! - `SLUICE_GOODPUT_CAP`: skip the in-flight cap tuning and use this cap.
 //! - `SLUICE_GOODPUT_LIMITERS`: only the limiters whose names start with one of these
-//!   (default `no,latency,sluice,in-flight,gradient`; `hard` adds the original hard cliff).
+//!   (default `no,latency,sluice,in-flight,gradient`; `hard` adds the original hard cliff),
+//!   in the sweep and the families.
 //! - `SLUICE_GOODPUT_VARIANTS`: extra sluice settings to compare, `;`-separated
 //!   `name:p_max:ramp:max_evidence:tau[:ttft_threshold[:adaptive]]`.
 //!
@@ -268,15 +272,29 @@ async fn bench() {
     if part("families") {
         let family_seeds: u64 = env_num("SLUICE_GOODPUT_FAMILY_SEEDS").unwrap_or(1);
         let mut all = Vec::new();
+        let pick = env_list("SLUICE_GOODPUT_FAMILIES");
         for f in system::families() {
-            let c = system::capacity(&f, &out, &mut log).await;
-            let cap = system::tune_cap(&f, c, &[32, 40, 48, 64], &out, &mut log).await;
-            let limiters = [
+            if pick
+                .as_ref()
+                .is_some_and(|p| !p.iter().any(|n| f.name.starts_with(n.as_str())))
+            {
+                continue;
+            }
+            let c = match env_num("SLUICE_GOODPUT_FAMILY_CAPACITY") {
+                Some(v) => v,
+                None => system::capacity(&f, &out, &mut log).await,
+            };
+            let cap = match env_num("SLUICE_GOODPUT_FAMILY_CAP") {
+                Some(v) => v,
+                None => system::tune_cap(&f, c, &[32, 40, 48, 64], &out, &mut log).await,
+            };
+            let mut limiters = vec![
                 Limiter::None,
                 Limiter::sluice(system::sluice_default()),
                 Limiter::Cap(cap),
                 Limiter::Gradient,
             ];
+            limiters.retain(|l| only.iter().any(|o| l.name().starts_with(o.as_str())));
             let (table, points) = sweep(&f, c, &[2.0, 4.0], &limiters, family_seeds, &out).await;
             let _ = writeln!(
                 log,

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use super::clients::ClientKeys;
 use super::error::GatewayError;
-use crate::limiter::{KeyId, Priority, SplitMix64, Verdict};
+use crate::limiter::{Clock, KeyId, Priority, SplitMix64, Verdict};
 use crate::policy::source::Snapshot;
 
 /// Where the shedding coin flips and the Retry-After jitter come from.
@@ -138,25 +138,32 @@ pub struct Admitted {
 
 /// An admitted request in flight, counted by the limiter from admission until dropped (the
 /// request's tracker holds it until the response is complete or the client is gone).
-#[derive(Debug)]
 pub struct Active {
     snap: Arc<Snapshot>,
     key: KeyId,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Active {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Active").field("key", &self.key).finish()
+    }
 }
 
 impl Active {
-    fn begin(snap: &Arc<Snapshot>, key: KeyId) -> Self {
+    fn begin(snap: &Arc<Snapshot>, key: KeyId, clock: &Arc<dyn Clock>) -> Self {
         snap.limiter.begin_request(key);
         Active {
             snap: snap.clone(),
             key,
+            clock: clock.clone(),
         }
     }
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.snap.limiter.end_request(self.key);
+        self.snap.limiter.end_request(self.key, self.clock.now());
     }
 }
 
@@ -166,9 +173,10 @@ pub fn admit(
     snap: Arc<Snapshot>,
     model: &str,
     priority: Priority,
-    now: Duration,
+    clock: &Arc<dyn Clock>,
     random: &RandomSource,
 ) -> Result<Admitted, (String, GatewayError)> {
+    let now = clock.now();
     let key = snap.limiter.key(model);
     let label = snap.limiter.label(key).to_owned();
     let d = random.with(|r| snap.limiter.decide(key, priority, now, r));
@@ -183,7 +191,7 @@ pub fn admit(
         ));
     }
     Ok(Admitted {
-        active: Active::begin(&snap, key),
+        active: Active::begin(&snap, key, clock),
         snap,
         key,
         label,

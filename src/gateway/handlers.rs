@@ -239,13 +239,7 @@ async fn completion(
         Ok(r) => r,
         Err((stream, e)) => return refuse(&gw, "", endpoint, stream, e),
     };
-    let a = match admit(
-        acc.snap,
-        &req.model,
-        acc.priority,
-        gw.clock.now(),
-        &gw.random,
-    ) {
+    let a = match admit(acc.snap, &req.model, acc.priority, &gw.clock, &gw.random) {
         Ok(a) => a,
         Err((label, e)) => return refuse(&gw, &label, endpoint, req.stream, e),
     };
@@ -328,13 +322,7 @@ pub async fn passthrough(
             if let Err(e) = check_model_name(m) {
                 return refuse(&gw, "", endpoint, false, e);
             }
-            match admit(
-                acc.snap.clone(),
-                m,
-                acc.priority,
-                gw.clock.now(),
-                &gw.random,
-            ) {
+            match admit(acc.snap.clone(), m, acc.priority, &gw.clock, &gw.random) {
                 Ok(a) => (a.label, a.shadow, Some(a.active)),
                 Err((label, e)) => return refuse(&gw, &label, endpoint, false, e),
             }

@@ -1,6 +1,6 @@
 //! What the limiter knows about concurrency, per key: the requests in flight, the concurrency
 //! at which the engine last met the thresholds, the latency the engine gives at low
-//! concurrency, and the rate of first tokens.
+//! concurrency, and the rates of first tokens and of requests ending.
 //!
 //! - **Good concurrency `G`.** A request whose first token came within the TTFT threshold, at
 //!   a moment the ITL average was within its threshold, shows that the engine met both at the
@@ -13,20 +13,27 @@
 //!   latency seen is what the engine gives at that concurrency.
 //! - **Ceiling.** Latency lags admissions: at the onset of an overload the requests admitted
 //!   before the first late token are already queued, and a controller that waits for the
-//!   latency to cross its threshold holds the queue at the threshold. So once the pressure is
-//!   at 0.5 (latency at half a threshold: a queue is starting), a request finding `max(4, G)`
-//!   or more requests in flight is shed with probability `p_max`, or always while the requests
-//!   waiting for a first token would take longer than the TTFT threshold to drain at the
-//!   current rate of first tokens (a probe would only wait past it: with long generations a
-//!   slot frees rarely). `G` then moves as a learned
+//!   latency to cross its threshold holds the queue at the threshold. So a request finding
+//!   `max(4, G)` or more requests in flight is shed with probability `p_max` once a queue is
+//!   starting: the pressure is at 0.5 (latency at half a threshold), or the requests waiting
+//!   for a first token, this one included, would take longer than the TTFT threshold to get
+//!   a slot at the rate the engine frees slots (requests ending; first tokens before any has
+//!   ended). The second only counts once a request admitted above `G` has missed a threshold
+//!   in the last `8τ`: the engine showed its limit there (at low load requests also end
+//!   slowly, because few arrive). With long generations a slot frees rarely: one request
+//!   admitted into a full batch waits longer than the threshold while the latency signals
+//!   are still low. It is
+//!   shed always while the requests already waiting would take longer than that (a probe
+//!   would only wait past it). `G` then moves as a learned
 //!   concurrency limit: up to the concurrency of each probe (the `1 − p_max` admitted past the
-//!   ceiling) whose first token comes in time, down by 1/16 for each late one. Below pressure
-//!   0.5 the ceiling does not bind: a client raising its concurrency on an engine that answers
-//!   fast is not shed, and `G` follows it up. In the spirit of Envoy's adaptive concurrency
-//!   and Netflix's Gradient2, but anchored on the policy's absolute thresholds instead of a
-//!   drifting minimum latency. (Measured in `benches/goodput.rs`: a ceiling of 1.5·G or 1.2·G
-//!   instead of G let the queue grow to the threshold; a ceiling binding from pressure 0.3 held
-//!   the engine below its capacity, from 0.8 let the onset queue build. See
+//!   ceiling) whose first token comes in time, down by 1/16 for each late one. Without a
+//!   queue the ceiling does not bind: a client raising its concurrency on an engine that
+//!   answers fast is not shed, and `G` follows it up. In the spirit of Envoy's adaptive
+//!   concurrency and Netflix's Gradient2, but anchored on the policy's absolute thresholds
+//!   instead of a drifting minimum latency. (Measured in `benches/goodput.rs`: a ceiling of
+//!   1.5·G or 1.2·G instead of G let the queue grow to the threshold; a ceiling binding from
+//!   pressure 0.3 held the engine below its capacity, from 0.8 let the onset queue build; the
+//!   slot rule closed most of the gap to a hand-tuned cap on long generations. See
 //!   docs/benchmarks.md.)
 //! - **Low-concurrency baseline.** Samples taken with at most 4 requests in flight measure
 //!   what the engine gives when it is nearly idle (after 8 samples). When that baseline is
@@ -126,6 +133,11 @@ pub struct Concurrency {
     pub baseline: [SampleMean; 2],
     /// First tokens per second.
     pub first_tokens: Rate,
+    /// Requests ended per second: the rate at which the engine frees a slot.
+    pub completions: Rate,
+    /// When a first token last missed a threshold at a concurrency above `G` (the engine
+    /// showed its limit there); None before that.
+    pub limit_seen: Option<f64>,
 }
 
 impl Concurrency {
@@ -149,6 +161,8 @@ impl Concurrency {
         if f64::from(concurrency) <= g {
             self.good = g * (1.0 - 1.0 / 16.0);
             self.raised_at = now;
+        } else {
+            self.limit_seen = Some(now);
         }
     }
 
@@ -172,13 +186,35 @@ impl Concurrency {
         self.good_at(now, tau).max(f64::from(LOW_CONCURRENCY))
     }
 
-    /// Whether `waiting` requests, draining at the current rate of first tokens, take longer
-    /// than `threshold` seconds: a request admitted now would wait past it. (False while the
-    /// rate is unknown.)
+    /// Slots freed per second: the rate of requests ending, or before two have ended (the
+    /// first seconds of long generations), the rate of first tokens; 0 while both are
+    /// unknown.
+    #[inline]
+    pub fn slot_rate(&self, now: f64, tau: f64) -> f64 {
+        match self.completions.per_second(now, tau) {
+            r if r > 0.0 => r,
+            _ => self.first_tokens.per_second(now, tau),
+        }
+    }
+
+    /// Whether `waiting` requests, each starting when a slot frees, take longer than
+    /// `threshold` seconds to start: a request admitted behind them would wait past it.
+    /// (False while the rate is unknown.)
     #[inline]
     pub fn queue_outlasts(&self, waiting: u32, now: f64, tau: f64, threshold: f64) -> bool {
-        let rate = self.first_tokens.per_second(now, tau);
+        let rate = self.slot_rate(now, tau);
         rate > 0.0 && f64::from(waiting) > rate * threshold
+    }
+
+    /// Whether a request admitted now, behind `waiting` others, would wait longer than
+    /// `threshold` for a slot: only once the engine has shown its limit above `G` within the
+    /// last `8τ` (at low load requests end slowly because few arrive, not because the engine
+    /// is full).
+    #[inline]
+    pub fn slot_wait_exceeds(&self, waiting: u32, now: f64, tau: f64, threshold: f64) -> bool {
+        self.limit_seen
+            .is_some_and(|t| now - t <= FORGET_TAUS * tau)
+            && self.queue_outlasts(waiting + 1, now, tau, threshold)
     }
 
     /// The threshold a signal is compared with: the policy's, or `margin × baseline` when the

@@ -174,8 +174,8 @@ pub fn retry_after(wait_secs: f64, u: f64, jitter: f64, cap: Duration) -> Durati
 ///   no new samples (see [`super::estimator`]);
 /// - while the integral sheds, the time it needs to return to 0 with no pressure at all (it
 ///   rises by 1/(ramp − 1) per τ);
-/// - the time the requests waiting for their first token need to drain at the current rate of
-///   first tokens (their estimated TTFT before any first token was seen);
+/// - the time the requests waiting for their first token need to get a slot at the rate the
+///   engine frees slots (their estimated TTFT before that rate is known);
 /// - over the concurrency ceiling, the time for enough requests to finish to bring the
 ///   requests in flight under it, at the same rate.
 pub(crate) struct Wait<'a> {
@@ -197,7 +197,7 @@ impl Wait<'_> {
             .seconds_until_at_most(t_ttft / self.factor, now, tau)
             .max(itl.seconds_until_at_most(t_itl / self.factor, now, tau));
         let integral = -st.integral * (shed.ramp - 1.0).max(0.0) * tau;
-        let rate = st.conc.first_tokens.per_second(now, tau);
+        let rate = st.conc.slot_rate(now, tau);
         let drain = |n: f64| {
             if rate > 0.0 {
                 n / rate

@@ -252,14 +252,13 @@ impl Limiter {
         let th = slot.thresholds;
         let shed = &self.config.shedding;
         let (now, tau) = (now.as_secs_f64(), th.time_constant);
-        // Each signal is read once, under the lock that also brings the integral up to date.
-        let (standard, st) = {
-            let mut st = slot.lock();
-            let standard = st.pressure(now, &th);
-            st.integral = st.integral_at(standard, now, tau, shed);
-            st.integrated_at = Some(now);
-            (standard, *st)
-        };
+        // Each signal is read once, under the lock that also brings the integral up to date;
+        // the lock is held through the decision (a few tens of nanoseconds: cheaper than
+        // copying the state out) and released before the cold Retry-After maths.
+        let mut st = slot.lock();
+        let standard = st.pressure(now, &th);
+        st.integral = st.integral_at(standard, now, tau, shed);
+        st.integrated_at = Some(now);
         let factor = match priority {
             Priority::Sheddable => shed.sheddable_factor,
             _ => 1.0,
@@ -282,13 +281,15 @@ impl Limiter {
             return admit;
         }
         let ceiling = st.conc.ceiling(now, tau);
-        let over_ceiling =
-            adaptive && in_flight >= ceiling && st.queue(now, &th) >= concurrency::CEILING_PRESSURE;
+        let t_ttft = st.effective(&th).0;
+        let over_ceiling = adaptive
+            && in_flight >= ceiling
+            && (st.queue(now, &th) >= concurrency::CEILING_PRESSURE
+                || st.conc.slot_wait_exceeds(st.waiting, now, tau, t_ttft));
         let p_ceiling = if !over_ceiling {
             0.0
-        } else if st
-            .conc
-            .queue_outlasts(st.waiting, now, tau, st.effective(&th).0)
+        } else if st.conc.queue_outlasts(st.waiting, now, tau, t_ttft)
+            || st.waiting_ttft(now) > 2.0 * t_ttft
         {
             1.0 // a probe would wait past the threshold: none
         } else {
@@ -301,6 +302,11 @@ impl Limiter {
                 ..admit
             };
         }
+        let st = {
+            let copy = *st;
+            drop(st);
+            copy
+        };
         let wait = decision::Wait {
             state: &st,
             effective: st.effective(&th),

@@ -123,11 +123,15 @@ impl Limiter {
         self.slots[key.0 as usize].lock().conc.in_flight += 1;
     }
 
-    /// An admitted request finished, however it ended.
+    /// An admitted request finished at `now`, however it ended (its slot in the engine is
+    /// free again).
     #[inline]
-    pub fn end_request(&self, key: KeyId) {
-        let mut st = self.slots[key.0 as usize].lock();
+    pub fn end_request(&self, key: KeyId, now: Duration) {
+        let slot = &self.slots[key.0 as usize];
+        let tau = slot.thresholds.time_constant;
+        let mut st = slot.lock();
         st.conc.in_flight = st.conc.in_flight.saturating_sub(1);
+        st.conc.completions.tick(now.as_secs_f64(), tau);
     }
 
     /// Requests of a key in flight now.

@@ -35,7 +35,7 @@ fn nothing_is_shed_with_nothing_in_flight_whatever_the_latency() {
     );
     assert_eq!(d.verdict, Verdict::Reject);
     // It finishes: nothing in flight again.
-    l.end_request(k);
+    l.end_request(k, SEC);
     assert_eq!(l.in_flight(k), 0);
     let d = l.decide(k, Priority::Standard, SEC, &mut Sequence::new(vec![ALWAYS]));
     assert_eq!(d.verdict, Verdict::Admit);
@@ -63,7 +63,7 @@ fn below_the_good_concurrency_nothing_is_shed_and_it_is_learned_from_first_token
     for _ in 0..10 {
         l.record(k, Signal::Ttft, 5.0, t).unwrap();
     }
-    l.end_request(k);
+    l.end_request(k, t);
     let d = l.decide(k, Priority::Standard, t, &mut Sequence::new(vec![ALWAYS]));
     assert_eq!(d.verdict, Verdict::Admit, "{d:?}");
     // At 6 the latency gate decides again.
@@ -128,7 +128,7 @@ fn the_ceiling_binds_once_a_queue_starts_and_grows_with_first_tokens_in_time() {
     assert_eq!(d.verdict, Verdict::Admit, "30 in flight, G 31: {d:?}");
     // Below G even a sheddable request is admitted: work conservation comes first.
     for _ in 0..6 {
-        l.end_request(k);
+        l.end_request(k, SEC);
     }
     let d = l.decide(
         k,
@@ -224,7 +224,7 @@ fn an_unreachable_itl_threshold_sheds_nothing_at_low_load_and_is_reported() {
         active.retain(|r| {
             let done = r.tokens >= 30;
             if done {
-                l.end_request(k);
+                l.end_request(k, now);
             }
             !done
         });
@@ -369,4 +369,60 @@ fn past_the_ceiling_no_probe_is_let_through_while_the_queue_outlasts_the_thresho
         (Verdict::Reject, 1.0),
         "{d:?}"
     );
+}
+
+#[test]
+fn with_long_generations_the_ceiling_binds_before_the_latency_shows_a_queue() {
+    let l = Limiter::new(adaptive()); // llama: TTFT 0.5 s, p_max 0.9, τ 10 s
+    let k = l.key("llama");
+    // Eight in flight, first tokens in 50 ms at concurrency 8 (G = 8), ten a second: the
+    // latency signals show no queue.
+    let mut t = SEC;
+    l.record(k, Signal::Itl, 0.01, t).unwrap();
+    for _ in 0..8 {
+        l.begin_request(k);
+    }
+    for _ in 0..20 {
+        l.record_first_token(k, 0.05, 8, t).unwrap();
+        t += ms(100);
+    }
+    // Before two requests have ended, slots are taken to free as fast as first tokens come:
+    // the ninth would start within the threshold and is admitted.
+    let admit =
+        |l: &Limiter, t| l.decide(k, Priority::Standard, t, &mut Sequence::new(vec![ALWAYS]));
+    assert_eq!(admit(&l, t).verdict, Verdict::Admit);
+    // Generations last eight seconds: one request ends (and the next takes its slot) a second.
+    for _ in 0..30 {
+        l.end_request(k, t);
+        l.begin_request(k);
+        l.record_first_token(k, 0.05, 8, t).unwrap();
+        t += SEC;
+    }
+    let r = l.readings(t).next().unwrap();
+    assert!(r.pressure < 0.2 && r.good_concurrency == 8.0, "{r:?}");
+    // Requests end slowly, but nothing says the engine is full (at low load they end slowly
+    // because few arrive): a ninth is admitted.
+    assert_eq!(admit(&l, t).verdict, Verdict::Admit);
+    // One admitted at concurrency 9 got its first token after 0.8 s: the engine's limit.
+    l.record_first_token(k, 0.8, 9, t).unwrap();
+    // A ninth request would wait a second for a slot, twice the threshold: past the ceiling,
+    // probes only.
+    let d = admit(&l, t);
+    assert_eq!(
+        (d.verdict, d.reject_probability),
+        (Verdict::Reject, 0.9),
+        "{d:?}"
+    );
+    let wait = d.retry_after.unwrap().as_secs_f64();
+    assert!(
+        (1.0..1.5).contains(&wait),
+        "a slot frees in about 1 s: {wait}"
+    );
+    // One waiting already: not even a probe.
+    l.begin_wait(k, t);
+    assert_eq!(admit(&l, t).reject_probability, 1.0);
+    // With seven in flight a slot is free: admitted (the work conservation below G).
+    l.end_wait(k, t);
+    l.end_request(k, t);
+    assert_eq!(admit(&l, t).verdict, Verdict::Admit);
 }
