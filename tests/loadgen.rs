@@ -202,3 +202,30 @@ async fn the_api_key_is_sent_never_printed_and_completions_can_be_driven() {
     );
     assert_eq!(completions_served, r["sent"].as_f64(), "{m}");
 }
+
+#[test]
+fn a_bad_url_is_a_clear_error_not_a_panic() {
+    for (url, says) in [
+        ("127.0.0.1:8080", "no http:// scheme"),
+        ("not a url", "is not a URL"),
+        ("https://127.0.0.1:8080", "https is not supported"),
+        ("http://", "is not a URL"),
+    ] {
+        for flag in ["--url", "--metrics-url"] {
+            let mut args = vec!["loadgen", "--duration", "1s", flag, url];
+            if flag != "--url" {
+                args.extend(["--url", "http://127.0.0.1:9"]);
+            }
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .args(&args)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{flag} {url}: {err}");
+            assert!(
+                err.contains(flag) && err.contains(says) && !err.contains("panicked"),
+                "{flag} {url}: {err}"
+            );
+        }
+    }
+}

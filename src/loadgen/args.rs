@@ -11,7 +11,7 @@ use crate::policy::duration::parse_duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadgenArgs {
     /// Base URL of the OpenAI-compatible server (the gateway or the engine), e.g. http://127.0.0.1:8080
-    #[arg(long)]
+    #[arg(long, value_parser = parse_http_url)]
     pub url: String,
     /// Model to request.
     #[arg(long, default_value = "sim-llm")]
@@ -66,7 +66,7 @@ pub struct LoadgenArgs {
     pub gradient: bool,
     /// A sluice gateway's /metrics URL to sample every second during the run: the moving
     /// averages, pressure and reject probability of --model go into the report's `gauges`.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_http_url)]
     pub metrics_url: Option<String>,
     /// Per-request timeout.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
@@ -146,6 +146,27 @@ fn parse_range(s: &str) -> Result<(u32, u32), String> {
     Ok((a, b))
 }
 
+/// An `http://host[:port][/path]` URL (the load generator speaks plain HTTP/1.1), or why not.
+pub fn parse_http_url(s: &str) -> Result<String, String> {
+    let expected = "expected a URL like http://127.0.0.1:8080";
+    let uri: hyper::Uri = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a URL ({e}): {expected}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "{s:?}: https is not supported (the load generator speaks plain HTTP; point it at the gateway's or engine's http:// address)"
+            ));
+        }
+        _ => return Err(format!("{s:?} has no http:// scheme: {expected}")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{s:?} has no host: {expected}"));
+    }
+    Ok(s.to_owned())
+}
+
 fn parse_mix(s: &str) -> Result<Vec<(Priority, f64)>, String> {
     let mix: Result<Vec<_>, String> = s
         .split(',')
@@ -168,4 +189,31 @@ fn parse_mix(s: &str) -> Result<Vec<(Priority, f64)>, String> {
         return Err("the weights sum to zero".into());
     }
     Ok(mix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_http_url;
+
+    #[test]
+    fn only_plain_http_urls_with_a_host_are_targets() {
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://[::1]:8080/",
+            "http://gateway.ns.svc:8080/base",
+        ] {
+            assert_eq!(parse_http_url(ok).as_deref(), Ok(ok));
+        }
+        for (bad, says) in [
+            ("", "is not a URL"),
+            ("127.0.0.1:8080", "no http:// scheme"),
+            ("/v1/chat/completions", "no http:// scheme"),
+            ("ftp://127.0.0.1", "no http:// scheme"),
+            ("https://127.0.0.1", "https is not supported"),
+            ("http://exa mple", "is not a URL"),
+        ] {
+            let e = parse_http_url(bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
 }

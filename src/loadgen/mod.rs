@@ -162,7 +162,9 @@ async fn send_once(
     if let Some(auth) = &target.auth {
         req = req.header(hyper::header::AUTHORIZATION, auth.clone());
     }
-    let req = req.body(Full::new(p.body.clone())).expect("valid request");
+    let Ok(req) = req.body(Full::new(p.body.clone())) else {
+        return (result, None); // unreachable: the URL was checked before the first request
+    };
     let work = async {
         let resp = client.request(req).await.map_err(|_| ())?;
         let status = resp.status().as_u16();
@@ -271,6 +273,12 @@ pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
         }]
     });
     anyhow::ensure!(args.burstiness > 0.0, "--burstiness must be positive");
+    // Checked again for library callers (the CLI checks them while parsing): a bad URL is an
+    // error here, not a panic in every request task.
+    args::parse_http_url(&args.url).map_err(|e| anyhow::anyhow!("--url {e}"))?;
+    if let Some(m) = &args.metrics_url {
+        args::parse_http_url(m).map_err(|e| anyhow::anyhow!("--metrics-url {e}"))?;
+    }
     let planned = plan(args, &schedule);
     let total = planned.len();
     let client: HttpClient = Client::builder(TokioExecutor::new())
