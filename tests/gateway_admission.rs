@@ -276,6 +276,11 @@ async fn required_client_keys_refuse_others_with_401_and_never_reach_the_upstrea
         assert_eq!(r.status, 401, "{auth:?}");
         assert_eq!(r.body.as_ref().unwrap()["error"]["code"], "invalid_api_key");
         assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
+        assert_eq!(
+            r.header("connection").as_deref(),
+            Some("close"),
+            "the body was never read: the connection is not reused"
+        );
     }
     let ok = g
         .stream("m", &[("authorization", "Bearer sk-batch")], MS, &[])
@@ -301,6 +306,11 @@ async fn required_client_keys_refuse_others_with_401_and_never_reach_the_upstrea
     let c = support::http::client();
     let models = support::http::get(&c, &format!("{}/v1/models", g.url)).await;
     assert_eq!(models.status, 401);
+    assert_eq!(
+        models.header("connection"),
+        None,
+        "no body: the connection stays"
+    );
 }
 
 #[tokio::test]

@@ -136,11 +136,12 @@ async fn bodies_past_the_memory_budget_wait_their_turn_with_503() {
     slow.write_all(&body.as_bytes()[..100]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // A second large body is refused at once, with the in-flight limit's answer. (On a client
-    // of its own: the gateway may close that connection without reading the body, and a
-    // pooled client reusing it would see IncompleteMessage.)
+    // A second large body is refused at once, with the in-flight limit's answer, and
+    // `Connection: close`: the gateway closes that connection without reading the body, so
+    // the pooled client must not reuse it for the next request (it saw IncompleteMessage
+    // when the header was missing).
     let refused = support::http::send(
-        &client(),
+        &c,
         "POST",
         &format!("{}/v1/chat/completions", gw.url),
         &[],
@@ -150,6 +151,7 @@ async fn bodies_past_the_memory_budget_wait_their_turn_with_503() {
     assert_eq!(refused.status, 503, "{}", refused.text());
     assert_eq!(refused.json()["error"]["code"], "overloaded");
     assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(refused.headers["connection"], "close");
     // Small bodies still fit beside it.
     let small = json!({"model": "sim-llm", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]});
     let r = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &small).await;

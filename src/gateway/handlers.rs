@@ -36,6 +36,23 @@ fn refuse(
     e.into_response()
 }
 
+/// A response to a request whose body is left unread (refused before or while reading it):
+/// hyper closes such a connection rather than read a body nobody wants, so the response says
+/// `Connection: close`, and a client's pool does not send its next request down a connection
+/// that is going away. (Requests without a body keep their connection; HTTP/2 drops the
+/// header, its streams end on their own.)
+fn unread_body(headers: &HeaderMap, mut resp: Response) -> Response {
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
 /// A share of the gateway's body-memory budget, held while a body is in the gateway.
 pub type BodyPermit = tokio::sync::OwnedSemaphorePermit;
 
@@ -204,9 +221,10 @@ async fn accept(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Accepted, Box<Response>> {
-    let refused = |e| Box::new(refuse(gw, "", endpoint, false, e));
+    let refused = |e| Box::new(unread_body(headers, refuse(gw, "", endpoint, false, e)));
     let Some(snap) = gw.store.load() else {
-        return Err(Box::new(GatewayError::NotReady.into_response()));
+        let resp = GatewayError::NotReady.into_response();
+        return Err(Box::new(unread_body(headers, resp)));
     };
     let priority = request_priority(&snap, &gw.client_keys, headers).map_err(refused)?;
     let slot = InflightSlot::acquire(gw).ok_or_else(|| {
