@@ -434,3 +434,17 @@ pub async fn stream_until_shed(c: &HttpClient, base: &str) -> Reply {
     }
     shed
 }
+
+/// A chat completion request for the simulated engine's model.
+pub fn chat_request(max_tokens: u32, stream: bool) -> serde_json::Value {
+    serde_json::json!({"model": "sim-llm", "max_tokens": max_tokens, "stream": stream,
+           "messages": [{"role": "user", "content": "What is goodput?"}]})
+}
+
+/// The `data:` payloads of an SSE body, in order.
+pub fn sse_data(body: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(body)
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: ").map(str::to_owned))
+        .collect()
+}
