@@ -2,6 +2,7 @@
 //! relays and sheds new requests when their moving averages cross the policy's thresholds.
 //!
 //! - [`handlers`]: the request handlers: read and check a request, admit it, forward it.
+//! - [`intake`]: taking a request's body in within its size, time and memory limits.
 //! - [`admission`]: the admit/shed decision, priorities and the random source.
 //! - [`relay`]: forwarding, relaying and measuring streams, unary assembly.
 //! - [`measure`]: outcome counting, waiting requests and TTFT/ITL samples.
@@ -23,6 +24,7 @@ pub mod body;
 pub mod clients;
 pub mod error;
 pub mod handlers;
+pub mod intake;
 pub mod measure;
 pub mod relay;
 pub mod unary;

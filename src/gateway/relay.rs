@@ -39,7 +39,7 @@ pub struct Forward<'a> {
     pub assemble: Option<assemble::Kind>,
     /// The body's share of the gateway's body-memory budget: given back once the upstream has
     /// answered (it has read the body by then).
-    pub body_permit: Option<super::handlers::BodyPermit>,
+    pub body_permit: Option<super::intake::BodyPermit>,
 }
 
 /// Forwards one request and relays (or assembles) the response.
