@@ -133,7 +133,8 @@ enum Permit {
 
 /// Where requests go: the endpoint's URL and the `Authorization` header, if any.
 struct Target {
-    url: String,
+    /// Parsed once: every request clones it.
+    url: hyper::Uri,
     auth: Option<hyper::header::HeaderValue>,
 }
 
@@ -156,15 +157,15 @@ async fn send_once(
         tokens: 0,
         retried: false,
     };
-    let mut req = hyper::Request::post(&target.url)
+    let mut req = hyper::Request::post(target.url.clone())
         .header("content-type", "application/json")
         .header(Priority::HEADER, p.priority.as_str());
     if let Some(auth) = &target.auth {
         req = req.header(hyper::header::AUTHORIZATION, auth.clone());
     }
-    let Ok(req) = req.body(Full::new(p.body.clone())) else {
-        return (result, None); // unreachable: the URL was checked before the first request
-    };
+    let req = req
+        .body(Full::new(p.body.clone()))
+        .expect("a parsed URI and valid header values");
     let work = async {
         let resp = client.request(req).await.map_err(|_| ())?;
         let status = resp.status().as_u16();
@@ -293,8 +294,11 @@ pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
             Some(v)
         }
     };
+    let url = format!("{}{}", args.url.trim_end_matches('/'), args.endpoint.path());
     let target = Arc::new(Target {
-        url: format!("{}{}", args.url.trim_end_matches('/'), args.endpoint.path()),
+        url: url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--url {url:?}: {e}"))?,
         auth,
     });
     let (sent, done, shed) = (
