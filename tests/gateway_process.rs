@@ -14,6 +14,17 @@ use support::http::{
     sse_data as sse_events, start,
 };
 
+/// Starts a streamed chat completion of `max_tokens` through the gateway at `url`; the
+/// response as its head arrives.
+async fn stream_chat(
+    c: &support::http::HttpClient,
+    url: &str,
+    max_tokens: u32,
+) -> hyper::Response<hyper::body::Incoming> {
+    let body = serde_json::to_vec(&chat(max_tokens, true)).unwrap();
+    start(c, "POST", &format!("{url}/v1/chat/completions"), &[], body).await
+}
+
 #[tokio::test]
 async fn upstream_down_is_502_and_upstream_timeout_is_504() {
     let c = client();
@@ -89,14 +100,7 @@ async fn client_disconnect_mid_stream_cancels_upstream() {
     )
     .await;
     let (gw, _policy) = Gw::with_policy(&c, &sim.url, "", &[]).await;
-    let resp = start(
-        &c,
-        "POST",
-        &format!("{}/v1/chat/completions", gw.url),
-        &[],
-        serde_json::to_vec(&chat(1000, true)).unwrap(),
-    )
-    .await;
+    let resp = stream_chat(&c, &gw.url, 1000).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let mut got = 0;
@@ -221,14 +225,7 @@ async fn sigterm_drains_in_flight_streams_and_exits_zero() {
         &["--drain-timeout", "20s", "--drain-delay", "0s"],
     )
     .await;
-    let resp = start(
-        &c,
-        "POST",
-        &format!("{}/v1/chat/completions", gw.url),
-        &[],
-        serde_json::to_vec(&chat(40, true)).unwrap(),
-    )
-    .await;
+    let resp = stream_chat(&c, &gw.url, 40).await;
     assert_eq!(resp.status(), 200);
     gw.process.terminate();
     // The in-flight stream still completes (40 tokens ≈ 0.8 s).

@@ -95,9 +95,14 @@ pub fn helm(args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap();
+    succeeded("helm", args, out)
+}
+
+/// The stdout of a tool's run; fails the test with its stderr when it failed.
+fn succeeded(tool: &str, args: &[&str], out: std::process::Output) -> String {
     assert!(
         out.status.success(),
-        "helm {}: {}",
+        "{tool} {} failed: {}",
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -106,14 +111,7 @@ pub fn helm(args: &[&str]) -> String {
 
 /// Runs kubectl and returns stdout; fails the test with stderr when kubectl fails.
 pub fn kubectl_ok(args: &[&str]) -> String {
-    let out = kubectl(args);
-    assert!(
-        out.status.success(),
-        "kubectl {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    succeeded("kubectl", args, kubectl(args))
 }
 
 /// Installs (server-side applies) the CRD from `crds/` and waits until it is Established.
