@@ -22,9 +22,13 @@
 //!   in the last `8τ`: the engine showed its limit there (at low load requests also end
 //!   slowly, because few arrive). With long generations a slot frees rarely: one request
 //!   admitted into a full batch waits longer than the threshold while the latency signals
-//!   are still low. It is
-//!   shed always while the requests already waiting would take longer than that (a probe
-//!   would only wait past it). `G` then moves as a learned
+//!   are still low. A request past the ceiling is shed always (no probe) when the second
+//!   condition holds, or while the requests already waiting would take longer than the
+//!   threshold to get a slot, or have waited longer than it on average: a probe would only
+//!   wait past the threshold, and with long generations hold a slot for seconds without
+//!   meeting the SLO. (Probing resumes when the evidence lapses: after `8τ` without a miss
+//!   above `G` the next request at the ceiling is admitted, and renews the evidence if it
+//!   misses.) Otherwise it is shed with probability `p_max`, and `G` moves as a learned
 //!   concurrency limit: up to the concurrency of each probe (the `1 − p_max` admitted past the
 //!   ceiling) whose first token comes in time, down by 1/16 for each late one. Without a
 //!   queue the ceiling does not bind: a client raising its concurrency on an engine that

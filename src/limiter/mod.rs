@@ -282,13 +282,16 @@ impl Limiter {
         }
         let ceiling = st.conc.ceiling(now, tau);
         let t_ttft = st.effective(&th).0;
+        // The engine has shown its limit above G, and a request admitted now would wait
+        // longer than the threshold for a slot.
+        let slots_full = st.conc.slot_wait_exceeds(st.waiting, now, tau, t_ttft);
         let over_ceiling = adaptive
             && in_flight >= ceiling
-            && (st.queue(now, &th) >= concurrency::CEILING_PRESSURE
-                || st.conc.slot_wait_exceeds(st.waiting, now, tau, t_ttft));
+            && (slots_full || st.queue(now, &th) >= concurrency::CEILING_PRESSURE);
         let p_ceiling = if !over_ceiling {
             0.0
-        } else if st.conc.queue_outlasts(st.waiting, now, tau, t_ttft)
+        } else if slots_full
+            || st.conc.queue_outlasts(st.waiting, now, tau, t_ttft)
             || st.waiting_ttft(now) > 2.0 * t_ttft
         {
             1.0 // a probe would wait past the threshold: none

@@ -405,12 +405,12 @@ fn with_long_generations_the_ceiling_binds_before_the_latency_shows_a_queue() {
     assert_eq!(admit(&l, t).verdict, Verdict::Admit);
     // One admitted at concurrency 9 got its first token after 0.8 s: the engine's limit.
     l.record_first_token(k, 0.8, 9, t).unwrap();
-    // A ninth request would wait a second for a slot, twice the threshold: past the ceiling,
-    // probes only.
+    // A ninth request would wait a second for a slot, twice the threshold: shed, and no
+    // probe either (it would hold a slot for eight seconds after missing the SLO).
     let d = admit(&l, t);
     assert_eq!(
         (d.verdict, d.reject_probability),
-        (Verdict::Reject, 0.9),
+        (Verdict::Reject, 1.0),
         "{d:?}"
     );
     let wait = d.retry_after.unwrap().as_secs_f64();
@@ -418,11 +418,19 @@ fn with_long_generations_the_ceiling_binds_before_the_latency_shows_a_queue() {
         (1.0..1.5).contains(&wait),
         "a slot frees in about 1 s: {wait}"
     );
-    // One waiting already: not even a probe.
-    l.begin_wait(k, t);
-    assert_eq!(admit(&l, t).reject_probability, 1.0);
     // With seven in flight a slot is free: admitted (the work conservation below G).
-    l.end_wait(k, t);
     l.end_request(k, t);
     assert_eq!(admit(&l, t).verdict, Verdict::Admit);
+    l.begin_request(k);
+    // The evidence lapses after 8τ without another miss above G: the next request at the
+    // ceiling is admitted again (if the engine grew, it starts at once and G rises).
+    let seen = t;
+    while t < seen + 8 * 10 * SEC {
+        l.end_request(k, t);
+        l.begin_request(k);
+        l.record_first_token(k, 0.05, 8, t).unwrap();
+        t += SEC;
+    }
+    assert_eq!(admit(&l, t - SEC).reject_probability, 1.0, "still fresh");
+    assert_eq!(admit(&l, t + SEC).verdict, Verdict::Admit, "lapsed");
 }
