@@ -81,8 +81,9 @@ impl Naive {
 }
 
 /// A limiter with every model busy, as under load: 10 requests in flight, the engine last
-/// met the thresholds at 8 (so no work-conservation shortcut, and under the concurrency
-/// ceiling of 12): every decision takes the whole path.
+/// met the thresholds at 8 (so no work-conservation shortcut; past the concurrency ceiling
+/// of 8, without a queue, so the ceiling's conditions are all evaluated and none binds):
+/// every decision takes the whole path.
 fn busy_limiter() -> Limiter {
     let l = Limiter::new(config());
     for m in MODELS {

@@ -284,10 +284,10 @@ impl Limiter {
         let t_ttft = st.effective(&th).0;
         // The engine has shown its limit above G, and a request admitted now would wait
         // longer than the threshold for a slot.
-        let slots_full = st.conc.slot_wait_exceeds(st.waiting, now, tau, t_ttft);
-        let over_ceiling = adaptive
-            && in_flight >= ceiling
-            && (slots_full || st.queue(now, &th) >= concurrency::CEILING_PRESSURE);
+        let at_ceiling = adaptive && in_flight >= ceiling;
+        let slots_full = at_ceiling && st.conc.slot_wait_exceeds(st.waiting, now, tau, t_ttft);
+        let over_ceiling =
+            at_ceiling && (slots_full || st.queue(now, &th) >= concurrency::CEILING_PRESSURE);
         let p_ceiling = if !over_ceiling {
             0.0
         } else if slots_full

@@ -335,8 +335,11 @@ pub struct Shedding {
     /// whose first token came in time) and use it: below G requests in flight nothing is shed
     /// whatever the latency; once the TTFT signal shows a queue (half way from the engine's
     /// low-concurrency TTFT to the threshold), a request finding max(4, G) or more in flight
-    /// is shed with maxRejectProbability, before the latency crosses the threshold. false
-    /// leaves only the latency signals (and never sheds with nothing in flight).
+    /// is shed with maxRejectProbability, before the latency crosses the threshold. Once a
+    /// request admitted above G has missed a threshold, the same holds when a new request
+    /// would wait longer than the TTFT threshold for a slot at the rate requests end (long
+    /// generations), and then none is let through. false leaves only the latency signals
+    /// (and never sheds with nothing in flight).
     #[serde(default = "default_true")]
     pub adaptive_concurrency: bool,
 }
