@@ -29,6 +29,8 @@
 //! - `SLUICE_GOODPUT_FAMILIES`: only the families whose names start with one of these
 //!   (comma list, e.g. `long generations`); `SLUICE_GOODPUT_FAMILY_CAPACITY` and
 //!   `SLUICE_GOODPUT_FAMILY_CAP` skip their capacity search and cap tuning (for one family).
+//! - `SLUICE_GOODPUT_POINT_SECONDS`: seconds per constant-rate point at least (default 15;
+//!   more for a steady state with long generations, whose requests last about 10 s).
 //! - `SLUICE_GOODPUT_LOADS`: multiples of C* for the sweep (default 0.5,1,1.5,2,3,4).
 //! - `SLUICE_GOODPUT_CAP`: skip the in-flight cap tuning and use this cap.
 //! - `SLUICE_GOODPUT_LIMITERS`: only the limiters whose names start with one of these

@@ -307,9 +307,11 @@ pub async fn run(
     futures_util::future::join_all(runs).await
 }
 
-/// A constant rate for at least [`POINT_SECONDS`] and the workload's request count.
+/// A constant rate for at least [`POINT_SECONDS`] (or `SLUICE_GOODPUT_POINT_SECONDS`) and the
+/// workload's request count.
 pub fn constant(rate: f64, w: &Workload) -> Vec<Phase> {
-    let secs = POINT_SECONDS.max(w.min_requests / rate);
+    let least = crate::env_num("SLUICE_GOODPUT_POINT_SECONDS").unwrap_or(POINT_SECONDS);
+    let secs = least.max(w.min_requests / rate);
     vec![Phase {
         rate,
         duration: Duration::from_secs_f64(secs),
