@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use support::http::{
     Gw, Sim, chat_request as chat, client, get, metric, post_json, send, sse_data as sse_events,
 };
+use support::metrics::chat_requests;
 
 /// Drops the parts that differ between two calls (ids, timestamps).
 fn without_ids(mut v: Value) -> Value {
@@ -238,20 +239,7 @@ async fn overload_is_shed_with_retry_after_then_the_gate_reopens() {
     let r = gw.chat(&c, &chat(1, false)).await;
     assert_eq!(r.status, 200);
     let m = gw.metrics(&c).await;
-    assert!(
-        metric(
-            &m,
-            "sluice_requests_total",
-            &[
-                ("model", "sim-llm"),
-                ("endpoint", "chat_completions"),
-                ("stream", "false"),
-                ("outcome", "rejected")
-            ]
-        )
-        .unwrap()
-            >= 1.0
-    );
+    assert!(chat_requests(&m, "sim-llm", false, "rejected").unwrap() >= 1.0);
 }
 
 #[tokio::test]
@@ -271,16 +259,7 @@ async fn shadow_mode_never_rejects_but_counts() {
     let (ok, shed) = burst(&c, &gw.url, 6, 2, None).await;
     assert_eq!((ok, shed), (6, 0));
     let m = gw.metrics(&c).await;
-    let shadow = metric(
-        &m,
-        "sluice_requests_total",
-        &[
-            ("model", "sim-llm"),
-            ("endpoint", "chat_completions"),
-            ("stream", "true"),
-            ("outcome", "shadow_rejected"),
-        ],
-    );
+    let shadow = chat_requests(&m, "sim-llm", true, "shadow_rejected");
     assert!(
         shadow.unwrap_or(0.0) >= 1.0,
         "shadow rejections not counted:\n{m}"
@@ -414,17 +393,5 @@ async fn client_errors_are_openai_shaped() {
     assert_eq!(r.headers["allow"], "POST");
 
     let m = gw.metrics(&c).await;
-    assert_eq!(
-        metric(
-            &m,
-            "sluice_requests_total",
-            &[
-                ("model", ""),
-                ("endpoint", "chat_completions"),
-                ("stream", "false"),
-                ("outcome", "client_error")
-            ]
-        ),
-        Some(8.0)
-    );
+    assert_eq!(chat_requests(&m, "", false, "client_error"), Some(8.0));
 }

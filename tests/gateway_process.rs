@@ -13,6 +13,7 @@ use support::http::{
     Gw, PolicyFile, Sim, chat_request as chat, client, get, metric, policy_yaml, post_json,
     sse_data as sse_events, start,
 };
+use support::metrics::chat_requests;
 
 /// Starts a streamed chat completion of `max_tokens` through the gateway at `url`; the
 /// response as its head arrives.
@@ -23,6 +24,15 @@ async fn stream_chat(
 ) -> hyper::Response<hyper::body::Incoming> {
     let body = serde_json::to_vec(&chat(max_tokens, true)).unwrap();
     start(c, "POST", &format!("{url}/v1/chat/completions"), &[], body).await
+}
+
+/// A simulated engine that gives a token every 20 ms, whatever its load.
+async fn sim_20ms_per_token(c: &support::http::HttpClient) -> Sim {
+    Sim::start(
+        c,
+        &["--decode-step-ms", "20", "--decode-step-ms-per-seq", "0"],
+    )
+    .await
 }
 
 #[tokio::test]
@@ -52,16 +62,7 @@ async fn upstream_down_is_502_and_upstream_timeout_is_504() {
     assert!(t.elapsed() < Duration::from_secs(10));
     let m = gw2.metrics(&c).await;
     assert_eq!(
-        metric(
-            &m,
-            "sluice_requests_total",
-            &[
-                ("model", "sim-llm"),
-                ("endpoint", "chat_completions"),
-                ("stream", "false"),
-                ("outcome", "upstream_error")
-            ]
-        ),
+        chat_requests(&m, "sim-llm", false, "upstream_error"),
         Some(1.0)
     );
 }
@@ -94,11 +95,7 @@ async fn upstream_500_passes_through_unchanged() {
 #[tokio::test]
 async fn client_disconnect_mid_stream_cancels_upstream() {
     let c = client();
-    let sim = Sim::start(
-        &c,
-        &["--decode-step-ms", "20", "--decode-step-ms-per-seq", "0"],
-    )
-    .await;
+    let sim = sim_20ms_per_token(&c).await;
     let (gw, _policy) = Gw::with_policy(&c, &sim.url, "", &[]).await;
     let resp = stream_chat(&c, &gw.url, 1000).await;
     assert_eq!(resp.status(), 200);
@@ -122,19 +119,7 @@ async fn client_disconnect_mid_stream_cancels_upstream() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let m = gw.metrics(&c).await;
-    assert_eq!(
-        metric(
-            &m,
-            "sluice_requests_total",
-            &[
-                ("model", "sim-llm"),
-                ("endpoint", "chat_completions"),
-                ("stream", "true"),
-                ("outcome", "cancelled")
-            ]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(chat_requests(&m, "sim-llm", true, "cancelled"), Some(1.0));
     assert_eq!(
         metric(&m, "sluice_inflight_requests", &[("model", "sim-llm")]),
         Some(0.0)
@@ -213,11 +198,7 @@ async fn an_invalid_policy_file_at_start_is_a_clear_error() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_streams_and_exits_zero() {
     let c = client();
-    let sim = Sim::start(
-        &c,
-        &["--decode-step-ms", "20", "--decode-step-ms-per-seq", "0"],
-    )
-    .await;
+    let sim = sim_20ms_per_token(&c).await;
     let (mut gw, _policy) = Gw::with_policy(
         &c,
         &sim.url,

@@ -10,6 +10,7 @@ pub mod http;
 pub mod inproc;
 pub mod llama;
 pub mod loadgen;
+pub mod metrics;
 pub mod operator;
 pub mod pods;
 mod process;
