@@ -16,7 +16,10 @@
 # Requires root and Debian's containerd, runc, containernetworking-plugins and iptables.
 # Test-only shortcuts: every node component uses the admin (system:masters) kubeconfig and the
 # kubelet authorizes every authenticated request.
-set -euo pipefail
+set -Eeuo pipefail
+shopt -s inherit_errexit
+# No silent exit: whatever command fails says where, what and with which status.
+trap 'rc=$?; printf '\''error: %s:%s: `%s` exited with status %s\n'\'' "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NS=${SLUICE_NETNS:-sluice-k8s}
@@ -59,6 +62,13 @@ cmd_install() {
 }
 
 in_ns() { "${NSENTER[@]}" "$@"; }
+
+# The pod network namespaces containerd pins under /run/netns (cni-*), sorted. On a freshly
+# booted machine /run/netns does not exist until the first `ip netns add`: then there are none.
+netns_pins() {
+  [ -d /run/netns ] || return 0
+  find /run/netns -maxdepth 1 -name 'cni-*' -printf '%f\n' | sort
+}
 
 start() { # name cmd... ; detached inside the namespace, logs in $STATE/logs, PID recorded
   local name=$1; shift
@@ -186,7 +196,7 @@ cmd_up() {
   rm -rf "$STATE"; mkdir -p "$STATE/logs"
 
   # Pod network namespaces containerd pins under /run/netns (cni-*) that were there before.
-  find /run/netns -maxdepth 1 -name 'cni-*' -printf '%f\n' 2>/dev/null | sort >"$STATE/cni-pins-before"
+  netns_pins >"$STATE/cni-pins-before"
   ip netns add "$NS"
   in_ns ip link set lo up
   in_ns ip link add sluice0 type bridge
@@ -298,8 +308,7 @@ cmd_down() {
   done
   # Pod network namespaces whose pods were never deleted through the API (a dead kubelet).
   if [ -f "$STATE/cni-pins-before" ]; then
-    find /run/netns -maxdepth 1 -name 'cni-*' -printf '%f\n' 2>/dev/null | sort |
-      comm -13 "$STATE/cni-pins-before" - | while read -r pin; do
+    netns_pins | comm -13 "$STATE/cni-pins-before" - | while read -r pin; do
         umount "/run/netns/$pin" 2>/dev/null || true
         rm -f "/run/netns/$pin" && log "removed pod network namespace $pin"
       done

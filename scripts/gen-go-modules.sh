@@ -6,7 +6,10 @@
 # k8s.io/kubernetes can only be built from a consumer module that replaces every staging
 # module (k8s.io/api, k8s.io/apimachinery, ...) by its published v0.X.Y version: the list is
 # read from kubernetes' own go.mod as the module proxy serves it, not typed here.
-set -euo pipefail
+set -Eeuo pipefail
+shopt -s inherit_errexit
+# No silent exit: whatever command fails says where, what and with which status.
+trap 'rc=$?; printf '\''error: %s:%s: `%s` exited with status %s\n'\'' "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 cd "$(dirname "$0")/go"
 
 KUBE_VERSION=${KUBE_VERSION:-v1.34.4}

@@ -13,7 +13,10 @@
 # listed in scripts/image-packages.txt, downloaded once into the cache.
 #
 # Cache: ${SLUICE_CACHE:-~/.cache/sluice}/image/{debs,target,sluice-TAG.tar}
-set -euo pipefail
+set -Eeuo pipefail
+shopt -s inherit_errexit
+# No silent exit: whatever command fails says where, what and with which status.
+trap 'rc=$?; printf '\''error: %s:%s: `%s` exited with status %s\n'\'' "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}/image

@@ -19,7 +19,10 @@
 # inside its network namespace, where a kubelet and pods reach it on the node's address.
 # With SLUICE_TEST_KUBECONFIG set to an existing cluster's kubeconfig (kind, k3d), `up` only
 # checks that it answers and `down` does nothing.
-set -euo pipefail
+set -Eeuo pipefail
+shopt -s inherit_errexit
+# No silent exit: whatever command fails says where, what and with which status.
+trap 'rc=$?; printf '\''error: %s:%s: `%s` exited with status %s\n'\'' "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 GO_DIR=$ROOT/scripts/go

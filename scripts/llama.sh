@@ -11,7 +11,10 @@
 #   SLUICE_GGUF          the model file
 # Used by scripts/test.sh (tests/llama.rs) and `cargo bench --bench goodput` (its real-engine
 # part):  source "$(scripts/llama.sh)"
-set -euo pipefail
+set -Eeuo pipefail
+shopt -s inherit_errexit
+# No silent exit: whatever command fails says where, what and with which status.
+trap 'rc=$?; printf '\''error: %s:%s: `%s` exited with status %s\n'\'' "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}
 DIR=$CACHE/llama
 VENV=$DIR/venv

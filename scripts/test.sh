@@ -6,10 +6,34 @@
 #   ~/.cache/sluice), then the whole cargo test suite; last, a single-node cluster with real
 #   pods in its own network namespace (scripts/cluster.sh) and tests/k8s_pods.rs inside it.
 #   Both clusters are stopped at the end, also when a test fails.
-set -euo pipefail
+set -Eeuo pipefail
+shopt -s inherit_errexit
+# No silent exit: whatever command fails says where, what and with which status.
+trap 'rc=$?; printf '\''error: %s:%s: `%s` exited with status %s\n'\'' "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Where the time goes: every step's wall time, printed when the script ends (also on failure).
+STARTED=$(date +%s)
+STEP_NAME=
+STEP_STARTED=$STARTED
+TIMES=()
+end_step() {
+  [ -n "$STEP_NAME" ] && TIMES+=("$(printf '%5ds  %s' $(($(date +%s) - STEP_STARTED)) "$STEP_NAME")")
+  STEP_NAME=
+}
+step() {
+  end_step
+  STEP_NAME=${*%% (*}
+  STEP_STARTED=$(date +%s)
+  printf '\n==> %s\n' "$*"
+}
+summary() {
+  end_step
+  printf '\n==> time per step\n' >&2
+  [ ${#TIMES[@]} -eq 0 ] || printf '%s\n' "${TIMES[@]}" >&2
+  printf '%5ds  total\n' $(($(date +%s) - STARTED)) >&2
+}
+trap summary EXIT
 
 step "toolchain components"
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
@@ -71,10 +95,13 @@ export SLUICE_IMAGE_ARCHIVE
 
 step "local Kubernetes control plane (scripts/k8s-env.sh)"
 scripts/k8s-env.sh install >/dev/null
-trap 'scripts/k8s-env.sh down || true; scripts/cluster.sh down || true' EXIT
+trap 'scripts/k8s-env.sh down || true; scripts/cluster.sh down || true; summary' EXIT
 env_file=$(scripts/k8s-env.sh up)
 # shellcheck disable=SC1090
 source "$env_file"
+
+step "cargo test build (debug profile)"
+cargo test --locked --no-run
 
 step "cargo test"
 cargo test --locked --no-fail-fast
