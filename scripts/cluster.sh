@@ -12,6 +12,10 @@
 #   scripts/cluster.sh exec CMD...    run CMD inside the namespace, with the cluster's env
 #   scripts/cluster.sh down           delete the pods through the API, stop every recorded PID,
 #                                     remove containers, mounts, cgroups and the namespace
+#   scripts/cluster.sh run [--load ARCHIVE]... CMD...
+#                                     up, load each archive, exec CMD, and down whatever
+#                                     happens; exits with CMD's status (scripts/test.sh runs
+#                                     it under scripts/fresh-boot.sh)
 #
 # Requires root and Debian's containerd, runc, containernetworking-plugins and iptables.
 # Test-only shortcuts: every node component uses the admin (system:masters) kubeconfig and the
@@ -19,7 +23,7 @@
 set -Eeuo pipefail
 shopt -s inherit_errexit
 # No silent exit: whatever command fails says where, what and with which status.
-trap 'rc=$?; printf '\''error: %s:%s: `%s` exited with status %s\n'\'' "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
+trap 'printf "error: %s:%s: \`%s\` exited with status %s\n" "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$?" >&2' ERR
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NS=${SLUICE_NETNS:-sluice-k8s}
@@ -79,7 +83,8 @@ start() { # name cmd... ; detached inside the namespace, logs in $STATE/logs, PI
 wait_for() { # what seconds command...
   local what=$1 secs=$2; shift 2
   local deadline=$(( $(date +%s) + secs ))
-  local pid; pid=$(awk -v n="$what" '$2 == n {print $1}' "$STATE/pids" 2>/dev/null)
+  local pid=
+  [ -f "$STATE/pids" ] && pid=$(awk -v n="$what" '$2 == n {print $1}' "$STATE/pids")
   until "$@" >/dev/null 2>&1; do
     if [ "$(date +%s)" -ge "$deadline" ] || { [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; }; then
       log "$what not ready after ${secs}s; last log lines:"
@@ -323,11 +328,27 @@ cmd_down() {
   rm -rf "$STATE"
 }
 
+cmd_run() { # [--load ARCHIVE]... CMD...
+  local archives=()
+  while [ "${1:-}" = --load ]; do
+    [ $# -ge 2 ] || die "--load needs an archive"
+    archives+=("$2"); shift 2
+  done
+  [ $# -gt 0 ] || die "usage: $0 run [--load ARCHIVE]... CMD..."
+  trap 'cmd_down' EXIT
+  cmd_up >/dev/null
+  BIN=$(bin_dir)
+  local a
+  for a in ${archives[@]+"${archives[@]}"}; do cmd_load "$a"; done
+  cmd_exec "$@"
+}
+
 case ${1:-} in
   install) cmd_install >/dev/null ;;
   up) cmd_up ;;
   load) shift; BIN=$(bin_dir); cmd_load "$1" ;;
   exec) shift; cmd_exec "$@" ;;
   down) cmd_down ;;
-  *) echo "usage: $0 install|up|load ARCHIVE|exec CMD...|down" >&2; exit 2 ;;
+  run) shift; cmd_run "$@" ;;
+  *) echo "usage: $0 install|up|load ARCHIVE|exec CMD...|down|run [--load ARCHIVE]... CMD..." >&2; exit 2 ;;
 esac

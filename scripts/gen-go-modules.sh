@@ -9,7 +9,7 @@
 set -Eeuo pipefail
 shopt -s inherit_errexit
 # No silent exit: whatever command fails says where, what and with which status.
-trap 'rc=$?; printf '\''error: %s:%s: `%s` exited with status %s\n'\'' "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
+trap 'printf "error: %s:%s: \`%s\` exited with status %s\n" "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$?" >&2' ERR
 cd "$(dirname "$0")/go"
 
 KUBE_VERSION=${KUBE_VERSION:-v1.34.4}

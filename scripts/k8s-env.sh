@@ -11,7 +11,7 @@
 #                                 stop / restart only kube-apiserver (same port and data), for
 #                                 tests of API-server outages
 #
-# Cache: ${SLUICE_CACHE:-~/.cache/sluice}/testenv/<hash of scripts/go/*/go.sum>/bin
+# Cache: ${SLUICE_CACHE:-~/.cache/sluice}/testenv/bin (each binary keyed by its own inputs)
 # State: ${SLUICE_K8S_STATE:-${TMPDIR:-/tmp}/sluice-k8s} (certs, data, logs, pids, kubeconfig)
 # SLUICE_K8S_ADDRESS (default 127.0.0.1) is the API server's bind and advertise address,
 # SLUICE_K8S_API_PORT its port (default: a free one) and SLUICE_K8S_CONTROLLERS the
@@ -22,7 +22,7 @@
 set -Eeuo pipefail
 shopt -s inherit_errexit
 # No silent exit: whatever command fails says where, what and with which status.
-trap 'rc=$?; printf '\''error: %s:%s: `%s` exited with status %s\n'\'' "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
+trap 'printf "error: %s:%s: \`%s\` exited with status %s\n" "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$?" >&2' ERR
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 GO_DIR=$ROOT/scripts/go
@@ -38,17 +38,21 @@ version_of() { # module-dir module-path -> version from go.mod
   awk -v m="$2" '$1 == m && $2 ~ /^v/ {print $2; exit}' "$GO_DIR/$1/go.mod"
 }
 
-bin_dir() {
-  local hash
-  hash=$(cat "$GO_DIR"/*/go.mod "$GO_DIR"/*/go.sum | sha256sum | cut -c1-12)
-  echo "$CACHE/testenv/$hash/bin"
-}
+bin_dir() { echo "$CACHE/testenv/bin"; }
 
+# Each binary is rebuilt only when what it is built from changes: its module's files under
+# scripts/go/<dir> (go.mod, go.sum, main.go), the package, the flags and the Go toolchain. Its
+# key is kept next to it (.key-<name>), so one module's update relinks only its own binaries,
+# and a change to this script relinks none.
 build() { # module-dir package output [ldflags] [build tags]
-  local dir=$1 pkg=$2 out=$3 ldflags=${4:-} tags=${5:-}
+  local dir=$1 pkg=$2 out=$3 ldflags=${4:-} tags=${5:-} key keyfile
+  keyfile=$(dirname "$out")/.key-$(basename "$out")
+  key=$( { cat "$GO_DIR/$dir"/*; printf '%s\n' "$pkg" "$ldflags" "$tags" "$GO_VERSION"; } | sha256sum | cut -c1-16)
+  if [ -x "$out" ] && [ "$(cat "$keyfile" 2>/dev/null || true)" = "$key" ]; then return 0; fi
   log "building $(basename "$out") from $pkg"
   (cd "$GO_DIR/$dir" && CGO_ENABLED=0 go build -trimpath -tags "$tags" -ldflags "-s -w $ldflags" -o "$out.tmp" "$pkg")
   mv "$out.tmp" "$out"
+  echo "$key" >"$keyfile"
 }
 
 cmd_install() {
@@ -56,30 +60,36 @@ cmd_install() {
   local bin kube etcd_v helm_v stamp start
   bin=$(bin_dir)
   mkdir -p "$bin"
+  # Binaries of the earlier layout (one directory per hash of all modules) are of no further use.
+  find "$CACHE/testenv" -mindepth 1 -maxdepth 1 -type d ! -name bin -exec rm -rf {} +
+  GO_VERSION=$(go env GOVERSION)
   start=$(date +%s)
   kube=$(awk '/k8s.io\/kubernetes v/ {print $2; exit}' "$GO_DIR/kubernetes/go.mod")
   local minor=${kube#v1.}; minor=${minor%%.*}
   local kv="-X k8s.io/component-base/version.gitVersion=$kube -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitVersion=$kube -X k8s.io/component-base/version.gitTreeState=clean"
   for c in kube-apiserver kube-controller-manager kubectl kubelet kube-proxy kube-scheduler; do
-    [ -x "$bin/$c" ] || build kubernetes "k8s.io/kubernetes/cmd/$c" "$bin/$c" "$kv"
+    build kubernetes "k8s.io/kubernetes/cmd/$c" "$bin/$c" "$kv"
   done
   etcd_v=$(version_of etcd go.etcd.io/etcd/server/v3)
-  [ -x "$bin/etcd" ] || build etcd go.etcd.io/etcd/server/v3 "$bin/etcd" "-X go.etcd.io/etcd/api/v3/version.Version=${etcd_v#v}"
+  build etcd go.etcd.io/etcd/server/v3 "$bin/etcd" "-X go.etcd.io/etcd/api/v3/version.Version=${etcd_v#v}"
   helm_v=$(version_of helm helm.sh/helm/v3)
-  [ -x "$bin/helm" ] || build helm helm.sh/helm/v3/cmd/helm "$bin/helm" "-X helm.sh/helm/v3/internal/version.version=$helm_v"
-  [ -x "$bin/kubeconform" ] || build kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$bin/kubeconform"
-  [ -x "$bin/actionlint" ] || build actionlint github.com/rhysd/actionlint/cmd/actionlint "$bin/actionlint"
-  [ -x "$bin/coredns" ] || build coredns . "$bin/coredns"
-  [ -x "$bin/pause" ] || build pause . "$bin/pause"
+  build helm helm.sh/helm/v3/cmd/helm "$bin/helm" "-X helm.sh/helm/v3/internal/version.version=$helm_v"
+  build kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$bin/kubeconform"
+  build actionlint github.com/rhysd/actionlint/cmd/actionlint "$bin/actionlint"
+  build coredns . "$bin/coredns"
+  build pause . "$bin/pause"
   # Debian's prometheus has no Kubernetes service discovery; this one has only that one.
   local prom_v; prom_v=$(version_of prometheus github.com/prometheus/prometheus)
-  [ -x "$bin/prometheus" ] || build prometheus github.com/prometheus/prometheus/cmd/prometheus "$bin/prometheus" \
+  build prometheus github.com/prometheus/prometheus/cmd/prometheus "$bin/prometheus" \
     "-X github.com/prometheus/common/version.Version=$prom_v" remove_all_sd,enable_kubernetes_sd
-  # Binaries of other module versions are of no further use.
-  find "$(dirname "$bin")/.." -mindepth 1 -maxdepth 1 -type d ! -name "$(basename "$(dirname "$bin")")" -exec rm -rf {} +
   stamp=$(( $(date +%s) - start ))
   log "binaries in $bin (${stamp}s this run; $(du -sh "$bin" | cut -f1) on disk)"
   echo "$bin"
+}
+
+quiet() { # cmd... ; its output only when it fails
+  local out
+  out=$("$@" 2>&1) || { local rc=$?; printf '%s\n' "$out" >&2; return "$rc"; }
 }
 
 free_port() {
@@ -90,24 +100,24 @@ gen_certs() { # dir
   local d=$1
   (
     cd "$d"
-    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 7 -subj "/CN=sluice-test-ca" 2>/dev/null
+    quiet openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 7 -subj "/CN=sluice-test-ca"
     cat >serving.ext <<EXT
 subjectAltName=IP:127.0.0.1,IP:$ADDRESS,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 extendedKeyUsage=serverAuth
 EXT
-    openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver" 2>/dev/null
-    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out apiserver.crt -days 7 -extfile serving.ext 2>/dev/null
+    quiet openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver"
+    quiet openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out apiserver.crt -days 7 -extfile serving.ext
     printf 'extendedKeyUsage=clientAuth\n' >client.ext
     client() { # name CN O
-      openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "/CN=$2${3:+/O=$3}" 2>/dev/null
-      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$1.crt" -days 7 -extfile client.ext 2>/dev/null
+      quiet openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "/CN=$2${3:+/O=$3}"
+      quiet openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$1.crt" -days 7 -extfile client.ext
     }
     client admin kubernetes-admin system:masters
     # With one identity for all controllers (no per-controller service-account credentials),
     # the controller manager needs the rights of all of them: a test-only shortcut.
     client controller-manager system:kube-controller-manager system:masters
-    openssl genrsa -out sa.key 2048 2>/dev/null
-    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+    quiet openssl genrsa -out sa.key 2048
+    quiet openssl rsa -in sa.key -pubout -out sa.pub
   )
 }
 
@@ -237,7 +247,7 @@ cmd_up() {
   write_env "$STATE/admin.kubeconfig" 1
 }
 
-pid_of() { awk -v n="$1" '$2 == n {print $1}' "$STATE/pids" 2>/dev/null; }
+pid_of() { [ ! -f "$STATE/pids" ] || awk -v n="$1" '$2 == n {print $1}' "$STATE/pids"; }
 
 cmd_stop_apiserver() {
   local pid; pid=$(pid_of kube-apiserver)

@@ -14,7 +14,7 @@
 set -Eeuo pipefail
 shopt -s inherit_errexit
 # No silent exit: whatever command fails says where, what and with which status.
-trap 'rc=$?; printf '\''error: %s:%s: `%s` exited with status %s\n'\'' "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
+trap 'printf "error: %s:%s: \`%s\` exited with status %s\n" "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$?" >&2' ERR
 CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}
 DIR=$CACHE/llama
 VENV=$DIR/venv
@@ -25,7 +25,12 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$DIR/.stamp" 2>/dev/null)" != "$stam
   mkdir -p "$DIR"
   python3 -m venv "$VENV"
   echo "[llama] installing ${PACKAGES[*]} (llama-server builds from source: ~8 min on 2 cores)" >&2
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PACKAGES[@]}" >&2
+  # Only what llama-server needs: no llama.cpp tests or examples (about half of the targets),
+  # and as many compile jobs as cores plus one (the package's default, `make -j` with no
+  # number, starts every job at once: a load of 50 on 2 cores). The server binary is the same.
+  CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF ${CMAKE_ARGS:-}" \
+    LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-$(($(nproc) + 1))} \
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PACKAGES[@]}" >&2
   echo "$stamp" >"$DIR/.stamp"
 fi
 "$VENV/bin/python" - "$DIR/env" <<'PY'

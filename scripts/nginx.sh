@@ -5,7 +5,7 @@
 set -Eeuo pipefail
 shopt -s inherit_errexit
 # No silent exit: whatever command fails says where, what and with which status.
-trap 'rc=$?; printf '\''error: %s:%s: `%s` exited with status %s\n'\'' "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
+trap 'printf "error: %s:%s: \`%s\` exited with status %s\n" "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$?" >&2' ERR
 CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}
 DIR=$CACHE/nginx
 if [ ! -x "$DIR/usr/sbin/nginx" ]; then

@@ -9,7 +9,7 @@
 set -Eeuo pipefail
 shopt -s inherit_errexit
 # No silent exit: whatever command fails says where, what and with which status.
-trap 'rc=$?; printf '\''error: %s:%s: `%s` exited with status %s\n'\'' "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
+trap 'printf "error: %s:%s: \`%s\` exited with status %s\n" "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$?" >&2' ERR
 cd "$(dirname "$0")/.."
 
 # Where the time goes: every step's wall time, printed when the script ends (also on failure).
@@ -45,6 +45,8 @@ cargo fmt --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
+# k8s_pods is `test = false` (it runs only inside the cluster), so --all-targets leaves it out.
+cargo clippy --locked --test k8s_pods -- -D warnings
 
 step "cargo doc --no-deps (warnings, broken intra-doc links included, are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
@@ -106,9 +108,8 @@ cargo test --locked --no-run
 step "cargo test"
 cargo test --locked --no-fail-fast
 
-step "real pods: a single-node cluster in network namespace sluice-k8s (scripts/cluster.sh)"
+step "real pods: a single-node cluster in network namespace sluice-k8s (scripts/cluster.sh), from a fresh boot's /run (scripts/fresh-boot.sh)"
 scripts/k8s-env.sh down
 cargo test --locked --no-run --test k8s_pods
-scripts/cluster.sh up >/dev/null
-scripts/cluster.sh load "$SLUICE_IMAGE_ARCHIVE"
-scripts/cluster.sh exec cargo test --locked --offline --test k8s_pods
+scripts/fresh-boot.sh scripts/cluster.sh run --load "$SLUICE_IMAGE_ARCHIVE" \
+  cargo test --locked --offline --test k8s_pods

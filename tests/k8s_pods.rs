@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::http::{client as http_client, get, metric, post_json};
+use support::http::{client as http_client, get, metric};
 use support::pods::{
     APPS, SIM_ENGINE, SYSTEM, apply, apply_ok, gateway_pods, inside_the_cluster_namespace, json_of,
     llama_pods, openai_by_dns_name, prometheus, rollout_status, with_cluster_dns,
