@@ -72,6 +72,27 @@ pub fn target(base: &Uri, path_and_query: &str) -> Result<Uri, axum::http::Error
     Ok(Uri::from_parts(parts)?)
 }
 
+/// The headers a message's `Connection` header names (RFC 9110 §7.6.1): they are hop-by-hop
+/// for that message alone and must not be forwarded. Tokens that are not header names are
+/// ignored; case does not matter.
+fn connection_options(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// The end-to-end headers of `from`: without the hop-by-hop ones, the ones its `Connection`
+/// header names, and the ones the proxy sets itself.
+fn end_to_end(from: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+    let named = connection_options(from);
+    from.iter()
+        .filter(move |(name, _)| !skip(name) && !named.contains(name))
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and ones the proxy sets itself.
 fn skip(name: &HeaderName) -> bool {
     matches!(
@@ -104,9 +125,9 @@ pub fn request(
 ) -> Result<axum::http::Request<Full<Bytes>>, axum::http::Error> {
     let mut b = axum::http::Request::builder().method(method).uri(uri);
     let headers = b.headers_mut().expect("fresh builder");
-    for (name, value) in client_headers {
+    for (name, value) in end_to_end(client_headers) {
         let clients_key = client_auth && name == header::AUTHORIZATION;
-        if !skip(name) && !clients_key {
+        if !clients_key {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -119,10 +140,8 @@ pub fn request(
 /// Upstream response headers worth relaying (end-to-end ones, without framing).
 pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(upstream.len());
-    for (name, value) in upstream {
-        if !skip(name) {
-            out.append(name.clone(), value.clone());
-        }
+    for (name, value) in end_to_end(upstream) {
+        out.append(name.clone(), value.clone());
     }
     out
 }
@@ -190,5 +209,32 @@ mod tests {
             let sent: Vec<_> = r.headers().get_all("authorization").iter().collect();
             assert_eq!(sent, key.into_iter().collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn headers_the_connection_header_names_are_not_forwarded_either_way() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("keep-alive, X-Hop"));
+        h.append(
+            "connection",
+            HeaderValue::from_static(" x-other-hop ,, not a name"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-other-hop", HeaderValue::from_static("2"));
+        h.insert("x-request-id", HeaderValue::from_static("r1"));
+        let r = request(
+            Method::POST,
+            "http://u/v1".parse().unwrap(),
+            &h,
+            None,
+            false,
+            Bytes::new(),
+        )
+        .unwrap();
+        let sent: Vec<_> = r.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(sent, ["x-request-id"]);
+        let relayed = response_headers(&h);
+        let relayed: Vec<_> = relayed.keys().map(|k| k.as_str()).collect();
+        assert_eq!(relayed, ["x-request-id"]);
     }
 }
