@@ -7,6 +7,8 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::ObjectMeta;
 
+use crate::policy::duration::format_duration;
+
 pub use super::names::{fnv1a_64, gateway_name, label_value};
 
 /// Where the gateway pods find the upstream API key (a projected Secret).
@@ -111,7 +113,7 @@ mod tests {
         let args = pod.containers[0].args.clone().unwrap();
         assert!(args.contains(&"--drain-delay=5s".to_owned()), "{args:?}");
         assert!(
-            args.contains(&"--drain-timeout=601s".to_owned()),
+            args.contains(&"--drain-timeout=10m1s".to_owned()),
             "{args:?}"
         );
         assert!(pod.volumes.is_none(), "no key, no volume");
@@ -122,6 +124,48 @@ mod tests {
             "defaults when the policy sets none"
         );
         assert_eq!(res.limits.unwrap()["memory"].0, "1Gi");
+    }
+
+    /// `sluice gateway`'s own command line, as the binary parses it.
+    #[derive(clap::Parser, Debug)]
+    struct GatewayCommandLine {
+        #[command(flatten)]
+        args: crate::gateway::GatewayArgs,
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Whatever valid spec the operator reads, the gateway it starts accepts its arguments
+        /// (a 28h upstream timeout once became `--drain-timeout=100800s`, six digits, and every
+        /// gateway pod refused to start).
+        #[test]
+        fn every_argument_written_for_a_valid_spec_is_accepted_by_the_gateway(
+            timeout in "([0-9]{1,5}(h|m|s|ms)){1,4}",
+            name in "[a-z0-9]([a-z0-9.-]{0,60}[a-z0-9])?",
+        ) {
+            use clap::Parser;
+            let upstream_timeout = crate::policy::duration::parse_duration(&timeout).unwrap();
+            let d = gateway_deployment(&GatewayPodSpec {
+                namespace: "ns",
+                policy: &name,
+                image: "img",
+                upstream: "http://engine.inference.svc:8000/v1",
+                port: 8080,
+                replicas: 1,
+                gateway: None,
+                api_key: None,
+                client_keys: None,
+                upstream_timeout,
+            });
+            let args = d.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
+            proptest::prop_assert_eq!(args[0].as_str(), "gateway");
+            let parsed = GatewayCommandLine::try_parse_from(
+                std::iter::once("sluice-gateway").chain(args[1..].iter().map(String::as_str)),
+            );
+            let parsed = parsed.map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{args:?}: {e}")))?;
+            proptest::prop_assert!(parsed.args.drain_timeout >= upstream_timeout.min(crate::policy::duration::MAX_FORMATTED));
+            proptest::prop_assert_eq!(parsed.args.policy.as_deref(), Some(name.as_str()));
+        }
     }
 
     #[test]
@@ -234,7 +278,12 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
         "--upstream".to_owned(),
         p.upstream.to_owned(),
         format!("--drain-delay={DRAIN_DELAY_SECS}s"),
-        format!("--drain-timeout={}s", drain_secs(p.upstream_timeout)),
+        format!(
+            "--drain-timeout={}",
+            format_duration(std::time::Duration::from_secs(drain_secs(
+                p.upstream_timeout
+            )))
+        ),
     ];
     // The key is a file from a projected Secret, not an env var: the kubelet updates the file
     // when the Secret rotates and the gateway re-reads it, with no restart.

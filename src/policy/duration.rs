@@ -75,9 +75,72 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     Ok(total)
 }
 
+/// The longest duration [`format_duration`] writes exactly: every part at most five digits
+/// (`99999h59m59s999ms`, about 11.4 years).
+pub const MAX_FORMATTED: Duration = Duration::from_millis(99_999 * 3_600_000 + 3_599_999);
+
+/// Writes `d` as a Gateway API duration that [`parse_duration`] reads back as `d`, for every
+/// `d` in whole milliseconds up to [`MAX_FORMATTED`]: the largest units first, zero parts left
+/// out (`100800s` is written `28h`, which the five-digit grammar accepts). A fraction of a
+/// millisecond is rounded up, and longer durations are written as [`MAX_FORMATTED`]: a
+/// timeout is never shortened by more than its remainder past 11 years.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    let ms = u64::try_from(ms)
+        .unwrap_or(u64::MAX)
+        .min(MAX_FORMATTED.as_millis() as u64);
+    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (m, rest) = (rest / 60_000, rest % 60_000);
+    let (s, ms) = (rest / 1000, rest % 1000);
+    let mut out = String::new();
+    for (n, unit) in [(h, "h"), (m, "m"), (s, "s"), (ms, "ms")] {
+        if n > 0 {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("0s");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_in_the_largest_units_within_five_digits() {
+        assert_eq!(format_duration(Duration::ZERO), "0s");
+        assert_eq!(format_duration(Duration::from_secs(100_800)), "28h");
+        assert_eq!(format_duration(Duration::from_secs(601)), "10m1s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1s500ms");
+        assert_eq!(format_duration(Duration::from_nanos(1)), "1ms");
+        assert_eq!(
+            format_duration(Duration::from_secs(u64::MAX)),
+            "99999h59m59s999ms"
+        );
+        assert_eq!(
+            parse_duration(&format_duration(Duration::MAX)),
+            Ok(MAX_FORMATTED)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_reads_back_what_format_writes(ms in 0..=MAX_FORMATTED.as_millis() as u64) {
+            let d = Duration::from_millis(ms);
+            proptest::prop_assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
+
+        #[test]
+        fn every_duration_of_the_crd_pattern_formats_to_one_the_parser_accepts(
+            text in "([0-9]{1,5}(h|m|s|ms)){1,4}"
+        ) {
+            let d = parse_duration(&text).unwrap();
+            let back = parse_duration(&format_duration(d)).unwrap();
+            proptest::prop_assert_eq!(back, d.min(MAX_FORMATTED));
+        }
+    }
 
     #[test]
     fn parses_every_unit_and_combinations() {
