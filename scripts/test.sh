@@ -77,7 +77,7 @@ fi
 export SLUICE_PROMETHEUS_BIN=$PROM/usr/bin
 "$SLUICE_PROMETHEUS_BIN/prometheus" --version 2>&1 | head -n 1
 
-step "a real engine: llama.cpp's llama-server and Gemma 3 270M (scripts/llama.sh; built once into the cache, about 10 minutes the first time)"
+step "a real engine: llama.cpp's llama-server and Gemma 3 270M (scripts/llama.sh; built once into the cache, about 8 minutes the first time)"
 # shellcheck disable=SC1090
 source "$(scripts/llama.sh)"
 
