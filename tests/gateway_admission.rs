@@ -314,6 +314,38 @@ async fn required_client_keys_refuse_others_with_401_and_never_reach_the_upstrea
 }
 
 #[tokio::test]
+async fn a_second_priority_or_authorization_header_is_a_400_not_a_choice() {
+    // Behind a proxy that appends its own priority to the client's, the first copy used to
+    // win: the client's `critical`, with the header trusted.
+    let keys = support::TempDir::client_keys("repeated", &[("batch", "sk-batch")]);
+    let spec = format!(
+        "{CLIFF}\nclientAuth: {{secretRef: {{name: keys}}, required: false}}\npriority: {{trustHeader: true}}"
+    );
+    let g = InProc::start_with(&spec, with_keys(&keys)).await;
+    let twice = [
+        [
+            ("x-sluice-priority", "critical"),
+            ("x-sluice-priority", "sheddable"),
+        ],
+        [
+            ("authorization", "Bearer sk-batch"),
+            ("authorization", "Bearer other"),
+        ],
+    ];
+    for headers in twice {
+        let out = g.stream("m", &headers, MS, &[]).await;
+        assert_eq!(out.status, 400, "{headers:?}");
+        let error = &out.body.as_ref().unwrap()["error"];
+        assert_eq!(error["param"], headers[0].0, "{error}");
+    }
+    let once = [
+        ("authorization", "Bearer sk-batch"),
+        ("x-sluice-priority", "sheddable"),
+    ];
+    assert_eq!(g.stream("m", &once, MS, &[]).await.status, 200);
+}
+
+#[tokio::test]
 async fn a_clients_class_sets_its_priority_and_caps_its_claims() {
     let keys = support::TempDir::client_keys(
         "classes",

@@ -99,14 +99,30 @@ pub fn effective_priority(
     }
 }
 
+/// Headers that decide who a request is and how urgent it is may come once. With two copies
+/// (a proxy appending its own `x-sluice-priority` after the client's, a second
+/// `Authorization`) which one counts would be up to the reader: the request gets 400.
+pub fn refuse_repeated(headers: &HeaderMap) -> Result<(), GatewayError> {
+    for name in ["authorization", Priority::HEADER] {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            return Err(GatewayError::bad_param(
+                name,
+                format!("the {name} header may be sent once; this request has more than one"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Who the client is, when the policy authenticates clients, and the priority its request
-/// is served at; or the 400 (bad header) or 401 (no valid key where one is required) that
-/// refuses it.
+/// is served at; or the 400 (bad or repeated header) or 401 (no valid key where one is
+/// required) that refuses it.
 pub fn request_priority(
     snap: &Snapshot,
     keys: &ClientKeys,
     headers: &HeaderMap,
 ) -> Result<Priority, GatewayError> {
+    refuse_repeated(headers)?;
     let claimed = parse_priority(headers)?;
     let class = match &snap.config.client_auth {
         None => Priority::Standard,
@@ -217,6 +233,25 @@ mod tests {
                 assert!(message.contains("\"urgent\""), "{message}");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_repeated_priority_or_authorization_header_is_refused_naming_it() {
+        let mut h = HeaderMap::new();
+        h.append(Priority::HEADER, "sheddable".parse().unwrap());
+        h.append("authorization", "Bearer a".parse().unwrap());
+        assert_eq!(refuse_repeated(&h), Ok(()));
+        for name in [Priority::HEADER, "authorization"] {
+            let mut twice = h.clone();
+            twice.append(name, "critical".parse().unwrap());
+            match refuse_repeated(&twice) {
+                Err(GatewayError::BadRequest { param, message }) => {
+                    assert_eq!(param, Some(name));
+                    assert!(message.contains("more than one"), "{message}");
+                }
+                other => panic!("{name}: {other:?}"),
+            }
         }
     }
 
