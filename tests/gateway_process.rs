@@ -195,6 +195,24 @@ async fn an_invalid_policy_file_at_start_is_a_clear_error() {
     assert!(err.contains("spec.upstream.url"), "{err}");
 }
 
+#[test]
+fn an_upstream_with_credentials_in_its_url_is_refused_at_start_without_echoing_them() {
+    let err = gateway_fails("http://user:s3cret@127.0.0.1:9", "127.0.0.1:0");
+    assert!(err.contains("must not carry credentials"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+    let policy = PolicyFile::new(&policy_yaml("http://127.0.0.1:9", ""));
+    let err = support::sluice_fails(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--policy-file",
+        policy.0.to_str().unwrap(),
+        "--upstream",
+        "http://user:s3cret@127.0.0.1:9",
+    ]);
+    assert!(err.contains("must not carry credentials"), "{err}");
+}
+
 #[tokio::test]
 async fn sigterm_drains_in_flight_streams_and_exits_zero() {
     let c = client();

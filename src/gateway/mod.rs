@@ -64,8 +64,9 @@ pub struct GatewayArgs {
     /// Namespace of `--policy` (default: the pod's namespace, else the kubeconfig's).
     #[arg(long, env = "POD_NAMESPACE")]
     pub namespace: Option<String>,
-    /// Upstream base URL, overriding the policy's spec.upstream.url.
-    #[arg(long)]
+    /// Upstream base URL, overriding the policy's spec.upstream.url (http or https, no
+    /// user-info: the key goes in --upstream-api-key-file).
+    #[arg(long, value_parser = crate::policy::config::upstream_url)]
     pub upstream: Option<http::Uri>,
     /// How often the policy file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]

@@ -181,6 +181,20 @@ fn non_http_upstreams_are_rejected() {
 }
 
 #[test]
+fn upstreams_with_credentials_in_the_url_are_rejected_without_echoing_them() {
+    for url in [
+        "http://user:pw@127.0.0.1:8000",
+        "https://token@engine.example/v1",
+        "ftp://user:pw@host/",
+    ] {
+        let doc = MINIMAL.replace("http://127.0.0.1:8000", url);
+        assert_single_error(&doc, "spec.upstream.url", "must not carry credentials");
+        let err = PolicyConfig::from_yaml(&doc).unwrap_err().to_string();
+        assert!(!err.contains("pw@") && !err.contains("token@"), "{err}");
+    }
+}
+
+#[test]
 fn per_model_entries_with_global_scope_are_rejected() {
     assert_single_error(
         &with_spec("scope: Global\nmodels: [{name: a}]"),
