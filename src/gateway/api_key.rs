@@ -25,6 +25,27 @@ pub enum KeyError {
     Read { path: PathBuf, error: String },
 }
 
+/// Largest key file read (upstream or client key): far above any real key (JWTs included), and
+/// a file pointed at something endless (`/dev/zero`, a growing log) is refused after this many
+/// bytes instead of being read whole every reload interval.
+pub const MAX_KEY_FILE_BYTES: u64 = 16 << 10;
+
+/// Reads at most [`MAX_KEY_FILE_BYTES`] of a key file; a longer one is an error.
+pub fn read_key_bytes(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_KEY_FILE_BYTES + 1)
+        .read_to_end(&mut out)?;
+    if out.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("longer than {MAX_KEY_FILE_BYTES} bytes: not a key"),
+        ));
+    }
+    Ok(out)
+}
+
 /// `Bearer <key>` for a key as written (surrounding whitespace removed), marked sensitive so
 /// it is never logged.
 pub fn bearer(key: &str) -> Result<HeaderValue, KeyError> {
@@ -40,11 +61,11 @@ pub fn bearer(key: &str) -> Result<HeaderValue, KeyError> {
 
 /// Reads and checks a key file.
 pub fn read_key_file(path: &Path) -> Result<HeaderValue, KeyError> {
-    let text = std::fs::read_to_string(path).map_err(|e| KeyError::Read {
+    let bytes = read_key_bytes(path).map_err(|e| KeyError::Read {
         path: path.to_owned(),
         error: e.to_string(),
     })?;
-    bearer(&text)
+    bearer(std::str::from_utf8(&bytes).map_err(|_| KeyError::NotAHeader)?)
 }
 
 /// The key in force; swapped when its file changes.
@@ -159,6 +180,25 @@ mod tests {
         assert!(read(Some("three"), &mut current));
         assert_eq!(current.unwrap(), "Bearer three");
         assert_eq!(f.problem(), None);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_key_file_past_the_cap_is_refused_without_reading_it_whole() {
+        // /dev/zero never ends: without the cap the read would never return.
+        match read_key_file(Path::new("/dev/zero")) {
+            Err(KeyError::Read { error, .. }) => assert!(error.contains("not a key"), "{error}"),
+            other => panic!("{other:?}"),
+        }
+        let path = std::env::temp_dir().join(format!("sluice-key-cap-{}", std::process::id()));
+        let at_cap = "k".repeat(MAX_KEY_FILE_BYTES as usize);
+        std::fs::write(&path, &at_cap).unwrap();
+        assert_eq!(
+            read_key_file(&path).unwrap(),
+            format!("Bearer {at_cap}").as_str()
+        );
+        std::fs::write(&path, format!("{at_cap}k")).unwrap();
+        assert!(matches!(read_key_file(&path), Err(KeyError::Read { .. })));
         let _ = std::fs::remove_file(&path);
     }
 }

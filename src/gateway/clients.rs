@@ -114,7 +114,7 @@ fn read_dir(dir: &Path) -> Result<Vec<Client>, KeysError> {
         if !std::fs::metadata(&path).map_err(read_err)?.is_file() {
             continue;
         }
-        let key = std::fs::read(&path).map_err(read_err)?;
+        let key = super::api_key::read_key_bytes(&path).map_err(read_err)?;
         let key = key.trim_ascii();
         if key.is_empty() {
             return Err(KeysError::Empty(name));
@@ -225,6 +225,20 @@ mod tests {
             ClientKeys::load(&d).unwrap_err(),
             KeysError::Read { .. }
         ));
+    }
+
+    #[test]
+    fn a_client_key_file_past_the_cap_refuses_the_set() {
+        let d = dir("cap");
+        let cap = super::super::api_key::MAX_KEY_FILE_BYTES as usize;
+        std::fs::write(d.join("a"), "k".repeat(cap + 1)).unwrap();
+        match ClientKeys::load(&d).unwrap_err() {
+            KeysError::Read { error, .. } => assert!(error.contains("not a key"), "{error}"),
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(d.join("a"), "k".repeat(cap)).unwrap();
+        assert_eq!(ClientKeys::load(&d).unwrap().len(), 1);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
