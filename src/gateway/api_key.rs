@@ -14,6 +14,25 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use axum::http::HeaderValue;
 
+/// A key given on the command line or in the environment: `Debug` never prints it, so a
+/// logged or panicking `GatewayArgs` or `GatewayOptions` does not leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(pub String);
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for SecretString {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SecretString(s.to_owned()))
+    }
+}
+
 /// Why a key cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
@@ -142,6 +161,28 @@ pub async fn follow_key_file(path: PathBuf, key: Arc<UpstreamKey>, interval: Dur
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_string_never_shows_in_debug() {
+        let k: SecretString = "sk-live-123".parse().unwrap();
+        assert_eq!(format!("{k:?}"), "<redacted>");
+        assert_eq!(format!("{:?}", Some(k.clone())), "Some(<redacted>)");
+        assert_eq!(k.0, "sk-live-123");
+        #[derive(clap::Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            args: crate::gateway::GatewayArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "sluice-gateway",
+            "--policy-file=p.yaml",
+            "--upstream-api-key=sk-live-123",
+        ])
+        .unwrap();
+        assert_eq!(cli.args.upstream_api_key, Some(k));
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("sk-live-123"), "{shown}");
+    }
 
     #[test]
     fn keys_are_trimmed_and_checked() {

@@ -106,7 +106,7 @@ pub struct GatewayArgs {
     /// API key sent upstream as `Authorization: Bearer <key>` instead of the client's header
     /// (surrounding whitespace ignored).
     #[arg(long, env = "SLUICE_UPSTREAM_API_KEY", hide_env_values = true)]
-    pub upstream_api_key: Option<String>,
+    pub upstream_api_key: Option<api_key::SecretString>,
     /// File holding the upstream API key (as the operator mounts it from the policy's
     /// Secret); re-read every --reload-interval, so a rotated key applies without a restart.
     #[arg(
@@ -161,7 +161,7 @@ pub struct GatewayOptions {
     /// Largest request body accepted (bytes).
     pub max_body_bytes: usize,
     /// Sent upstream as `Authorization: Bearer <key>` instead of the client's header.
-    pub upstream_api_key: Option<String>,
+    pub upstream_api_key: Option<api_key::SecretString>,
     /// Or read from this file (first read here; follow it with [`api_key::follow_key_file`]).
     pub upstream_api_key_file: Option<PathBuf>,
     /// Client API keys, one file per client (first read here; follow it with
@@ -208,7 +208,7 @@ impl Gateway {
         let unary = Arc::new(unary::UnaryModes::default());
         let metrics = GatewayMetrics::new(store.clone(), clock.clone(), unary.clone());
         let api_key = match (&options.upstream_api_key, &options.upstream_api_key_file) {
-            (Some(k), _) => Some(api_key::bearer(k)?),
+            (Some(k), _) => Some(api_key::bearer(&k.0)?),
             (None, Some(path)) => Some(api_key::read_key_file(path)?),
             (None, None) => None,
         };
