@@ -95,14 +95,7 @@ fn the_release_publishes_the_image_and_chart_the_chart_defaults_to() {
 
 #[test]
 fn the_scripts_pass_shellcheck() {
-    let mut files: Vec<String> = std::fs::read_dir(format!("{REPO}/scripts"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "sh"))
-        .map(|p| p.display().to_string())
-        .collect();
-    files.sort();
-    files.push(format!("{REPO}/.ci/run"));
+    let files = support::shell_scripts();
     assert!(files.len() >= 6, "{files:?}");
     let out = Command::new(shellcheck()).args(&files).output().unwrap();
     assert!(

@@ -24,18 +24,6 @@ const PROLOGUE: [&str; 3] = [
     r#"trap 'printf "error: %s:%s: \`%s\` exited with status %s\n" "${BASH_SOURCE[0]}" "$LINENO" "$BASH_COMMAND" "$?" >&2' ERR"#,
 ];
 
-fn scripts() -> Vec<String> {
-    let mut files: Vec<String> = std::fs::read_dir(format!("{REPO}/scripts"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "sh"))
-        .map(|p| p.display().to_string())
-        .collect();
-    files.sort();
-    files.push(format!("{REPO}/.ci/run"));
-    files
-}
-
 fn run(cmd: &mut Command) -> (Output, String) {
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -53,7 +41,7 @@ fn require_root() {
 
 #[test]
 fn every_script_has_the_error_trap() {
-    let files = scripts();
+    let files = support::shell_scripts();
     assert!(files.len() >= 8, "{files:?}");
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();

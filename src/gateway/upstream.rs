@@ -150,6 +150,16 @@ pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
 mod tests {
     use super::*;
 
+    /// The upstream request for a POST with the client's headers `h`.
+    fn upstream_request(
+        h: &HeaderMap,
+        api_key: Option<&HeaderValue>,
+        client_auth: bool,
+    ) -> axum::http::Request<Full<Bytes>> {
+        let uri = "http://u/v1".parse().unwrap();
+        request(Method::POST, uri, h, api_key, client_auth, Bytes::new()).unwrap()
+    }
+
     #[test]
     fn target_joins_base_and_path() {
         let base: Uri = "http://127.0.0.1:8000".parse().unwrap();
@@ -172,40 +182,16 @@ mod tests {
         h.insert("authorization", HeaderValue::from_static("Bearer client"));
         h.insert("x-request-id", HeaderValue::from_static("r1"));
         let key = HeaderValue::from_static("Bearer upstream");
-        let r = request(
-            Method::POST,
-            "http://u/v1".parse().unwrap(),
-            &h,
-            Some(&key),
-            false,
-            Bytes::new(),
-        )
-        .unwrap();
+        let r = upstream_request(&h, Some(&key), false);
         assert!(r.headers().get("connection").is_none());
         assert!(r.headers().get("x-sluice-priority").is_none());
         assert_eq!(r.headers()["authorization"], "Bearer upstream");
         assert_eq!(r.headers()["x-request-id"], "r1");
-        let r = request(
-            Method::POST,
-            "http://u/v1".parse().unwrap(),
-            &h,
-            None,
-            false,
-            Bytes::new(),
-        )
-        .unwrap();
+        let r = upstream_request(&h, None, false);
         assert_eq!(r.headers()["authorization"], "Bearer client");
         // With client authentication the client's key never goes upstream.
         for key in [None, Some(&key)] {
-            let r = request(
-                Method::POST,
-                "http://u/v1".parse().unwrap(),
-                &h,
-                key,
-                true,
-                Bytes::new(),
-            )
-            .unwrap();
+            let r = upstream_request(&h, key, true);
             let sent: Vec<_> = r.headers().get_all("authorization").iter().collect();
             assert_eq!(sent, key.into_iter().collect::<Vec<_>>());
         }
@@ -222,15 +208,7 @@ mod tests {
         h.insert("x-hop", HeaderValue::from_static("1"));
         h.insert("x-other-hop", HeaderValue::from_static("2"));
         h.insert("x-request-id", HeaderValue::from_static("r1"));
-        let r = request(
-            Method::POST,
-            "http://u/v1".parse().unwrap(),
-            &h,
-            None,
-            false,
-            Bytes::new(),
-        )
-        .unwrap();
+        let r = upstream_request(&h, None, false);
         let sent: Vec<_> = r.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(sent, ["x-request-id"]);
         let relayed = response_headers(&h);

@@ -204,6 +204,19 @@ pub fn sluice_fails(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The shell scripts users and CI run: `scripts/*.sh` and `.ci/run`.
+pub fn shell_scripts() -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(format!("{REPO}/scripts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sh"))
+        .map(|p| p.display().to_string())
+        .collect();
+    files.sort();
+    files.push(format!("{REPO}/.ci/run"));
+    files
+}
+
 /// A file removed when dropped.
 pub struct TempFile(pub PathBuf);
 
