@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::gateway::unary::UnaryModes;
@@ -67,6 +67,9 @@ pub struct GatewayMetrics {
     pub itl: HistogramVec,
     pub inflight: IntGaugeVec,
     pub upstream_errors: IntCounterVec,
+    /// Entries of the client key directory left out of the set in force (set from the keys
+    /// when scraped).
+    pub client_keys_invalid: IntGauge,
 }
 
 impl GatewayMetrics {
@@ -124,6 +127,11 @@ impl GatewayMetrics {
                 &["reason"],
             )
             .unwrap(),
+            client_keys_invalid: IntGauge::new(
+                "sluice_client_keys_invalid",
+                "Entries of the client key directory left out of the keys in force: an empty key, a key two clients share (every copy), a file that cannot be read. 0 when every entry is in force.",
+            )
+            .unwrap(),
             registry,
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
@@ -133,6 +141,7 @@ impl GatewayMetrics {
             Box::new(m.itl.clone()),
             Box::new(m.inflight.clone()),
             Box::new(m.upstream_errors.clone()),
+            Box::new(m.client_keys_invalid.clone()),
             Box::new(StateCollector::new(store, clock, unary)),
         ];
         for c in collectors {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use support::TempFile;
-use support::http::{Gw, client, send};
+use support::http::{Gw, client, metric, send};
 
 /// A stub upstream answering `GET /v1/models`; returns its URL and the headers it saw.
 async fn recording_upstream() -> (String, Arc<Mutex<Vec<String>>>) {
@@ -136,12 +136,33 @@ async fn client_keys_rotate_without_a_restart_and_never_go_upstream() {
     .await;
     assert_eq!(status("sk-alice-1").await, 401);
 
-    // A broken set (an emptied key) keeps the last good one.
-    std::fs::write(dir.join("bob"), "\n").unwrap();
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(status("sk-bob").await, 200);
-    }
+    // Revocation while another entry is bad: bob's key removed and carol's empty. Removals
+    // apply whatever else is wrong (the whole last set used to stay, bob's key with it); the
+    // bad entry is left out and counted.
+    std::fs::remove_file(dir.join("bob")).unwrap();
+    std::fs::write(dir.join("carol"), "\n").unwrap();
+    support::eventually(10, "bob's key revoked", || async {
+        (status("sk-bob").await == 401).then_some(())
+    })
+    .await;
+    assert_eq!(status("sk-alice-2").await, 200);
+    let m = gw.metrics(&c).await;
+    assert_eq!(
+        metric(&m, "sluice_client_keys_invalid", &[]),
+        Some(1.0),
+        "{m}"
+    );
+    std::fs::write(dir.join("carol"), "sk-carol").unwrap();
+    support::eventually(10, "carol's key in force", || async {
+        (status("sk-carol").await == 200).then_some(())
+    })
+    .await;
+    let m = gw.metrics(&c).await;
+    assert_eq!(
+        metric(&m, "sluice_client_keys_invalid", &[]),
+        Some(0.0),
+        "{m}"
+    );
 }
 
 #[test]

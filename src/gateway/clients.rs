@@ -5,8 +5,11 @@
 //! client's name (as in `spec.priority.clients`), its content (trimmed) the client's key.
 //! Names starting with `.` are skipped (the `..data` links of a Secret volume). The directory
 //! is re-read while the gateway runs, so a rotated, added or removed key applies without a
-//! restart; a directory that becomes unreadable, or a set with an empty or duplicate key,
-//! keeps the last good set, reported once per distinct problem.
+//! restart. Removals always apply: an entry that cannot be used (an empty key, or a key two
+//! clients share: every copy of it) is left out of the set and the rest is put in force,
+//! counted in `sluice_client_keys_invalid` and logged once per distinct problem; a bad entry
+//! never keeps an old set alive. Only a directory that cannot be read at all keeps the last
+//! set (it says nothing about what was removed).
 //!
 //! A presented key is compared with every known key in constant time (no early exit on the
 //! first differing byte or the first match), so response timing tells nothing about how
@@ -41,11 +44,27 @@ pub enum KeysError {
     Empty(String),
     #[error("clients {0:?} and {1:?} have the same key")]
     Duplicate(String, String),
+    #[error("cannot read the key of client {name:?}: {error}")]
+    File { name: String, error: String },
 }
 
 /// The clients in force; swapped when their directory changes.
 #[derive(Debug, Default)]
-pub struct ClientKeys(ArcSwap<Vec<Client>>);
+pub struct ClientKeys {
+    clients: ArcSwap<Vec<Client>>,
+    /// Entries of the last read left out of the set.
+    invalid: std::sync::atomic::AtomicUsize,
+}
+
+/// What one read of a key directory gives: the clients that can be used, and what was wrong
+/// with the entries left out.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct KeySet {
+    clients: Vec<Client>,
+    problems: Vec<KeysError>,
+    /// Entries left out (a duplicate pair leaves out both).
+    left_out: usize,
+}
 
 /// Equal in time that depends only on the lengths, never on where the bytes differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -68,16 +87,28 @@ fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
 }
 
 impl ClientKeys {
-    /// The clients read from `dir`.
+    /// The clients read from `dir` (entries that cannot be used are left out and logged).
     pub fn load(dir: &Path) -> Result<Self, KeysError> {
-        Ok(ClientKeys(ArcSwap::from_pointee(read_dir(dir)?)))
+        let set = read_dir(dir)?;
+        for e in &set.problems {
+            tracing::error!(error = %e, "client API key left out");
+        }
+        Ok(ClientKeys {
+            clients: ArcSwap::from_pointee(set.clients),
+            invalid: set.left_out.into(),
+        })
+    }
+
+    /// Entries of the key directory left out of the set in force.
+    pub fn invalid(&self) -> usize {
+        self.invalid.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The name of the client whose key `headers` carry, if any. Every known key is
     /// compared, whatever matches.
     pub fn authenticate(&self, headers: &HeaderMap) -> Option<Arc<str>> {
         let token = bearer_token(headers)?;
-        let clients = self.0.load();
+        let clients = self.clients.load();
         let mut found = None;
         for c in clients.iter() {
             if constant_time_eq(token, &c.key) {
@@ -89,7 +120,7 @@ impl ClientKeys {
 
     /// Number of clients in force.
     pub fn len(&self) -> usize {
-        self.0.load().len()
+        self.clients.load().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -97,13 +128,14 @@ impl ClientKeys {
     }
 }
 
-/// Reads a key directory: every visible regular file (links followed) is a client.
-fn read_dir(dir: &Path) -> Result<Vec<Client>, KeysError> {
+/// Reads a key directory: every visible regular file (links followed) is a client. Entries
+/// with an empty key, and every client whose key another shares, are left out.
+fn read_dir(dir: &Path) -> Result<KeySet, KeysError> {
     let read_err = |e: std::io::Error| KeysError::Read {
         path: dir.to_owned(),
         error: e.to_string(),
     };
-    let mut clients = Vec::new();
+    let mut set = KeySet::default();
     for entry in std::fs::read_dir(dir).map_err(read_err)? {
         let entry = entry.map_err(read_err)?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -114,51 +146,102 @@ fn read_dir(dir: &Path) -> Result<Vec<Client>, KeysError> {
         if !std::fs::metadata(&path).map_err(read_err)?.is_file() {
             continue;
         }
-        let key = super::api_key::read_key_bytes(&path).map_err(read_err)?;
+        let key = match super::api_key::read_key_bytes(&path) {
+            Ok(key) => key,
+            Err(e) => {
+                set.problems.push(KeysError::File {
+                    name,
+                    error: e.to_string(),
+                });
+                set.left_out += 1;
+                continue;
+            }
+        };
         let key = key.trim_ascii();
         if key.is_empty() {
-            return Err(KeysError::Empty(name));
+            set.problems.push(KeysError::Empty(name));
+            set.left_out += 1;
+            continue;
         }
-        clients.push(Client {
+        set.clients.push(Client {
             name: name.into(),
             key: key.into(),
         });
     }
-    clients.sort_by(|a, b| a.name.cmp(&b.name));
-    for (i, a) in clients.iter().enumerate() {
-        if let Some(b) = clients[i + 1..].iter().find(|b| b.key == a.key) {
-            return Err(KeysError::Duplicate(a.name.to_string(), b.name.to_string()));
+    set.clients.sort_by(|a, b| a.name.cmp(&b.name));
+    // Every client whose key another shares is left out; each such key is reported once, by
+    // the first two names that share it.
+    let mut shared = vec![false; set.clients.len()];
+    for i in 0..set.clients.len() {
+        if shared[i] {
+            continue;
+        }
+        let key = &set.clients[i].key;
+        let same: Vec<usize> = (i + 1..set.clients.len())
+            .filter(|&j| set.clients[j].key == *key)
+            .collect();
+        if let Some(&j) = same.first() {
+            let names = (&set.clients[i].name, &set.clients[j].name);
+            set.problems.push(KeysError::Duplicate(
+                names.0.to_string(),
+                names.1.to_string(),
+            ));
+            shared[i] = true;
+            same.iter().for_each(|&j| shared[j] = true);
         }
     }
-    Ok(clients)
+    set.left_out += shared.iter().filter(|s| **s).count();
+    let mut keep = shared.iter().map(|s| !s);
+    set.clients.retain(|_| keep.next().unwrap_or(true));
+    set.problems.sort_by_key(|e| e.to_string());
+    Ok(set)
 }
 
-/// Re-reads `dir` every `interval` and puts each changed, valid set in force; runs until the
-/// task is dropped.
+impl ClientKeys {
+    /// Puts what one read of `dir` found in force: the usable clients, always (a removed key
+    /// stops working whatever else is wrong), or the last set when the directory could not
+    /// be read at all. Logs each new problem once (`reported` holds the last read's).
+    fn apply_read(
+        &self,
+        dir: &Path,
+        read: Result<KeySet, KeysError>,
+        reported: &mut Vec<KeysError>,
+    ) {
+        match read {
+            Ok(set) => {
+                self.invalid
+                    .store(set.left_out, std::sync::atomic::Ordering::Relaxed);
+                if **self.clients.load() != set.clients {
+                    let n = set.clients.len();
+                    self.clients.store(Arc::new(set.clients));
+                    tracing::info!(dir = %dir.display(), clients = n, "client API keys reloaded");
+                }
+                for e in set.problems.iter().filter(|e| !reported.contains(e)) {
+                    tracing::error!(error = %e, "client API key left out");
+                }
+                *reported = set.problems;
+            }
+            Err(e) => {
+                if *reported != [e.clone()] {
+                    tracing::error!(error = %e, "keeping the last client API keys: the directory cannot be read");
+                }
+                *reported = vec![e];
+            }
+        }
+    }
+}
+
+/// Re-reads `dir` every `interval` and puts each changed set in force (removals always);
+/// runs until the task is dropped.
 pub async fn follow_keys_dir(dir: PathBuf, keys: Arc<ClientKeys>, interval: Duration) {
-    let mut reported: Option<KeysError> = None;
+    let mut reported = Vec::new();
     loop {
         tokio::time::sleep(interval).await;
         let d = dir.clone();
         let Ok(read) = tokio::task::spawn_blocking(move || read_dir(&d)).await else {
             continue;
         };
-        match read {
-            Ok(clients) => {
-                reported = None;
-                if **keys.0.load() != clients {
-                    let n = clients.len();
-                    keys.0.store(Arc::new(clients));
-                    tracing::info!(dir = %dir.display(), clients = n, "client API keys reloaded");
-                }
-            }
-            Err(e) => {
-                if reported.as_ref() != Some(&e) {
-                    tracing::error!(error = %e, "keeping the last good client API keys");
-                    reported = Some(e);
-                }
-            }
-        }
+        keys.apply_read(&dir, read, &mut reported);
     }
 }
 
@@ -207,18 +290,31 @@ mod tests {
     }
 
     #[test]
-    fn empty_or_duplicate_keys_and_a_missing_directory_are_refused() {
+    fn unusable_entries_are_left_out_and_the_rest_is_in_force() {
         let d = dir("bad");
         std::fs::write(d.join("a"), "\n").unwrap();
-        assert_eq!(
-            ClientKeys::load(&d).unwrap_err(),
-            KeysError::Empty("a".into())
+        std::fs::write(d.join("b"), "same").unwrap();
+        std::fs::write(d.join("c"), "same\n").unwrap();
+        std::fs::write(d.join("d"), "sk-d").unwrap();
+        let cap = super::super::api_key::MAX_KEY_FILE_BYTES as usize;
+        std::fs::write(d.join("e"), "k".repeat(cap + 1)).unwrap();
+        let set = read_dir(&d).unwrap();
+        let names: Vec<_> = set.clients.iter().map(|c| &*c.name).collect();
+        assert_eq!(names, ["d"]);
+        assert_eq!(set.left_out, 4, "a, b and c (both copies), e");
+        assert!(set.problems.contains(&KeysError::Empty("a".into())));
+        assert!(
+            set.problems
+                .contains(&KeysError::Duplicate("b".into(), "c".into()))
         );
-        std::fs::write(d.join("a"), "same").unwrap();
-        std::fs::write(d.join("b"), "same\n").unwrap();
+        let too_long = |e: &KeysError| matches!(e, KeysError::File { name, error } if name == "e" && error.contains("not a key"));
+        assert!(set.problems.iter().any(too_long), "{:?}", set.problems);
+        let keys = ClientKeys::load(&d).unwrap();
+        assert_eq!((keys.len(), keys.invalid()), (1, 4));
+        assert_eq!(keys.authenticate(&auth("Bearer same")), None);
         assert_eq!(
-            ClientKeys::load(&d).unwrap_err(),
-            KeysError::Duplicate("a".into(), "b".into())
+            keys.authenticate(&auth("Bearer sk-d")).as_deref(),
+            Some("d")
         );
         std::fs::remove_dir_all(&d).unwrap();
         assert!(matches!(
@@ -228,17 +324,33 @@ mod tests {
     }
 
     #[test]
-    fn a_client_key_file_past_the_cap_refuses_the_set() {
-        let d = dir("cap");
-        let cap = super::super::api_key::MAX_KEY_FILE_BYTES as usize;
-        std::fs::write(d.join("a"), "k".repeat(cap + 1)).unwrap();
-        match ClientKeys::load(&d).unwrap_err() {
-            KeysError::Read { error, .. } => assert!(error.contains("not a key"), "{error}"),
-            other => panic!("{other:?}"),
-        }
-        std::fs::write(d.join("a"), "k".repeat(cap)).unwrap();
-        assert_eq!(ClientKeys::load(&d).unwrap().len(), 1);
+    fn a_removed_key_stops_working_even_while_another_entry_is_bad() {
+        // The revocation that failed open: remove batch's key and add a client with an empty
+        // key; batch's old key used to stay in force with the whole previous set.
+        let d = dir("revoke");
+        std::fs::write(d.join("batch"), "sk-batch").unwrap();
+        std::fs::write(d.join("web"), "sk-web").unwrap();
+        let keys = ClientKeys::load(&d).unwrap();
+        assert_eq!(keys.len(), 2);
+        std::fs::remove_file(d.join("batch")).unwrap();
+        std::fs::write(d.join("new"), "").unwrap();
+        let mut reported = Vec::new();
+        keys.apply_read(&d, read_dir(&d), &mut reported);
+        assert_eq!(keys.authenticate(&auth("Bearer sk-batch")), None);
+        assert_eq!(
+            keys.authenticate(&auth("Bearer sk-web")).as_deref(),
+            Some("web")
+        );
+        assert_eq!(keys.invalid(), 1, "the empty entry is counted");
+        assert_eq!(reported, [KeysError::Empty("new".into())]);
+        // A directory that cannot be read says nothing about removals: the set stays.
         std::fs::remove_dir_all(&d).unwrap();
+        keys.apply_read(&d, read_dir(&d), &mut reported);
+        assert_eq!(
+            keys.authenticate(&auth("Bearer sk-web")).as_deref(),
+            Some("web")
+        );
+        assert!(matches!(reported.as_slice(), [KeysError::Read { .. }]));
     }
 
     #[test]

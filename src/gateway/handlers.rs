@@ -278,6 +278,9 @@ pub async fn passthrough(
 }
 
 pub async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    gw.metrics
+        .client_keys_invalid
+        .set(gw.client_keys.invalid() as i64);
     let mut resp = gw.metrics.render().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
