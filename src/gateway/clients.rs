@@ -11,9 +11,10 @@
 //! never keeps an old set alive. Only a directory that cannot be read at all keeps the last
 //! set (it says nothing about what was removed).
 //!
-//! A presented key is compared with every known key in constant time (no early exit on the
-//! first differing byte or the first match), so response timing tells nothing about how
-//! close a guess was. Keys are never logged.
+//! Only the SHA-256 digest of each key is kept. A presented key's digest is compared with
+//! every known digest in constant time (fixed 32 bytes, no early exit on the first differing
+//! byte or the first match), so response timing tells nothing about how close a guess was,
+//! nor about how long the keys are. Keys are never logged.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,11 +23,18 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use axum::http::{HeaderMap, header};
 
-/// One client: its name and key.
+/// One client: its name and the digest of its key.
 #[derive(Clone, PartialEq, Eq)]
 struct Client {
     name: Arc<str>,
-    key: Box<[u8]>,
+    digest: Digest,
+}
+
+type Digest = [u8; 32];
+
+fn digest(key: &[u8]) -> Digest {
+    let d = ring::digest::digest(&ring::digest::SHA256, key);
+    d.as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
 impl std::fmt::Debug for Client {
@@ -66,11 +74,8 @@ struct KeySet {
     left_out: usize,
 }
 
-/// Equal in time that depends only on the lengths, never on where the bytes differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
+/// Equal in a time that never depends on where the digests differ.
+fn constant_time_eq(a: &Digest, b: &Digest) -> bool {
     let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(diff) == 0
 }
@@ -107,11 +112,11 @@ impl ClientKeys {
     /// The name of the client whose key `headers` carry, if any. Every known key is
     /// compared, whatever matches.
     pub fn authenticate(&self, headers: &HeaderMap) -> Option<Arc<str>> {
-        let token = bearer_token(headers)?;
+        let presented = digest(bearer_token(headers)?);
         let clients = self.clients.load();
         let mut found = None;
         for c in clients.iter() {
-            if constant_time_eq(token, &c.key) {
+            if constant_time_eq(&presented, &c.digest) {
                 found = Some(c.name.clone());
             }
         }
@@ -165,7 +170,7 @@ fn read_dir(dir: &Path) -> Result<KeySet, KeysError> {
         }
         set.clients.push(Client {
             name: name.into(),
-            key: key.into(),
+            digest: digest(key),
         });
     }
     set.clients.sort_by(|a, b| a.name.cmp(&b.name));
@@ -176,9 +181,9 @@ fn read_dir(dir: &Path) -> Result<KeySet, KeysError> {
         if shared[i] {
             continue;
         }
-        let key = &set.clients[i].key;
+        let key = &set.clients[i].digest;
         let same: Vec<usize> = (i + 1..set.clients.len())
-            .filter(|&j| set.clients[j].key == *key)
+            .filter(|&j| set.clients[j].digest == *key)
             .collect();
         if let Some(&j) = same.first() {
             let names = (&set.clients[i].name, &set.clients[j].name);
@@ -354,10 +359,20 @@ mod tests {
     }
 
     #[test]
-    fn constant_time_eq_is_eq() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-        assert!(constant_time_eq(b"", b""));
+    fn keys_are_kept_and_compared_as_digests_of_one_length() {
+        assert!(constant_time_eq(&digest(b"abc"), &digest(b"abc")));
+        assert!(!constant_time_eq(&digest(b"abc"), &digest(b"abd")));
+        // A prefix of a key, or a key one byte longer, is compared as 32 bytes like any other.
+        assert!(!constant_time_eq(&digest(b"abc"), &digest(b"ab")));
+        assert!(!constant_time_eq(&digest(b"abc"), &digest(b"abcd")));
+        let d = dir("digest");
+        std::fs::write(d.join("a"), "sk-a\n").unwrap();
+        let set = read_dir(&d).unwrap();
+        assert_eq!(
+            set.clients[0].digest,
+            digest(b"sk-a"),
+            "the trimmed key's digest"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
