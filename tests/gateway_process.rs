@@ -329,11 +329,24 @@ fn a_policy_whose_upstream_is_the_gateway_itself_is_refused_at_start() {
 async fn metrics_can_live_on_their_own_port_only() {
     let c = client();
     let sim = Sim::start(&c, &[]).await;
-    let (mut gw, _policy) =
-        Gw::with_policy(&c, &sim.url, "", &["--metrics-listen", "127.0.0.1:0"]).await;
+    let (mut gw, _policy) = Gw::with_policy(
+        &c,
+        &sim.url,
+        "",
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--header-read-timeout",
+            "1s",
+        ],
+    )
+    .await;
     let addr = gw.process.listen_addr("gateway metrics", 20);
-    assert_eq!(get(&c, &format!("{}/metrics", gw.url)).await.status, 404);
-    let m = get(&c, &format!("http://{addr}/metrics")).await;
+    assert_eq!(
+        get(&client(), &format!("{}/metrics", gw.url)).await.status,
+        404
+    );
+    let m = get(&client(), &format!("http://{addr}/metrics")).await;
     assert_eq!(m.status, 200);
     assert!(
         m.text().contains("sluice_policy_generation 1"),
@@ -341,8 +354,29 @@ async fn metrics_can_live_on_their_own_port_only() {
         m.text()
     );
     assert_eq!(
-        get(&c, &format!("http://{addr}/v1/models")).await.status,
+        get(&client(), &format!("http://{addr}/v1/models"))
+            .await
+            .status,
         404
     );
-    assert_eq!(get(&c, &format!("{}/v1/models", gw.url)).await.status, 200);
+    assert_eq!(
+        get(&client(), &format!("{}/v1/models", gw.url))
+            .await
+            .status,
+        200
+    );
+    // The metrics port has the API port's limits: a connection that says nothing is closed at
+    // the header-read timeout, not held. (The 1 s timeout closes idle pooled connections as
+    // well, so each request above takes a client, and a connection, of its own.)
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent connection to the metrics port was still open after 10 s: {read:?}"
+    );
 }

@@ -128,6 +128,16 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
             "spec.models",
         ),
         (
+            "metrics-port-on-the-api-port",
+            json!({"gateway": {"port": 9090}}),
+            "spec.gateway.metricsPort",
+        ),
+        (
+            "metrics-port-equals-port",
+            json!({"gateway": {"port": 8000, "metricsPort": 8000}}),
+            "spec.gateway.metricsPort",
+        ),
+        (
             "client-classes-without-auth",
             json!({"priority": {"clients": {"batch": "sheddable"}}}),
             "spec.priority.clients",

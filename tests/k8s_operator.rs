@@ -27,7 +27,7 @@ fn policy(name: &str, replicas: i32) -> RateLimitPolicy {
         "metadata": {"name": name},
         "spec": {
             "upstream": {"url": "http://vllm.inference.svc.cluster.local:8000"},
-            "gateway": {"replicas": replicas, "port": 9090,
+            "gateway": {"replicas": replicas, "port": 8000, "metricsPort": 9100,
                         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}},
             "defaults": {"ttft": "1s", "itl": "50ms"}
         }
@@ -78,7 +78,12 @@ async fn a_policy_becomes_a_hardened_gateway_with_status() {
             && args.contains(&"http://vllm.inference.svc.cluster.local:8000/".to_owned()),
         "{args:?}"
     );
-    assert!(args.contains(&"0.0.0.0:9090".to_owned()), "{args:?}");
+    assert!(args.contains(&"0.0.0.0:8000".to_owned()), "{args:?}");
+    // Metrics on their own port, never the API's.
+    assert!(
+        args.contains(&"--metrics-listen=0.0.0.0:9100".to_owned()),
+        "{args:?}"
+    );
     let env = c.env.as_ref().unwrap();
     assert_eq!(env[0].name, "POD_NAMESPACE");
     assert_eq!(
@@ -114,7 +119,13 @@ async fn a_policy_becomes_a_hardened_gateway_with_status() {
             .as_deref(),
         Some("/healthz")
     );
-    assert_eq!(c.ports.as_ref().unwrap()[0].container_port, 9090);
+    let ports: Vec<_> = c
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.as_deref().unwrap(), p.container_port))
+        .collect();
+    assert_eq!(ports, [("http", 8000), ("metrics", 9100)]);
     assert!(
         c.resources
             .as_ref()
@@ -142,10 +153,12 @@ async fn a_policy_becomes_a_hardened_gateway_with_status() {
         .as_ref()
         .unwrap();
     assert_eq!(ann["prometheus.io/scrape"], "true");
-    assert_eq!(ann["prometheus.io/port"], "9090");
+    assert_eq!(ann["prometheus.io/port"], "9100");
+    let svc_ports = svc.spec.as_ref().unwrap().ports.as_ref().unwrap();
     assert_eq!(
-        svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
-        9090
+        svc_ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+        [8000],
+        "the Service exposes the API only"
     );
     assert_eq!(
         role.rules.as_ref().unwrap()[0].resource_names.as_deref(),
@@ -156,7 +169,7 @@ async fn a_policy_becomes_a_hardened_gateway_with_status() {
     let s = p.status.as_ref().unwrap();
     assert_eq!(
         s.endpoint.as_deref(),
-        Some(format!("http://llama-sluice.{}.svc:9090/v1", ns.name).as_str())
+        Some(format!("http://llama-sluice.{}.svc:8000/v1", ns.name).as_str())
     );
     assert_eq!(condition(&p, "Ready").status, "False");
 

@@ -153,7 +153,7 @@ async fn helm_install_to_real_pods_to_uninstall() {
             30,
             &format!("{name} applied the patched threshold"),
             || async {
-                let text = get(&c, &format!("http://{ip}:8080/metrics")).await.text();
+                let text = get(&c, &format!("http://{ip}:9090/metrics")).await.text();
                 (metric(
                     &text,
                     "sluice_ttft_threshold_seconds",
@@ -171,9 +171,12 @@ async fn helm_install_to_real_pods_to_uninstall() {
         "the patch changed the gateway Deployment (a rollout)"
     );
 
-    // 7. Both replicas served part of the load (kube-proxy spreads connections).
+    // 7. Both replicas served part of the load (kube-proxy spreads connections). Their metrics
+    // are on the metrics port only: the API port, which every client reaches, has none.
     for (name, ip) in &pods {
-        let text = get(&c, &format!("http://{ip}:8080/metrics")).await.text();
+        let api = get(&c, &format!("http://{ip}:8080/metrics")).await;
+        assert_eq!(api.status, 404, "{name} serves /metrics on its API port");
+        let text = get(&c, &format!("http://{ip}:9090/metrics")).await.text();
         let served: f64 = text
             .lines()
             .filter(|l| {

@@ -265,6 +265,52 @@ pub fn api_router(gw: Arc<Gateway>) -> Router {
         .with_state(gw)
 }
 
+/// How every connection is served: HTTP/1.1 with the gateway's header-read timeout.
+fn http1(gw: &Gateway) -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(gw.header_read_timeout);
+    http
+}
+
+/// Accepts one connection and serves it on a task of its own.
+async fn accept_one(
+    listener: &tokio::net::TcpListener,
+    app: &Router,
+    http: &hyper::server::conn::http1::Builder,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+) {
+    match listener.accept().await {
+        Ok((stream, _)) => {
+            let _ = stream.set_nodelay(true);
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let conn = graceful.watch(http.serve_connection(io, service));
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection closed with an error");
+                }
+            });
+        }
+        Err(e) => {
+            // Out of file descriptors and the like: back off instead of spinning.
+            tracing::warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Serves `app` (the metrics port) on `listener` with the same per-connection limits as the
+/// API port, until the task is dropped: a client trickling its headers or holding idle
+/// connections there holds nothing longer than the header-read timeout either.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, app: Router, gw: Arc<Gateway>) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let http = http1(&gw);
+    loop {
+        accept_one(&listener, &app, &http, &graceful).await;
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then drains for at most `drain`.
 ///
 /// Each connection is HTTP/1.1 with TCP_NODELAY and the gateway's header-read timeout (which
@@ -283,27 +329,10 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     drain: Duration,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(gw.header_read_timeout);
-    let accept = async |listener: &tokio::net::TcpListener| match listener.accept().await {
-        Ok((stream, _)) => {
-            let _ = stream.set_nodelay(true);
-            let service = hyper_util::service::TowerToHyperService::new(app.clone());
-            let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection closed with an error");
-                }
-            });
-        }
-        Err(e) => {
-            // Out of file descriptors and the like: back off instead of spinning.
-            tracing::warn!(error = %e, "accept failed");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let http = http1(&gw);
+    let accept = async |listener: &tokio::net::TcpListener| {
+        accept_one(listener, &app, &http, &graceful).await
     };
     tokio::pin!(shutdown);
     loop {
@@ -405,7 +434,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             let app = Router::new()
                 .route("/metrics", get(handlers::metrics))
                 .with_state(gw.clone());
-            tokio::spawn(async move { axum::serve(metrics, app).await });
+            tokio::spawn(serve_metrics(metrics, app, gw.clone()));
             api_router(gw.clone())
         }
     };

@@ -107,7 +107,9 @@ mod tests {
             client_keys: None,
             upstream_timeout: std::time::Duration::from_millis(600_500),
         });
-        let pod = d.spec.unwrap().template.spec.unwrap();
+        let template = d.spec.unwrap().template;
+        let d_annotations = template.metadata.and_then(|m| m.annotations);
+        let pod = template.spec.unwrap();
         // 5 s drain delay + 601 s (the timeout, rounded up) + 5 s margin.
         assert_eq!(pod.termination_grace_period_seconds, Some(611));
         let args = pod.containers[0].args.clone().unwrap();
@@ -117,6 +119,20 @@ mod tests {
             "{args:?}"
         );
         assert!(pod.volumes.is_none(), "no key, no volume");
+        // Metrics on their own port, and the scrape annotation names it.
+        assert!(
+            args.contains(&"--metrics-listen=0.0.0.0:9090".to_owned()),
+            "{args:?}"
+        );
+        let ports: Vec<_> = pod.containers[0]
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone().unwrap(), p.container_port))
+            .collect();
+        assert_eq!(ports, [("http".into(), 8080), ("metrics".into(), 9090)]);
+        let annotations = d_annotations.unwrap();
+        assert_eq!(annotations["prometheus.io/port"], "9090");
         let res = pod.containers[0].resources.clone().unwrap();
         assert_eq!(
             res,
@@ -184,7 +200,10 @@ mod tests {
 }
 
 /// Default gateway port.
-pub const GATEWAY_PORT: i32 = 8080;
+pub const GATEWAY_PORT: i32 = crate::policy::crd::DEFAULT_GATEWAY_PORT;
+
+/// Default port of the gateway pods' `/metrics` (`spec.gateway.metricsPort`).
+pub const METRICS_PORT: i32 = crate::policy::crd::DEFAULT_METRICS_PORT;
 
 /// What the pod template is built from (nothing else: thresholds, time constants, mode and
 /// shedding reach the pods through the watch and must not roll them).
@@ -269,12 +288,19 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
         }),
         ..EnvVar::default()
     }];
+    // /metrics on a port of its own: whoever reaches the API port (every client) does not
+    // read model names, traffic and shedding.
+    let metrics_port = p
+        .gateway
+        .and_then(|g| g.metrics_port)
+        .unwrap_or(METRICS_PORT);
     let mut args = vec![
         "gateway".to_owned(),
         "--policy".to_owned(),
         p.policy.to_owned(),
         "--listen".to_owned(),
         format!("0.0.0.0:{}", p.port),
+        format!("--metrics-listen=0.0.0.0:{metrics_port}"),
         "--upstream".to_owned(),
         p.upstream.to_owned(),
         format!("--drain-delay={DRAIN_DELAY_SECS}s"),
@@ -345,7 +371,7 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
     );
     let annotations = BTreeMap::from([
         ("prometheus.io/scrape".to_owned(), "true".to_owned()),
-        ("prometheus.io/port".to_owned(), p.port.to_string()),
+        ("prometheus.io/port".to_owned(), metrics_port.to_string()),
         ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
     ]);
     let container = Container {
@@ -354,12 +380,20 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
         args: Some(args),
         env: Some(env),
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".to_owned()),
-            container_port: p.port,
-            protocol: Some("TCP".to_owned()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".to_owned()),
+                container_port: p.port,
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".to_owned()),
+                container_port: metrics_port,
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            },
+        ]),
         readiness_probe: Some(probe("/readyz", 5)),
         liveness_probe: Some(probe("/healthz", 10)),
         resources: Some(

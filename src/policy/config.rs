@@ -299,6 +299,21 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
                     format!("{p} must be between 1 and 65535"),
                 );
             }
+            match g.metrics_port {
+                Some(p) if !(1..=65535).contains(&p) => c.fail(
+                    "spec.gateway.metricsPort",
+                    format!("{p} must be between 1 and 65535"),
+                ),
+                _ if g.metrics_port.unwrap_or(super::crd::DEFAULT_METRICS_PORT)
+                    == g.port.unwrap_or(super::crd::DEFAULT_GATEWAY_PORT) =>
+                {
+                    c.fail(
+                        "spec.gateway.metricsPort",
+                        "metricsPort and port must differ (defaults 9090 and 8080)",
+                    )
+                }
+                _ => {}
+            }
         }
 
         // Placeholders only used when the defaults themselves are invalid (then the result is

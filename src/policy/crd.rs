@@ -189,9 +189,15 @@ pub struct UpstreamSpec {
     pub stream_idle_timeout: String,
 }
 
+/// The gateway pods' API port when `spec.gateway.port` is not set.
+pub const DEFAULT_GATEWAY_PORT: i32 = 8080;
+/// Their metrics port when `spec.gateway.metricsPort` is not set.
+pub const DEFAULT_METRICS_PORT: i32 = 9090;
+
 /// How the operator runs the gateway pods.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.metricsPort) ? self.metricsPort : 9090) != (has(self.port) ? self.port : 8080)").message("metricsPort and port must differ (defaults 9090 and 8080)").field_path(".metricsPort"))]
 pub struct GatewaySpec {
     /// Number of gateway pods. Each pod measures and sheds on its own traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -205,6 +211,12 @@ pub struct GatewaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
+    /// Port of the gateway pods' `/metrics` (default 9090), apart from the API port so that
+    /// whoever can reach the API cannot read model names, traffic and shedding; the pods'
+    /// `prometheus.io/port` annotation names it. Not exposed by the Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub metrics_port: Option<i32>,
     /// Compute resources of the gateway container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
