@@ -128,8 +128,8 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
             "spec.models",
         ),
         (
-            "metrics-port-on-the-api-port",
-            json!({"gateway": {"port": 9090}}),
+            "metrics-port-on-the-default-api-port",
+            json!({"gateway": {"metricsPort": 8080}}),
             "spec.gateway.metricsPort",
         ),
         (

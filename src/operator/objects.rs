@@ -202,9 +202,6 @@ mod tests {
 /// Default gateway port.
 pub const GATEWAY_PORT: i32 = crate::policy::crd::DEFAULT_GATEWAY_PORT;
 
-/// Default port of the gateway pods' `/metrics` (`spec.gateway.metricsPort`).
-pub const METRICS_PORT: i32 = crate::policy::crd::DEFAULT_METRICS_PORT;
-
 /// What the pod template is built from (nothing else: thresholds, time constants, mode and
 /// shedding reach the pods through the watch and must not roll them).
 #[derive(Debug, Clone)]
@@ -290,10 +287,7 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
     }];
     // /metrics on a port of its own: whoever reaches the API port (every client) does not
     // read model names, traffic and shedding.
-    let metrics_port = p
-        .gateway
-        .and_then(|g| g.metrics_port)
-        .unwrap_or(METRICS_PORT);
+    let metrics_port = crate::policy::crd::metrics_port(p.gateway);
     let mut args = vec![
         "gateway".to_owned(),
         "--policy".to_owned(),

@@ -304,14 +304,10 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
                     "spec.gateway.metricsPort",
                     format!("{p} must be between 1 and 65535"),
                 ),
-                _ if g.metrics_port.unwrap_or(super::crd::DEFAULT_METRICS_PORT)
-                    == g.port.unwrap_or(super::crd::DEFAULT_GATEWAY_PORT) =>
-                {
-                    c.fail(
-                        "spec.gateway.metricsPort",
-                        "metricsPort and port must differ (defaults 9090 and 8080)",
-                    )
-                }
+                Some(p) if p == g.port.unwrap_or(super::crd::DEFAULT_GATEWAY_PORT) => c.fail(
+                    "spec.gateway.metricsPort",
+                    "metricsPort and port must differ (port defaults to 8080)",
+                ),
                 _ => {}
             }
         }

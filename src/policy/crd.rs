@@ -191,13 +191,23 @@ pub struct UpstreamSpec {
 
 /// The gateway pods' API port when `spec.gateway.port` is not set.
 pub const DEFAULT_GATEWAY_PORT: i32 = 8080;
-/// Their metrics port when `spec.gateway.metricsPort` is not set.
+/// Their metrics port when `spec.gateway.metricsPort` is not set (9091 where `port` is 9090).
 pub const DEFAULT_METRICS_PORT: i32 = 9090;
+
+/// The gateway pods' metrics port: `metricsPort`, or 9090, or 9091 where the API has 9090.
+pub fn metrics_port(gateway: Option<&GatewaySpec>) -> i32 {
+    let port = gateway.and_then(|g| g.port).unwrap_or(DEFAULT_GATEWAY_PORT);
+    match gateway.and_then(|g| g.metrics_port) {
+        Some(p) => p,
+        None if port == DEFAULT_METRICS_PORT => DEFAULT_METRICS_PORT + 1,
+        None => DEFAULT_METRICS_PORT,
+    }
+}
 
 /// How the operator runs the gateway pods.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("(has(self.metricsPort) ? self.metricsPort : 9090) != (has(self.port) ? self.port : 8080)").message("metricsPort and port must differ (defaults 9090 and 8080)").field_path(".metricsPort"))]
+#[x_kube(validation = Rule::new("!has(self.metricsPort) || self.metricsPort != (has(self.port) ? self.port : 8080)").message("metricsPort and port must differ (port defaults to 8080)").field_path(".metricsPort"))]
 pub struct GatewaySpec {
     /// Number of gateway pods. Each pod measures and sheds on its own traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -211,7 +221,8 @@ pub struct GatewaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
-    /// Port of the gateway pods' `/metrics` (default 9090), apart from the API port so that
+    /// Port of the gateway pods' `/metrics` (default 9090; 9091 where `port` is 9090), apart
+    /// from the API port so that
     /// whoever can reach the API cannot read model names, traffic and shedding; the pods'
     /// `prometheus.io/port` annotation names it. Not exposed by the Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]

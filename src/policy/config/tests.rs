@@ -195,6 +195,31 @@ fn upstreams_with_credentials_in_the_url_are_rejected_without_echoing_them() {
 }
 
 #[test]
+fn the_metrics_port_must_differ_from_the_api_port() {
+    assert_single_error(
+        &with_spec("gateway: {port: 8000, metricsPort: 8000}"),
+        "spec.gateway.metricsPort",
+        "must differ",
+    );
+    assert_single_error(
+        &with_spec("gateway: {metricsPort: 8080}"),
+        "spec.gateway.metricsPort",
+        "must differ",
+    );
+    // An API on 9090 (a policy older than metricsPort) moves the default metrics port instead.
+    assert!(PolicyConfig::from_yaml(&with_spec("gateway: {port: 9090}")).is_ok());
+    use crate::policy::crd::{GatewaySpec, metrics_port};
+    let g = |port, metrics_port| GatewaySpec {
+        port,
+        metrics_port,
+        ..GatewaySpec::default()
+    };
+    assert_eq!(metrics_port(None), 9090);
+    assert_eq!(metrics_port(Some(&g(Some(9090), None))), 9091);
+    assert_eq!(metrics_port(Some(&g(Some(8000), Some(9200)))), 9200);
+}
+
+#[test]
 fn per_model_entries_with_global_scope_are_rejected() {
     assert_single_error(
         &with_spec("scope: Global\nmodels: [{name: a}]"),
