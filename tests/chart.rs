@@ -260,6 +260,13 @@ fn the_chart_renders_the_shared_rbac_and_its_options() {
         "{args:?}"
     );
     assert!(!args.contains(&"--leader-elect"), "{args:?}");
+    // By default a policy runs only the operator's gateway image, placed by the scheduler.
+    assert!(
+        !args.iter().any(
+            |a| a.starts_with("--allowed-gateway-images") || *a == "--allow-gateway-scheduling"
+        ),
+        "{args:?}"
+    );
     let sc = &dep["spec"]["template"]["spec"]["containers"][0]["securityContext"];
     assert_eq!(sc["readOnlyRootFilesystem"], true);
     assert_eq!(sc["capabilities"]["drop"][0], "ALL");
@@ -300,6 +307,12 @@ fn the_chart_renders_the_shared_rbac_and_its_options() {
     );
     assert!(
         args.contains("--gateway-image=registry.example/sluice:custom"),
+        "{args}"
+    );
+    assert!(
+        args.contains(
+            "--allowed-gateway-images=registry.example/sluice:*,mirror.example/sluice:1.0"
+        ) && args.contains("--allow-gateway-scheduling"),
         "{args}"
     );
     let dashboard = all.iter().find(|d| d["kind"] == "ConfigMap").unwrap();

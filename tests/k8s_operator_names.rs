@@ -162,6 +162,59 @@ async fn an_object_the_api_server_refuses_shows_in_status() {
 }
 
 #[tokio::test]
+async fn a_policy_runs_only_images_and_placement_the_admin_allows() {
+    let fx = Env::new("op-admission").await;
+    let _op = fx.operator(&["--allowed-gateway-images", "registry.example/sluice:*"]);
+    // Any image of the author's choosing would run with the gateway's identity and Secrets.
+    let evil = json!({"gateway": {"image": "attacker.example/shell:latest"}});
+    fx.api
+        .create(&PostParams::default(), &policy("evil", evil))
+        .await
+        .unwrap();
+    let message = ready_reason(&fx.api, "evil", "ImageNotAllowed").await;
+    assert!(message.contains("nothing new is deployed"), "{message}");
+    let p = fx.api.get("evil").await.unwrap();
+    let accepted = support::operator::condition(&p, "Accepted");
+    assert_eq!(
+        (accepted.status.as_str(), accepted.reason.as_str()),
+        ("False", "ImageNotAllowed")
+    );
+    assert!(
+        accepted.message.contains("attacker.example/shell:latest"),
+        "{}",
+        accepted.message
+    );
+    // Control-plane placement is the admin's to allow too.
+    let placed = json!({"gateway": {"tolerations": [{"operator": "Exists"}],
+        "nodeSelector": {"node-role.kubernetes.io/control-plane": ""}}});
+    fx.api
+        .create(&PostParams::default(), &policy("placed", placed))
+        .await
+        .unwrap();
+    ready_reason(&fx.api, "placed", "SchedulingNotAllowed").await;
+    // An allowed image is applied; the refused policies got nothing.
+    let ok = json!({"gateway": {"image": "registry.example/sluice:1.2"}});
+    fx.api
+        .create(&PostParams::default(), &policy("ok", ok))
+        .await
+        .unwrap();
+    support::operator::accepted(&fx.api, "ok").await;
+    let d: Deployment = owned(&fx.k, &fx.ns.name, "ok-sluice").await;
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod.containers[0].image.as_deref(),
+        Some("registry.example/sluice:1.2")
+    );
+    let deployments: Api<Deployment> = Api::namespaced(fx.k.clone(), &fx.ns.name);
+    for refused in ["evil-sluice", "placed-sluice"] {
+        assert!(
+            deployments.get_opt(refused).await.unwrap().is_none(),
+            "{refused}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_secret_counts_only_where_it_opted_in_to_the_policy() {
     use k8s_openapi::api::core::v1::Secret;
     let fx = Env::new("op-secret").await;

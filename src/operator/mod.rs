@@ -20,6 +20,7 @@
 //!
 //! This module wires them: the controllers, the metrics server ([`app`]) and `run`.
 
+pub mod admission;
 pub mod leader;
 pub mod metrics;
 pub mod names;
@@ -63,6 +64,16 @@ pub struct OperatorArgs {
     /// Gateway image for policies that do not set spec.gateway.image.
     #[arg(long, env = "SLUICE_GATEWAY_IMAGE", default_value = concat!("ghcr.io/sluice-dev/sluice:", env!("CARGO_PKG_VERSION")))]
     pub gateway_image: String,
+    /// Other images policies may name in spec.gateway.image, comma-separated: exact
+    /// references, or prefixes ending in `*` (e.g. `registry.example/sluice:*`). By default a
+    /// policy may name only --gateway-image: a policy's author must not run code of their own
+    /// choosing with the gateway's identity and Secrets.
+    #[arg(long, env = "SLUICE_ALLOWED_GATEWAY_IMAGES", value_delimiter = ',')]
+    pub allowed_gateway_images: Vec<String>,
+    /// Let policies place their gateway pods with spec.gateway.nodeSelector and tolerations
+    /// (off: a policy that sets them is not accepted).
+    #[arg(long, env = "SLUICE_ALLOW_GATEWAY_SCHEDULING")]
+    pub allow_gateway_scheduling: bool,
     /// Elect a leader on a Lease so several replicas can run; only the leader reconciles.
     #[arg(long)]
     pub leader_elect: bool,
@@ -227,6 +238,11 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let ctx = Arc::new(Context {
         client: client.clone(),
         gateway_image: args.gateway_image.clone(),
+        admission: admission::PodAdmission {
+            default_image: args.gateway_image.clone(),
+            allowed_images: args.allowed_gateway_images.clone(),
+            allow_scheduling: args.allow_gateway_scheduling,
+        },
         recorder: Recorder::new(
             client.clone(),
             Reporter {

@@ -185,6 +185,35 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_without_a_memory_limit_still_gets_one() {
+        use k8s_openapi::api::core::v1::ResourceRequirements;
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let q = |s: &str| Quantity(s.to_owned());
+        // Emptied, or with only a CPU limit: the default memory limit is added.
+        for set in [
+            ResourceRequirements::default(),
+            ResourceRequirements {
+                limits: Some(BTreeMap::from([("cpu".to_owned(), q("2"))])),
+                ..Default::default()
+            },
+        ] {
+            let r = with_memory_limit(set.clone());
+            let limits = r.limits.unwrap();
+            assert_eq!(limits["memory"], q("1Gi"), "{set:?}");
+            assert_eq!(
+                limits.get("cpu"),
+                set.limits.as_ref().and_then(|l| l.get("cpu"))
+            );
+        }
+        // A limit the policy sets is kept.
+        let own = ResourceRequirements {
+            limits: Some(BTreeMap::from([("memory".to_owned(), q("512Mi"))])),
+            ..Default::default()
+        };
+        assert_eq!(with_memory_limit(own).limits.unwrap()["memory"], q("512Mi"));
+    }
+
+    #[test]
     fn the_role_is_narrowed_to_the_policy() {
         let r = gateway_role("ns", "llama");
         let rule = &r.rules.unwrap()[0];
@@ -247,6 +276,19 @@ pub fn default_resources() -> k8s_openapi::api::core::v1::ResourceRequirements {
         limits: Some(BTreeMap::from([("memory".to_owned(), q("1Gi"))])),
         ..Default::default()
     }
+}
+
+/// A policy's resources with a memory limit whatever it says: without one, a gateway pod could
+/// take a node's memory (the default 1Gi is added where the policy sets none).
+fn with_memory_limit(
+    mut r: k8s_openapi::api::core::v1::ResourceRequirements,
+) -> k8s_openapi::api::core::v1::ResourceRequirements {
+    let default = default_resources().limits.unwrap_or_default();
+    let limits = r.limits.get_or_insert_with(BTreeMap::new);
+    if !limits.contains_key("memory") {
+        limits.insert("memory".to_owned(), default["memory"].clone());
+    }
+    r
 }
 
 fn drain_secs(timeout: std::time::Duration) -> u64 {
@@ -390,11 +432,11 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
         ]),
         readiness_probe: Some(probe("/readyz", 5)),
         liveness_probe: Some(probe("/healthz", 10)),
-        resources: Some(
+        resources: Some(with_memory_limit(
             p.gateway
                 .and_then(|g| g.resources.clone())
                 .unwrap_or_else(default_resources),
-        ),
+        )),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(65532),

@@ -25,6 +25,8 @@ use crate::policy::{PolicyConfig, RateLimitPolicy};
 pub struct Context {
     pub client: Client,
     pub gateway_image: String,
+    /// What policies may set in their pods beyond the operator's defaults.
+    pub admission: super::admission::PodAdmission,
     pub recorder: Recorder,
     pub metrics: OperatorMetrics,
     /// Consecutive failures per policy, for the retry backoff.
@@ -260,6 +262,24 @@ async fn reconcile_policy(
             return Ok((Action::await_change(), false));
         }
     };
+
+    if let Err(refusal) = ctx.admission.check(policy.spec.gateway.as_ref()) {
+        tracing::warn!(policy = %format!("{ns}/{name}"), reason = refusal.reason, error = %refusal.message, "policy not accepted");
+        let Some(status) = status::not_allowed(
+            generation,
+            refusal.reason,
+            &refusal.message,
+            &previous,
+            &now,
+        ) else {
+            return Ok((Action::await_change(), false));
+        };
+        api.patch_status(&name, &status_pp, &Patch::Apply(&status))
+            .await
+            .map_err(ReconcileError::Status)?;
+        warn(ctx, policy, refusal.reason, "Validate", &refusal.message).await;
+        return Ok((Action::await_change(), false));
+    }
 
     if let Some(status) = status::accepted(generation, &previous, &now) {
         api.patch_status(&name, &status_pp, &Patch::Apply(&status))

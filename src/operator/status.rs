@@ -45,22 +45,57 @@ pub fn invalid(
     previous: &[Condition],
     now: &Time,
 ) -> Option<Value> {
+    not_accepted(
+        generation,
+        "InvalidSpec",
+        message,
+        "the spec is not valid; nothing is deployed for it",
+        previous,
+        now,
+    )
+}
+
+/// The status patch of a valid policy that asks for more than the operator allows (an image
+/// or pod placement the admin did not allow: `reason`), or None when already reported.
+pub fn not_allowed(
+    generation: Option<i64>,
+    reason: &str,
+    message: &str,
+    previous: &[Condition],
+    now: &Time,
+) -> Option<Value> {
+    not_accepted(
+        generation,
+        reason,
+        message,
+        "the operator does not run what the spec asks for; nothing new is deployed for it",
+        previous,
+        now,
+    )
+}
+
+fn not_accepted(
+    generation: Option<i64>,
+    reason: &str,
+    message: &str,
+    ready_message: &str,
+    previous: &[Condition],
+    now: &Time,
+) -> Option<Value> {
     let already_reported = previous.iter().any(|c| {
         c.type_ == "Accepted"
             && c.status == "False"
+            && c.reason == reason
             && c.message == message
             && c.observed_generation == generation
     });
     if already_reported {
         return None;
     }
-    let c = |t, reason, msg| condition(t, false, reason, msg, generation, previous, now);
+    let c = |t, msg| condition(t, false, reason, msg, generation, previous, now);
     Some(patch(json!({
         "observedGeneration": generation,
-        "conditions": [
-            c("Accepted", "InvalidSpec", message),
-            c("Ready", "InvalidSpec", "the spec is not valid; nothing is deployed for it"),
-        ],
+        "conditions": [c("Accepted", message), c("Ready", ready_message)],
     })))
 }
 

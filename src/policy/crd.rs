@@ -213,7 +213,8 @@ pub struct GatewaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: Option<i32>,
-    /// Gateway container image; defaults to the operator's `--gateway-image`.
+    /// Gateway container image; defaults to the operator's `--gateway-image`. Another runs
+    /// only if the operator's `--allowed-gateway-images` lists it (else `ImageNotAllowed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub image: Option<String>,
@@ -222,19 +223,22 @@ pub struct GatewaySpec {
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
     /// Port of the gateway pods' `/metrics` (default 9090; 9091 where `port` is 9090), apart
-    /// from the API port so that
-    /// whoever can reach the API cannot read model names, traffic and shedding; the pods'
-    /// `prometheus.io/port` annotation names it. Not exposed by the Service.
+    /// from the API port so that whoever can reach the API cannot read model names, traffic
+    /// and shedding; the pods' `prometheus.io/port` annotation names it. Not exposed by the
+    /// Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub metrics_port: Option<i32>,
-    /// Compute resources of the gateway container.
+    /// Compute resources of the gateway container; a memory limit is always set (1Gi where
+    /// none is given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Node selector of the gateway pods.
+    /// Node selector of the gateway pods; only with the operator's
+    /// `--allow-gateway-scheduling` (else `SchedulingNotAllowed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
-    /// Tolerations of the gateway pods.
+    /// Tolerations of the gateway pods; only with the operator's `--allow-gateway-scheduling`
+    /// (else `SchedulingNotAllowed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
 }
