@@ -97,6 +97,15 @@ pub struct OperatorArgs {
     pub max_concurrent_reconciles: u16,
 }
 
+/// Aborts a background task when dropped (when `run` returns).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// One controller over `ns` (or all namespaces); returns its store and the future to run.
 fn controller(
     client: &Client,
@@ -275,6 +284,22 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         stores.lock().unwrap().push(store);
         runs.push(fut);
     }
+    // Failure counts of deleted policies are dropped against the controllers' stores once a
+    // minute (the controller never reconciles a policy that is gone).
+    let pruning = tokio::spawn({
+        let (ctx, stores) = (ctx.clone(), stores.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let stores = stores.lock().unwrap().clone();
+                reconcile::prune_failures(&ctx.failures, |p| {
+                    stores.iter().any(|s| s.get(p).is_some())
+                });
+            }
+        }
+    });
+    let _pruning = AbortOnDrop(pruning);
     tracing::info!(namespaces = ?args.watch_namespaces, image = %args.gateway_image, "operator reconciling");
     let all = futures_util::future::join_all(runs);
     let lost = async {

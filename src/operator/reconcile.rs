@@ -407,6 +407,17 @@ async fn apply_objects(
     }
 }
 
+/// Forgets the failure counts of policies that no longer exist (`live` says which do). The
+/// controller never reconciles a deleted policy (it is gone from its store, and sluice puts no
+/// finalizer on policies), so a policy deleted while failing would otherwise keep its entry
+/// for as long as the operator runs.
+pub(super) fn prune_failures(
+    failures: &DashMap<ObjectRef<RateLimitPolicy>, u32>,
+    live: impl Fn(&ObjectRef<RateLimitPolicy>) -> bool,
+) {
+    failures.retain(|policy, _| live(policy));
+}
+
 pub(super) fn error_policy(
     policy: Arc<RateLimitPolicy>,
     error: &ReconcileError,
@@ -426,6 +437,18 @@ pub(super) fn error_policy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_counts_of_deleted_policies_are_forgotten() {
+        let failures = DashMap::new();
+        let kept = ObjectRef::<RateLimitPolicy>::new("kept").within("ns");
+        let deleted = ObjectRef::<RateLimitPolicy>::new("deleted").within("ns");
+        failures.insert(kept.clone(), 3);
+        failures.insert(deleted.clone(), 7);
+        prune_failures(&failures, |p| *p == kept);
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures.get(&kept).map(|n| *n), Some(3));
+    }
 
     #[test]
     fn errors_name_what_failed_for_the_metric() {
