@@ -171,21 +171,44 @@ async fn helm_install_to_real_pods_to_uninstall() {
         "the patch changed the gateway Deployment (a rollout)"
     );
 
-    // 7. Both replicas served part of the load (kube-proxy spreads connections). Their metrics
-    // are on the metrics port only: the API port, which every client reaches, has none.
-    for (name, ip) in &pods {
-        let api = get(&c, &format!("http://{ip}:8080/metrics")).await;
-        assert_eq!(api.status, 404, "{name} serves /metrics on its API port");
-        let text = get(&c, &format!("http://{ip}:9090/metrics")).await.text();
-        let served: f64 = text
-            .lines()
+    // 7. Both replicas serve traffic sent to the Service (kube-proxy spreads connections at
+    // random: with only the few connections above, one pod may have had none, so more
+    // requests follow, each on a connection of its own, until both have served). Their
+    // metrics are on the metrics port only: the API port, which every client reaches, has none.
+    let served = |text: &str| -> f64 {
+        text.lines()
             .filter(|l| {
                 l.starts_with("sluice_requests_total{") && l.contains("outcome=\"success\"")
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        assert!(served >= 1.0, "gateway pod {name} served nothing:\n{text}");
+            .sum()
+    };
+    for (name, ip) in &pods {
+        let api = get(&c, &format!("http://{ip}:8080/metrics")).await;
+        assert_eq!(api.status, 404, "{name} serves /metrics on its API port");
     }
+    eventually(
+        60,
+        "both gateway pods served requests sent to the Service",
+        || async {
+            let mut idle = Vec::new();
+            for (name, ip) in &pods {
+                let text = get(&c, &format!("http://{ip}:9090/metrics")).await.text();
+                if served(&text) < 1.0 {
+                    idle.push(name.clone());
+                }
+            }
+            if idle.is_empty() {
+                return Some(());
+            }
+            for _ in 0..5 {
+                let fresh = support::http::client();
+                let _ = support::http::try_get(&fresh, &format!("{service}/v1/models")).await;
+            }
+            None
+        },
+    )
+    .await;
 
     // 8. Prometheus discovers the annotated pods through the API and scrapes them.
     let prom = prometheus().await;
