@@ -110,12 +110,21 @@ fn main() {
                 .stdout,
         )
         .unwrap();
+        // Every series of successful reconciles, whatever other labels it carries (an `error`
+        // label joined `result` once, and a lookup of the exact series counted 0 from then on).
         let reconciles: f64 = metrics
             .lines()
-            .find(|l| l.starts_with("sluice_operator_reconciles_total{result=\"success\"}"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
+            .filter(|l| {
+                l.starts_with("sluice_operator_reconciles_total{")
+                    && l.contains("result=\"success\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(
+            reconciles >= POLICIES as f64,
+            "counted {reconciles} successful reconciles for {POLICIES} converged policies: \
+             sluice_operator_reconciles_total changed its name or labels?\n{metrics}"
+        );
         println!(
             "{POLICIES} policies: created in {:.1} s; all Accepted with Deployments after {:.1} s",
             created.as_secs_f64(),
