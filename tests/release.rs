@@ -95,7 +95,7 @@ fn the_release_publishes_the_image_and_chart_the_chart_defaults_to() {
 
 #[test]
 fn the_scripts_pass_shellcheck() {
-    let files = support::shell_scripts();
+    let files = support::files::shell_scripts();
     assert!(files.len() >= 6, "{files:?}");
     let out = Command::new(shellcheck()).args(&files).output().unwrap();
     assert!(

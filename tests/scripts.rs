@@ -41,7 +41,7 @@ fn require_root() {
 
 #[test]
 fn every_script_has_the_error_trap() {
-    let files = support::shell_scripts();
+    let files = support::files::shell_scripts();
     assert!(files.len() >= 8, "{files:?}");
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();

@@ -6,6 +6,8 @@
 //! is missing and how to provide it.
 #![allow(dead_code)] // each test crate uses a different part
 
+pub mod files;
+pub use files::{TempDir, TempFile};
 pub mod http;
 pub mod inproc;
 pub mod llama;
@@ -202,56 +204,6 @@ pub fn sluice_fails(args: &[&str]) -> String {
         args.join(" ")
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// The shell scripts users and CI run: `scripts/*.sh` and `.ci/run`.
-pub fn shell_scripts() -> Vec<String> {
-    let mut files: Vec<String> = std::fs::read_dir(format!("{REPO}/scripts"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "sh"))
-        .map(|p| p.display().to_string())
-        .collect();
-    files.sort();
-    files.push(format!("{REPO}/.ci/run"));
-    files
-}
-
-/// A file removed when dropped.
-pub struct TempFile(pub PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// A directory removed with everything in it when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl TempDir {
-    /// A directory of client API keys as the operator mounts a `clientAuth` Secret: one file
-    /// per client, named after it, holding its key (with a trailing newline, as `echo` writes).
-    pub fn client_keys(name: &str, clients: &[(&str, &str)]) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        for (client, key) in clients {
-            std::fs::write(dir.join(client), format!("{key}\n")).unwrap();
-        }
-        TempDir(dir)
-    }
-
-    /// The path as a command-line argument.
-    pub fn arg(&self) -> &str {
-        self.0.to_str().expect("utf-8 temp path")
-    }
 }
 
 /// A kubeconfig for the test cluster that impersonates `system:serviceaccount:<ns>:<sa>` (the

@@ -1,0 +1,135 @@
+use super::*;
+
+#[test]
+fn pods_drain_for_as_long_as_a_request_may_run() {
+    let d = gateway_deployment(&GatewayPodSpec {
+        namespace: "ns",
+        policy: "p",
+        image: "img",
+        upstream: "http://u:8000/",
+        port: 8080,
+        replicas: 1,
+        gateway: None,
+        api_key: None,
+        client_keys: None,
+        upstream_timeout: std::time::Duration::from_millis(600_500),
+    });
+    let template = d.spec.unwrap().template;
+    let d_annotations = template.metadata.and_then(|m| m.annotations);
+    let pod = template.spec.unwrap();
+    // 5 s drain delay + 601 s (the timeout, rounded up) + 5 s margin.
+    assert_eq!(pod.termination_grace_period_seconds, Some(611));
+    let args = pod.containers[0].args.clone().unwrap();
+    assert!(args.contains(&"--drain-delay=5s".to_owned()), "{args:?}");
+    assert!(
+        args.contains(&"--drain-timeout=10m1s".to_owned()),
+        "{args:?}"
+    );
+    assert!(pod.volumes.is_none(), "no key, no volume");
+    // Metrics on their own port, and the scrape annotation names it.
+    assert!(
+        args.contains(&"--metrics-listen=0.0.0.0:9090".to_owned()),
+        "{args:?}"
+    );
+    let ports: Vec<_> = pod.containers[0]
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap(), p.container_port))
+        .collect();
+    assert_eq!(ports, [("http".into(), 8080), ("metrics".into(), 9090)]);
+    let annotations = d_annotations.unwrap();
+    assert_eq!(annotations["prometheus.io/port"], "9090");
+    let res = pod.containers[0].resources.clone().unwrap();
+    assert_eq!(
+        res,
+        default_resources(),
+        "defaults when the policy sets none"
+    );
+    assert_eq!(res.limits.unwrap()["memory"].0, "1Gi");
+}
+
+/// `sluice gateway`'s own command line, as the binary parses it.
+#[derive(clap::Parser, Debug)]
+struct GatewayCommandLine {
+    #[command(flatten)]
+    args: crate::gateway::GatewayArgs,
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+    /// Whatever valid spec the operator reads, the gateway it starts accepts its arguments
+    /// (a 28h upstream timeout once became `--drain-timeout=100800s`, six digits, and every
+    /// gateway pod refused to start).
+    #[test]
+    fn every_argument_written_for_a_valid_spec_is_accepted_by_the_gateway(
+        timeout in "([0-9]{1,5}(h|m|s|ms)){1,4}",
+        name in "[a-z0-9]([a-z0-9.-]{0,60}[a-z0-9])?",
+    ) {
+        use clap::Parser;
+        let upstream_timeout = crate::policy::duration::parse_duration(&timeout).unwrap();
+        let d = gateway_deployment(&GatewayPodSpec {
+            namespace: "ns",
+            policy: &name,
+            image: "img",
+            upstream: "http://engine.inference.svc:8000/v1",
+            port: 8080,
+            replicas: 1,
+            gateway: None,
+            api_key: None,
+            client_keys: None,
+            upstream_timeout,
+        });
+        let args = d.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
+        proptest::prop_assert_eq!(args[0].as_str(), "gateway");
+        let parsed = GatewayCommandLine::try_parse_from(
+            std::iter::once("sluice-gateway").chain(args[1..].iter().map(String::as_str)),
+        );
+        let parsed = parsed.map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{args:?}: {e}")))?;
+        proptest::prop_assert!(parsed.args.drain_timeout >= upstream_timeout.min(crate::policy::duration::MAX_FORMATTED));
+        proptest::prop_assert_eq!(parsed.args.policy.as_deref(), Some(name.as_str()));
+    }
+}
+
+#[test]
+fn a_policy_without_a_memory_limit_still_gets_one() {
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    let q = |s: &str| Quantity(s.to_owned());
+    // Emptied, or with only a CPU limit: the default memory limit is added.
+    for set in [
+        ResourceRequirements::default(),
+        ResourceRequirements {
+            limits: Some(BTreeMap::from([("cpu".to_owned(), q("2"))])),
+            ..Default::default()
+        },
+    ] {
+        let r = with_memory_limit(set.clone());
+        let limits = r.limits.unwrap();
+        assert_eq!(limits["memory"], q("1Gi"), "{set:?}");
+        assert_eq!(
+            limits.get("cpu"),
+            set.limits.as_ref().and_then(|l| l.get("cpu"))
+        );
+    }
+    // A limit the policy sets is kept.
+    let own = ResourceRequirements {
+        limits: Some(BTreeMap::from([("memory".to_owned(), q("512Mi"))])),
+        ..Default::default()
+    };
+    assert_eq!(with_memory_limit(own).limits.unwrap()["memory"], q("512Mi"));
+}
+
+#[test]
+fn the_role_is_narrowed_to_the_policy() {
+    let r = gateway_role("ns", "llama");
+    let rule = &r.rules.unwrap()[0];
+    assert_eq!(
+        rule.resource_names.as_deref(),
+        Some(&["llama".to_owned()][..])
+    );
+    assert_eq!(rule.verbs, ["get", "list", "watch"]);
+    let b = gateway_role_binding("ns", "llama");
+    assert_eq!(b.role_ref.name, "llama-sluice");
+    assert_eq!(b.subjects.unwrap()[0].name, "llama-sluice");
+}
