@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
-use serde_json::json;
+use serde_json::{Value, json};
 use sluice::operator::names::{gateway_name, label_value};
 use sluice::policy::RateLimitPolicy;
 use support::operator::{Env, owned};
@@ -29,14 +29,38 @@ fn policy(name: &str, extra: serde_json::Value) -> RateLimitPolicy {
 
 /// Waits until the policy's Ready condition has `reason`; returns its message.
 async fn ready_reason(api: &Api<RateLimitPolicy>, name: &str, reason: &str) -> String {
-    eventually(30, &format!("{name}: Ready reason {reason}"), || async {
-        let p = api.get(name).await.ok()?;
-        let s = p.status.as_ref()?;
-        let ready = s.conditions.iter().find(|c| c.type_ == "Ready")?;
-        (ready.reason == reason && s.observed_generation == p.metadata.generation)
+    ready_saying(api, name, reason, "").await
+}
+
+/// Waits for `Ready` with this reason and a message containing `says`; returns the message.
+async fn ready_saying(api: &Api<RateLimitPolicy>, name: &str, reason: &str, says: &str) -> String {
+    eventually(
+        30,
+        &format!("{name}: Ready reason {reason}, {says:?}"),
+        || async {
+            let p = api.get(name).await.ok()?;
+            let s = p.status.as_ref()?;
+            let ready = s.conditions.iter().find(|c| c.type_ == "Ready")?;
+            (ready.reason == reason
+                && s.observed_generation == p.metadata.generation
+                && ready.message.contains(says))
             .then(|| ready.message.clone())
-    })
+        },
+    )
     .await
+}
+
+/// Merges these annotations into the Secret `name`.
+async fn annotate(secrets: &Api<k8s_openapi::api::core::v1::Secret>, name: &str, a: Value) {
+    let patch = json!({"metadata": {"annotations": a}});
+    secrets
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -109,8 +133,12 @@ async fn an_existing_object_under_the_gateways_name_is_left_alone() {
         .unwrap();
     let message = ready_reason(&fx.api, "c", "NameConflict").await;
     assert!(message.contains("Service c-sluice"), "{message}");
-    let events = kubectl_ok(&["get", "events", "-n", &fx.ns.name]);
-    assert!(events.contains("NameConflict"), "{events}");
+    // The Warning Event is published after the status is written.
+    eventually(30, "a NameConflict event", || async {
+        let events = kubectl_ok(&["get", "events", "-n", &fx.ns.name]);
+        events.contains("NameConflict").then_some(())
+    })
+    .await;
     let after = services.get("c-sluice").await.unwrap();
     assert!(after.owner_references().is_empty(), "taken over: {after:?}");
     assert_eq!(
@@ -232,11 +260,14 @@ async fn a_secret_counts_only_where_it_opted_in_to_the_policy() {
         .create(&PostParams::default(), &policy("s", reference))
         .await
         .unwrap();
-    let message = ready_reason(&fx.api, "s", "SecretNotAllowed").await;
-    assert!(
-        message.contains("sluice.dev/allowed-policies: s"),
-        "{message}"
-    );
+    // The refusal names the annotation that would allow it.
+    ready_saying(
+        &fx.api,
+        "s",
+        "SecretNotAllowed",
+        "sluice.dev/upstream-key-for: s/api-key",
+    )
+    .await;
     let mounts_key = |d: &Deployment| {
         let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         let args = pod.containers[0].args.clone().unwrap_or_default();
@@ -257,17 +288,23 @@ async fn a_secret_counts_only_where_it_opted_in_to_the_policy() {
         "a refused Secret is not mounted"
     );
 
-    // The Secret's owner opts in: the next retry mounts it as a file.
-    let annotate =
-        json!({"metadata": {"annotations": {"sluice.dev/allowed-policies": "other, s"}}});
-    secrets
-        .patch(
-            "upstream-key",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&annotate),
-        )
-        .await
-        .unwrap();
+    // Opened for the policy's client keys, or for another of its keys, or with the retired
+    // all-uses annotation: still not an upstream key.
+    let not_upstream = json!({"sluice.dev/client-keys-for": "s",
+        "sluice.dev/allowed-policies": "*", "sluice.dev/upstream-key-for": "s/other"});
+    annotate(&secrets, "upstream-key", not_upstream).await;
+    ready_saying(&fx.api, "s", "SecretNotAllowed", "no longer honoured").await;
+    // The right key, but the hosts it may go to do not include the policy's upstream.
+    let wrong_host = json!({"sluice.dev/upstream-key-for": "other/api-key, s/api-key",
+        "sluice.dev/upstream-hosts": "vllm.inference.svc:9000, api.example.com"});
+    annotate(&secrets, "upstream-key", wrong_host).await;
+    ready_saying(&fx.api, "s", "SecretNotAllowed", "vllm.inference.svc:8000").await;
+    let d: Deployment = owned(&fx.k, &fx.ns.name, "s-sluice").await;
+    assert_eq!(mounts_key(&d), (false, false), "a wrong host gets no key");
+
+    // The Secret's owner opts in for this host: the next retry mounts it as a file.
+    let hosts = json!({"sluice.dev/upstream-hosts": "api.example.com, vllm.inference.svc"});
+    annotate(&secrets, "upstream-key", hosts).await;
     ready_reason(&fx.api, "s", "DeploymentNotAvailable").await;
     let d: Deployment = owned(&fx.k, &fx.ns.name, "s-sluice").await;
     assert_eq!(mounts_key(&d), (true, true));
@@ -340,15 +377,20 @@ async fn client_keys_are_mounted_as_a_directory_once_their_secret_opted_in() {
     let d: Deployment = owned(&fx.k, &fx.ns.name, "c-sluice").await;
     assert_eq!(mounted(&d), (None, None), "a refused Secret is not mounted");
 
-    let annotate = json!({"metadata": {"annotations": {"sluice.dev/allowed-policies": "c"}}});
-    secrets
-        .patch(
-            "llm-clients",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&annotate),
-        )
-        .await
-        .unwrap();
+    // An upstream-key opt-in, or the retired all-uses one, does not open client keys.
+    let other_uses = json!({"sluice.dev/upstream-key-for": "c/checkout",
+        "sluice.dev/upstream-hosts": "vllm.inference.svc", "sluice.dev/allowed-policies": "c"});
+    annotate(&secrets, "llm-clients", other_uses).await;
+    ready_saying(&fx.api, "c", "SecretNotAllowed", "no longer honoured").await;
+    let d: Deployment = owned(&fx.k, &fx.ns.name, "c-sluice").await;
+    assert_eq!(mounted(&d), (None, None));
+
+    annotate(
+        &secrets,
+        "llm-clients",
+        json!({"sluice.dev/client-keys-for": "c"}),
+    )
+    .await;
     ready_reason(&fx.api, "c", "DeploymentNotAvailable").await;
     let d: Deployment = owned(&fx.k, &fx.ns.name, "c-sluice").await;
     let dir = sluice::operator::objects::CLIENT_KEYS_DIR.to_owned();

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod names;
 pub mod objects;
 pub mod reconcile;
+pub mod secret_use;
 pub mod status;
 
 pub use metrics::OperatorMetrics;

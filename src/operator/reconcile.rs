@@ -18,6 +18,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use super::metrics::OperatorMetrics;
+use super::secret_use::{self, SecretUse};
 use super::{FIELD_MANAGER, objects, status};
 use crate::policy::{PolicyConfig, RateLimitPolicy};
 
@@ -50,7 +51,7 @@ pub enum ReconcileError {
         "{kind} {name} already exists and is not owned by this RateLimitPolicy; it is left alone (rename or delete it)"
     )]
     NameConflict { kind: String, name: String },
-    #[error("Secret {secret} is not used: {why}; the gateway runs without the upstream API key")]
+    #[error("Secret {secret} is not used: {why}; the gateway runs without it")]
     SecretNotAllowed { secret: String, why: String },
 }
 
@@ -112,27 +113,14 @@ where
     })
 }
 
-/// The annotation by which a Secret lets RateLimitPolicies of its namespace use it as their
-/// upstream API key: a comma-separated list of policy names, or `*` for every policy.
-pub const ALLOWED_POLICIES_ANNOTATION: &str = "sluice.dev/allowed-policies";
-
-/// Whether a Secret with these annotations lets `policy` use it.
-pub fn secret_allows(
-    annotations: &std::collections::BTreeMap<String, String>,
-    policy: &str,
-) -> bool {
-    annotations
-        .get(ALLOWED_POLICIES_ANNOTATION)
-        .is_some_and(|v| v.split(',').map(str::trim).any(|p| p == "*" || p == policy))
-}
-
-/// Checks that the Secret `secret` opted in to `policy`; `Ok(Some(refusal))` when it did not
-/// (or does not exist). Reads only the Secret's metadata.
+/// Checks that the Secret `secret` opted in to `policy` for `use_`; `Ok(Some(refusal))` when
+/// it did not (or does not exist). Reads only the Secret's metadata.
 async fn check_secret(
     client: &Client,
     ns: &str,
     policy: &str,
     secret: &str,
+    use_: SecretUse<'_>,
 ) -> Result<Option<ReconcileError>, ReconcileError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let meta = api
@@ -145,10 +133,10 @@ async fn check_secret(
         })?;
     let why = match meta {
         None => "it does not exist".to_owned(),
-        Some(m) if secret_allows(m.annotations(), policy) => return Ok(None),
-        Some(_) => format!(
-            "it does not allow this policy (annotate it with {ALLOWED_POLICIES_ANNOTATION}: {policy})"
-        ),
+        Some(m) => match secret_use::allows(m.annotations(), policy, use_) {
+            Ok(()) => return Ok(None),
+            Err(why) => why,
+        },
     };
     Ok(Some(ReconcileError::SecretNotAllowed {
         secret: secret.to_owned(),
@@ -338,11 +326,15 @@ async fn apply_objects(
         .and_then(|g| g.image.as_deref())
         .unwrap_or(&ctx.gateway_image);
     let c = &ctx.client;
+    let upstream_key = |key| SecretUse::UpstreamKey {
+        key,
+        upstream: &config.upstream.url,
+    };
     // A Secret reference counts only where the Secret opted in: otherwise whoever may write a
     // policy could send any Secret of the namespace to an upstream URL of their choosing.
     let (api_key, mut refused) = match config.upstream.api_key_secret.as_ref() {
         None => (None, None),
-        Some(r) => match check_secret(c, &ns, &name, &r.name).await? {
+        Some(r) => match check_secret(c, &ns, &name, &r.name, upstream_key(&r.key)).await? {
             None => (Some(r), None),
             Some(refusal) => (None, Some(refusal)),
         },
@@ -352,7 +344,7 @@ async fn apply_objects(
     // no keys and (auth being required) refuses every request: it fails closed.
     let client_keys = match config.client_auth.as_ref() {
         None => None,
-        Some(a) => match check_secret(c, &ns, &name, &a.secret).await? {
+        Some(a) => match check_secret(c, &ns, &name, &a.secret, SecretUse::ClientKeys).await? {
             None => Some(a.secret.as_str()),
             Some(refusal) => {
                 refused = refused.or(Some(refusal));

@@ -158,7 +158,9 @@ pub struct UpstreamSpec {
     pub timeout: String,
 
     /// Secret key holding an API key the gateway sends upstream as `Authorization: Bearer`,
-    /// replacing the client's header. Without it the client's header is forwarded.
+    /// replacing the client's header. Without it the client's header is forwarded. The
+    /// Secret must opt in with the annotations `sluice.dev/upstream-key-for:
+    /// <policy>/<key>` and `sluice.dev/upstream-hosts` listing the URL's host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyRef>,
 

@@ -16,8 +16,8 @@ pub struct ClientAuthSpec {
     /// Secret in the policy's namespace with one entry per client: the entry's name is the
     /// client's name (as in `priority.clients`), its value that client's API key. The
     /// operator mounts it into the gateway pods; a rotated or added key reaches running pods
-    /// without a restart. Like the upstream key's Secret, it must carry the annotation
-    /// `sluice.dev/allowed-policies` naming this policy.
+    /// without a restart. The Secret must carry the annotation
+    /// `sluice.dev/client-keys-for` naming this policy.
     pub secret_ref: SecretRef,
 
     /// Refuse requests without a valid key with 401 (default). With false, requests without
