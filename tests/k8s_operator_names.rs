@@ -9,59 +9,10 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
-use serde_json::{Value, json};
+use serde_json::json;
 use sluice::operator::names::{gateway_name, label_value};
-use sluice::policy::RateLimitPolicy;
-use support::operator::{Env, owned};
+use support::operator::{Env, owned, policy_with, ready_reason};
 use support::{eventually, kubectl_ok};
-
-fn policy(name: &str, extra: serde_json::Value) -> RateLimitPolicy {
-    let mut spec = json!({"upstream": {"url": "http://vllm.inference.svc:8000"}});
-    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
-        s.extend(e.clone());
-    }
-    serde_json::from_value(json!({
-        "apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
-        "metadata": {"name": name}, "spec": spec
-    }))
-    .unwrap()
-}
-
-/// Waits until the policy's Ready condition has `reason`; returns its message.
-async fn ready_reason(api: &Api<RateLimitPolicy>, name: &str, reason: &str) -> String {
-    ready_saying(api, name, reason, "").await
-}
-
-/// Waits for `Ready` with this reason and a message containing `says`; returns the message.
-async fn ready_saying(api: &Api<RateLimitPolicy>, name: &str, reason: &str, says: &str) -> String {
-    eventually(
-        30,
-        &format!("{name}: Ready reason {reason}, {says:?}"),
-        || async {
-            let p = api.get(name).await.ok()?;
-            let s = p.status.as_ref()?;
-            let ready = s.conditions.iter().find(|c| c.type_ == "Ready")?;
-            (ready.reason == reason
-                && s.observed_generation == p.metadata.generation
-                && ready.message.contains(says))
-            .then(|| ready.message.clone())
-        },
-    )
-    .await
-}
-
-/// Merges these annotations into the Secret `name`.
-async fn annotate(secrets: &Api<k8s_openapi::api::core::v1::Secret>, name: &str, a: Value) {
-    let patch = json!({"metadata": {"annotations": a}});
-    secrets
-        .patch(
-            name,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&patch),
-        )
-        .await
-        .unwrap();
-}
 
 #[tokio::test]
 async fn every_valid_policy_name_gets_its_gateway_and_a_status() {
@@ -78,7 +29,7 @@ async fn every_valid_policy_name_gets_its_gateway_and_a_status() {
     ];
     for n in &names {
         fx.api
-            .create(&PostParams::default(), &policy(n, json!({})))
+            .create(&PostParams::default(), &policy_with(n, json!({})))
             .await
             .unwrap_or_else(|e| panic!("the API server refused {n}: {e}"));
     }
@@ -128,7 +79,7 @@ async fn an_existing_object_under_the_gateways_name_is_left_alone() {
         .await
         .unwrap();
     fx.api
-        .create(&PostParams::default(), &policy("c", json!({})))
+        .create(&PostParams::default(), &policy_with("c", json!({})))
         .await
         .unwrap();
     let message = ready_reason(&fx.api, "c", "NameConflict").await;
@@ -168,7 +119,7 @@ async fn an_object_the_api_server_refuses_shows_in_status() {
     let fx = Env::new("op-refused").await;
     let _op = fx.operator(&[]);
     // Valid for the CRD's schema (quantities are int-or-string there), refused in a Deployment.
-    let bad = policy(
+    let bad = policy_with(
         "r",
         json!({"gateway": {"resources": {"limits": {"memory": "lots"}}}}),
     );
@@ -196,7 +147,7 @@ async fn a_policy_runs_only_images_and_placement_the_admin_allows() {
     // Any image of the author's choosing would run with the gateway's identity and Secrets.
     let evil = json!({"gateway": {"image": "attacker.example/shell:latest"}});
     fx.api
-        .create(&PostParams::default(), &policy("evil", evil))
+        .create(&PostParams::default(), &policy_with("evil", evil))
         .await
         .unwrap();
     let message = ready_reason(&fx.api, "evil", "ImageNotAllowed").await;
@@ -216,14 +167,14 @@ async fn a_policy_runs_only_images_and_placement_the_admin_allows() {
     let placed = json!({"gateway": {"tolerations": [{"operator": "Exists"}],
         "nodeSelector": {"node-role.kubernetes.io/control-plane": ""}}});
     fx.api
-        .create(&PostParams::default(), &policy("placed", placed))
+        .create(&PostParams::default(), &policy_with("placed", placed))
         .await
         .unwrap();
     ready_reason(&fx.api, "placed", "SchedulingNotAllowed").await;
     // An allowed image is applied; the refused policies got nothing.
     let ok = json!({"gateway": {"image": "registry.example/sluice:1.2"}});
     fx.api
-        .create(&PostParams::default(), &policy("ok", ok))
+        .create(&PostParams::default(), &policy_with("ok", ok))
         .await
         .unwrap();
     support::operator::accepted(&fx.api, "ok").await;
@@ -243,156 +194,97 @@ async fn a_policy_runs_only_images_and_placement_the_admin_allows() {
 }
 
 #[tokio::test]
-async fn a_secret_counts_only_where_it_opted_in_to_the_policy() {
-    use k8s_openapi::api::core::v1::Secret;
-    let fx = Env::new("op-secret").await;
+async fn a_policy_named_like_anothers_short_label_selects_only_its_own_pods() {
+    use k8s_openapi::api::core::v1::Pod;
+    use sluice::operator::objects::POLICY_UID_LABEL;
+    let fx = Env::new("op-twins").await;
     let _op = fx.operator(&[]);
-    let secrets: Api<Secret> = Api::namespaced(fx.k.clone(), &fx.ns.name);
-    let key: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "upstream-key"},
-        "stringData": {"api-key": "sk-live\n"}
-    }))
-    .unwrap();
-    secrets.create(&PostParams::default(), &key).await.unwrap();
-    let reference = json!({"upstream": {"url": "http://vllm.inference.svc:8000",
-        "apiKeySecretRef": {"name": "upstream-key", "key": "api-key"}}});
-    fx.api
-        .create(&PostParams::default(), &policy("s", reference))
-        .await
-        .unwrap();
-    // The refusal names the annotation that would allow it.
-    ready_saying(
-        &fx.api,
-        "s",
-        "SecretNotAllowed",
-        "sluice.dev/upstream-key-for: s/api-key",
-    )
-    .await;
-    let mounts_key = |d: &Deployment| {
-        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
-        let args = pod.containers[0].args.clone().unwrap_or_default();
-        let volume = pod.volumes.iter().flatten().any(|v| {
-            v.projected.as_ref().is_some_and(|p| {
-                p.sources
-                    .iter()
-                    .flatten()
-                    .any(|s| s.secret.as_ref().is_some_and(|s| s.name == "upstream-key"))
-            })
-        });
-        (volume, args.contains(&"--upstream-api-key-file".to_owned()))
-    };
-    let d: Deployment = owned(&fx.k, &fx.ns.name, "s-sluice").await;
-    assert_eq!(
-        mounts_key(&d),
-        (false, false),
-        "a refused Secret is not mounted"
-    );
-
-    // Opened for the policy's client keys, or for another of its keys, or with the retired
-    // all-uses annotation: still not an upstream key.
-    let not_upstream = json!({"sluice.dev/client-keys-for": "s",
-        "sluice.dev/allowed-policies": "*", "sluice.dev/upstream-key-for": "s/other"});
-    annotate(&secrets, "upstream-key", not_upstream).await;
-    ready_saying(&fx.api, "s", "SecretNotAllowed", "no longer honoured").await;
-    // The right key, but the hosts it may go to do not include the policy's upstream.
-    let wrong_host = json!({"sluice.dev/upstream-key-for": "other/api-key, s/api-key",
-        "sluice.dev/upstream-hosts": "vllm.inference.svc:9000, api.example.com"});
-    annotate(&secrets, "upstream-key", wrong_host).await;
-    ready_saying(&fx.api, "s", "SecretNotAllowed", "vllm.inference.svc:8000").await;
-    let d: Deployment = owned(&fx.k, &fx.ns.name, "s-sluice").await;
-    assert_eq!(mounts_key(&d), (false, false), "a wrong host gets no key");
-
-    // The Secret's owner opts in for this host: the next retry mounts it as a file.
-    let hosts = json!({"sluice.dev/upstream-hosts": "api.example.com, vllm.inference.svc"});
-    annotate(&secrets, "upstream-key", hosts).await;
-    ready_reason(&fx.api, "s", "DeploymentNotAvailable").await;
-    let d: Deployment = owned(&fx.k, &fx.ns.name, "s-sluice").await;
-    assert_eq!(mounts_key(&d), (true, true));
-    let env = d.spec.unwrap().template.spec.unwrap().containers[0]
-        .env
-        .clone()
-        .unwrap_or_default();
-    assert!(
-        env.iter().all(|e| e
-            .value_from
-            .as_ref()
-            .is_none_or(|v| v.secret_key_ref.is_none())),
-        "the key must not be an env var: {env:?}"
-    );
-
-    // A reference to a Secret that does not exist says so.
-    let missing = json!({"upstream": {"url": "http://vllm.inference.svc:8000",
-        "apiKeySecretRef": {"name": "nope", "key": "api-key"}}});
-    fx.api
-        .create(&PostParams::default(), &policy("m", missing))
-        .await
-        .unwrap();
-    let message = ready_reason(&fx.api, "m", "SecretNotAllowed").await;
-    assert!(message.contains("does not exist"), "{message}");
+    // A name over 63 characters is labelled by a prefix and a hash; the twin is named exactly
+    // that label, so both carry the same `sluice.dev/policy` label.
+    let long = format!("twin-{}", "x".repeat(70));
+    let twin = label_value(&long);
+    for n in [&long, &twin] {
+        fx.api
+            .create(&PostParams::default(), &policy_with(n, json!({})))
+            .await
+            .unwrap();
+    }
+    let services: Api<Service> = Api::namespaced(fx.k.clone(), &fx.ns.name);
+    let pods: Api<Pod> = Api::namespaced(fx.k.clone(), &fx.ns.name);
+    for n in [&long, &twin] {
+        ready_reason(&fx.api, n, "DeploymentNotAvailable").await;
+        let uid = fx.api.get(n).await.unwrap().uid().unwrap();
+        let selector = services
+            .get(&gateway_name(n))
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .selector
+            .unwrap();
+        assert_eq!(
+            selector.get(POLICY_UID_LABEL),
+            Some(&uid),
+            "{n}: {selector:?}"
+        );
+        let query: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // The replica set controller creates the pod (no kubelet runs it): the Service's
+        // selector finds it, and only it, although both policies' pods share the short label.
+        let selected = eventually(30, &format!("{n}: the pod of its Service"), || async {
+            let list = pods
+                .list(&kube::api::ListParams::default().labels(&query.join(",")))
+                .await
+                .ok()?;
+            (!list.items.is_empty()).then_some(list.items)
+        })
+        .await;
+        assert_eq!(selected.len(), 1, "{n}: {selected:?}");
+        assert_eq!(selected[0].labels().get(POLICY_UID_LABEL), Some(&uid));
+        assert_eq!(selected[0].labels().get("sluice.dev/policy"), Some(&twin));
+    }
 }
 
 #[tokio::test]
-async fn client_keys_are_mounted_as_a_directory_once_their_secret_opted_in() {
-    use k8s_openapi::api::core::v1::Secret;
-    let fx = Env::new("op-clients").await;
-    let _op = fx.operator(&[]);
-    let secrets: Api<Secret> = Api::namespaced(fx.k.clone(), &fx.ns.name);
-    let keys: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "llm-clients"},
-        "stringData": {"checkout": "sk-a", "batch": "sk-b"}
-    }))
-    .unwrap();
-    secrets.create(&PostParams::default(), &keys).await.unwrap();
-    let spec = json!({"upstream": {"url": "http://vllm.inference.svc:8000"},
-        "clientAuth": {"secretRef": {"name": "llm-clients"}},
-        "priority": {"clients": {"checkout": "critical", "batch": "sheddable"}}});
-    fx.api
-        .create(&PostParams::default(), &policy("c", spec))
+async fn a_deployment_from_before_the_uid_selector_keeps_its_selector_and_gets_the_label() {
+    let fx = Env::new("op-legacy").await;
+    // The policy and the Deployment an older operator made for it, selected by the short
+    // label; the operator starts after them.
+    let p = fx
+        .api
+        .create(&PostParams::default(), &policy_with("old", json!({})))
         .await
         .unwrap();
-    let message = ready_reason(&fx.api, "c", "SecretNotAllowed").await;
-    assert!(message.contains("llm-clients"), "{message}");
-    let mounted = |d: &Deployment| {
-        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
-        let args = pod.containers[0].args.clone().unwrap_or_default();
-        let volume = pod.volumes.iter().flatten().find(|v| {
-            v.secret
-                .as_ref()
-                .is_some_and(|s| s.secret_name.as_deref() == Some("llm-clients"))
-        });
-        let mount = volume.and_then(|v| {
-            pod.containers[0]
-                .volume_mounts
-                .iter()
-                .flatten()
-                .find(|m| m.name == v.name)
-                .map(|m| m.mount_path.clone())
-        });
-        let arg = args
-            .iter()
-            .find_map(|a| a.strip_prefix("--client-keys-dir="))
-            .map(str::to_owned);
-        (mount, arg)
-    };
-    let d: Deployment = owned(&fx.k, &fx.ns.name, "c-sluice").await;
-    assert_eq!(mounted(&d), (None, None), "a refused Secret is not mounted");
-
-    // An upstream-key opt-in, or the retired all-uses one, does not open client keys.
-    let other_uses = json!({"sluice.dev/upstream-key-for": "c/checkout",
-        "sluice.dev/upstream-hosts": "vllm.inference.svc", "sluice.dev/allowed-policies": "c"});
-    annotate(&secrets, "llm-clients", other_uses).await;
-    ready_saying(&fx.api, "c", "SecretNotAllowed", "no longer honoured").await;
-    let d: Deployment = owned(&fx.k, &fx.ns.name, "c-sluice").await;
-    assert_eq!(mounted(&d), (None, None));
-
-    annotate(
-        &secrets,
-        "llm-clients",
-        json!({"sluice.dev/client-keys-for": "c"}),
-    )
-    .await;
-    ready_reason(&fx.api, "c", "DeploymentNotAvailable").await;
-    let d: Deployment = owned(&fx.k, &fx.ns.name, "c-sluice").await;
-    let dir = sluice::operator::objects::CLIENT_KEYS_DIR.to_owned();
-    assert_eq!(mounted(&d), (Some(dir.clone()), Some(dir)));
+    let legacy = json!({"app.kubernetes.io/name": "sluice-gateway", "sluice.dev/policy": "old"});
+    let owner = json!([{"apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
+        "name": "old", "uid": p.uid().unwrap(), "controller": true}]);
+    let old: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "old-sluice", "ownerReferences": owner},
+        "spec": {"selector": {"matchLabels": legacy}, "template": {
+            "metadata": {"labels": legacy},
+            "spec": {"containers": [{"name": "gateway", "image": "old"}]}}}
+    }))
+    .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(fx.k.clone(), &fx.ns.name);
+    deployments
+        .create(&PostParams::default(), &old)
+        .await
+        .unwrap();
+    let _op = fx.operator(&[]);
+    // Applied (an apply that changed the immutable selector would be ApplyFailed).
+    ready_reason(&fx.api, "old", "DeploymentNotAvailable").await;
+    let d = deployments.get("old-sluice").await.unwrap().spec.unwrap();
+    let kept = serde_json::to_value(&d.selector.match_labels).unwrap();
+    assert_eq!(kept, legacy, "the selector is immutable and kept");
+    let labels = d.template.metadata.unwrap().labels.unwrap();
+    let uid = p.uid().unwrap();
+    assert_eq!(
+        labels.get(sluice::operator::objects::POLICY_UID_LABEL),
+        Some(&uid)
+    );
+    let service: Service = owned(&fx.k, &fx.ns.name, "old-sluice").await;
+    let selector = service.spec.unwrap().selector.unwrap();
+    assert_eq!(
+        selector.get(sluice::operator::objects::POLICY_UID_LABEL),
+        Some(&uid)
+    );
 }

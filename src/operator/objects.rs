@@ -23,6 +23,11 @@ pub const CLIENT_KEYS_DIR: &str = "/var/run/sluice/clients";
 /// Label on every object the operator creates for a policy.
 pub const POLICY_LABEL: &str = "sluice.dev/policy";
 
+/// Label of the gateway pods carrying their policy's UID: the gateway Service, the PDB and new
+/// Deployments select by it. [`POLICY_LABEL`] cannot be unique: a name over 63 characters is
+/// shortened to a prefix and a hash, and another policy may be named exactly that.
+pub const POLICY_UID_LABEL: &str = "sluice.dev/policy-uid";
+
 fn labels(policy: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (
@@ -101,6 +106,8 @@ pub const GATEWAY_PORT: i32 = crate::policy::crd::DEFAULT_GATEWAY_PORT;
 pub struct GatewayPodSpec<'a> {
     pub namespace: &'a str,
     pub policy: &'a str,
+    /// The policy's UID (the pods' [`POLICY_UID_LABEL`]).
+    pub uid: &'a str,
     pub image: &'a str,
     pub upstream: &'a str,
     pub port: i32,
@@ -116,14 +123,31 @@ pub struct GatewayPodSpec<'a> {
 /// How long a terminating gateway keeps accepting while endpoints catch up (`--drain-delay`).
 pub const DRAIN_DELAY_SECS: u64 = 5;
 
-fn selector(policy: &str) -> BTreeMap<String, String> {
+/// The labels that select one policy's gateway pods, and only its own.
+pub fn pod_selector(uid: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (
             "app.kubernetes.io/name".to_owned(),
             "sluice-gateway".to_owned(),
         ),
-        (POLICY_LABEL.to_owned(), label_value(policy)),
+        (POLICY_UID_LABEL.to_owned(), uid.to_owned()),
     ])
+}
+
+/// Keeps the selector of a Deployment created before [`POLICY_UID_LABEL`] existed (selectors
+/// are immutable, and an apply that changes one is refused). Its pods carry the UID label
+/// too, so the Service and the PDB select them by it; the Deployment's own selector stays as
+/// it was until the Deployment is deleted and the operator creates it again.
+pub fn keep_selector(
+    new: &mut k8s_openapi::api::apps::v1::Deployment,
+    existing: &k8s_openapi::api::apps::v1::Deployment,
+) {
+    let Some(old) = existing.spec.as_ref().map(|s| s.selector.clone()) else {
+        return;
+    };
+    if let Some(spec) = new.spec.as_mut() {
+        spec.selector = old;
+    }
 }
 
 /// Resources of gateway pods whose policy sets none: a request that schedules them anywhere and
@@ -265,6 +289,7 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
         args.push(format!("--client-keys-dir={CLIENT_KEYS_DIR}"));
     }
     let mut pod_labels = labels(p.policy);
+    pod_labels.insert(POLICY_UID_LABEL.to_owned(), p.uid.to_owned());
     pod_labels.insert(
         "app.kubernetes.io/instance".to_owned(),
         label_value(p.policy),
@@ -325,7 +350,7 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
         spec: Some(DeploymentSpec {
             replicas: Some(p.replicas),
             selector: LabelSelector {
-                match_labels: Some(selector(p.policy)),
+                match_labels: Some(pod_selector(p.uid)),
                 ..LabelSelector::default()
             },
             template: PodTemplateSpec {
@@ -367,6 +392,7 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
 pub fn gateway_service(
     namespace: &str,
     policy: &str,
+    uid: &str,
     port: i32,
 ) -> k8s_openapi::api::core::v1::Service {
     use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -374,7 +400,7 @@ pub fn gateway_service(
     Service {
         metadata: meta(namespace, policy),
         spec: Some(ServiceSpec {
-            selector: Some(selector(policy)),
+            selector: Some(pod_selector(uid)),
             ports: Some(vec![ServicePort {
                 name: Some("http".to_owned()),
                 port,
@@ -392,6 +418,7 @@ pub fn gateway_service(
 pub fn gateway_pdb(
     namespace: &str,
     policy: &str,
+    uid: &str,
 ) -> k8s_openapi::api::policy::v1::PodDisruptionBudget {
     use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -401,7 +428,7 @@ pub fn gateway_pdb(
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(LabelSelector {
-                match_labels: Some(selector(policy)),
+                match_labels: Some(pod_selector(uid)),
                 ..LabelSelector::default()
             }),
             ..PodDisruptionBudgetSpec::default()

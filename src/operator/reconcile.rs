@@ -9,18 +9,18 @@ use dashmap::DashMap;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
 
 use super::metrics::OperatorMetrics;
 use super::secret_use::{self, SecretUse};
 use super::{FIELD_MANAGER, objects, status};
 use crate::policy::{PolicyConfig, RateLimitPolicy};
+use apply::{apply, apply_keeping, ensure_ours};
 
 /// What reconcile needs.
 pub struct Context {
@@ -80,39 +80,6 @@ impl ReconcileError {
     }
 }
 
-async fn apply<K>(
-    client: &Client,
-    ns: &str,
-    mut obj: K,
-    owner: &OwnerReference,
-) -> Result<K, ReconcileError>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    obj.meta_mut().owner_references = Some(vec![owner.clone()]);
-    let name = obj.meta().name.clone().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    ensure_ours(&api, &name, owner).await?;
-    let mut value = serde_json::to_value(&obj).expect("object serializes");
-    value["apiVersion"] = json!(K::api_version(&()));
-    value["kind"] = json!(K::kind(&()));
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&value),
-    )
-    .await
-    .map_err(|source| ReconcileError::Apply {
-        kind: K::kind(&()).to_string(),
-        name,
-        source,
-    })
-}
-
 /// Checks that the Secret `secret` opted in to `policy` for `use_`; `Ok(Some(refusal))` when
 /// it did not (or does not exist). Reads only the Secret's metadata.
 async fn check_secret(
@@ -142,40 +109,6 @@ async fn check_secret(
         secret: secret.to_owned(),
         why,
     }))
-}
-
-/// Fails with [`ReconcileError::NameConflict`] when an object called `name` exists and this
-/// policy is not its controller: it is neither overwritten nor, later, garbage-collected.
-async fn ensure_ours<K>(
-    api: &Api<K>,
-    name: &str,
-    owner: &OwnerReference,
-) -> Result<bool, ReconcileError>
-where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let existing = api
-        .get_opt(name)
-        .await
-        .map_err(|source| ReconcileError::Apply {
-            kind: K::kind(&()).to_string(),
-            name: name.to_owned(),
-            source,
-        })?;
-    let Some(existing) = existing else {
-        return Ok(false);
-    };
-    let ours = existing
-        .owner_references()
-        .iter()
-        .any(|r| r.uid == owner.uid && r.controller == Some(true));
-    if !ours {
-        return Err(ReconcileError::NameConflict {
-            kind: K::kind(&()).to_string(),
-            name: name.to_owned(),
-        });
-    }
-    Ok(true)
 }
 
 /// Publishes a Warning Event on the policy (best effort; the note is cut at 1000 characters).
@@ -355,13 +288,21 @@ async fn apply_objects(
     apply(c, &ns, objects::gateway_service_account(&ns, &name), &owner).await?;
     apply(c, &ns, objects::gateway_role(&ns, &name), &owner).await?;
     apply(c, &ns, objects::gateway_role_binding(&ns, &name), &owner).await?;
-    apply(c, &ns, objects::gateway_service(&ns, &name, port), &owner).await?;
-    let deployment = apply(
+    let uid = &owner.uid;
+    apply(
+        c,
+        &ns,
+        objects::gateway_service(&ns, &name, uid, port),
+        &owner,
+    )
+    .await?;
+    let deployment = apply_keeping(
         c,
         &ns,
         objects::gateway_deployment(&objects::GatewayPodSpec {
             namespace: &ns,
             policy: &name,
+            uid,
             image,
             upstream: &config.upstream.url.to_string(),
             port,
@@ -372,15 +313,16 @@ async fn apply_objects(
             upstream_timeout: config.upstream.timeout,
         }),
         &owner,
+        objects::keep_selector,
     )
     .await?;
     let pdb_name = objects::gateway_name(&name);
     if status::wants_pdb(replicas) {
-        apply(c, &ns, objects::gateway_pdb(&ns, &name), &owner).await?;
+        apply(c, &ns, objects::gateway_pdb(&ns, &name, uid), &owner).await?;
     } else {
         // Only a PDB this policy owns is removed; someone else's stays (and is a conflict).
         let pdbs: Api<PodDisruptionBudget> = Api::namespaced(c.clone(), &ns);
-        if ensure_ours(&pdbs, &pdb_name, &owner).await? {
+        if ensure_ours(&pdbs, &pdb_name, &owner).await?.is_some() {
             match pdbs.delete(&pdb_name, &DeleteParams::default()).await {
                 Ok(_) | Err(kube::Error::Api(_)) => {}
                 Err(source) => {
@@ -426,5 +368,6 @@ pub(super) fn error_policy(
     Action::requeue(delay)
 }
 
+mod apply;
 #[cfg(test)]
 mod tests;

@@ -142,3 +142,44 @@ pub async fn lease_holder(k: &Client, ns: &str) -> Option<String> {
         .holder_identity
         .filter(|h| !h.is_empty())
 }
+
+/// A policy upstream of `http://vllm.inference.svc:8000` with `extra` merged into its spec.
+pub fn policy_with(name: &str, extra: serde_json::Value) -> RateLimitPolicy {
+    let mut spec = serde_json::json!({"upstream": {"url": "http://vllm.inference.svc:8000"}});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicy",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .unwrap()
+}
+
+/// Waits until the policy's Ready condition has `reason`; returns its message.
+pub async fn ready_reason(api: &Api<RateLimitPolicy>, name: &str, reason: &str) -> String {
+    ready_saying(api, name, reason, "").await
+}
+
+/// Waits for `Ready` with this reason and a message containing `says`; returns the message.
+pub async fn ready_saying(
+    api: &Api<RateLimitPolicy>,
+    name: &str,
+    reason: &str,
+    says: &str,
+) -> String {
+    eventually(
+        30,
+        &format!("{name}: Ready reason {reason}, {says:?}"),
+        || async {
+            let p = api.get(name).await.ok()?;
+            let s = p.status.as_ref()?;
+            let ready = s.conditions.iter().find(|c| c.type_ == "Ready")?;
+            (ready.reason == reason
+                && s.observed_generation == p.metadata.generation
+                && ready.message.contains(says))
+            .then(|| ready.message.clone())
+        },
+    )
+    .await
+}

@@ -5,6 +5,7 @@ fn pods_drain_for_as_long_as_a_request_may_run() {
     let d = gateway_deployment(&GatewayPodSpec {
         namespace: "ns",
         policy: "p",
+        uid: "u-1",
         image: "img",
         upstream: "http://u:8000/",
         port: 8080,
@@ -71,6 +72,7 @@ proptest::proptest! {
         let d = gateway_deployment(&GatewayPodSpec {
             namespace: "ns",
             policy: &name,
+            uid: "u-1",
             image: "img",
             upstream: "http://engine.inference.svc:8000/v1",
             port: 8080,
@@ -132,4 +134,101 @@ fn the_role_is_narrowed_to_the_policy() {
     let b = gateway_role_binding("ns", "llama");
     assert_eq!(b.role_ref.name, "llama-sluice");
     assert_eq!(b.subjects.unwrap()[0].name, "llama-sluice");
+}
+
+#[test]
+fn pods_are_selected_by_their_policys_uid_and_an_old_selector_is_kept() {
+    // Two policies whose shortened label is the same: a name over 63 characters and one
+    // named exactly its label.
+    let long = "l".repeat(70);
+    let twin = label_value(&long);
+    assert_eq!(label_value(&twin), twin);
+    let spec = |policy: &'static str, uid: &'static str| GatewayPodSpec {
+        namespace: "ns",
+        policy,
+        uid,
+        image: "img",
+        upstream: "http://u:8000/",
+        port: 8080,
+        replicas: 2,
+        gateway: None,
+        api_key: None,
+        client_keys: None,
+        upstream_timeout: std::time::Duration::from_secs(60),
+    };
+    let long: &'static str = Box::leak(long.into_boxed_str());
+    let twin: &'static str = Box::leak(twin.into_boxed_str());
+    let (a, b) = (
+        gateway_deployment(&spec(long, "uid-a")),
+        gateway_deployment(&spec(twin, "uid-b")),
+    );
+    let pods = |d: &k8s_openapi::api::apps::v1::Deployment| {
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .clone()
+            .unwrap()
+    };
+    let selects = |sel: &BTreeMap<String, String>, labels: &BTreeMap<String, String>| {
+        sel.iter().all(|(k, v)| labels.get(k) == Some(v))
+    };
+    assert_eq!(pods(&a)[POLICY_LABEL], pods(&b)[POLICY_LABEL]);
+    for (uid, own, other) in [("uid-a", &a, &b), ("uid-b", &b, &a)] {
+        let policy = if uid == "uid-a" { long } else { twin };
+        let service = gateway_service("ns", policy, uid, 8080)
+            .spec
+            .unwrap()
+            .selector
+            .unwrap();
+        let pdb = gateway_pdb("ns", policy, uid)
+            .spec
+            .unwrap()
+            .selector
+            .unwrap()
+            .match_labels
+            .unwrap();
+        let deployment = own
+            .spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .match_labels
+            .clone()
+            .unwrap();
+        for sel in [&service, &pdb, &deployment] {
+            assert!(selects(sel, &pods(own)), "{uid}: {sel:?}");
+            assert!(
+                !selects(sel, &pods(other)),
+                "{uid} selects the other's pods: {sel:?}"
+            );
+        }
+    }
+
+    // A Deployment from before the UID label keeps its (immutable) selector; its pods get
+    // the UID label, which the Service selects.
+    let mut old = gateway_deployment(&spec(twin, "uid-b"));
+    let legacy = BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "sluice-gateway".to_owned(),
+        ),
+        (POLICY_LABEL.to_owned(), twin.to_owned()),
+    ]);
+    old.spec.as_mut().unwrap().selector.match_labels = Some(legacy.clone());
+    let mut new = gateway_deployment(&spec(twin, "uid-b"));
+    keep_selector(&mut new, &old);
+    assert_eq!(
+        new.spec.as_ref().unwrap().selector.match_labels,
+        Some(legacy.clone())
+    );
+    assert!(
+        selects(&legacy, &pods(&new)),
+        "the template still matches the kept selector"
+    );
+    assert_eq!(pods(&new)[POLICY_UID_LABEL], "uid-b");
 }
