@@ -181,3 +181,79 @@ fn a_client_keys_dir_that_cannot_be_read_at_start_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+/// An upstream that refuses every key, the way OpenAI does: 401, `WWW-Authenticate`, and a
+/// message repeating the key's last characters.
+async fn refusing_upstream() -> String {
+    let refuse = || async {
+        (
+            axum::http::StatusCode::UNAUTHORIZED,
+            [
+                ("www-authenticate", "Bearer"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"error":{"message":"Incorrect API key provided: sk-gw-****wxyz","code":"invalid_api_key"}}"#,
+        )
+    };
+    let app = axum::Router::new().route("/v1/models", axum::routing::get(refuse));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+#[tokio::test]
+async fn an_upstream_refusing_the_gateways_own_key_is_a_502_that_does_not_echo_it() {
+    let c = client();
+    let upstream = refusing_upstream().await;
+    let key =
+        TempFile(std::env::temp_dir().join(format!("sluice-refused-key-{}", std::process::id())));
+    std::fs::write(&key.0, "sk-gw-abcdwxyz").unwrap();
+    let (gw, _policy) = Gw::with_policy(
+        &c,
+        &upstream,
+        "",
+        &["--upstream-api-key-file", key.0.to_str().unwrap()],
+    )
+    .await;
+    let r = send(&c, "GET", &format!("{}/v1/models", gw.url), &[], "").await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_auth_failed");
+    assert!(
+        !r.text().contains("wxyz"),
+        "the upstream's message about the key: {}",
+        r.text()
+    );
+    assert_eq!(
+        r.header("www-authenticate"),
+        None,
+        "the client's credentials are not at fault"
+    );
+    let m = gw.metrics(&c).await;
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_upstream_errors_total",
+            &[("reason", "upstream_auth")]
+        ),
+        Some(1.0)
+    );
+
+    // Without a key of the gateway's, the client's own key was refused: relayed unchanged.
+    let (plain, _policy) = Gw::with_policy(&c, &upstream, "", &[]).await;
+    let r = send(
+        &c,
+        "GET",
+        &format!("{}/v1/models", plain.url),
+        &[("authorization", "Bearer sk-mine")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate").as_deref(), Some("Bearer"));
+    assert!(
+        r.text().contains("Incorrect API key provided"),
+        "{}",
+        r.text()
+    );
+}

@@ -12,6 +12,7 @@
 //! | at the gateway's in-flight limit | 503 + `Retry-After: 1` | `overloaded` |
 //! | at the gateway's body-memory limit | 503 + `Retry-After: 1` | `overloaded` |
 //! | upstream unreachable | 502 | `upstream_unreachable` |
+//! | upstream refused the gateway's own API key (its 401/403) | 502 | `upstream_auth_failed` |
 //! | upstream stream broke (unary assembly) | 502 | `upstream_broken_stream` |
 //! | upstream timeout | 504 | `upstream_timeout` |
 //! | upstream silent past the stream idle timeout | 504 | `upstream_idle_timeout` |
@@ -54,6 +55,9 @@ pub enum GatewayError {
     BodyMemory { limit: usize },
     /// The upstream could not be reached (502).
     UpstreamUnreachable,
+    /// The upstream answered 401 or 403 to the gateway's own API key (502): the gateway's
+    /// credentials are wrong, not the client's, and the upstream's message is not relayed.
+    UpstreamAuth,
     /// The upstream stream ended before `[DONE]`, broke or carried an error (502).
     BrokenStream,
     /// The upstream did not answer within the policy's timeout (504).
@@ -96,6 +100,7 @@ impl GatewayError {
                 Some(Outcome::Overloaded)
             }
             GatewayError::UpstreamUnreachable
+            | GatewayError::UpstreamAuth
             | GatewayError::BrokenStream
             | GatewayError::UpstreamTimeout(_)
             | GatewayError::UpstreamIdle(_) => Some(Outcome::UpstreamError),
@@ -172,6 +177,11 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY,
                 "the inference server could not be reached".into(),
                 "upstream_unreachable",
+            ),
+            E::UpstreamAuth => upstream(
+                StatusCode::BAD_GATEWAY,
+                "the inference server refused the gateway's credentials".into(),
+                "upstream_auth_failed",
             ),
             E::BrokenStream => upstream(
                 StatusCode::BAD_GATEWAY,

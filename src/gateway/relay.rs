@@ -100,6 +100,14 @@ pub async fn forward(f: Forward<'_>) -> Response {
     };
     drop(body_permit);
     let status = resp.status();
+    if key.is_some() && matches!(status.as_u16(), 401 | 403) {
+        // The upstream refused the gateway's own key: not the client's fault, and its message
+        // is about that key (OpenAI's echoes its last characters), so it stays in the log.
+        let body = upstream_message(resp.into_body(), deadline).await;
+        tracing::warn!(%status, upstream = %snap.config.upstream.url, body = %body, "the upstream refused the gateway's API key");
+        faults.count("upstream_auth");
+        return fail(&mut tracker, GatewayError::UpstreamAuth);
+    }
     let headers = upstream::response_headers(resp.headers());
     let is_sse = headers
         .get(header::CONTENT_TYPE)
@@ -132,6 +140,25 @@ pub async fn forward(f: Forward<'_>) -> Response {
         None => relay(status, headers, resp.into_body(), tracker, sampler, limits),
         Some(kind) => assembled(gw, resp.into_body(), tracker, sampler, kind, limits).await,
     }
+}
+
+/// At most the first KiB of an upstream's error body, as text for a log line (read until the
+/// request's deadline at the latest).
+async fn upstream_message(mut body: Incoming, deadline: tokio::time::Instant) -> String {
+    const MAX: usize = 1024;
+    let mut out = Vec::new();
+    while out.len() < MAX {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => {
+                if let Ok(d) = f.into_data() {
+                    out.extend_from_slice(&d);
+                }
+            }
+            _ => break,
+        }
+    }
+    out.truncate(MAX);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Counts upstream faults by reason (`sluice_upstream_errors_total`).
