@@ -123,6 +123,11 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
             "spec.upstream.url",
         ),
         (
+            "credentials-in-upstream",
+            json!({"upstream": {"url": "https://user:sk-live@api.example.com/v1"}}),
+            "spec.upstream.url",
+        ),
+        (
             "global-with-models",
             json!({"scope": "Global", "models": [{"name": "a"}]}),
             "spec.models",

@@ -146,8 +146,10 @@ pub struct RateLimitPolicySpec {
 pub struct UpstreamSpec {
     /// Base URL of the OpenAI-compatible server, e.g. `http://vllm.inference.svc:8000`
     /// (requests to `/v1/...` are forwarded to `<url>/v1/...`).
+    /// No `user:password@`: the upstream's key belongs in `apiKeySecretRef`.
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''").message("must be an http:// or https:// URL with a host"))]
+    #[x_kube(validation = Rule::new("!self.matches('^[^:/?#]+://[^/?#]*@')").message("must not carry credentials (user:password@); put the upstream's key in upstream.apiKeySecretRef"))]
     pub url: String,
 
     /// Longest time a request may take upstream (whole stream included) before the gateway
