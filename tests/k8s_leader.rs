@@ -1,7 +1,7 @@
 //! Leader election between operator processes on a real kube-apiserver, in the two ways it
 //! must never produce two leaders or a long gap: a leader cut off from the API server (its
 //! traffic held by a paused relay) gives up before a standby takes over, and a leader that
-//! stops cleanly hands over at once.
+//! stops cleanly finishes the reconciles in flight and hands over at once.
 
 mod support;
 
@@ -149,4 +149,52 @@ async fn a_leader_that_stops_cleanly_hands_over_at_once() {
         .await
         .unwrap();
     accepted(&api, "after").await;
+}
+
+#[tokio::test]
+async fn a_stopped_leader_finishes_its_reconciles_in_flight_then_releases_the_lease() {
+    let fx = Env::new("leader-drain").await;
+    let mut a = elect(&fx, &fx.id.kubeconfig.0, "replica-a", "60s");
+    eventually(30, "a leads", || async {
+        (lease_holder(&fx.k, &fx.ns.name).await.as_deref() == Some("replica-a")).then_some(())
+    })
+    .await;
+    // A burst: with 16 reconciles at a time, many are between their first status write
+    // (Ready=Reconciling) and their last when the signal comes.
+    let names: Vec<String> = (0..40).map(|i| format!("burst-{i}")).collect();
+    for n in &names {
+        fx.api
+            .create(&PostParams::default(), &policy(n))
+            .await
+            .unwrap();
+    }
+    let reconciling = |p: &RateLimitPolicy| {
+        p.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.reason == "Reconciling")
+        })
+    };
+    eventually(30, "a reconcile in flight", || async {
+        let list = fx.api.list(&Default::default()).await.ok()?;
+        list.items.iter().any(reconciling).then_some(())
+    })
+    .await;
+    a.process.terminate();
+    assert!(a.process.wait_exit(30).success());
+    // Every reconcile that started wrote its last status: none is left half done.
+    let list = fx.api.list(&Default::default()).await.unwrap();
+    let cut: Vec<_> = list
+        .items
+        .iter()
+        .filter(|p| reconciling(p))
+        .map(|p| p.metadata.name.clone())
+        .collect();
+    assert!(cut.is_empty(), "reconciles cut by the stop: {cut:?}");
+    // And the lease is free for the next leader at once.
+    let holder = lease_holder(&fx.k, &fx.ns.name).await;
+    assert!(
+        holder.as_deref().is_none_or(str::is_empty),
+        "lease still held by {holder:?}"
+    );
 }

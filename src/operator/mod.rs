@@ -98,6 +98,10 @@ pub struct OperatorArgs {
     pub max_concurrent_reconciles: u16,
 }
 
+/// How long a stopping operator waits for the reconciles in flight (within the pod's default
+/// 30 s termination grace period).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 /// Aborts a background task when dropped (when `run` returns).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -263,7 +267,8 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         failures: DashMap::new(),
     });
-    let stop = Arc::new(tokio::sync::Notify::new());
+    // A watch, not a Notify: the controllers see the stop even if they poll after it is sent.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut runs = Vec::new();
     let namespaces: Vec<Option<&str>> = if args.watch_namespaces.is_empty() {
         vec![None]
@@ -274,13 +279,15 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             .collect()
     };
     for ns in namespaces {
-        let stop = stop.clone();
+        let mut stopped = stopped.clone();
         let (store, fut) = controller(
             &client,
             ns,
             args.max_concurrent_reconciles,
             ctx.clone(),
-            async move { stop.notified().await },
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
         );
         stores.lock().unwrap().push(store);
         runs.push(fut);
@@ -302,35 +309,51 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     });
     let _pruning = AbortOnDrop(pruning);
     tracing::info!(namespaces = ?args.watch_namespaces, image = %args.gateway_image, "operator reconciling");
-    let all = futures_util::future::join_all(runs);
-    let lost = async {
+    let mut all = std::pin::pin!(futures_util::future::join_all(runs));
+    // Renews the lease until it is lost (and keeps renewing while a stop drains).
+    let mut lost = std::pin::pin!(async {
         match &elector {
             Some(e) => e.hold().await,
             None => std::future::pending().await,
         }
-    };
+    });
     enum End {
         Done,
         Signal,
         Lost,
     }
-    // Whichever comes first, the controllers are dropped (reconciling stops) before anything
-    // else happens.
     let end = tokio::select! {
-        _ = all => End::Done,
+        _ = &mut all => End::Done,
         _ = crate::shutdown_signal() => End::Signal,
-        _ = lost => End::Lost,
+        _ = &mut lost => End::Lost,
     };
-    stop.notify_waiters();
     match end {
         End::Done => Ok(()),
         End::Signal => {
-            tracing::info!("operator stopping");
+            // The controllers start nothing new and finish the reconciles in flight (a
+            // reconcile cut between its writes would leave a status that says Accepted and
+            // nothing else); only then is the lease released for the next leader.
+            tracing::info!("operator stopping: finishing the reconciles in flight");
+            let _ = stop.send(true);
+            tokio::select! {
+                _ = &mut all => {}
+                _ = &mut lost => {
+                    metrics.leader.set(0);
+                    tracing::warn!("lost leadership while stopping; the reconciles in flight are cancelled");
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+                    tracing::warn!(grace = ?SHUTDOWN_GRACE, "reconciles still in flight after the grace period; stopping anyway");
+                }
+            }
             if let Some(e) = &elector {
                 e.release().await;
             }
+            tracing::info!("operator stopped");
             Ok(())
         }
+        // Another replica may lead already: stop reconciling at once (`all` is dropped on
+        // return, cancelling what is in flight).
         End::Lost => {
             metrics.leader.set(0);
             anyhow::bail!("lost leadership; exiting so this replica restarts as a candidate")
