@@ -143,6 +143,31 @@ fn single_thread(c: &mut Criterion) {
             )
         })
     });
+    // A request's whole count in flight: admitted and counted under one lock, then ended;
+    // against deciding and counting separately (before #25, and racy).
+    g.bench_function("sluice admit+end", |b| {
+        b.iter(|| {
+            t += 100;
+            let now = Duration::from_nanos(t);
+            let d = l.admit(black_box(k), Priority::Standard, now, &mut rng);
+            if d.admitted() {
+                l.end_request(k, now);
+            }
+            d
+        })
+    });
+    g.bench_function("sluice decide+begin+end (before)", |b| {
+        b.iter(|| {
+            t += 100;
+            let now = Duration::from_nanos(t);
+            let d = l.decide(black_box(k), Priority::Standard, now, &mut rng);
+            if d.admitted() {
+                l.begin_request(k);
+                l.end_request(k, now);
+            }
+            d
+        })
+    });
     g.finish();
 }
 

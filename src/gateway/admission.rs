@@ -167,8 +167,8 @@ impl std::fmt::Debug for Active {
 }
 
 impl Active {
-    fn begin(snap: &Arc<Snapshot>, key: KeyId, clock: &Arc<dyn Clock>) -> Self {
-        snap.limiter.begin_request(key);
+    /// The guard of a request the limiter counted in flight when it admitted it.
+    fn admitted(snap: &Arc<Snapshot>, key: KeyId, clock: &Arc<dyn Clock>) -> Self {
         Active {
             snap: snap.clone(),
             key,
@@ -195,7 +195,7 @@ pub fn admit(
     let now = clock.now();
     let key = snap.limiter.key(model);
     let label = snap.limiter.label(key).to_owned();
-    let d = random.with(|r| snap.limiter.decide(key, priority, now, r));
+    let d = random.with(|r| snap.limiter.admit(key, priority, now, r));
     if d.verdict == Verdict::Reject {
         let retry_after = d.retry_after.unwrap_or(Duration::from_secs(1));
         return Err((
@@ -207,7 +207,7 @@ pub fn admit(
         ));
     }
     Ok(Admitted {
-        active: Active::begin(&snap, key, clock),
+        active: Active::admitted(&snap, key, clock),
         snap,
         key,
         label,

@@ -239,7 +239,8 @@ impl Limiter {
         (ttft.read(now, tau), itl.read(now, tau))
     }
 
-    /// Admits or sheds a new request of `priority` on `key` at `now`.
+    /// Whether a new request of `priority` on `key` at `now` would be admitted or shed; counts
+    /// nothing (see [`Limiter::admit`]).
     #[inline]
     pub fn decide<R: Uniform + ?Sized>(
         &self,
@@ -247,6 +248,34 @@ impl Limiter {
         priority: Priority,
         now: Duration,
         rng: &mut R,
+    ) -> Decision {
+        self.decide_counting(key, priority, now, rng, false)
+    }
+
+    /// Admits or sheds a new request of `priority` on `key` at `now`, and counts an admitted
+    /// one (shadow-rejected included) in flight under the same lock, so that concurrent
+    /// admissions each see the ones before them: deciding and then calling
+    /// [`Limiter::begin_request`] lets every racing request see the same count, and the
+    /// work-conservation rule and the ceiling overshoot by up to the number of threads. Call
+    /// [`Limiter::end_request`] when an admitted request ends.
+    #[inline]
+    pub fn admit<R: Uniform + ?Sized>(
+        &self,
+        key: KeyId,
+        priority: Priority,
+        now: Duration,
+        rng: &mut R,
+    ) -> Decision {
+        self.decide_counting(key, priority, now, rng, true)
+    }
+
+    fn decide_counting<R: Uniform + ?Sized>(
+        &self,
+        key: KeyId,
+        priority: Priority,
+        now: Duration,
+        rng: &mut R,
+        count: bool,
     ) -> Decision {
         let slot = &self.slots[key.0 as usize];
         let th = slot.thresholds;
@@ -278,6 +307,7 @@ impl Limiter {
             || in_flight == 0.0
             || (adaptive && in_flight < st.conc.good_at(now, tau))
         {
+            st.conc.in_flight += u32::from(count);
             return admit;
         }
         let ceiling = st.conc.ceiling(now, tau);
@@ -300,6 +330,7 @@ impl Limiter {
         };
         let p = decision::reject_probability_pi(pressure, st.integral, shed).max(p_ceiling);
         if p == 0.0 || rng.next_f64() >= p {
+            st.conc.in_flight += u32::from(count);
             return Decision {
                 reject_probability: p,
                 ..admit
@@ -307,6 +338,9 @@ impl Limiter {
         }
         let st = {
             let copy = *st;
+            if self.config.mode == Mode::Shadow {
+                st.conc.in_flight += u32::from(count); // served anyway
+            }
             drop(st);
             copy
         };

@@ -3,6 +3,7 @@
 use super::random::Sequence;
 use super::*;
 
+mod admit;
 mod concurrency;
 mod reload;
 mod retry;
