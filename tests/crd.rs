@@ -112,6 +112,13 @@ fn schema_carries_the_cel_rules() {
         ["self > 0.0 && self <= 1.0"]
     );
     assert_eq!(rules(&p["shedding"]["properties"]["ramp"]), ["self >= 1.0"]);
+    // Model names are bounded in bytes, as the policy's validation and the gateway count.
+    let max = sluice::policy::crd::MAX_MODEL_NAME_BYTES;
+    assert_eq!(
+        rules(&p["models"]["items"]["properties"]["name"]),
+        [format!("size(bytes(self)) <= {max}")]
+    );
+    assert_eq!(sluice::gateway::handlers::MAX_MODEL_BYTES, max);
     assert!(rules(&s)[0].contains("self.scope != 'Global'"));
 }
 

@@ -123,6 +123,12 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
             "spec.upstream.url",
         ),
         (
+            // 120 characters, 360 bytes: within a character count of 256, over the bytes.
+            "model-name-over-256-bytes",
+            json!({"models": [{"name": "模".repeat(120)}]}),
+            "spec.models[0].name",
+        ),
+        (
             "credentials-in-upstream",
             json!({"upstream": {"url": "https://user:sk-live@api.example.com/v1"}}),
             "spec.upstream.url",

@@ -97,7 +97,7 @@ fn parse_completion(bytes: &[u8]) -> Result<CompletionRequest<'_>, (bool, Gatewa
 
 /// Longest model name accepted (bytes), as in the policy's `models[].name`: a client's text
 /// reaches the limiter's keys and metric labels, so it is bounded before anything else.
-pub const MAX_MODEL_BYTES: usize = 256;
+pub const MAX_MODEL_BYTES: usize = crate::policy::crd::MAX_MODEL_NAME_BYTES;
 
 fn check_model_name(model: &str) -> Result<(), GatewayError> {
     if model.len() > MAX_MODEL_BYTES {

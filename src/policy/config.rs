@@ -13,7 +13,8 @@ use std::fmt;
 use std::time::Duration;
 
 use super::crd::{
-    MAX_MODELS, Mode, PriorityClass, RateLimitPolicy, RateLimitPolicySpec, Scope, SecretKeyRef,
+    MAX_MODEL_NAME_BYTES, MAX_MODELS, Mode, PriorityClass, RateLimitPolicy, RateLimitPolicySpec,
+    Scope, SecretKeyRef,
 };
 use super::duration::parse_duration;
 use crate::limiter::{self, LimiterConfig, Priority, Thresholds};
@@ -325,8 +326,11 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
             let path = format!("spec.models[{i}]");
             if m.name.is_empty() {
                 c.fail(format!("{path}.name"), "must not be empty");
-            } else if m.name.len() > 256 {
-                c.fail(format!("{path}.name"), "must be at most 256 characters");
+            } else if m.name.len() > MAX_MODEL_NAME_BYTES {
+                c.fail(
+                    format!("{path}.name"),
+                    format!("must be at most {MAX_MODEL_NAME_BYTES} bytes of UTF-8"),
+                );
             }
             if let Some(first) = seen.insert(&m.name, i) {
                 c.fail(

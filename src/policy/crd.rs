@@ -20,6 +20,10 @@ use serde::{Deserialize, Serialize};
 /// Most per-model entries a policy may list (bounds CEL cost and metric label sets).
 pub const MAX_MODELS: usize = 128;
 
+/// Longest model name, in bytes of UTF-8 (not characters): the same bound in the CRD (a CEL
+/// rule), in the policy's validation and for a client's `model` at the gateway.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
+
 mod access;
 pub use access::{ClientAuthSpec, PriorityClass, PrioritySpec, SecretKeyRef, SecretRef};
 
@@ -302,8 +306,10 @@ pub struct Thresholds {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelThresholds {
-    /// Model name exactly as clients send it in the request's `model` field.
+    /// Model name exactly as clients send it in the request's `model` field; at most 256
+    /// bytes of UTF-8 (a name in CJK script: about 85 characters).
     #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("size(bytes(self)) <= 256").message("must be at most 256 bytes of UTF-8"))]
     pub name: String,
 
     /// TTFT threshold of this model. Gateway API duration.
