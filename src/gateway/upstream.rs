@@ -12,55 +12,87 @@ use hyper_util::rt::TokioExecutor;
 /// Pooled HTTP/1.1 keep-alive client for http and https upstreams.
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// The client of the pool idle timeout in force: rebuilt (a new pool) when a policy changes
-/// `spec.upstream.poolIdleTimeout`, shared otherwise.
-pub struct Clients(arc_swap::ArcSwap<(Duration, HttpClient)>);
+/// How many pools are kept: the policy in force and the one before it, so requests admitted
+/// under either (a reload does not wait for them) keep their pooled connections instead of
+/// switching one shared pool back and forth.
+const POOLS: usize = 2;
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Pooled upstream clients by pool idle timeout (`spec.upstream.poolIdleTimeout`). The TLS
+/// roots are read once, when the gateway starts; a client for a new timeout is built from
+/// them without I/O and put in place atomically, and one for an unchanged timeout is reused.
+pub struct Clients {
+    connector: Connector,
+    pools: arc_swap::ArcSwap<Vec<(Duration, HttpClient)>>,
+}
 
 impl Clients {
+    /// Reads the TLS roots (once) and builds the client for `pool_idle_timeout`.
     pub fn new(pool_idle_timeout: Duration) -> std::io::Result<Self> {
-        let c = client(pool_idle_timeout)?;
-        Ok(Clients(arc_swap::ArcSwap::from_pointee((
-            pool_idle_timeout,
-            c,
-        ))))
+        let connector = connector()?;
+        let first = build(connector.clone(), pool_idle_timeout);
+        Ok(Clients {
+            connector,
+            pools: arc_swap::ArcSwap::from_pointee(vec![(pool_idle_timeout, first)]),
+        })
     }
 
     /// The client whose pool keeps idle connections for `pool_idle_timeout`.
     pub fn get(&self, pool_idle_timeout: Duration) -> HttpClient {
-        let current = self.0.load();
-        if current.0 == pool_idle_timeout {
-            return current.1.clone();
+        if let Some((_, c)) = self
+            .pools
+            .load()
+            .iter()
+            .find(|(t, _)| *t == pool_idle_timeout)
+        {
+            return c.clone();
         }
-        match client(pool_idle_timeout) {
-            Ok(c) => {
-                self.0
-                    .store(std::sync::Arc::new((pool_idle_timeout, c.clone())));
-                c
+        let mut built = None;
+        self.pools.rcu(|pools| {
+            let mut next = pools.as_ref().clone();
+            if !next.iter().any(|(t, _)| *t == pool_idle_timeout) {
+                let c = built
+                    .get_or_insert_with(|| build(self.connector.clone(), pool_idle_timeout))
+                    .clone();
+                next.insert(0, (pool_idle_timeout, c));
+                next.truncate(POOLS);
             }
-            // The TLS roots could not be read again: keep the pool there is.
-            Err(_) => current.1.clone(),
-        }
+            next
+        });
+        // In place now, unless two more timeouts pushed it out meanwhile: then this request
+        // gets a pool of its own.
+        self.pools
+            .load()
+            .iter()
+            .find(|(t, _)| *t == pool_idle_timeout)
+            .map(|(_, c)| c.clone())
+            .unwrap_or_else(|| build(self.connector.clone(), pool_idle_timeout))
     }
 }
 
-/// Builds a client: keep-alive pool (idle connections closed after `pool_idle_timeout`, before
-/// the server's own keep-alive timeout closes them under a request), no Nagle delay, native
-/// TLS roots for https.
-pub fn client(pool_idle_timeout: Duration) -> std::io::Result<HttpClient> {
+/// An http and https connector: no Nagle delay, a 10 s connect timeout, the system's TLS
+/// roots (read here).
+fn connector() -> std::io::Result<Connector> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_native_roots()?
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+        .wrap_connector(http))
+}
+
+/// A keep-alive pool over `connector`: idle connections closed after `pool_idle_timeout`,
+/// before the server's own keep-alive timeout closes them under a request.
+fn build(connector: Connector, pool_idle_timeout: Duration) -> HttpClient {
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(pool_idle_timeout)
         .pool_timer(hyper_util::rt::TokioTimer::new())
         .pool_max_idle_per_host(1024)
-        .build(https))
+        .build(connector)
 }
 
 /// `base` + the client's path and query: `http://h:8000` + `/v1/models` (a base path prefix
@@ -214,5 +246,76 @@ mod tests {
         let relayed = response_headers(&h);
         let relayed: Vec<_> = relayed.keys().map(|k| k.as_str()).collect();
         assert_eq!(relayed, ["x-request-id"]);
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A keep-alive HTTP/1.1 server on 127.0.0.1:0 that counts the connections it accepts.
+    async fn counting_server() -> (Uri, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        (uri, accepted)
+    }
+
+    async fn get(c: &HttpClient, uri: &Uri) {
+        let req = axum::http::Request::get(uri.clone())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = c.request(req).await.unwrap();
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn requests_under_an_old_and_a_new_policy_keep_their_pools() {
+        let (uri, accepted) = counting_server().await;
+        let clients = Clients::new(Duration::from_secs(4)).unwrap();
+        let (old, new) = (Duration::from_secs(4), Duration::from_secs(30));
+        get(&clients.get(old), &uri).await;
+        get(&clients.get(old), &uri).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "an unchanged timeout reuses its pool"
+        );
+        // A reload changes the timeout while requests of the old policy are still coming in:
+        // each policy's requests reuse their own pool (the shared pool used to be rebuilt at
+        // every switch, dropping its connections).
+        for _ in 0..3 {
+            get(&clients.get(new), &uri).await;
+            get(&clients.get(old), &uri).await;
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "one connection per pool"
+        );
+        // A third timeout pushes out the oldest.
+        get(&clients.get(Duration::from_secs(60)), &uri).await;
+        get(&clients.get(new), &uri).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 }
