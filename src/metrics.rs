@@ -122,7 +122,7 @@ impl GatewayMetrics {
             upstream_errors: IntCounterVec::new(
                 Opts::new(
                     "sluice_upstream_errors_total",
-                    "Upstream faults by reason: unreachable, timeout (the policy's upstream timeout), idle_timeout (a stream silent for longer than streamIdleTimeout), broken_stream (the connection broke mid-response), incomplete_stream (ended without [DONE] or a finish_reason), error_event (an error event in the stream), status_5xx, upstream_auth (a 401 or 403 to the gateway's own API key).",
+                    "Upstream faults by reason: unreachable, timeout (the policy's upstream timeout), idle_timeout (a stream silent for longer than streamIdleTimeout), broken_stream (the connection broke mid-response), incomplete_stream (ended without [DONE] or a finish_reason), error_event (an error event in the stream), status_5xx, upstream_auth (a 401 or 403 to the gateway's own API key), event_too_large (an event over 4 MiB in a stream assembled into a unary answer).",
                 ),
                 &["reason"],
             )

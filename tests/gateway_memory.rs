@@ -1,5 +1,6 @@
 //! The gateway's memory under many large requests at once, as a process: what it holds per
-//! request is about the request's bytes, not a parsed copy many times their size.
+//! request is about the request's bytes, not a parsed copy many times their size; and a
+//! response event larger than the SSE parser keeps, in this process.
 
 mod support;
 
@@ -110,5 +111,59 @@ async fn many_large_requests_at_once_cost_about_their_bytes() {
         peak >> 20,
         grown >> 20,
         SIZE >> 20
+    );
+}
+
+#[tokio::test]
+async fn an_event_over_the_parser_limit_ends_the_wait_and_leaves_the_stream_healthy() {
+    use std::time::Duration;
+    use support::http::metric;
+    let g = support::inproc::InProc::start("defaults: {ttft: 1s, itl: 1s}").await;
+    let mut h = g.hold("m").await;
+    let waiting = |m: &str| metric(m, "sluice_waiting_requests", &[("model", "other")]);
+    assert_eq!(waiting(&g.metrics().await), Some(1.0));
+    // The first event is 5 MiB, over the 4 MiB the parser keeps: a huge first delta.
+    g.clock.advance(Duration::from_millis(300));
+    let text = "x".repeat(5 << 20);
+    let event = format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"{text}"}}}}]}}"#);
+    h.send(&event);
+    h.read(event.len()).await;
+    // It counted as the first token: no longer waiting (it used to wait, inflating the
+    // waiting-TTFT estimate, until the stream ended), and the TTFT was sampled.
+    let m = g.metrics().await;
+    assert_eq!(
+        waiting(&m),
+        Some(0.0),
+        "still waiting after its first output"
+    );
+    let ttft_count = metric(&m, "sluice_ttft_seconds_count", &[("model", "other")]);
+    assert_eq!(ttft_count, Some(1.0));
+    // Tokens after it are still measured, and [DONE] makes it a success, not a broken stream.
+    g.clock.advance(Duration::from_millis(20));
+    h.send(r#"{"choices":[{"index":0,"delta":{"content":"y"}}]}"#);
+    h.read(1).await;
+    h.send("[DONE]");
+    h.finish().await;
+    let m = g.metrics().await;
+    let itl_count = metric(&m, "sluice_itl_seconds_count", &[("model", "other")]);
+    assert_eq!(itl_count, Some(1.0));
+    let success = [
+        ("model", "other"),
+        ("endpoint", "chat_completions"),
+        ("stream", "true"),
+        ("outcome", "success"),
+    ];
+    assert_eq!(
+        metric(&m, "sluice_requests_total", &success),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_upstream_errors_total",
+            &[("reason", "incomplete_stream")]
+        ),
+        None
     );
 }

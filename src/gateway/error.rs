@@ -14,6 +14,7 @@
 //! | upstream unreachable | 502 | `upstream_unreachable` |
 //! | upstream refused the gateway's own API key (its 401/403) | 502 | `upstream_auth_failed` |
 //! | upstream stream broke (unary assembly) | 502 | `upstream_broken_stream` |
+//! | an upstream event over 4 MiB (unary assembly) | 502 | `upstream_event_too_large` |
 //! | upstream timeout | 504 | `upstream_timeout` |
 //! | upstream silent past the stream idle timeout | 504 | `upstream_idle_timeout` |
 //! | unknown path | 404 | `not_found` |
@@ -60,6 +61,9 @@ pub enum GatewayError {
     UpstreamAuth,
     /// The upstream stream ended before `[DONE]`, broke or carried an error (502).
     BrokenStream,
+    /// A unary answer was being assembled from a stream with an event over
+    /// [`crate::openai::sse::MAX_EVENT_BYTES`], which the gateway does not keep (502).
+    EventTooLarge,
     /// The upstream did not answer within the policy's timeout (504).
     UpstreamTimeout(Duration),
     /// The upstream sent nothing for the policy's stream idle timeout (504).
@@ -102,6 +106,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable
             | GatewayError::UpstreamAuth
             | GatewayError::BrokenStream
+            | GatewayError::EventTooLarge
             | GatewayError::UpstreamTimeout(_)
             | GatewayError::UpstreamIdle(_) => Some(Outcome::UpstreamError),
             GatewayError::NotReady
@@ -187,6 +192,15 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY,
                 "the inference server's response stream broke before it was complete".into(),
                 "upstream_broken_stream",
+            ),
+            E::EventTooLarge => upstream(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "an event of the inference server's stream is over {} bytes, more than the \
+                     gateway assembles into a unary answer; ask for \"stream\": true",
+                    crate::openai::sse::MAX_EVENT_BYTES
+                ),
+                "upstream_event_too_large",
             ),
             E::UpstreamTimeout(t) => upstream(
                 StatusCode::GATEWAY_TIMEOUT,

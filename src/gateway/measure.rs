@@ -14,7 +14,7 @@ use super::admission::Active;
 use super::assemble::Assembler;
 use crate::limiter::{KeyId, Signal};
 use crate::metrics::{GatewayMetrics, Outcome, RequestMetrics};
-use crate::openai::sse::{EventKind, SseParser, classify, classify_value};
+use crate::openai::sse::{EventKind, SseEvent, SseParser, classify, classify_value};
 use crate::openai::timing::{StreamTimer, Timing};
 use crate::policy::source::Snapshot;
 
@@ -264,8 +264,10 @@ impl Sampler {
 /// ended.
 pub struct Observer {
     parser: SseParser,
-    /// False once an event outgrew the parser's buffer: bytes are still relayed, unmeasured.
-    pub measuring: bool,
+    /// Events over the parser's limit (relayed, not kept): each counts as one carrying
+    /// content (an event that large carries output), so the request stops waiting for its
+    /// first token and the stream stays measured; an answer being assembled lacks them.
+    pub too_large: u32,
     sampler: Option<Sampler>,
     pub saw_done: bool,
     pub saw_error: bool,
@@ -276,7 +278,7 @@ impl Observer {
     pub fn new(sampler: Option<Sampler>, assembler: Option<Assembler>) -> Self {
         Observer {
             parser: SseParser::default(),
-            measuring: true,
+            too_large: 0,
             sampler,
             saw_done: false,
             saw_error: false,
@@ -286,17 +288,22 @@ impl Observer {
 
     /// The stream ended with `[DONE]` and without an error event.
     pub fn complete(&self) -> bool {
-        self.saw_done && !self.saw_error && self.measuring
+        self.saw_done && !self.saw_error
     }
 
     pub fn observe(&mut self, bytes: &[u8]) {
-        if !self.measuring {
-            return;
-        }
         let mut content = 0;
-        let (mut done, mut error) = (false, false);
+        let (mut done, mut error, mut too_large) = (false, false, 0);
         let assembler = &mut self.assembler;
-        self.measuring = self.parser.feed(bytes, |event| {
+        self.parser.feed(bytes, |event| {
+            let event = match event {
+                SseEvent::Data(d) => d,
+                SseEvent::TooLarge => {
+                    too_large += 1;
+                    content += 1;
+                    return;
+                }
+            };
             let kind = match assembler.as_mut() {
                 // Assembling: parse once, classify and keep the same value.
                 Some(a) if event != b"[DONE]" => match serde_json::from_slice::<Value>(event) {
@@ -324,6 +331,7 @@ impl Observer {
         });
         self.saw_done |= done;
         self.saw_error |= error;
+        self.too_large += too_large;
         if let Some(s) = self.sampler.as_mut() {
             s.on_content(content);
         }

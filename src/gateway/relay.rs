@@ -341,7 +341,12 @@ async fn assembled(
     }
     let assembler = obs.assembler.take().expect("assembler set");
     let finished = obs.saw_done || assembler.finished();
-    if obs.saw_error || !obs.measuring || !finished {
+    if obs.too_large > 0 {
+        tracing::warn!(upstream = %limits.upstream, events = obs.too_large, "an event of the upstream stream is too large to assemble a unary answer from");
+        limits.faults.count("event_too_large");
+        return fail(GatewayError::EventTooLarge);
+    }
+    if obs.saw_error || !finished {
         let why = if obs.saw_error {
             "error_event"
         } else {

@@ -35,7 +35,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 
 use crate::limiter::{Priority, SplitMix64, Uniform};
-use crate::openai::sse::{EventKind, SseParser, classify};
+use crate::openai::sse::{EventKind, SseEvent, SseParser, classify};
 use crate::openai::timing::{StreamTimer, Timing};
 use arrivals::{Phase, arrival_times};
 use report::{Outcome, RequestResult};
@@ -193,10 +193,13 @@ async fn send_once(
                 continue;
             };
             let mut n = 0usize;
-            parser.feed(&data, |e| match classify(e) {
-                EventKind::Content => n += 1,
-                EventKind::Done => done = true,
-                _ => {}
+            parser.feed(&data, |e| match e {
+                SseEvent::Data(e) => match classify(e) {
+                    EventKind::Content => n += 1,
+                    EventKind::Done => done = true,
+                    _ => {}
+                },
+                SseEvent::TooLarge => n += 1,
             });
             match timer.on_content(n, start.elapsed()) {
                 Some(Timing::Ttft(s)) => {

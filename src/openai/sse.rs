@@ -2,7 +2,8 @@
 //! through: which events carry content (a token), which one ends the stream, and the JSON of
 //! each event when a unary response is being assembled.
 //!
-//! An event ends with a blank line (`\n\n` or `\r\n\r\n`); its `data:` lines are joined.
+//! An event ends with a blank line (lines end with CR, LF or CRLF, mixed); its `data:` lines
+//! are joined.
 //! Content-bearing: a chat delta with non-empty `content`, `reasoning_content` or
 //! `tool_calls`, a completion choice with non-empty `text`, or a Responses API
 //! `response.output_text.delta` (or reasoning or function-call arguments delta) with a
@@ -121,213 +122,120 @@ impl ChunkView<'_> {
     }
 }
 
-/// Splits a byte stream into events.
-#[derive(Debug, Default)]
-pub struct SseParser {
-    buf: Vec<u8>,
-    /// Bytes of `buf` already searched for an event end.
-    scanned: usize,
+/// One event of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SseEvent<'a> {
+    /// The event's `data:` lines, joined with `\n` (events without data are not reported).
+    Data(&'a [u8]),
+    /// An event longer than [`MAX_EVENT_BYTES`]: its bytes were relayed but not kept, and
+    /// parsing went on after it.
+    TooLarge,
 }
 
-/// Longest event the parser buffers before giving up on measuring a stream (bytes).
+/// Splits a byte stream into events, as the SSE specification reads it: lines end with CR,
+/// LF or CRLF (mixed freely, and a CRLF may be split between two reads), an empty line ends
+/// an event, and only `data:` fields are kept. Memory is bounded: an event over
+/// [`MAX_EVENT_BYTES`] is skipped to its end and reported as [`SseEvent::TooLarge`].
+#[derive(Debug, Default)]
+pub struct SseParser {
+    /// The current line, until its line ending arrives.
+    line: Vec<u8>,
+    /// Whether the current line has any bytes (kept or not).
+    line_started: bool,
+    /// The current event's `data:` values, joined with `\n`.
+    data: Vec<u8>,
+    has_data: bool,
+    /// The last byte read was a CR: an LF right after it ends the same line.
+    after_cr: bool,
+    /// The current event outgrew [`MAX_EVENT_BYTES`]; its bytes are dropped until it ends.
+    skipping: bool,
+}
+
+/// Longest event the parser keeps (bytes); a longer one is skipped, not measured.
 pub const MAX_EVENT_BYTES: usize = 4 << 20;
 
 impl SseParser {
-    /// Feeds bytes; calls `on_event` with the joined `data:` payload of each complete event.
-    /// Returns false when an event exceeds [`MAX_EVENT_BYTES`] (measurement stops; the bytes
-    /// are still relayed by the caller).
-    pub fn feed(&mut self, bytes: &[u8], mut on_event: impl FnMut(&[u8])) -> bool {
-        self.buf.extend_from_slice(bytes);
-        let mut start = 0;
-        let mut i = self.scanned.saturating_sub(3);
-        let mut data: Vec<u8> = Vec::new();
-        while i < self.buf.len() {
-            // An event ends at "\n\n" or "\r\n\r\n" (or "\r\r").
-            let end = if self.buf[i..].starts_with(b"\n\n") || self.buf[i..].starts_with(b"\r\r") {
-                Some(i + 2)
-            } else if self.buf[i..].starts_with(b"\r\n\r\n") {
-                Some(i + 4)
-            } else {
-                None
-            };
-            if let Some(end) = end {
-                data.clear();
-                for line in self.buf[start..i].split(|&b| b == b'\n') {
-                    let line = line.strip_suffix(b"\r").unwrap_or(line);
-                    if let Some(rest) = line.strip_prefix(b"data:") {
-                        if !data.is_empty() {
-                            data.push(b'\n');
-                        }
-                        data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
-                    }
-                }
-                if !data.is_empty() {
-                    on_event(&data);
-                }
-                start = end;
-                i = end;
-            } else {
-                i += 1;
+    /// Feeds bytes; calls `on_event` for each event they complete.
+    pub fn feed(&mut self, bytes: &[u8], mut on_event: impl FnMut(SseEvent<'_>)) {
+        let mut i = 0;
+        if self.after_cr && !bytes.is_empty() {
+            self.after_cr = false;
+            if bytes[0] == b'\n' {
+                i = 1;
             }
         }
-        self.buf.drain(..start);
-        self.scanned = self.buf.len();
-        self.buf.len() <= MAX_EVENT_BYTES
+        while i < bytes.len() {
+            let rest = &bytes[i..];
+            let Some(p) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
+                self.push(rest);
+                break;
+            };
+            self.push(&rest[..p]);
+            i += p + 1;
+            if rest[p] == b'\r' {
+                match bytes.get(i) {
+                    Some(b'\n') => i += 1,
+                    Some(_) => {}
+                    None => self.after_cr = true,
+                }
+            }
+            self.end_line(&mut on_event);
+        }
+    }
+
+    /// Bytes of the current line.
+    fn push(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.line_started = true;
+        if self.skipping {
+            return;
+        }
+        if self.line.len() + bytes.len() > MAX_EVENT_BYTES {
+            self.skip();
+        } else {
+            self.line.extend_from_slice(bytes);
+        }
+    }
+
+    fn skip(&mut self) {
+        self.skipping = true;
+        self.line = Vec::new();
+        self.data = Vec::new();
+        self.has_data = false;
+    }
+
+    fn end_line(&mut self, on_event: &mut impl FnMut(SseEvent<'_>)) {
+        if !self.line_started {
+            // An empty line: the event ends.
+            if std::mem::take(&mut self.skipping) {
+                on_event(SseEvent::TooLarge);
+            } else if self.has_data && !self.data.is_empty() {
+                on_event(SseEvent::Data(&self.data));
+            }
+            self.data.clear();
+            self.has_data = false;
+            return;
+        }
+        self.line_started = false;
+        if !self.skipping
+            && let Some(value) = self.line.strip_prefix(b"data:")
+        {
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            if self.data.len() + value.len() + 1 > MAX_EVENT_BYTES {
+                self.skip();
+            } else {
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+                self.has_data = true;
+            }
+        }
+        self.line.clear();
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn events(chunks: &[&[u8]]) -> Vec<Vec<u8>> {
-        let mut p = SseParser::default();
-        let mut out = Vec::new();
-        for c in chunks {
-            p.feed(c, |e| out.push(e.to_vec()));
-        }
-        out
-    }
-
-    #[test]
-    fn splits_events_across_arbitrary_chunk_boundaries() {
-        let stream = b"data: {\"a\":1}\n\ndata: {\"b\":2}\r\n\r\n: comment\n\ndata: [DONE]\n\n";
-        let whole = events(&[stream]);
-        assert_eq!(
-            whole,
-            [
-                b"{\"a\":1}".to_vec(),
-                b"{\"b\":2}".to_vec(),
-                b"[DONE]".to_vec()
-            ]
-        );
-        for cut in 1..stream.len() {
-            assert_eq!(
-                events(&[&stream[..cut], &stream[cut..]]),
-                whole,
-                "cut at {cut}"
-            );
-        }
-        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
-        assert_eq!(events(&bytes), whole);
-    }
-
-    #[test]
-    fn joins_multi_line_data() {
-        assert_eq!(events(&[b"data: a\ndata: b\n\n"]), [b"a\nb".to_vec()]);
-    }
-
-    #[test]
-    fn classifies_responses_api_events() {
-        let created =
-            br#"{"type":"response.created","response":{"id":"r","status":"in_progress"}}"#;
-        let delta = br#"{"type":"response.output_text.delta","item_id":"m","delta":"Hi"}"#;
-        let empty = br#"{"type":"response.output_text.delta","item_id":"m","delta":""}"#;
-        let args = br#"{"type":"response.function_call_arguments.delta","delta":"{"}"#;
-        let done = br#"{"type":"response.completed","response":{"id":"r","usage":{}}}"#;
-        let incomplete = br#"{"type":"response.incomplete","response":{"id":"r"}}"#;
-        let failed = br#"{"type":"response.failed","response":{"error":{"message":"x"}}}"#;
-        let error = br#"{"type":"error","code":"server_error","message":"x"}"#;
-        assert_eq!(classify(created), EventKind::Empty);
-        assert_eq!(classify(delta), EventKind::Content);
-        assert_eq!(classify(empty), EventKind::Empty);
-        assert_eq!(classify(args), EventKind::Content);
-        assert_eq!(classify(done), EventKind::Done);
-        assert_eq!(classify(incomplete), EventKind::Done);
-        assert_eq!(classify(failed), EventKind::Error);
-        assert_eq!(classify(error), EventKind::Error);
-    }
-
-    #[test]
-    fn classifies_vllm_chunks() {
-        let role = br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
-        let token = br#"{"choices":[{"index":0,"delta":{"content":" hi"},"finish_reason":null}]}"#;
-        let finish = br#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#;
-        let usage = br#"{"choices":[],"usage":{"prompt_tokens":1}}"#;
-        let text = br#"{"choices":[{"index":0,"text":" hi","finish_reason":null}]}"#;
-        let tool = br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}}]}"#;
-        let reasoning = br#"{"choices":[{"index":0,"delta":{"reasoning_content":"hmm"}}]}"#;
-        let error = br#"{"error":{"message":"boom"}}"#;
-        assert_eq!(classify(role), EventKind::Empty);
-        assert_eq!(classify(token), EventKind::Content);
-        assert_eq!(classify(finish), EventKind::Empty);
-        assert_eq!(classify(usage), EventKind::Empty);
-        assert_eq!(classify(text), EventKind::Content);
-        assert_eq!(classify(tool), EventKind::Content);
-        assert_eq!(classify(reasoning), EventKind::Content);
-        assert_eq!(classify(error), EventKind::Error);
-        assert_eq!(classify(b"[DONE]"), EventKind::Done);
-        assert_eq!(classify(b"not json"), EventKind::Unparsed);
-        for chunk in [
-            &role[..],
-            token,
-            finish,
-            usage,
-            text,
-            tool,
-            reasoning,
-            error,
-        ] {
-            let v: serde_json::Value = serde_json::from_slice(chunk).unwrap();
-            assert_eq!(
-                classify_value(&v),
-                classify(chunk),
-                "{}",
-                String::from_utf8_lossy(chunk)
-            );
-        }
-    }
-
-    mod fuzz {
-        use super::*;
-        use proptest::prelude::*;
-
-        /// Bytes that look like SSE often enough to matter: data lines, blank lines, CRs,
-        /// JSON fragments and noise.
-        fn sse_bytes() -> impl Strategy<Value = Vec<u8>> {
-            let piece = prop_oneof![
-                Just(b"data: ".to_vec()),
-                Just(b"\n".to_vec()),
-                Just(b"\r\n".to_vec()),
-                Just(b"\r".to_vec()),
-                Just(b"[DONE]".to_vec()),
-                Just(br#"{"choices":[{"delta":{"content":"x"}}]}"#.to_vec()),
-                Just(br#"{"error":{"message":"e"}}"#.to_vec()),
-                Just(b": comment".to_vec()),
-                proptest::collection::vec(any::<u8>(), 0..16),
-            ];
-            proptest::collection::vec(piece, 0..64).prop_map(|v| v.concat())
-        }
-
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
-
-            /// No input panics, every event classifies, and how the bytes are cut into reads
-            /// never changes the events.
-            #[test]
-            fn chunking_never_changes_the_events(
-                bytes in sse_bytes(),
-                cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
-            ) {
-                let whole = events(&[&bytes]);
-                let mut points: Vec<usize> =
-                    cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
-                points.sort_unstable();
-                let mut chunks = Vec::new();
-                let mut last = 0;
-                for p in points {
-                    chunks.push(&bytes[last..p]);
-                    last = p;
-                }
-                chunks.push(&bytes[last..]);
-                prop_assert_eq!(events(&chunks), whole.clone());
-                for e in &whole {
-                    let _ = classify(e);
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(e) {
-                        prop_assert_eq!(classify_value(&v), classify(e));
-                    }
-                }
-            }
-        }
-    }
-}
+mod tests;

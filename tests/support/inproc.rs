@@ -90,10 +90,40 @@ pub struct Busy {
     _bodies: Vec<hyper::body::Incoming>,
 }
 
-/// A request held open by [`InProc::hold`].
+/// A request held open by [`InProc::hold`]: the test sends its events and reads them.
 pub struct Held {
-    _arrival: Arrival,
-    _body: hyper::body::Incoming,
+    arrival: Arrival,
+    body: hyper::body::Incoming,
+}
+
+impl Held {
+    /// The upstream sends `data: <data>` and a blank line.
+    pub fn send(&self, data: &str) {
+        self.arrival.send(data);
+    }
+
+    /// Reads `n` bytes of the relayed body (panics if it ends first).
+    pub async fn read(&mut self, n: usize) {
+        let mut got = 0;
+        while got < n {
+            let frame = self
+                .body
+                .frame()
+                .await
+                .expect("more body")
+                .expect("no error");
+            got += frame.into_data().map(|d| d.len()).unwrap_or(0);
+        }
+    }
+
+    /// Ends the upstream's response and reads the rest of the body.
+    pub async fn finish(self) {
+        let Held { arrival, mut body } = self;
+        drop(arrival);
+        while let Some(f) = body.frame().await {
+            f.expect("the stream ends cleanly");
+        }
+    }
 }
 
 /// How one streamed request went.
@@ -289,8 +319,8 @@ impl InProc {
         let resp = response.await.unwrap().unwrap();
         assert_eq!(resp.status(), 200);
         Held {
-            _arrival: arrival,
-            _body: resp.into_body(),
+            arrival,
+            body: resp.into_body(),
         }
     }
 
