@@ -14,7 +14,8 @@
 //! - [`reconcile`]: one reconcile, its context and errors.
 //! - [`status`]: the status patches, as pure functions.
 //! - [`objects`]: builders of the owned objects; [`names`]: their names and label values.
-//! - [`metrics`]: the operator's metrics.
+//! - [`metrics`]: the operator's metrics (its API requests by verb among them).
+//! - [`owned`]: the owned objects' watch caches, from which reconcile reads ownership.
 //! - [`leader`]: Lease-based leader election (expiry on the observer's clock, renew deadline,
 //!   call timeouts, release on shutdown).
 //!
@@ -25,6 +26,7 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod objects;
+pub mod owned;
 pub mod reconcile;
 pub mod secret_use;
 pub mod status;
@@ -47,7 +49,7 @@ use kube::api::{Api, ListParams};
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 
 use crate::policy::RateLimitPolicy;
@@ -131,17 +133,51 @@ fn controller(
             None => Api::all(client.clone()),
         }
     }
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice-operator");
+    // Each owned kind's watch feeds a cache (read by reconcile for ownership) and triggers
+    // the owning policy's reconcile.
+    fn cached<K>(
+        client: &Client,
+        ns: Option<&str>,
+    ) -> (
+        Store<K>,
+        impl futures_util::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    )
+    where
+        K: owned::Owned,
+    {
+        let (reader, writer) = kube::runtime::reflector::store();
+        let config =
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice-operator");
+        let stream = watcher::watcher(api::<K>(client, ns), config)
+            .default_backoff()
+            .reflect(writer)
+            .touched_objects();
+        (reader, stream)
+    }
+    let (deployments, d) = cached::<Deployment>(client, ns);
+    let (services, s) = cached::<Service>(client, ns);
+    let (service_accounts, sa) = cached::<ServiceAccount>(client, ns);
+    let (roles, r) = cached::<Role>(client, ns);
+    let (role_bindings, rb) = cached::<RoleBinding>(client, ns);
+    let (pdbs, pdb) = cached::<PodDisruptionBudget>(client, ns);
+    ctx.owners.stores.write().unwrap().push(owned::OwnedStores {
+        deployments,
+        services,
+        service_accounts,
+        roles,
+        role_bindings,
+        pdbs,
+    });
     let c = Controller::new(
         api::<RateLimitPolicy>(client, ns),
         watcher::Config::default(),
     )
-    .owns(api::<Deployment>(client, ns), owned.clone())
-    .owns(api::<Service>(client, ns), owned.clone())
-    .owns(api::<ServiceAccount>(client, ns), owned.clone())
-    .owns(api::<Role>(client, ns), owned.clone())
-    .owns(api::<RoleBinding>(client, ns), owned.clone())
-    .owns(api::<PodDisruptionBudget>(client, ns), owned)
+    .owns_stream(d)
+    .owns_stream(s)
+    .owns_stream(sa)
+    .owns_stream(r)
+    .owns_stream(rb)
+    .owns_stream(pdb)
     // Bounded concurrency keeps a burst of policies from flooding the API server; a short
     // debounce folds the burst of events that one reconcile's own writes and the
     // Deployment's status updates cause into one follow-up reconcile.
@@ -205,11 +241,21 @@ async fn check_crd(client: &Client, namespaces: &[String]) -> anyhow::Result<()>
 
 /// `sluice operator`.
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
-    let client = Client::try_default().await.map_err(|e| {
+    let metrics = OperatorMetrics::new();
+    let config = kube::Config::infer().await.map_err(|e| {
         anyhow::anyhow!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}")
     })?;
+    // Every request the operator makes is counted by verb (sluice_operator_api_requests_total).
+    let counted = metrics.clone();
+    let client = kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&tower::util::MapRequestLayer::new(
+            move |req: http::Request<kube::client::Body>| {
+                counted.api_request(&req);
+                req
+            },
+        ))
+        .build();
     check_crd(&client, &args.watch_namespaces).await?;
-    let metrics = OperatorMetrics::new();
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .unwrap_or_else(|_| "sluice".into());
@@ -266,6 +312,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         ),
         metrics: metrics.clone(),
         failures: DashMap::new(),
+        owners: owned::Owners::default(),
     });
     // A watch, not a Notify: the controllers see the stop even if they poll after it is sent.
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -304,6 +351,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
                 reconcile::prune_failures(&ctx.failures, |p| {
                     stores.iter().any(|s| s.get(p).is_some())
                 });
+                ctx.owners.prune();
             }
         }
     });

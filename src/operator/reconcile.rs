@@ -20,7 +20,7 @@ use super::metrics::OperatorMetrics;
 use super::secret_use::{self, SecretUse};
 use super::{FIELD_MANAGER, objects, status};
 use crate::policy::{PolicyConfig, RateLimitPolicy};
-use apply::{apply, apply_keeping, ensure_ours};
+use apply::{apply, apply_keeping, ours};
 
 /// What reconcile needs.
 pub struct Context {
@@ -32,6 +32,8 @@ pub struct Context {
     pub metrics: OperatorMetrics,
     /// Consecutive failures per policy, for the retry backoff.
     pub failures: DashMap<ObjectRef<RateLimitPolicy>, u32>,
+    /// The owned objects' watch caches and what was last applied to them.
+    pub owners: super::owned::Owners,
 }
 
 /// Why a reconcile failed (retried with backoff).
@@ -232,9 +234,12 @@ async fn reconcile_policy(
         &objects::gateway_endpoint(&ns, &name, port),
         &now,
     );
-    api.patch_status(&name, &status_pp, &Patch::Apply(&status))
-        .await
-        .map_err(ReconcileError::Status)?;
+    // A resync of an unchanged policy writes nothing.
+    if !status::unchanged(policy.status.as_ref(), &status) {
+        api.patch_status(&name, &status_pp, &Patch::Apply(&status))
+            .await
+            .map_err(ReconcileError::Status)?;
+    }
     Ok((Action::requeue(Duration::from_secs(300)), true))
 }
 
@@ -285,19 +290,25 @@ async fn apply_objects(
             }
         },
     };
-    apply(c, &ns, objects::gateway_service_account(&ns, &name), &owner).await?;
-    apply(c, &ns, objects::gateway_role(&ns, &name), &owner).await?;
-    apply(c, &ns, objects::gateway_role_binding(&ns, &name), &owner).await?;
+    apply(
+        ctx,
+        &ns,
+        objects::gateway_service_account(&ns, &name),
+        &owner,
+    )
+    .await?;
+    apply(ctx, &ns, objects::gateway_role(&ns, &name), &owner).await?;
+    apply(ctx, &ns, objects::gateway_role_binding(&ns, &name), &owner).await?;
     let uid = &owner.uid;
     apply(
-        c,
+        ctx,
         &ns,
         objects::gateway_service(&ns, &name, uid, port),
         &owner,
     )
     .await?;
     let deployment = apply_keeping(
-        c,
+        ctx,
         &ns,
         objects::gateway_deployment(&objects::GatewayPodSpec {
             namespace: &ns,
@@ -318,11 +329,12 @@ async fn apply_objects(
     .await?;
     let pdb_name = objects::gateway_name(&name);
     if status::wants_pdb(replicas) {
-        apply(c, &ns, objects::gateway_pdb(&ns, &name, uid), &owner).await?;
+        apply(ctx, &ns, objects::gateway_pdb(&ns, &name, uid), &owner).await?;
     } else {
         // Only a PDB this policy owns is removed; someone else's stays (and is a conflict).
         let pdbs: Api<PodDisruptionBudget> = Api::namespaced(c.clone(), &ns);
-        if ensure_ours(&pdbs, &pdb_name, &owner).await?.is_some() {
+        if let Some(pdb) = ctx.owners.cached::<PodDisruptionBudget>(&ns, &pdb_name) {
+            ours(&*pdb, &owner)?;
             match pdbs.delete(&pdb_name, &DeleteParams::default()).await {
                 Ok(_) | Err(kube::Error::Api(_)) => {}
                 Err(source) => {

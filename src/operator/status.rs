@@ -184,6 +184,23 @@ pub fn reconciled(
     }))
 }
 
+/// Whether applying the status patch `patch` would leave the policy's status `current` as it
+/// is (the operator is its only writer): then a resync writes nothing.
+pub fn unchanged(current: Option<&crate::policy::RateLimitPolicyStatus>, patch: &Value) -> bool {
+    let Some(current) = current else {
+        return false;
+    };
+    let Ok(mut new) =
+        serde_json::from_value::<crate::policy::RateLimitPolicyStatus>(patch["status"].clone())
+    else {
+        return false;
+    };
+    let mut current = current.clone();
+    current.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+    new.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+    new == current
+}
+
 /// Whether a policy with `replicas` gateway replicas gets a PodDisruptionBudget (one replica
 /// or none: a PDB would block node drains, so an existing one is deleted).
 pub fn wants_pdb(replicas: i32) -> bool {
@@ -195,6 +212,54 @@ mod tests {
     use super::*;
     use k8s_openapi::api::apps::v1::DeploymentCondition;
     use k8s_openapi::jiff::Timestamp;
+
+    #[test]
+    fn a_status_equal_to_the_patch_needs_no_write() {
+        let previous = [condition(
+            "Ready",
+            false,
+            "Reconciling",
+            "",
+            Some(1),
+            &[],
+            &at(5),
+        )];
+        let dep = DeploymentStatus {
+            replicas: Some(2),
+            ready_replicas: Some(1),
+            ..DeploymentStatus::default()
+        };
+        let patch = reconciled(Some(1), &previous, &dep, 2, "http://e/v1", &at(10));
+        let mut written: crate::policy::RateLimitPolicyStatus =
+            serde_json::from_value(patch["status"].clone()).unwrap();
+        assert!(!unchanged(None, &patch));
+        written.conditions.reverse(); // order does not matter
+        assert!(unchanged(Some(&written), &patch));
+        // The next reconcile computes the same status from what was written: no write.
+        let again = reconciled(
+            Some(1),
+            &written.conditions,
+            &dep,
+            2,
+            "http://e/v1",
+            &at(20),
+        );
+        assert!(unchanged(Some(&written), &again));
+        // A pod more is ready: a write.
+        let more = DeploymentStatus {
+            ready_replicas: Some(2),
+            ..dep.clone()
+        };
+        let changed = reconciled(
+            Some(1),
+            &written.conditions,
+            &more,
+            2,
+            "http://e/v1",
+            &at(20),
+        );
+        assert!(!unchanged(Some(&written), &changed));
+    }
 
     fn at(secs: i64) -> Time {
         Time(Timestamp::from_second(secs).unwrap())
