@@ -32,21 +32,27 @@ async fn recording_upstream() -> (String, Arc<Mutex<Vec<String>>>) {
     (url, seen)
 }
 
+/// A gateway in front of `upstream` with its upstream key in a file (`sluice-<name>-key-<pid>`)
+/// holding `contents`; the file lives as long as the returned guard.
+async fn with_key_file(
+    upstream: &str,
+    name: &str,
+    contents: &str,
+) -> (Gw, support::http::PolicyFile, TempFile) {
+    let path = std::env::temp_dir().join(format!("sluice-{name}-key-{}", std::process::id()));
+    let key = TempFile(path);
+    std::fs::write(&key.0, contents).unwrap();
+    let args = ["--upstream-api-key-file", key.0.to_str().unwrap()];
+    let (gw, policy) = Gw::with_policy(&client(), upstream, "", &args).await;
+    (gw, policy, key)
+}
+
 #[tokio::test]
 async fn a_rotated_key_file_applies_without_a_restart_and_a_broken_one_keeps_the_last_key() {
     let c = client();
     let (upstream, seen) = recording_upstream().await;
-    let key =
-        TempFile(std::env::temp_dir().join(format!("sluice-test-key-{}", std::process::id())));
     // As `echo sk-one > key` writes it: the trailing newline is not part of the key.
-    std::fs::write(&key.0, "sk-one\n").unwrap();
-    let (gw, _policy) = Gw::with_policy(
-        &c,
-        &upstream,
-        "",
-        &["--upstream-api-key-file", key.0.to_str().unwrap()],
-    )
-    .await;
+    let (gw, _policy, key) = with_key_file(&upstream, "test", "sk-one\n").await;
     let last_auth = || async {
         let r = send(
             &c,
@@ -206,16 +212,7 @@ async fn refusing_upstream() -> String {
 async fn an_upstream_refusing_the_gateways_own_key_is_a_502_that_does_not_echo_it() {
     let c = client();
     let upstream = refusing_upstream().await;
-    let key =
-        TempFile(std::env::temp_dir().join(format!("sluice-refused-key-{}", std::process::id())));
-    std::fs::write(&key.0, "sk-gw-abcdwxyz").unwrap();
-    let (gw, _policy) = Gw::with_policy(
-        &c,
-        &upstream,
-        "",
-        &["--upstream-api-key-file", key.0.to_str().unwrap()],
-    )
-    .await;
+    let (gw, _policy, _key) = with_key_file(&upstream, "refused", "sk-gw-abcdwxyz").await;
     let r = send(&c, "GET", &format!("{}/v1/models", gw.url), &[], "").await;
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "upstream_auth_failed");

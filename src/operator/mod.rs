@@ -150,6 +150,8 @@ fn controller(
             watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice-operator");
         let stream = watcher::watcher(api::<K>(client, ns), config)
             .default_backoff()
+            // The managed fields are most of an object's size and never read here.
+            .modify(|o: &mut K| o.meta_mut().managed_fields = None)
             .reflect(writer)
             .touched_objects();
         (reader, stream)

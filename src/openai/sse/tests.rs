@@ -219,18 +219,23 @@ mod fuzz {
             bytes in mixed_stream(),
             cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
         ) {
-            let mut points: Vec<usize> =
-                cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
-            points.sort_unstable();
-            let mut chunks = Vec::new();
-            let mut last = 0;
-            for p in points {
-                chunks.push(&bytes[last..p]);
-                last = p;
-            }
-            chunks.push(&bytes[last..]);
+            let chunks = cut(&bytes, &cuts);
             prop_assert_eq!(events(&chunks), reference(&bytes));
         }
+    }
+
+    /// `bytes` cut into reads at the given points.
+    fn cut<'a>(bytes: &'a [u8], cuts: &[prop::sample::Index]) -> Vec<&'a [u8]> {
+        let mut points: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+        points.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut last = 0;
+        for p in points {
+            chunks.push(&bytes[last..p]);
+            last = p;
+        }
+        chunks.push(&bytes[last..]);
+        chunks
     }
 
     /// Bytes that look like SSE often enough to matter: data lines, blank lines, CRs,
@@ -261,16 +266,7 @@ mod fuzz {
             cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
         ) {
             let whole = events(&[&bytes]);
-            let mut points: Vec<usize> =
-                cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
-            points.sort_unstable();
-            let mut chunks = Vec::new();
-            let mut last = 0;
-            for p in points {
-                chunks.push(&bytes[last..p]);
-                last = p;
-            }
-            chunks.push(&bytes[last..]);
+            let chunks = cut(&bytes, &cuts);
             prop_assert_eq!(events(&chunks), whole.clone());
             for e in &whole {
                 let _ = classify(e);
