@@ -3,7 +3,8 @@
 //! The crate is one library with one binary (`src/main.rs`) that only parses arguments and
 //! dispatches. Modules:
 //! - [`limiter`]: the fading-evidence moving averages of TTFT and ITL and the shedding
-//!   decision; pure code with an injected clock and no I/O.
+//!   decision; pure code with an injected clock, no network or file I/O and no tasks (it
+//!   logs through `tracing` when a threshold becomes unreachable or reachable again).
 //! - [`policy`]: the `RateLimitPolicy` custom resource, its validation, and its conversion
 //!   into the limiter's configuration.
 //! - [`gateway`]: the OpenAI-compatible proxy that measures and sheds.

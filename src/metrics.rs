@@ -189,6 +189,23 @@ mod tests {
         metrics_of(POLICY)
     }
 
+    /// The numbers the help texts and the CRD's field docs state are the limiter's constants.
+    #[test]
+    fn the_numbers_in_the_docs_are_the_limiters() {
+        use crate::limiter::concurrency::{CEILING_PRESSURE, LOW_CONCURRENCY};
+        let help = |name: &str| MODEL_GAUGES.iter().find(|(n, _)| *n == name).unwrap().1;
+        let good = help("sluice_good_concurrency");
+        assert!(
+            good.contains(&format!("max(G, {LOW_CONCURRENCY})")),
+            "{good}"
+        );
+        let crd = crate::policy::crd_yaml();
+        assert!(crd.contains(&format!("max({LOW_CONCURRENCY}, G)")));
+        // "half way from the engine's low-concurrency TTFT to the threshold"
+        assert_eq!(CEILING_PRESSURE, 0.5);
+        assert!(crd.contains("half way from the engine's"));
+    }
+
     fn metrics_of(policy: &str) -> (GatewayMetrics, Arc<PolicyStore>) {
         let store = Arc::new(PolicyStore::new(None));
         let (_, config) = PolicyConfig::from_yaml(policy).unwrap();

@@ -40,6 +40,29 @@ async fn unary_mode(c: &support::http::HttpClient, gw: &Gw, mode: &str) -> Optio
     metric(&m, "sluice_unary_mode", &[("mode", mode)])
 }
 
+/// Sends the first unary request (passed through, with the engine's own usage, while the
+/// usage probe it starts runs) and waits until the probe has put the upstream in `mode`.
+async fn first_unary(c: &support::http::HttpClient, gw: &Gw, model: &str, mode: &str) {
+    assert_eq!(unary_mode(c, gw, "probing").await, Some(1.0));
+    let body = serde_json::json!({"model": model, "max_tokens": 2,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let first = gw.chat(c, &body).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert!(
+        first.json()["usage"]["completion_tokens"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{}",
+        first.text()
+    );
+    support::eventually(
+        60,
+        &format!("the usage probe puts the upstream in {mode}"),
+        || async { (unary_mode(c, gw, mode).await == Some(1.0)).then_some(()) },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn llama_server_answers_the_same_through_the_gateway() {
     let c = client();
@@ -49,6 +72,7 @@ async fn llama_server_answers_the_same_through_the_gateway() {
         &format!("{LENIENT}\nmodels: [{{name: gemma}}]"),
     ));
     let gw = Gw::start(&c, &policy.0, None, &[]).await;
+    first_unary(&c, &gw, "gemma", "assembled").await;
     scenario(&gw.url, &llama.url, "gemma", "compare_logprobs");
     scenario(&gw.url, &llama.url, "gemma", "compare_responses");
     // llama-server streams usage: unary requests stay assembled, and so measured.
@@ -99,6 +123,7 @@ async fn the_simulated_engine_answers_the_same_through_the_gateway() {
     let sim = Sim::start(&c, &[]).await;
     let policy = PolicyFile::new(&policy_yaml(&sim.url, LENIENT));
     let gw = Gw::start(&c, &policy.0, None, &[]).await;
+    first_unary(&c, &gw, "sim-llm", "assembled").await;
     scenario(&gw.url, &sim.url, "sim-llm", "compare");
     assert_eq!(unary_mode(&c, &gw, "assembled").await, Some(1.0));
 }
@@ -132,22 +157,19 @@ async fn the_responses_api_is_relayed_and_measured() {
 }
 
 #[tokio::test]
-async fn an_engine_whose_streams_lack_usage_gets_its_unary_requests_passed_through() {
+async fn an_engine_whose_streams_lack_usage_never_costs_an_answer_its_usage() {
     let c = client();
     let sim = Sim::start(&c, &["--ignore-stream-usage"]).await;
     let policy = PolicyFile::new(&policy_yaml(&sim.url, LENIENT));
     let gw = Gw::start(&c, &policy.0, None, &[]).await;
-    assert_eq!(unary_mode(&c, &gw, "assembled").await, Some(1.0));
-    // The first unary request finds out: its stream had no usage (answered with usage null).
-    let body = serde_json::json!({"model": "sim-llm", "max_tokens": 3,
-        "messages": [{"role": "user", "content": "hi"}]});
-    let first = gw.chat(&c, &body).await;
-    assert_eq!(first.status, 200);
-    assert_eq!(first.json()["usage"], serde_json::Value::Null);
-    assert_eq!(unary_mode(&c, &gw, "passthrough").await, Some(1.0));
+    // The first unary request is passed through with the engine's own usage while the probe
+    // finds the engine's streams lack it (it used to be assembled, answering usage null).
+    first_unary(&c, &gw, "sim-llm", "passthrough").await;
     assert_eq!(unary_mode(&c, &gw, "assembled").await, Some(0.0));
     // From then on unary requests are relayed as they are: the engine's own answer, with usage,
     // equal to what it gives directly.
+    let body = serde_json::json!({"model": "sim-llm", "max_tokens": 3,
+        "messages": [{"role": "user", "content": "hi"}]});
     let second = gw.chat(&c, &body).await;
     assert_eq!(second.json()["usage"]["completion_tokens"], 3);
     scenario(&gw.url, &sim.url, "sim-llm", "compare_unary");

@@ -23,7 +23,11 @@ fn without_ids(mut v: Value) -> Value {
 async fn streams_and_unary_responses_pass_through_and_are_measured() {
     let c = client();
     let sim = Sim::start(&c, &["--max-num-seqs", "4"]).await;
-    let (gw, _policy) = Gw::with_policy(&c, &sim.url, "defaults: {ttft: 5s, itl: 1s}", &[]).await;
+    // Assembled from the first unary request on (the usage probe has its own tests in
+    // tests/engines.rs and gateway::unary).
+    let probe_off = ["--usage-probe=false"];
+    let (gw, _policy) =
+        Gw::with_policy(&c, &sim.url, "defaults: {ttft: 5s, itl: 1s}", &probe_off).await;
 
     // Streaming chat: the engine's events arrive unchanged, ending with [DONE].
     let r = gw.chat(&c, &chat(5, true)).await;

@@ -84,7 +84,8 @@ async fn misbehaving_upstream_streams_get_defined_answers_and_are_counted() {
         &c,
         &upstream,
         "defaults: {ttft: 60s, itl: 60s}\nmodels: [{name: no-done}, {name: silent}, {name: broken}]",
-        &[],
+        // The unary path under test is assembly, from the first request on.
+        &["--usage-probe=false"],
     )
     .await;
     let url = format!("{}/v1/chat/completions", gw.url);
@@ -122,7 +123,7 @@ async fn a_silent_stream_is_cut_at_the_idle_timeout() {
     )
     .replace("'}", "', streamIdleTimeout: 500ms, timeout: 60s}");
     let policy = support::http::PolicyFile::new(&doc);
-    let gw = Gw::start(&c, &policy.0, None, &[]).await;
+    let gw = Gw::start(&c, &policy.0, None, &["--usage-probe=false"]).await;
     let url = format!("{}/v1/chat/completions", gw.url);
 
     let t = Instant::now();

@@ -19,6 +19,7 @@ use super::error::GatewayError;
 use super::intake::{BodyPermit, read_body, unread_body};
 use super::measure::{Endpoint, InflightSlot, Sampler, Tracker, count};
 use super::relay::{Forward, forward};
+use super::unary::{self, Plan};
 use crate::limiter::Priority;
 use crate::policy::source::Snapshot;
 
@@ -173,7 +174,19 @@ async fn completion(
         Err((label, e)) => return refuse(&gw, &label, endpoint, req.stream, e),
     };
     let upstream = &a.snap.config.upstream;
-    let assemble = !req.stream && upstream.stream_unary && gw.unary.assembles(&upstream.url);
+    let assemble = !req.stream
+        && upstream.stream_unary
+        && (endpoint == Endpoint::Responses
+            || match gw.unary.plan(&upstream.url, gw.clock.now()) {
+                Plan::Assemble => true,
+                Plan::PassThrough => false,
+                Plan::Probe => {
+                    let model = req.model.to_string();
+                    let probe = unary::probe(gw.clone(), a.snap.clone(), model, endpoint);
+                    tokio::spawn(probe);
+                    false
+                }
+            });
     let tracker =
         Tracker::new(acc.slot, &a.label, endpoint, req.stream, a.shadow, start).holding(a.active);
     let sampler = (req.stream || assemble).then(|| Sampler::start(&gw, &a.snap, a.key, &req.model));

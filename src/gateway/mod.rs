@@ -122,6 +122,12 @@ pub struct GatewayArgs {
     /// --reload-interval. Without it, a policy that requires client keys refuses every request.
     #[arg(long, env = "SLUICE_CLIENT_KEYS_DIR")]
     pub client_keys_dir: Option<PathBuf>,
+    /// Assemble unary requests from streams only once a one-token probe showed the upstream
+    /// streams usage (passing them through until then), so no answer loses its token counts.
+    /// `--usage-probe=false` assembles at once, and an upstream whose stream lacks usage
+    /// costs that one answer its counts.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub usage_probe: bool,
 }
 
 /// Everything a request handler needs.
@@ -181,6 +187,8 @@ pub struct GatewayOptions {
     pub max_inflight: usize,
     /// Most bytes of request bodies held at once; more get 503 `overloaded`.
     pub max_body_memory: usize,
+    /// Probe an upstream for usage in streams before assembling unary requests.
+    pub usage_probe: bool,
 }
 
 impl Default for GatewayOptions {
@@ -196,6 +204,7 @@ impl Default for GatewayOptions {
             drain_delay: Duration::ZERO,
             max_inflight: 1024,
             max_body_memory: 256 << 20,
+            usage_probe: true,
         }
     }
 }
@@ -207,7 +216,7 @@ impl Gateway {
         clock: Arc<dyn Clock>,
         options: GatewayOptions,
     ) -> anyhow::Result<Arc<Self>> {
-        let unary = Arc::new(unary::UnaryModes::default());
+        let unary = Arc::new(unary::UnaryModes::new(options.usage_probe));
         let metrics = GatewayMetrics::new(store.clone(), clock.clone(), unary.clone());
         let api_key = match (&options.upstream_api_key, &options.upstream_api_key_file) {
             (Some(k), _) => Some(api_key::bearer(&k.0)?),
@@ -307,6 +316,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             drain_delay: args.drain_delay,
             max_inflight: args.max_inflight,
             max_body_memory: args.max_body_memory,
+            usage_probe: args.usage_probe,
         },
     )?;
     if let Some(path) = &args.upstream_api_key_file {

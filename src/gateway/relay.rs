@@ -94,6 +94,7 @@ pub async fn forward(f: Forward<'_>) -> Response {
         Ok(Err(e)) => {
             tracing::warn!(error = %e, upstream = %snap.config.upstream.url, "upstream request failed");
             faults.count("unreachable");
+            gw.unary.forget(&snap.config.upstream.url);
             return fail(&mut tracker, GatewayError::UpstreamUnreachable);
         }
         Ok(Ok(r)) => r,
@@ -357,7 +358,7 @@ async fn assembled(
         return fail(GatewayError::BrokenStream);
     }
     if !assembler.has_usage() {
-        gw.unary.lacks_usage(&limits.upstream);
+        gw.unary.lacks_usage(&limits.upstream, gw.clock.now());
     }
     tracker.finish(Outcome::Success);
     axum::Json(assembler.finish()).into_response()

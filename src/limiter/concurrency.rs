@@ -49,9 +49,11 @@
 /// Samples taken with at most this many requests in flight form the low-concurrency
 /// baseline; it is also the smallest ceiling.
 pub const LOW_CONCURRENCY: u32 = 4;
-/// The ceiling binds from this pressure on: once latency shows the start of a queue, not
-/// while the engine answers fast (a client raising its concurrency on an idle engine is not
-/// shed).
+/// The ceiling binds once the TTFT signal has come this far from the engine's
+/// low-concurrency TTFT (0) towards the threshold (1), i.e. once latency shows the start of a
+/// queue, not while the engine answers fast (a client raising its concurrency on an idle
+/// engine is not shed); or, after the engine showed its limit, once a new request would wait
+/// past the threshold for a slot (see [`super::Limiter::decide`]).
 pub const CEILING_PRESSURE: f64 = 0.5;
 /// An unreachable threshold is replaced by this many times the low-concurrency baseline.
 pub const UNREACHABLE_MARGIN: f64 = 1.5;

@@ -32,7 +32,8 @@ pub(crate) struct KeyState {
     pub(crate) waiting: u32,
     /// Sum of their start times (seconds on the limiter clock).
     pub(crate) waiting_since: f64,
-    /// Log of the admitted fraction the integral part allows, in `[ln(1 − p_max), 0]`.
+    /// Log of the admitted fraction the integral part allows, in
+    /// `[ln(max(1 − p_max, MIN_ADMITTED_FRACTION)), 0]` (see [`super::decision::integrate`]).
     pub(crate) integral: f64,
     /// When `integral` was last brought up to date (seconds); None before the first decision.
     pub(crate) integrated_at: Option<f64>,

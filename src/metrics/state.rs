@@ -61,7 +61,7 @@ pub(super) const MODEL_GAUGES: [(&str, &str); 11] = [
     ),
     (
         "sluice_good_concurrency",
-        "Requests in flight at which the engine last met both thresholds (learned from first tokens, forgotten over time): below it nothing is shed, from 1.5 times it (at least 4) requests are shed.",
+        "Requests in flight G at which the engine last met both thresholds (learned from first tokens, forgotten over time): below it nothing is shed; once a queue starts, a request finding max(G, 4) or more in flight is shed with probability maxRejectProbability.",
     ),
     (
         "sluice_thresholds_unreachable",
@@ -125,7 +125,7 @@ fn unary_mode() -> IntGaugeVec {
     IntGaugeVec::new(
         Opts::new(
             "sluice_unary_mode",
-            "How unary requests reach the policy's upstream: 1 for the mode in use. assembled: asked for as a stream and measured; passthrough: relayed as they are, not measured (streamUnary false, or the upstream's streams lack usage).",
+            "How unary requests reach the policy's upstream: 1 for the mode in use. assembled: asked for as a stream and measured; passthrough: relayed as they are, not measured (streamUnary false, or the upstream's streams lack usage); probing: passed through until a one-token probe shows whether the upstream's streams carry usage.",
         ),
         &["mode"],
     )
@@ -192,12 +192,16 @@ impl Collector for StateCollector {
         out.extend(reloads.collect());
         if let Some(s) = &snap {
             let up = &s.config.upstream;
-            let assembled = up.stream_unary && self.unary.assembles(&up.url);
+            let now = self.clock.now();
+            let current = if up.stream_unary {
+                self.unary.mode(&up.url, now)
+            } else {
+                "passthrough"
+            };
             let mode = unary_mode();
-            mode.with_label_values(&["assembled"])
-                .set(i64::from(assembled));
-            mode.with_label_values(&["passthrough"])
-                .set(i64::from(!assembled));
+            for m in ["assembled", "passthrough", "probing"] {
+                mode.with_label_values(&[m]).set(i64::from(m == current));
+            }
             out.extend(mode.collect());
         }
         out

@@ -375,8 +375,10 @@ pub struct Shedding {
     /// is shed with maxRejectProbability, before the latency crosses the threshold. Once a
     /// request admitted above G has missed a threshold, the same holds when a new request
     /// would wait longer than the TTFT threshold for a slot at the rate requests end (long
-    /// generations), and then none is let through. false leaves only the latency signals
-    /// (and never sheds with nothing in flight).
+    /// generations), and then none is let through; nor is any (no probe) above the ceiling
+    /// while the requests already waiting for a first token would take longer than the TTFT
+    /// threshold to get a slot, or have waited longer than it on average. false leaves only
+    /// the latency signals (and never sheds with nothing in flight).
     #[serde(default = "default_true")]
     pub adaptive_concurrency: bool,
 }
