@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::gateway::{self, Gateway};
 use crate::limiter::{Clock, MonotonicClock};
-use crate::policy::source::{PolicyStore, load_and_watch_file};
+use crate::policy::source::{PolicyStore, load_and_poll_file};
 use crate::sim::{SimConfig, SimEngine};
 
 /// The example policy shipped with sluice (examples/policy.yaml).
@@ -50,7 +50,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let upstream: http::Uri = format!("http://{}", engine.addr).parse()?;
     let store = Arc::new(PolicyStore::new(Some(upstream)));
     let watcher =
-        load_and_watch_file(policy_path.clone(), store.clone(), Duration::from_secs(1)).await?;
+        load_and_poll_file(policy_path.clone(), store.clone(), Duration::from_secs(1)).await?;
     let watch_task = tokio::spawn(watcher);
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
     let gw = Gateway::new(store, clock, gateway::GatewayOptions::default())?;

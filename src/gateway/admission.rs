@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use parking_lot::Mutex;
 
-use super::clients::ClientKeys;
+use super::client_keys::ClientKeys;
 use super::error::GatewayError;
 use crate::limiter::{Clock, KeyId, Priority, SplitMix64, Verdict};
 use crate::policy::source::Snapshot;

@@ -21,7 +21,7 @@ pub mod admission;
 pub mod api_key;
 pub mod assemble;
 pub mod body;
-pub mod clients;
+pub mod client_keys;
 pub mod error;
 pub mod handlers;
 pub mod intake;
@@ -46,7 +46,7 @@ use axum::routing::{get, post};
 use crate::limiter::{Clock, MonotonicClock};
 use crate::metrics::GatewayMetrics;
 use crate::policy::duration::parse_duration;
-use crate::policy::source::{PolicyStore, load_and_watch_file};
+use crate::policy::source::{PolicyStore, load_and_poll_file};
 
 /// Command-line configuration of `sluice gateway`: the policy comes from a file
 /// (`--policy-file`) or from the Kubernetes API (`--policy NAME`).
@@ -134,15 +134,15 @@ pub struct GatewayArgs {
 pub struct Gateway {
     pub store: Arc<PolicyStore>,
     pub metrics: GatewayMetrics,
-    /// Pooled clients to the upstream (by the policy's pool idle timeout).
-    pub clients: upstream::Clients,
+    /// Connection pools to the upstream (by the policy's pool idle timeout).
+    pub pools: upstream::Pools,
     pub clock: Arc<dyn Clock>,
     pub max_body_bytes: usize,
     pub api_key: Arc<api_key::UpstreamKey>,
     /// Whether unary requests are assembled from streams, per upstream.
     pub unary: Arc<unary::UnaryModes>,
     /// The clients' API keys (none known without `--client-keys-dir`).
-    pub client_keys: Arc<clients::ClientKeys>,
+    pub client_keys: Arc<client_keys::ClientKeys>,
     /// Set on SIGTERM: /readyz turns 503 so load balancers stop sending.
     pub draining: AtomicBool,
     /// Coin flips of the shedding decision and Retry-After jitter.
@@ -173,7 +173,7 @@ pub struct GatewayOptions {
     /// Or read from this file (first read here; follow it with [`api_key::follow_key_file`]).
     pub upstream_api_key_file: Option<PathBuf>,
     /// Client API keys, one file per client (first read here; follow it with
-    /// [`clients::follow_keys_dir`]).
+    /// [`client_keys::follow_keys_dir`]).
     pub client_keys_dir: Option<PathBuf>,
     pub random: RandomSource,
     /// Longest wait for a request's headers (also the idle keep-alive limit).
@@ -224,15 +224,15 @@ impl Gateway {
             (None, None) => None,
         };
         let client_keys = match &options.client_keys_dir {
-            Some(dir) => clients::ClientKeys::load(dir)?,
-            None => clients::ClientKeys::default(),
+            Some(dir) => client_keys::ClientKeys::load(dir)?,
+            None => client_keys::ClientKeys::default(),
         };
         Ok(Arc::new(Gateway {
             client_keys: Arc::new(client_keys),
             unary,
             store,
             metrics,
-            clients: upstream::Clients::new(Duration::from_secs(4))?,
+            pools: upstream::Pools::new(Duration::from_secs(4))?,
             clock,
             max_body_bytes: options.max_body_bytes,
             api_key: Arc::new(api_key::UpstreamKey::new(api_key)),
@@ -280,8 +280,7 @@ pub fn api_router(gw: Arc<Gateway>) -> Router {
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let store = Arc::new(PolicyStore::new(args.upstream.clone()).listening_on(args.listen));
     if let Some(path) = &args.policy_file {
-        let watcher =
-            load_and_watch_file(path.clone(), store.clone(), args.reload_interval).await?;
+        let watcher = load_and_poll_file(path.clone(), store.clone(), args.reload_interval).await?;
         tokio::spawn(watcher);
     } else if let Some(name) = &args.policy {
         let client = kube::Client::try_default().await.map_err(|e| {
@@ -328,7 +327,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     }
     if let Some(dir) = &args.client_keys_dir {
         tracing::info!(dir = %dir.display(), clients = gw.client_keys.len(), "client API keys loaded");
-        tokio::spawn(clients::follow_keys_dir(
+        tokio::spawn(client_keys::follow_keys_dir(
             dir.clone(),
             gw.client_keys.clone(),
             args.reload_interval,

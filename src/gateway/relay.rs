@@ -84,7 +84,7 @@ pub async fn forward(f: Forward<'_>) -> Response {
     if let Some(s) = sampler.as_mut() {
         s.sent();
     }
-    let client = gw.clients.get(snap.config.upstream.pool_idle_timeout);
+    let client = gw.pools.get(snap.config.upstream.pool_idle_timeout);
     let faults = Faults(gw.metrics.upstream_errors.clone());
     let resp = match tokio::time::timeout_at(deadline, client.request(req)).await {
         Err(_) => {

@@ -211,7 +211,7 @@ async fn streams_usage(
     )
     .ok()?;
     let resp = gw
-        .clients
+        .pools
         .get(upstream.pool_idle_timeout)
         .request(req)
         .await

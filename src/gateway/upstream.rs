@@ -22,17 +22,17 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 /// Pooled upstream clients by pool idle timeout (`spec.upstream.poolIdleTimeout`). The TLS
 /// roots are read once, when the gateway starts; a client for a new timeout is built from
 /// them without I/O and put in place atomically, and one for an unchanged timeout is reused.
-pub struct Clients {
+pub struct Pools {
     connector: Connector,
     pools: arc_swap::ArcSwap<Vec<(Duration, HttpClient)>>,
 }
 
-impl Clients {
+impl Pools {
     /// Reads the TLS roots (once) and builds the client for `pool_idle_timeout`.
     pub fn new(pool_idle_timeout: Duration) -> std::io::Result<Self> {
         let connector = connector()?;
         let first = build(connector.clone(), pool_idle_timeout);
-        Ok(Clients {
+        Ok(Pools {
             connector,
             pools: arc_swap::ArcSwap::from_pointee(vec![(pool_idle_timeout, first)]),
         })
@@ -292,10 +292,10 @@ mod pool_tests {
     #[tokio::test]
     async fn requests_under_an_old_and_a_new_policy_keep_their_pools() {
         let (uri, accepted) = counting_server().await;
-        let clients = Clients::new(Duration::from_secs(4)).unwrap();
+        let pools = Pools::new(Duration::from_secs(4)).unwrap();
         let (old, new) = (Duration::from_secs(4), Duration::from_secs(30));
-        get(&clients.get(old), &uri).await;
-        get(&clients.get(old), &uri).await;
+        get(&pools.get(old), &uri).await;
+        get(&pools.get(old), &uri).await;
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             1,
@@ -305,8 +305,8 @@ mod pool_tests {
         // each policy's requests reuse their own pool (the shared pool used to be rebuilt at
         // every switch, dropping its connections).
         for _ in 0..3 {
-            get(&clients.get(new), &uri).await;
-            get(&clients.get(old), &uri).await;
+            get(&pools.get(new), &uri).await;
+            get(&pools.get(old), &uri).await;
         }
         assert_eq!(
             accepted.load(Ordering::SeqCst),
@@ -314,8 +314,8 @@ mod pool_tests {
             "one connection per pool"
         );
         // A third timeout pushes out the oldest.
-        get(&clients.get(Duration::from_secs(60)), &uri).await;
-        get(&clients.get(new), &uri).await;
+        get(&pools.get(Duration::from_secs(60)), &uri).await;
+        get(&pools.get(new), &uri).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 }

@@ -41,8 +41,10 @@ pub struct Context {
 pub enum ReconcileError {
     #[error("the policy has no namespace")]
     NoNamespace,
-    #[error("cannot apply {kind} {name}: {source}")]
-    Apply {
+    /// A request about an owned object (or a Secret's metadata) failed: the apply, the
+    /// existence check before a first apply, or a delete.
+    #[error("the API request for {kind} {name} failed: {source}")]
+    Api {
         kind: String,
         name: String,
         source: kube::Error,
@@ -62,7 +64,7 @@ impl ReconcileError {
     /// owned objects.
     pub fn ready_reason(&self) -> Option<&'static str> {
         match self {
-            ReconcileError::Apply { .. } => Some("ApplyFailed"),
+            ReconcileError::Api { .. } => Some("ApplyFailed"),
             ReconcileError::NameConflict { .. } => Some("NameConflict"),
             ReconcileError::SecretNotAllowed { .. } => Some("SecretNotAllowed"),
             ReconcileError::NoNamespace | ReconcileError::Status(_) => None,
@@ -74,7 +76,7 @@ impl ReconcileError {
     pub fn metric_label(&self) -> &str {
         match self {
             ReconcileError::NoNamespace => "namespace",
-            ReconcileError::Apply { kind, .. } => kind,
+            ReconcileError::Api { kind, .. } => kind,
             ReconcileError::Status(_) => "status",
             ReconcileError::NameConflict { .. } => "conflict",
             ReconcileError::SecretNotAllowed { .. } => "secret",
@@ -95,7 +97,7 @@ async fn check_secret(
     let meta = api
         .get_metadata_opt(secret)
         .await
-        .map_err(|source| ReconcileError::Apply {
+        .map_err(|source| ReconcileError::Api {
             kind: "Secret".into(),
             name: secret.to_owned(),
             source,
@@ -338,7 +340,7 @@ async fn apply_objects(
             match pdbs.delete(&pdb_name, &DeleteParams::default()).await {
                 Ok(_) | Err(kube::Error::Api(_)) => {}
                 Err(source) => {
-                    return Err(ReconcileError::Apply {
+                    return Err(ReconcileError::Api {
                         kind: "PodDisruptionBudget".into(),
                         name: pdb_name,
                         source,

@@ -17,6 +17,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::duration::DURATION_PATTERN;
+
 /// Most per-model entries a policy may list (bounds CEL cost and metric label sets).
 pub const MAX_MODELS: usize = 128;
 
@@ -159,7 +161,7 @@ pub struct UpstreamSpec {
     /// Longest time a request may take upstream (whole stream included) before the gateway
     /// answers 504. Gateway API duration format.
     #[serde(default = "default_upstream_timeout")]
-    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
     pub timeout: String,
 
@@ -183,7 +185,7 @@ pub struct UpstreamSpec {
     /// server's own keep-alive timeout (uvicorn, under vLLM and llama-cpp-python, closes idle
     /// connections after 5 s), or a request can be sent on a connection the server is closing.
     #[serde(default = "default_pool_idle_timeout")]
-    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
     pub pool_idle_timeout: String,
 
@@ -192,7 +194,7 @@ pub struct UpstreamSpec {
     /// 504 `upstream_idle_timeout`; counted in sluice_upstream_errors_total{reason="idle_timeout"}.
     /// The whole-request `timeout` applies as well.
     #[serde(default = "default_stream_idle_timeout")]
-    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
     pub stream_idle_timeout: String,
 }
@@ -281,7 +283,7 @@ pub struct Thresholds {
     /// the mean age of the requests still waiting for their first token, which rises while a
     /// queue builds. Set it below the TTFT your users need. Gateway API duration.
     #[serde(default = "default_ttft")]
-    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
     pub ttft: String,
 
@@ -289,7 +291,7 @@ pub struct Thresholds {
     /// between consecutive content chunks exceeds it (samples above ramp × threshold are
     /// recorded at that ceiling). Gateway API duration.
     #[serde(default = "default_itl")]
-    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
     pub itl: String,
 
@@ -297,7 +299,7 @@ pub struct Thresholds {
     /// the shedding integral. Longer is steadier, shorter reacts faster. At least 1s.
     /// Gateway API duration.
     #[serde(default = "default_time_constant")]
-    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("must be at least 1s"))]
     pub time_constant: String,
 }
@@ -314,19 +316,19 @@ pub struct ModelThresholds {
 
     /// TTFT threshold of this model. Gateway API duration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
     pub ttft: Option<String>,
 
     /// ITL threshold of this model. Gateway API duration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
     pub itl: Option<String>,
 
     /// Time constant of this model's moving averages, at least 1s. Gateway API duration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"), length(max = 32))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("must be at least 1s"))]
     pub time_constant: Option<String>,
 }

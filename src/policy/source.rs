@@ -5,7 +5,7 @@
 //! [`Limiter::carry_over`], so the state of every key that remains carries on under the new
 //! thresholds) or
 //! `reject`s an invalid one (the last good snapshot stays; the error is logged and counted).
-//! Sources: [`load_and_watch_file`] (a local YAML file, polled) and [`super::watch`] (the
+//! Sources: [`load_and_poll_file`] (a local YAML file, polled) and [`super::watch`] (the
 //! Kubernetes API); both decide what changed with the state machines of [`super::follow`].
 
 use std::path::{Path, PathBuf};
@@ -237,7 +237,7 @@ pub fn read_policy_file(path: &Path) -> Result<(Vec<u8>, PolicyConfig), FileErro
 /// Loads `path` now (failing if it is unusable), then re-reads it every `interval` and applies
 /// each changed, valid version ([`FileFollower`]). An invalid or unreadable version is
 /// reported once and the last good policy stays in force. Runs until the task is dropped.
-pub async fn load_and_watch_file(
+pub async fn load_and_poll_file(
     path: PathBuf,
     store: Arc<PolicyStore>,
     interval: Duration,

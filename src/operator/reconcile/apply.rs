@@ -28,7 +28,7 @@ pub(super) async fn apply<K: Owned>(
 }
 
 fn failed<K: Owned>(name: &str) -> impl FnOnce(kube::Error) -> ReconcileError + '_ {
-    move |source| ReconcileError::Apply {
+    move |source| ReconcileError::Api {
         kind: K::kind(&()).to_string(),
         name: name.to_owned(),
         source,
@@ -67,7 +67,7 @@ pub(super) async fn apply_keeping<K: Owned>(
     };
     let value = apply_value(&obj);
     match patch(ctx, &api, &name, &value, digest(&value), force).await {
-        Err(ReconcileError::Apply {
+        Err(ReconcileError::Api {
             source: kube::Error::Api(e),
             ..
         }) if e.code == 409 => Err(ReconcileError::NameConflict {

@@ -14,7 +14,7 @@ fn failure_counts_of_deleted_policies_are_forgotten() {
 
 #[test]
 fn errors_name_what_failed_for_the_metric() {
-    let apply = ReconcileError::Apply {
+    let apply = ReconcileError::Api {
         kind: "Deployment".into(),
         name: "x-sluice".into(),
         source: kube::Error::LinesCodecMaxLineLengthExceeded,
