@@ -70,6 +70,8 @@ pub struct GatewayMetrics {
     /// Entries of the client key directory left out of the set in force (set from the keys
     /// when scraped).
     pub client_keys_invalid: IntGauge,
+    /// Bytes of request bodies held against `--max-body-memory` (set when scraped).
+    pub body_memory: IntGauge,
 }
 
 impl GatewayMetrics {
@@ -132,6 +134,11 @@ impl GatewayMetrics {
                 "Entries of the client key directory left out of the keys in force: an empty key, a key two clients share (every copy), a file that cannot be read. 0 when every entry is in force.",
             )
             .unwrap(),
+            body_memory: IntGauge::new(
+                "sluice_body_memory_bytes",
+                "Bytes of request bodies the gateway holds now (being read, or read and not yet taken by the upstream), in KiB-rounded reservations against --max-body-memory.",
+            )
+            .unwrap(),
             registry,
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
@@ -142,6 +149,7 @@ impl GatewayMetrics {
             Box::new(m.inflight.clone()),
             Box::new(m.upstream_errors.clone()),
             Box::new(m.client_keys_invalid.clone()),
+            Box::new(m.body_memory.clone()),
             Box::new(StateCollector::new(store, clock, unary)),
         ];
         for c in collectors {

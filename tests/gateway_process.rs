@@ -307,9 +307,11 @@ async fn a_rollout_under_steady_load_fails_no_request() {
     let fresh = tokio::spawn(load(fresh, url.clone(), until));
     tokio::time::sleep(Duration::from_secs(1)).await;
     gw.process.terminate();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let ready = get(&c, &format!("{}/readyz", gw.url)).await;
-    assert_eq!(ready.status, 503, "not ready while draining");
+    // Not ready while draining, as soon as the signal is handled (and still serving).
+    support::eventually(5, "/readyz 503 while draining", || async {
+        (get(&c, &format!("{}/readyz", gw.url)).await.status == 503).then_some(())
+    })
+    .await;
     for h in [pooled, fresh] {
         let (ok, failed) = h.await.unwrap();
         assert!(ok > 20, "only {ok} requests");

@@ -134,7 +134,9 @@ async fn bodies_past_the_memory_budget_wait_their_turn_with_503() {
     let mut slow = TcpStream::connect(&addr).await.unwrap();
     slow.write_all(head.as_bytes()).await.unwrap();
     slow.write_all(&body.as_bytes()[..100]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 40 000 bytes, reserved in KiB.
+    gw.wait_metric(&c, "sluice_body_memory_bytes", &[], 40_960.0, 10)
+        .await;
 
     // A second large body is refused at once, with the in-flight limit's answer, and
     // `Connection: close`: the gateway closes that connection without reading the body, so

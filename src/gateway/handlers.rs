@@ -294,6 +294,10 @@ pub async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     gw.metrics
         .client_keys_invalid
         .set(gw.client_keys.invalid() as i64);
+    // The budget is counted in KiB permits (see `intake`).
+    let permits = gw.max_body_memory.div_ceil(1024);
+    let held = permits.saturating_sub(gw.body_memory.available_permits()) * 1024;
+    gw.metrics.body_memory.set(held as i64);
     let mut resp = gw.metrics.render().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -40,7 +40,7 @@ impl ChildProcess {
                 if let Some(found) = listening_line(&line) {
                     let _ = tx.send(found);
                 }
-                if line.contains(" WARN ") {
+                if line.contains(" WARN ") || line.contains(" ERROR ") {
                     keep.lock().unwrap().push(line);
                 }
             }
@@ -50,7 +50,7 @@ impl ChildProcess {
         p
     }
 
-    /// The WARN lines the process has logged so far (for `sluice` processes).
+    /// The WARN and ERROR lines the process has logged so far (for `sluice` processes).
     pub fn warnings(&self) -> Vec<String> {
         self.warnings.lock().unwrap().clone()
     }
