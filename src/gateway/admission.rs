@@ -16,23 +16,15 @@ use crate::policy::source::Snapshot;
 /// Where the shedding coin flips and the Retry-After jitter come from.
 #[derive(Debug)]
 pub enum RandomSource {
-    /// A generator per thread, seeded from the time: no contention (production).
+    /// A generator per thread, seeded by `fastrand` (from the OS's hashing seed, the time and
+    /// the thread): no contention (production).
     PerThread,
     /// One seeded generator behind a lock: the same seed gives the same decisions (tests).
     Seeded(Mutex<SplitMix64>),
 }
 
 thread_local! {
-    static RNG: RefCell<SplitMix64> = RefCell::new(SplitMix64::new(time_seed()));
-}
-
-fn time_seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let here = &t as *const u64 as u64;
-    t ^ here.rotate_left(32)
+    static RNG: RefCell<SplitMix64> = RefCell::new(SplitMix64::new(fastrand::u64(..)));
 }
 
 impl RandomSource {
