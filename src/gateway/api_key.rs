@@ -145,17 +145,18 @@ impl KeyFileFollower {
 /// task is dropped.
 pub async fn follow_key_file(path: PathBuf, key: Arc<UpstreamKey>, interval: Duration) {
     let mut follower = KeyFileFollower::default();
-    loop {
-        tokio::time::sleep(interval).await;
-        let p = path.clone();
-        let Ok(read) = tokio::task::spawn_blocking(move || read_key_file(&p)).await else {
-            continue;
-        };
-        if let Some(v) = follower.on_read(read, key.current().as_deref()) {
-            key.set(v);
-            tracing::info!(path = %path.display(), "upstream API key reloaded");
-        }
-    }
+    let p = path.clone();
+    crate::policy::follow::poll(
+        interval,
+        move || read_key_file(&p),
+        |read| {
+            if let Some(v) = follower.on_read(read, key.current().as_deref()) {
+                key.set(v);
+                tracing::info!(path = %path.display(), "upstream API key reloaded");
+            }
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]

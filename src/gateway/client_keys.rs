@@ -240,14 +240,15 @@ impl ClientKeys {
 /// runs until the task is dropped.
 pub async fn follow_keys_dir(dir: PathBuf, keys: Arc<ClientKeys>, interval: Duration) {
     let mut reported = Vec::new();
-    loop {
-        tokio::time::sleep(interval).await;
-        let d = dir.clone();
-        let Ok(read) = tokio::task::spawn_blocking(move || read_dir(&d)).await else {
-            continue;
-        };
-        keys.apply_read(&dir, read, &mut reported);
-    }
+    let d = dir.clone();
+    crate::policy::follow::poll(
+        interval,
+        move || read_dir(&d),
+        |read| {
+            keys.apply_read(&dir, read, &mut reported);
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]

@@ -183,5 +183,22 @@ impl FileFollower {
     }
 }
 
+/// Every `interval`, reads a file (or directory) with `read` on the blocking pool and hands
+/// the result to `on_read`: the one polling loop of the policy file, the upstream key file and
+/// the client key directory. Runs until the task is dropped.
+pub async fn poll<T, R, F>(interval: std::time::Duration, read: R, mut on_read: F)
+where
+    T: Send + 'static,
+    R: Fn() -> T + Clone + Send + 'static,
+    F: FnMut(T),
+{
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Ok(result) = tokio::task::spawn_blocking(read.clone()).await {
+            on_read(result);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

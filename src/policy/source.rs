@@ -251,17 +251,14 @@ pub async fn load_and_poll_file(
     store.set_source(true, true);
     let mut follower = FileFollower::new(bytes);
     Ok(async move {
-        loop {
-            tokio::time::sleep(interval).await;
-            let p = path.clone();
-            let Ok(read) = tokio::task::spawn_blocking(move || std::fs::read(&p)).await else {
-                continue;
-            };
+        let read = move || std::fs::read(&path);
+        super::follow::poll(interval, read, |read| {
             if let Some(change) = follower.on_read(read) {
                 store.handle(&source, change);
             }
             store.set_source(follower.up(), true);
-        }
+        })
+        .await;
     })
 }
 
