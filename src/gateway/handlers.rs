@@ -17,7 +17,7 @@ use super::assemble;
 use super::body::{BodyError, RequestHead, streaming_body};
 use super::error::GatewayError;
 use super::intake::{BodyPermit, read_body, unread_body};
-use super::measure::{Endpoint, InflightSlot, Sampler, Tracker, count};
+use super::measure::{Endpoint, InflightPlace, Sampler, Tracker, count};
 use super::relay::{Forward, forward};
 use super::unary::{self, Plan};
 use crate::limiter::Priority;
@@ -118,7 +118,7 @@ fn check_model_name(model: &str) -> Result<(), GatewayError> {
 struct Accepted {
     snap: Arc<Snapshot>,
     priority: Priority,
-    slot: InflightSlot,
+    place: InflightPlace,
     bytes: Bytes,
     /// The body's share of the body-memory budget, until the upstream has the body.
     body_permit: Option<BodyPermit>,
@@ -139,7 +139,7 @@ async fn accept(
         return Err(Box::new(unread_body(headers, resp)));
     };
     let priority = request_priority(&snap, &gw.client_keys, headers).map_err(refused)?;
-    let slot = InflightSlot::acquire(gw).ok_or_else(|| {
+    let place = InflightPlace::acquire(gw).ok_or_else(|| {
         refused(GatewayError::Overloaded {
             limit: gw.max_inflight,
         })
@@ -148,7 +148,7 @@ async fn accept(
     Ok(Accepted {
         snap,
         priority,
-        slot,
+        place,
         bytes,
         body_permit,
     })
@@ -188,7 +188,7 @@ async fn completion(
                 }
             });
     let tracker =
-        Tracker::new(acc.slot, &a.label, endpoint, req.stream, a.shadow, start).holding(a.active);
+        Tracker::new(acc.place, &a.label, endpoint, req.stream, a.shadow, start).holding(a.active);
     let sampler = (req.stream || assemble).then(|| Sampler::start(&gw, &a.snap, a.key, &req.model));
     let body = if assemble {
         // The client's body is let go once rewritten: one copy is held, not two. (The
@@ -271,7 +271,7 @@ pub async fn passthrough(
         }
         None => (String::new(), false, None),
     };
-    let mut tracker = Tracker::new(acc.slot, &label, endpoint, false, shadow, start);
+    let mut tracker = Tracker::new(acc.place, &label, endpoint, false, shadow, start);
     if let Some(a) = active {
         tracker = tracker.holding(a);
     }

@@ -64,20 +64,20 @@ pub fn count(m: &GatewayMetrics, model: &str, endpoint: Endpoint, stream: bool, 
 
 /// One of the gateway's `max_inflight` places, held from before the body is read until the
 /// response is complete (or the client is gone).
-pub struct InflightSlot(Arc<Gateway>);
+pub struct InflightPlace(Arc<Gateway>);
 
-impl InflightSlot {
+impl InflightPlace {
     /// A place, or None when all are taken.
     pub fn acquire(gw: &Arc<Gateway>) -> Option<Self> {
         let held = gw
             .inflight
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let slot = InflightSlot(gw.clone());
-        (held < gw.max_inflight).then_some(slot)
+        let place = InflightPlace(gw.clone());
+        (held < gw.max_inflight).then_some(place)
     }
 }
 
-impl Drop for InflightSlot {
+impl Drop for InflightPlace {
     fn drop(&mut self) {
         self.0
             .inflight
@@ -89,7 +89,7 @@ impl Drop for InflightSlot {
 /// dropped: a response body dropped before it finished (client gone) counts as `cancelled`.
 /// It holds the request's in-flight place until then.
 pub struct Tracker {
-    slot: InflightSlot,
+    place: InflightPlace,
     /// The limiter's count of the request, when it was admitted by the latency gate.
     active: Option<Active>,
     model: String,
@@ -104,14 +104,14 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(
-        slot: InflightSlot,
+        place: InflightPlace,
         model: &str,
         endpoint: Endpoint,
         stream: bool,
         shadow: bool,
         start: Instant,
     ) -> Self {
-        let m = &slot.0.metrics;
+        let m = &place.0.metrics;
         let inflight = m.inflight.with_label_values(&[model]);
         inflight.inc();
         Tracker {
@@ -123,7 +123,7 @@ impl Tracker {
             outcome: None,
             start,
             inflight,
-            slot,
+            place,
             active: None,
         }
     }
@@ -151,7 +151,7 @@ impl Drop for Tracker {
             self.duration.observe(self.start.elapsed().as_secs_f64());
         }
         count(
-            &self.slot.0.metrics,
+            &self.place.0.metrics,
             &self.model,
             self.endpoint,
             self.stream,

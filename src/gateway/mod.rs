@@ -155,7 +155,7 @@ pub struct Gateway {
     pub drain_delay: Duration,
     /// See [`GatewayOptions::max_inflight`].
     pub max_inflight: usize,
-    /// Requests held now (see [`measure::InflightSlot`]).
+    /// Requests held now (see [`measure::InflightPlace`]).
     pub inflight: std::sync::atomic::AtomicUsize,
     /// See [`GatewayOptions::max_body_memory`].
     pub max_body_memory: usize,

@@ -83,7 +83,7 @@ pub struct KeyId(u32);
 
 /// One key: its label and thresholds under this policy, and its state (shared with the
 /// limiters of earlier and later versions of the policy).
-struct Slot {
+struct KeyEntry {
     label: Box<str>,
     thresholds: Thresholds,
     /// Set once the key has been handed out (the `other` key starts unused).
@@ -91,9 +91,9 @@ struct Slot {
     state: Arc<StateCell>,
 }
 
-impl Slot {
+impl KeyEntry {
     fn new(label: &str, thresholds: Thresholds, in_use: bool) -> Self {
-        Slot {
+        KeyEntry {
             label: label.into(),
             thresholds,
             in_use: AtomicBool::new(in_use),
@@ -145,7 +145,7 @@ pub struct Limiter {
     config: LimiterConfig,
     named: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
     other: u32,
-    slots: Box<[Slot]>,
+    entries: Box<[KeyEntry]>,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -160,27 +160,27 @@ impl std::fmt::Debug for Limiter {
 impl Limiter {
     /// A limiter with no evidence yet.
     pub fn new(config: LimiterConfig) -> Self {
-        let mut slots = Vec::new();
+        let mut entries = Vec::new();
         let mut named = HashMap::default();
         let other = match config.scope {
             Scope::Global => {
-                slots.push(Slot::new(GLOBAL_LABEL, config.defaults, true));
+                entries.push(KeyEntry::new(GLOBAL_LABEL, config.defaults, true));
                 0
             }
             Scope::PerModel => {
                 for (name, t) in &config.models {
-                    named.insert(name.as_str().into(), slots.len() as u32);
-                    slots.push(Slot::new(name, *t, true));
+                    named.insert(name.as_str().into(), entries.len() as u32);
+                    entries.push(KeyEntry::new(name, *t, true));
                 }
-                slots.push(Slot::new(OTHER_LABEL, config.defaults, false));
-                slots.len() as u32 - 1
+                entries.push(KeyEntry::new(OTHER_LABEL, config.defaults, false));
+                entries.len() as u32 - 1
             }
         };
         Limiter {
             config,
             named,
             other,
-            slots: slots.into_boxed_slice(),
+            entries: entries.into_boxed_slice(),
         }
     }
 
@@ -189,8 +189,8 @@ impl Limiter {
     }
 
     fn other_key(&self) -> KeyId {
-        let slot = &self.slots[self.other as usize];
-        slot.mark_used();
+        let entry = &self.entries[self.other as usize];
+        entry.mark_used();
         KeyId(self.other)
     }
 
@@ -208,12 +208,12 @@ impl Limiter {
 
     /// The metric label of a key.
     pub fn label(&self, key: KeyId) -> &str {
-        &self.slots[key.0 as usize].label
+        &self.entries[key.0 as usize].label
     }
 
     /// Number of keys handed out so far (named, and `other` once used).
     pub fn key_count(&self) -> usize {
-        self.slots
+        self.entries
             .iter()
             .filter(|s| s.in_use.load(Ordering::Relaxed))
             .count()
@@ -221,21 +221,21 @@ impl Limiter {
 
     /// Thresholds of a key.
     pub fn thresholds(&self, key: KeyId) -> Thresholds {
-        self.slots[key.0 as usize].thresholds
+        self.entries[key.0 as usize].thresholds
     }
 
     /// Requests of a key waiting for their first token, and the TTFT estimated from their
     /// ages at `now` (seconds).
     pub fn waiting(&self, key: KeyId, now: Duration) -> (u32, f64) {
-        let st = *self.slots[key.0 as usize].lock();
+        let st = *self.entries[key.0 as usize].lock();
         (st.waiting, st.waiting_ttft(now.as_secs_f64()))
     }
 
     /// The moving averages `(ttft, itl)` of a key at `now`, seconds.
     pub fn averages(&self, key: KeyId, now: Duration) -> (f64, f64) {
-        let slot = &self.slots[key.0 as usize];
-        let [ttft, itl] = slot.lock().est;
-        let (now, tau) = (now.as_secs_f64(), slot.thresholds.time_constant);
+        let entry = &self.entries[key.0 as usize];
+        let [ttft, itl] = entry.lock().est;
+        let (now, tau) = (now.as_secs_f64(), entry.thresholds.time_constant);
         (ttft.read(now, tau), itl.read(now, tau))
     }
 
@@ -277,14 +277,14 @@ impl Limiter {
         rng: &mut R,
         count: bool,
     ) -> Decision {
-        let slot = &self.slots[key.0 as usize];
-        let th = slot.thresholds;
+        let entry = &self.entries[key.0 as usize];
+        let th = entry.thresholds;
         let shed = &self.config.shedding;
         let (now, tau) = (now.as_secs_f64(), th.time_constant);
         // Each signal is read once, under the lock that also brings the integral up to date;
         // the lock is held through the decision (a few tens of nanoseconds: cheaper than
         // copying the state out) and released before the cold Retry-After maths.
-        let mut st = slot.lock();
+        let mut st = entry.lock();
         let standard = st.pressure(now, &th);
         st.integral = st.integral_at(standard, now, tau, shed);
         st.integrated_at = Some(now);
@@ -371,13 +371,13 @@ impl Limiter {
     /// Readings of every key in use, for metrics.
     pub fn readings(&self, now: Duration) -> impl Iterator<Item = KeyReading<'_>> + '_ {
         let shed = self.config.shedding;
-        self.slots
+        self.entries
             .iter()
             .filter(|s| s.in_use.load(Ordering::Relaxed))
-            .map(move |slot| {
-                let label = &*slot.label;
-                let st = *slot.lock();
-                let th = slot.thresholds;
+            .map(move |entry| {
+                let label = &*entry.label;
+                let st = *entry.lock();
+                let th = entry.thresholds;
                 let (n, tau) = (now.as_secs_f64(), th.time_constant);
                 let (t, i) = (st.est[0].read(n, tau), st.est[1].read(n, tau));
                 let pressure = st.pressure(n, &th);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{InvalidSample, KeyId, Limiter, Signal, Slot, concurrency};
+use super::{InvalidSample, KeyEntry, KeyId, Limiter, Signal, concurrency};
 
 impl Limiter {
     /// Records a latency sample (seconds) taken at `now`. A TTFT sample recorded here counts
@@ -42,11 +42,11 @@ impl Limiter {
         concurrency: Option<u32>,
         now: Duration,
     ) -> Result<(), InvalidSample> {
-        let slot = &self.slots[key.0 as usize];
-        let th = slot.thresholds;
+        let entry = &self.entries[key.0 as usize];
+        let th = entry.thresholds;
         let shed = &self.config.shedding;
         let (now, tau) = (now.as_secs_f64(), th.time_constant);
-        let mut st = slot.lock();
+        let mut st = entry.lock();
         // Beyond ramp × threshold a sample cannot shed more, only keep the gate shut longer
         // after the server recovers: record it at that ceiling (not for the hard cliff).
         let clamped = if shed.ramp > 1.0 && seconds.is_finite() {
@@ -88,18 +88,18 @@ impl Limiter {
         if was != now_unreachable {
             let [t, i] = st.conc.baseline.map(|b| b.get().unwrap_or(0.0));
             drop(st);
-            self.incident(slot, now_unreachable, t, i);
+            self.incident(entry, now_unreachable, t, i);
         }
         Ok(())
     }
 
     /// Logs a key's thresholds becoming unreachable (once per incident) or reachable again.
     #[cold]
-    fn incident(&self, slot: &Slot, unreachable: bool, ttft: f64, itl: f64) {
-        let th = slot.thresholds;
+    fn incident(&self, entry: &KeyEntry, unreachable: bool, ttft: f64, itl: f64) {
+        let th = entry.thresholds;
         if unreachable {
             tracing::warn!(
-                model = %slot.label,
+                model = %entry.label,
                 ttft_low_concurrency_ms = ttft * 1e3,
                 itl_low_concurrency_ms = itl * 1e3,
                 ttft_threshold_ms = th.ttft * 1e3,
@@ -112,7 +112,7 @@ impl Limiter {
                 concurrency::UNREACHABLE_MARGIN,
             );
         } else {
-            tracing::info!(model = %slot.label, "the policy's thresholds are reachable again");
+            tracing::info!(model = %entry.label, "the policy's thresholds are reachable again");
         }
     }
 
@@ -120,23 +120,23 @@ impl Limiter {
     /// request guard calls both).
     #[inline]
     pub fn begin_request(&self, key: KeyId) {
-        self.slots[key.0 as usize].lock().conc.in_flight += 1;
+        self.entries[key.0 as usize].lock().conc.in_flight += 1;
     }
 
     /// An admitted request finished at `now`, however it ended (its slot in the engine is
     /// free again).
     #[inline]
     pub fn end_request(&self, key: KeyId, now: Duration) {
-        let slot = &self.slots[key.0 as usize];
-        let tau = slot.thresholds.time_constant;
-        let mut st = slot.lock();
+        let entry = &self.entries[key.0 as usize];
+        let tau = entry.thresholds.time_constant;
+        let mut st = entry.lock();
         st.conc.in_flight = st.conc.in_flight.saturating_sub(1);
         st.conc.completions.tick(now.as_secs_f64(), tau);
     }
 
     /// Requests of a key in flight now.
     pub fn in_flight(&self, key: KeyId) -> u32 {
-        self.slots[key.0 as usize].lock().conc.in_flight
+        self.entries[key.0 as usize].lock().conc.in_flight
     }
 
     /// An admitted request was sent upstream at `now` and waits for its first token. Call
@@ -145,7 +145,7 @@ impl Limiter {
     /// requests in flight (the concurrency this request was admitted at, itself included).
     #[inline]
     pub fn begin_wait(&self, key: KeyId, now: Duration) -> u32 {
-        let mut st = self.slots[key.0 as usize].lock();
+        let mut st = self.entries[key.0 as usize].lock();
         st.waiting += 1;
         st.waiting_since += now.as_secs_f64();
         st.conc.in_flight
@@ -154,7 +154,7 @@ impl Limiter {
     /// The request that began waiting at `since` stopped waiting.
     #[inline]
     pub fn end_wait(&self, key: KeyId, since: Duration) {
-        let mut st = self.slots[key.0 as usize].lock();
+        let mut st = self.entries[key.0 as usize].lock();
         st.waiting = st.waiting.saturating_sub(1);
         st.waiting_since = if st.waiting == 0 {
             0.0

@@ -17,22 +17,22 @@ impl Limiter {
         if next.config.scope != previous.config.scope {
             return next;
         }
-        for (i, slot) in previous.slots.iter().enumerate() {
-            if !slot.in_use.load(Ordering::Relaxed) {
+        for (i, entry) in previous.entries.iter().enumerate() {
+            if !entry.in_use.load(Ordering::Relaxed) {
                 continue;
             }
             let target = if i as u32 == previous.other {
                 Some(next.other)
             } else {
-                next.named.get(&*slot.label).copied()
+                next.named.get(&*entry.label).copied()
             };
             if let Some(j) = target {
-                let to = &mut next.slots[j as usize];
-                to.state = slot.state.clone();
+                let to = &mut next.entries[j as usize];
+                to.state = entry.state.clone();
                 to.mark_used();
                 // The good concurrency was learned against the old thresholds: still evidence
                 // under looser ones, none under tighter ones.
-                let (old, new) = (slot.thresholds, to.thresholds);
+                let (old, new) = (entry.thresholds, to.thresholds);
                 if new.ttft < old.ttft || new.itl < old.itl {
                     to.state.lock().conc.good = 0.0;
                 }

@@ -13,8 +13,8 @@ use std::fmt;
 use std::time::Duration;
 
 use super::crd::{
-    MAX_MODEL_NAME_BYTES, MAX_MODELS, Mode, PriorityClass, RateLimitPolicy, RateLimitPolicySpec,
-    Scope, SecretKeyRef,
+    MAX_MODEL_NAME_BYTES, MAX_MODELS, ModeSpec, PriorityClass, RateLimitPolicy,
+    RateLimitPolicySpec, ScopeSpec, SecretKeyRef,
 };
 use super::duration::parse_duration;
 use crate::limiter::{self, LimiterConfig, Priority, Thresholds};
@@ -314,7 +314,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
                 ),
             );
         }
-        if spec.scope == Scope::Global && !spec.models.is_empty() {
+        if spec.scope == ScopeSpec::Global && !spec.models.is_empty() {
             c.fail(
                 "spec.models",
                 "per-model entries have no effect with scope Global; remove them or use scope PerModel",
@@ -389,12 +389,12 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
                     },
                     limiter: LimiterConfig {
                         mode: match spec.mode {
-                            Mode::Enforce => limiter::Mode::Enforce,
-                            Mode::Shadow => limiter::Mode::Shadow,
+                            ModeSpec::Enforce => limiter::Mode::Enforce,
+                            ModeSpec::Shadow => limiter::Mode::Shadow,
                         },
                         scope: match spec.scope {
-                            Scope::PerModel => limiter::Scope::PerModel,
-                            Scope::Global => limiter::Scope::Global,
+                            ScopeSpec::PerModel => limiter::Scope::PerModel,
+                            ScopeSpec::Global => limiter::Scope::Global,
                         },
                         defaults,
                         models,

@@ -113,16 +113,16 @@ pub struct RateLimitPolicySpec {
     /// Enforce sheds requests with HTTP 429; Shadow computes every decision and records it in
     /// metrics but rejects nothing (for tuning thresholds on live traffic).
     #[serde(default)]
-    pub mode: Mode,
+    pub mode: ModeSpec,
 
     /// PerModel keeps separate moving averages and decisions per requested model; Global shares
     /// one set across all models.
     #[serde(default)]
-    pub scope: Scope,
+    pub scope: ScopeSpec,
 
     /// Thresholds and time constant for every model without its own entry in `models`.
     #[serde(default)]
-    pub defaults: Thresholds,
+    pub defaults: ThresholdsSpec,
 
     /// Per-model overrides, keyed by the `model` field of OpenAI requests. Any field left out
     /// takes its value from `defaults`.
@@ -133,7 +133,7 @@ pub struct RateLimitPolicySpec {
 
     /// How hard the gateway sheds once the moving averages cross their thresholds.
     #[serde(default)]
-    pub shedding: Shedding,
+    pub shedding: SheddingSpec,
 
     /// Who may claim a request priority with the `x-sluice-priority` header, and the
     /// priority class of each authenticated client.
@@ -255,7 +255,7 @@ pub struct GatewaySpec {
 
 /// Enforce or only observe.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Mode {
+pub enum ModeSpec {
     /// Shed requests with HTTP 429.
     #[default]
     Enforce,
@@ -265,7 +265,7 @@ pub enum Mode {
 
 /// What shares one set of moving averages.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Scope {
+pub enum ScopeSpec {
     /// One set per requested model.
     #[default]
     PerModel,
@@ -276,7 +276,7 @@ pub enum Scope {
 /// Latency thresholds and the time constant of the moving averages compared with them.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct Thresholds {
+pub struct ThresholdsSpec {
     /// Time-to-first-token threshold: shedding starts when the TTFT signal exceeds it. The
     /// signal is the larger of the moving average of TTFT (request sent upstream to first
     /// content chunk; samples above ramp × threshold are recorded at that ceiling) and twice
@@ -348,7 +348,7 @@ pub struct ModelThresholds {
 /// their pressure scaled up by 1.25.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct Shedding {
+pub struct SheddingSpec {
     /// Highest rejection probability, in (0, 1]. Below 1 a trickle of requests keeps probing
     /// the server while shedding, so the gate reopens as soon as it recovers. At 1 the ramp
     /// sheds everything past its end, while the integral alone never holds the gate beyond
@@ -440,9 +440,9 @@ pub(crate) fn default_max_evidence() -> i32 {
     200
 }
 
-impl Default for Thresholds {
+impl Default for ThresholdsSpec {
     fn default() -> Self {
-        Thresholds {
+        ThresholdsSpec {
             ttft: default_ttft(),
             itl: default_itl(),
             time_constant: default_time_constant(),
@@ -450,9 +450,9 @@ impl Default for Thresholds {
     }
 }
 
-impl Default for Shedding {
+impl Default for SheddingSpec {
     fn default() -> Self {
-        Shedding {
+        SheddingSpec {
             max_reject_probability: default_max_reject_probability(),
             ramp: default_ramp(),
             max_evidence: default_max_evidence(),

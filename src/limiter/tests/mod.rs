@@ -56,7 +56,7 @@ fn cliff_config() -> LimiterConfig {
 /// Eight requests in flight (more than the low-concurrency baseline counts), as many as the
 /// engine last served within the thresholds.
 fn busy(l: &Limiter, key: KeyId, now: Duration) {
-    let mut st = l.slots[key.0 as usize].lock();
+    let mut st = l.entries[key.0 as usize].lock();
     st.conc.in_flight = 8;
     st.conc.good = 8.0;
     st.conc.raised_at = now.as_secs_f64();
