@@ -7,9 +7,9 @@
 //!   logs through `tracing` when a threshold becomes unreachable or reachable again).
 //! - [`policy`]: the `RateLimitPolicy` custom resource, its validation, and its conversion
 //!   into the limiter's configuration.
-//! - [`gateway`]: the OpenAI-compatible proxy that measures and sheds.
+//! - [`gateway`]: the OpenAI-compatible proxy that measures and sheds, and its Prometheus
+//!   metrics ([`gateway::metrics`]).
 //! - [`sim`]: the simulated OpenAI-compatible inference engine.
-//! - [`metrics`]: the gateway's Prometheus metrics.
 //! - [`demo`]: engine + gateway in one process.
 //! - [`loadgen`]: the load generator and its goodput report.
 //! - [`operator`]: the objects the operator owns per policy.
@@ -19,7 +19,6 @@ pub mod demo;
 pub mod gateway;
 pub mod limiter;
 pub mod loadgen;
-pub mod metrics;
 pub mod openai;
 pub mod operator;
 pub mod policy;

@@ -26,7 +26,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::limiter::decision::{retry_after_header_ms, retry_after_header_secs};
-use crate::metrics::Outcome;
+use crate::gateway::metrics::Outcome;
 use crate::openai::ApiError;
 
 /// Why the gateway answers instead of the upstream.

@@ -13,7 +13,7 @@ use super::Gateway;
 use super::admission::Active;
 use super::assemble::Assembler;
 use crate::limiter::{KeyId, Signal};
-use crate::metrics::{GatewayMetrics, Outcome, RequestMetrics};
+use crate::gateway::metrics::{GatewayMetrics, Outcome, RequestMetrics};
 use crate::openai::sse::{EventKind, SseEvent, SseParser, classify, classify_value};
 use crate::openai::timing::{StreamTimer, Timing};
 use crate::policy::source::Snapshot;

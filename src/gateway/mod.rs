@@ -26,6 +26,7 @@ pub mod error;
 pub mod handlers;
 pub mod intake;
 pub mod measure;
+pub mod metrics;
 pub mod relay;
 mod server;
 pub mod unary;
@@ -44,7 +45,7 @@ use axum::Router;
 use axum::routing::{get, post};
 
 use crate::limiter::{Clock, MonotonicClock};
-use crate::metrics::GatewayMetrics;
+use crate::gateway::metrics::GatewayMetrics;
 use crate::policy::duration::parse_duration;
 use crate::policy::source::{PolicyStore, load_and_poll_file};
 

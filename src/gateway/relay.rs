@@ -19,7 +19,7 @@ use super::assemble::{self, Assembler};
 use super::error::GatewayError;
 use super::measure::{Observer, Sampler, Tracker};
 use super::upstream;
-use crate::metrics::Outcome;
+use crate::gateway::metrics::Outcome;
 use crate::policy::source::Snapshot;
 
 /// One request to forward.
