@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::{Clock, MonotonicClock};
 use crate::gateway::{self, Gateway};
-use crate::limiter::{Clock, MonotonicClock};
 use crate::policy::source::{PolicyStore, load_and_poll_file};
 use crate::sim::{SimConfig, SimEngine};
 

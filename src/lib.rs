@@ -14,7 +14,11 @@
 //! - [`loadgen`]: the load generator and its goodput report.
 //! - [`operator`]: the objects the operator owns per policy.
 //! - [`openai`]: OpenAI API shapes shared by the servers.
+//! - [`clock`] and [`random`]: the injected clock and random sources (a manual clock and
+//!   seeded generators in tests), used by the limiter, the operator, the simulated engine
+//!   and the load generator.
 
+pub mod clock;
 pub mod demo;
 pub mod gateway;
 pub mod limiter;
@@ -22,6 +26,7 @@ pub mod loadgen;
 pub mod openai;
 pub mod operator;
 pub mod policy;
+pub mod random;
 pub mod sim;
 
 /// A listener whose accepted connections have TCP_NODELAY set: servers that stream many small

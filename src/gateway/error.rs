@@ -25,8 +25,8 @@ use std::time::Duration;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::limiter::decision::{retry_after_header_ms, retry_after_header_secs};
 use crate::gateway::metrics::Outcome;
+use crate::limiter::decision::{retry_after_header_ms, retry_after_header_secs};
 use crate::openai::ApiError;
 
 /// Why the gateway answers instead of the upstream.

@@ -44,8 +44,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::{get, post};
 
-use crate::limiter::{Clock, MonotonicClock};
 use crate::gateway::metrics::GatewayMetrics;
+use crate::limiter::{Clock, MonotonicClock};
 use crate::policy::duration::parse_duration;
 use crate::policy::source::{PolicyStore, load_and_poll_file};
 

@@ -24,7 +24,8 @@
 //!   low-concurrency baseline and unreachable thresholds.
 //! - [`config`]: thresholds, shedding parameters, mode and scope.
 //! - [`state`]: the per-key state, in cells shared across reloads.
-//! - [`clock`], [`random`]: injected time and randomness, so tests are exact.
+//! - [`crate::clock`], [`crate::random`] (at the crate root): injected time and randomness,
+//!   so tests are exact.
 //!
 //! A [`Limiter`] is built from one validated [`LimiterConfig`]; it holds the thresholds and
 //! shedding parameters of that policy and, per key, a shared cell of state. A policy reload
@@ -49,12 +50,10 @@
 //! parking_lot's, which spin briefly before parking, right for critical sections of a few
 //! tens of nanoseconds. The maps from model names to keys use foldhash.
 
-pub mod clock;
 pub mod concurrency;
 pub mod config;
 pub mod decision;
 pub mod estimator;
-pub mod random;
 mod record;
 mod reload;
 pub mod state;
@@ -67,10 +66,12 @@ use std::time::Duration;
 pub use config::{LimiterConfig, Mode, Scope, Shedding, Signal, Thresholds};
 use state::StateCell;
 
-pub use clock::{Clock, ManualClock, MonotonicClock};
+// The clock and the random sources live at the crate root (the operator, the simulated
+// engine and the load generator use them too); re-exported where the limiter's API needs them.
+pub use crate::clock::{Clock, ManualClock, MonotonicClock};
+pub use crate::random::{SplitMix64, Uniform};
 pub use decision::{Decision, Priority, UnknownPriority, Verdict};
 pub use estimator::{Estimator, InvalidSample};
-pub use random::{SplitMix64, Uniform};
 
 /// Label of the key shared by every model the policy does not name.
 pub const OTHER_LABEL: &str = "other";

@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
-use crate::limiter::{SplitMix64, Uniform};
 use crate::policy::duration::parse_duration;
+use crate::random::{SplitMix64, Uniform};
 
 /// One phase of a schedule: `rate` requests per second for `duration`.
 #[derive(Debug, Clone, Copy, PartialEq)]

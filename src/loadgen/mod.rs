@@ -34,9 +34,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 
-use crate::limiter::{Priority, SplitMix64, Uniform};
+use crate::limiter::Priority;
 use crate::openai::sse::{EventKind, SseEvent, SseParser, classify};
 use crate::openai::timing::{StreamTimer, Timing};
+use crate::random::{SplitMix64, Uniform};
 use arrivals::{Phase, arrival_times};
 use report::{Outcome, RequestResult};
 

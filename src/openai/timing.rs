@@ -66,7 +66,7 @@ impl StreamTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limiter::{Clock, ManualClock};
+    use crate::clock::{Clock, ManualClock};
 
     #[test]
     fn first_content_is_ttft_then_gaps_split_coalesced_events() {

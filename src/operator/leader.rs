@@ -29,7 +29,7 @@ use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use parking_lot::Mutex;
 
-use crate::limiter::Clock;
+use crate::clock::Clock;
 
 /// The record a candidate compares between reads: any change means the holder is alive.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -285,7 +285,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             &args.lease_name,
             &identity,
             leader::Timing::for_lease(args.lease_duration),
-            Arc::new(crate::limiter::MonotonicClock::new()),
+            Arc::new(crate::clock::MonotonicClock::new()),
         );
         tokio::select! {
             _ = e.acquire() => {}

@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::limiter::SplitMix64;
+use crate::random::SplitMix64;
 
 mod http;
 use http::router;

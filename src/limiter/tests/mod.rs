@@ -1,7 +1,7 @@
 //! Limiter tests with a manual clock and injected randomness.
 
-use super::random::Sequence;
 use super::*;
+use crate::random::Sequence;
 
 mod admit;
 mod concurrency;
