@@ -1,5 +1,7 @@
-//! The shedding decision (the first memoryless ramp, extended by the goodput benchmark): from the pressure
-//! ratio to a rejection probability, and from the estimator state to Retry-After.
+//! The shedding decision's maths (the first memoryless ramp, extended by the goodput
+//! benchmark): from the pressure ratio to a rejection probability, the integral, and from a
+//! wait to the Retry-After value. Pure functions of numbers: the wait itself is read from a
+//! key's state by `KeyState::retry_wait` (in `state`), which uses nothing from here.
 //!
 //! ```text
 //! r        = max(TTFT signal / T_ttft, E_itl / T_itl) · f_priority   # f = 1, sheddable: > 1
@@ -166,55 +168,6 @@ pub fn retry_after(wait_secs: f64, u: f64, jitter: f64, cap: Duration) -> Durati
         cap_secs
     };
     Duration::from_secs_f64(secs.max(0.001))
-}
-
-/// The wait before a shed request is worth retrying, from every signal that can shed: the
-/// largest of
-/// - the time until each moving average falls back to its (effective) threshold / factor with
-///   no new samples (see [`super::estimator`]);
-/// - while the integral sheds, the time it needs to return to 0 with no pressure at all (it
-///   rises by 1/(ramp − 1) per τ);
-/// - the time the requests waiting for their first token need to get a slot at the rate the
-///   engine frees slots (their estimated TTFT before that rate is known);
-/// - over the concurrency ceiling, the time for enough requests to finish to bring the
-///   requests in flight under it, at the same rate.
-pub(crate) struct Wait<'a> {
-    pub(crate) state: &'a super::state::KeyState,
-    /// Effective `(ttft, itl)` thresholds.
-    pub(crate) effective: (f64, f64),
-    /// The priority's pressure factor.
-    pub(crate) factor: f64,
-    /// Set when the request was over the concurrency ceiling.
-    pub(crate) ceiling: Option<f64>,
-}
-
-impl Wait<'_> {
-    pub(crate) fn seconds(&self, now: f64, tau: f64, shed: &super::Shedding) -> f64 {
-        let st = self.state;
-        let [ttft, itl] = st.est;
-        let (t_ttft, t_itl) = self.effective;
-        let averages = ttft
-            .seconds_until_at_most(t_ttft / self.factor, now, tau)
-            .max(itl.seconds_until_at_most(t_itl / self.factor, now, tau));
-        let integral = -st.integral * (shed.ramp - 1.0).max(0.0) * tau;
-        let rate = st.conc.slot_rate(now, tau);
-        let drain = |n: f64| {
-            if rate > 0.0 {
-                n / rate
-            } else {
-                st.waiting_ttft(now)
-            }
-        };
-        let waiting = if st.waiting > 0 {
-            drain(f64::from(st.waiting))
-        } else {
-            0.0
-        };
-        let crowd = self.ceiling.map_or(0.0, |c| {
-            drain((f64::from(st.conc.in_flight) - c + 1.0).max(1.0))
-        });
-        averages.max(integral).max(waiting).max(crowd)
-    }
 }
 
 /// The `Retry-After` header value: whole seconds, rounded up, at least 1.

@@ -345,13 +345,14 @@ impl Limiter {
             drop(st);
             copy
         };
-        let wait = decision::Wait {
-            state: &st,
-            effective: st.effective(&th),
+        let wait = st.retry_wait(
+            st.effective(&th),
             factor,
-            ceiling: over_ceiling.then_some(ceiling),
-        }
-        .seconds(now, tau, shed);
+            over_ceiling.then_some(ceiling),
+            now,
+            tau,
+            shed,
+        );
         let retry = decision::retry_after(
             wait,
             rng.next_f64(),

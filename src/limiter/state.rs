@@ -98,4 +98,47 @@ impl KeyState {
         let dt = self.integrated_at.map_or(0.0, |t| (now - t).max(0.0));
         decision::integrate(self.integral, pressure, dt / tau, shed)
     }
+    /// The wait before a request shed at `now` is worth retrying, from every signal that can
+    /// shed: the largest of
+    /// - the time until each moving average falls back to its effective threshold / `factor`
+    ///   (the priority's pressure factor) with no new samples (see [`super::estimator`]);
+    /// - while the integral sheds, the time it needs to return to 0 with no pressure at all
+    ///   (it rises by 1/(ramp − 1) per τ);
+    /// - the time the requests waiting for their first token need to get a slot at the rate
+    ///   the engine frees slots (their estimated TTFT before that rate is known);
+    /// - over the concurrency `ceiling` (when the request was over it), the time for enough
+    ///   requests to finish to bring the requests in flight under it, at the same rate.
+    pub(crate) fn retry_wait(
+        &self,
+        effective: (f64, f64),
+        factor: f64,
+        ceiling: Option<f64>,
+        now: f64,
+        tau: f64,
+        shed: &Shedding,
+    ) -> f64 {
+        let [ttft, itl] = self.est;
+        let (t_ttft, t_itl) = effective;
+        let averages = ttft
+            .seconds_until_at_most(t_ttft / factor, now, tau)
+            .max(itl.seconds_until_at_most(t_itl / factor, now, tau));
+        let integral = -self.integral * (shed.ramp - 1.0).max(0.0) * tau;
+        let rate = self.conc.slot_rate(now, tau);
+        let drain = |n: f64| {
+            if rate > 0.0 {
+                n / rate
+            } else {
+                self.waiting_ttft(now)
+            }
+        };
+        let waiting = if self.waiting > 0 {
+            drain(f64::from(self.waiting))
+        } else {
+            0.0
+        };
+        let crowd = ceiling.map_or(0.0, |c| {
+            drain((f64::from(self.conc.in_flight) - c + 1.0).max(1.0))
+        });
+        averages.max(integral).max(waiting).max(crowd)
+    }
 }
