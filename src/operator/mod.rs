@@ -16,12 +16,14 @@
 //! - [`objects`]: builders of the owned objects; [`names`]: their names and label values.
 //! - [`metrics`]: the operator's metrics (its API requests by verb among them).
 //! - [`owned`]: the owned objects' watch caches, from which reconcile reads ownership.
+//! - `controller`: one controller per watched namespace, with those watches.
 //! - [`leader`]: Lease-based leader election (expiry on the observer's clock, renew deadline,
 //!   call timeouts, release on shutdown).
 //!
 //! This module wires them: the controllers, the metrics server ([`app`]) and `run`.
 
 pub mod admission;
+mod controller;
 pub mod leader;
 pub mod metrics;
 pub mod names;
@@ -39,18 +41,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use futures_util::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Service, ServiceAccount};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::Client;
 use kube::api::{Api, ListParams};
-use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource};
 
 use crate::policy::RateLimitPolicy;
 use crate::policy::duration::parse_duration;
@@ -111,90 +106,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// One controller over `ns` (or all namespaces); returns its store and the future to run.
-fn controller(
-    client: &Client,
-    ns: Option<&str>,
-    concurrency: u16,
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) -> (
-    Store<RateLimitPolicy>,
-    futures_util::future::BoxFuture<'static, ()>,
-) {
-    fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
-    where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
-    {
-        match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
-    // Each owned kind's watch feeds a cache (read by reconcile for ownership) and triggers
-    // the owning policy's reconcile.
-    fn cached<K>(
-        client: &Client,
-        ns: Option<&str>,
-    ) -> (
-        Store<K>,
-        impl futures_util::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-    )
-    where
-        K: owned::Owned,
-    {
-        let (reader, writer) = kube::runtime::reflector::store();
-        let config =
-            watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice-operator");
-        let stream = watcher::watcher(api::<K>(client, ns), config)
-            .default_backoff()
-            // The managed fields are most of an object's size and never read here.
-            .modify(|o: &mut K| o.meta_mut().managed_fields = None)
-            .reflect(writer)
-            .touched_objects();
-        (reader, stream)
-    }
-    let (deployments, d) = cached::<Deployment>(client, ns);
-    let (services, s) = cached::<Service>(client, ns);
-    let (service_accounts, sa) = cached::<ServiceAccount>(client, ns);
-    let (roles, r) = cached::<Role>(client, ns);
-    let (role_bindings, rb) = cached::<RoleBinding>(client, ns);
-    let (pdbs, pdb) = cached::<PodDisruptionBudget>(client, ns);
-    ctx.owners.stores.write().unwrap().push(owned::OwnedStores {
-        deployments,
-        services,
-        service_accounts,
-        roles,
-        role_bindings,
-        pdbs,
-    });
-    let c = Controller::new(
-        api::<RateLimitPolicy>(client, ns),
-        watcher::Config::default(),
-    )
-    .owns_stream(d)
-    .owns_stream(s)
-    .owns_stream(sa)
-    .owns_stream(r)
-    .owns_stream(rb)
-    .owns_stream(pdb)
-    // Bounded concurrency keeps a burst of policies from flooding the API server; a short
-    // debounce folds the burst of events that one reconcile's own writes and the
-    // Deployment's status updates cause into one follow-up reconcile.
-    .with_config(
-        kube::runtime::controller::Config::default()
-            .concurrency(concurrency)
-            .debounce(Duration::from_millis(500)),
-    )
-    .graceful_shutdown_on(shutdown);
-    let store = c.store();
-    let fut = Box::pin(
-        c.run(reconcile::reconcile, reconcile::error_policy, ctx)
-            .for_each(|_| futures_util::future::ready(())),
-    );
-    (store, fut)
 }
 
 /// What the operator's HTTP server reads.
@@ -329,7 +240,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     };
     for ns in namespaces {
         let mut stopped = stopped.clone();
-        let (store, fut) = controller(
+        let (store, fut) = controller::controller(
             &client,
             ns,
             args.max_concurrent_reconciles,
