@@ -384,4 +384,8 @@ pub(super) fn error_policy(
 
 mod apply;
 #[cfg(test)]
+mod mock_api;
+#[cfg(test)]
+mod mocked;
+#[cfg(test)]
 mod tests;
