@@ -52,7 +52,7 @@ async fn gateway(upstream: &str, stream_unary: bool) -> String {
         "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: '{upstream}', streamUnary: {stream_unary}}}\n  defaults: {{ttft: 1h, itl: 1h}}\n"
     );
     let (_, config) = PolicyConfig::from_yaml(&doc).unwrap();
-    let store = Arc::new(PolicyStore::new(None));
+    let store = Arc::new(PolicyStore::new(vec![]));
     store.apply(1, "bench".into(), config);
     let gw = Gateway::new(
         store,

@@ -35,7 +35,7 @@ fn main() {
         .unwrap();
         api.create(&PostParams::default(), &policy).await.unwrap();
 
-        let store = Arc::new(PolicyStore::new(None));
+        let store = Arc::new(PolicyStore::new(vec![]));
         let generation = || store.load().map_or(0, |s| s.generation);
         tokio::spawn(sluice::policy::watch::watch_policy(
             client.clone(),

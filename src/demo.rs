@@ -48,7 +48,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         std::env::temp_dir().join(format!("sluice-demo-policy-{}.yaml", std::process::id()));
     std::fs::write(&policy_path, EXAMPLE_POLICY)?;
     let upstream: http::Uri = format!("http://{}", engine.addr).parse()?;
-    let store = Arc::new(PolicyStore::new(Some(upstream)));
+    let store = Arc::new(PolicyStore::new(vec![upstream]));
     let watcher =
         load_and_poll_file(policy_path.clone(), store.clone(), Duration::from_secs(1)).await?;
     let watch_task = tokio::spawn(watcher);

@@ -131,10 +131,13 @@ pub fn request_priority(
     ))
 }
 
-/// An admitted request: the policy it was admitted under and its key.
+/// An admitted request: the policy it was admitted under, the endpoint of the policy's fleet
+/// it goes to, and its key there.
 #[derive(Debug)]
 pub struct Admitted {
     pub snap: Arc<Snapshot>,
+    /// Index into the snapshot's fleet and `config.upstream.endpoints`.
+    pub endpoint: usize,
     pub key: KeyId,
     /// The key's metric label.
     pub label: String,
@@ -148,6 +151,7 @@ pub struct Admitted {
 /// request's tracker holds it until the response is complete or the client is gone).
 pub struct Active {
     snap: Arc<Snapshot>,
+    endpoint: usize,
     key: KeyId,
     clock: Arc<dyn Clock>,
 }
@@ -160,9 +164,10 @@ impl std::fmt::Debug for Active {
 
 impl Active {
     /// The guard of a request the limiter counted in flight when it admitted it.
-    fn admitted(snap: &Arc<Snapshot>, key: KeyId, clock: &Arc<dyn Clock>) -> Self {
+    fn admitted(snap: &Arc<Snapshot>, endpoint: usize, key: KeyId, clock: &Arc<dyn Clock>) -> Self {
         Active {
             snap: snap.clone(),
+            endpoint,
             key,
             clock: clock.clone(),
         }
@@ -171,12 +176,15 @@ impl Active {
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.snap.limiter.end_request(self.key, self.clock.now());
+        let limiter = self.snap.fleet.limiter(self.endpoint);
+        limiter.end_request(self.key, self.clock.now());
     }
 }
 
-/// Admits a request for `model` at `now` at `priority` (see [`request_priority`]), or sheds
-/// it. A shed request's error carries its Retry-After; its label is the key's, for counting.
+/// Admits a request for `model` at `now` at `priority` (see [`request_priority`]) on an
+/// endpoint of the policy's fleet with room, or sheds it when none has room
+/// ([`crate::limiter::fleet`]). A shed request's error carries its Retry-After; its label is
+/// the key's, for counting.
 pub fn admit(
     snap: Arc<Snapshot>,
     model: &str,
@@ -185,9 +193,9 @@ pub fn admit(
     random: &RandomSource,
 ) -> Result<Admitted, (String, GatewayError)> {
     let now = clock.now();
-    let key = snap.limiter.key(model);
-    let label = snap.limiter.label(key).to_owned();
-    let d = random.with(|r| snap.limiter.admit(key, priority, now, r));
+    let routed = random.with(|r| snap.fleet.admit(model, priority, now, r));
+    let (endpoint, key, d) = (routed.endpoint, routed.key, routed.decision);
+    let label = snap.fleet.limiter(endpoint).label(key).to_owned();
     if d.verdict == Verdict::Reject {
         let retry_after = d.retry_after.unwrap_or(Duration::from_secs(1));
         return Err((
@@ -199,8 +207,9 @@ pub fn admit(
         ));
     }
     Ok(Admitted {
-        active: Active::admitted(&snap, key, clock),
+        active: Active::admitted(&snap, endpoint, key, clock),
         snap,
+        endpoint,
         key,
         label,
         shadow: d.verdict == Verdict::ShadowReject,

@@ -17,22 +17,16 @@ use super::assemble;
 use super::body::{BodyError, RequestHead, streaming_body};
 use super::error::GatewayError;
 use super::intake::{BodyPermit, read_body, unread_body};
-use super::measure::{Endpoint, InflightPlace, Sampler, Tracker, count};
+use super::measure::{Api, InflightPlace, Sampler, Tracker, count};
 use super::relay::{Forward, forward};
 use super::unary::{self, Plan};
 use crate::limiter::Priority;
 use crate::policy::source::Snapshot;
 
 /// Counts a request answered by the gateway itself (label `model` when known) and answers.
-fn refuse(
-    gw: &Gateway,
-    model: &str,
-    endpoint: Endpoint,
-    stream: bool,
-    e: GatewayError,
-) -> Response {
+fn refuse(gw: &Gateway, model: &str, api: Api, stream: bool, e: GatewayError) -> Response {
     if let Some(outcome) = e.outcome() {
-        count(&gw.metrics, model, endpoint, stream, outcome);
+        count(&gw.metrics, model, api, stream, outcome);
     }
     e.into_response()
 }
@@ -42,7 +36,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    completion(gw, Endpoint::Chat, headers, body).await
+    completion(gw, Api::Chat, headers, body).await
 }
 
 pub async fn completions(
@@ -50,11 +44,11 @@ pub async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    completion(gw, Endpoint::Completions, headers, body).await
+    completion(gw, Api::Completions, headers, body).await
 }
 
 pub async fn responses(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
-    completion(gw, Endpoint::Responses, headers, body).await
+    completion(gw, Api::Responses, headers, body).await
 }
 
 impl From<BodyError> for GatewayError {
@@ -129,11 +123,11 @@ struct Accepted {
 /// (503), the body (413, 408): nothing of an unauthenticated client's body is read.
 async fn accept(
     gw: &Arc<Gateway>,
-    endpoint: Endpoint,
+    api: Api,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Accepted, Box<Response>> {
-    let refused = |e| Box::new(unread_body(headers, refuse(gw, "", endpoint, false, e)));
+    let refused = |e| Box::new(unread_body(headers, refuse(gw, "", api, false, e)));
     let Some(snap) = gw.store.load() else {
         let resp = GatewayError::NotReady.into_response();
         return Err(Box::new(unread_body(headers, resp)));
@@ -154,61 +148,62 @@ async fn accept(
     })
 }
 
-async fn completion(
-    gw: Arc<Gateway>,
-    endpoint: Endpoint,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn completion(gw: Arc<Gateway>, api: Api, headers: HeaderMap, body: Body) -> Response {
     let start = Instant::now();
-    let acc = match accept(&gw, endpoint, &headers, body).await {
+    let acc = match accept(&gw, api, &headers, body).await {
         Ok(r) => r,
         Err(resp) => return *resp,
     };
     let req = match parse_completion(&acc.bytes) {
         Ok(r) => r,
-        Err((stream, e)) => return refuse(&gw, "", endpoint, stream, e),
+        Err((stream, e)) => return refuse(&gw, "", api, stream, e),
     };
     let a = match admit(acc.snap, &req.model, acc.priority, &gw.clock, &gw.random) {
         Ok(a) => a,
-        Err((label, e)) => return refuse(&gw, &label, endpoint, req.stream, e),
+        Err((label, e)) => return refuse(&gw, &label, api, req.stream, e),
     };
     let upstream = &a.snap.config.upstream;
     let assemble = !req.stream
         && upstream.stream_unary
-        && (endpoint == Endpoint::Responses
-            || match gw.unary.plan(&upstream.url, gw.clock.now()) {
+        && (api == Api::Responses
+            || match gw
+                .unary
+                .plan(a.snap.endpoint_url(a.endpoint), gw.clock.now())
+            {
                 Plan::Assemble => true,
                 Plan::PassThrough => false,
                 Plan::Probe => {
                     let model = req.model.to_string();
-                    let probe = unary::probe(gw.clone(), a.snap.clone(), model, endpoint);
+                    let url = a.snap.endpoint_url(a.endpoint).clone();
+                    let probe = unary::probe(gw.clone(), a.snap.clone(), url, model, api);
                     tokio::spawn(probe);
                     false
                 }
             });
     let tracker =
-        Tracker::new(acc.place, &a.label, endpoint, req.stream, a.shadow, start).holding(a.active);
-    let sampler = (req.stream || assemble).then(|| Sampler::start(&gw, &a.snap, a.key, &req.model));
+        Tracker::new(acc.place, &a.label, api, req.stream, a.shadow, start).holding(a.active);
+    let sampler = (req.stream || assemble)
+        .then(|| Sampler::start(&gw, &a.snap, a.endpoint, a.key, &req.model));
     let body = if assemble {
         // The client's body is let go once rewritten: one copy is held, not two. (The
         // Responses API reports usage in its final event without being asked.)
-        streaming_body(&acc.bytes, &req.head, endpoint != Endpoint::Responses)
+        streaming_body(&acc.bytes, &req.head, api != Api::Responses)
     } else {
         acc.bytes.clone()
     };
     drop(req);
     drop(acc.bytes);
-    let kind = match endpoint {
-        Endpoint::Chat => assemble::Kind::Chat,
-        Endpoint::Responses => assemble::Kind::Response,
+    let kind = match api {
+        Api::Chat => assemble::Kind::Chat,
+        Api::Responses => assemble::Kind::Response,
         _ => assemble::Kind::Completion,
     };
     forward(Forward {
         gw: &gw,
         snap: &a.snap,
+        endpoint: a.endpoint,
         method: Method::POST,
-        path_and_query: endpoint.path(),
+        path_and_query: api.path(),
         headers: &headers,
         body,
         tracker,
@@ -229,10 +224,10 @@ pub async fn passthrough(
     body: Body,
 ) -> Response {
     let start = Instant::now();
-    let endpoint = if uri.path() == "/v1/models" {
-        Endpoint::Models
+    let api = if uri.path() == "/v1/models" {
+        Api::Models
     } else {
-        Endpoint::Other
+        Api::Other
     };
     // `/v1/models/{id}` must not smuggle a traversal or an encoded separator upstream.
     if uri
@@ -245,7 +240,7 @@ pub async fn passthrough(
         };
         return e.into_response();
     }
-    let acc = match accept(&gw, endpoint, &headers, body).await {
+    let acc = match accept(&gw, api, &headers, body).await {
         Ok(r) => r,
         Err(resp) => return *resp,
     };
@@ -255,29 +250,37 @@ pub async fn passthrough(
     } else {
         match RequestHead::parse(&acc.bytes) {
             Ok(h) => h,
-            Err(e) => return refuse(&gw, "", endpoint, false, e.into()),
+            Err(e) => return refuse(&gw, "", api, false, e.into()),
         }
     };
     let model = head.model();
-    let (label, shadow, active) = match &model {
+    let (label, shadow, active, endpoint) = match &model {
         Some(m) => {
             if let Err(e) = check_model_name(m) {
-                return refuse(&gw, "", endpoint, false, e);
+                return refuse(&gw, "", api, false, e);
             }
             match admit(acc.snap.clone(), m, acc.priority, &gw.clock, &gw.random) {
-                Ok(a) => (a.label, a.shadow, Some(a.active)),
-                Err((label, e)) => return refuse(&gw, &label, endpoint, false, e),
+                Ok(a) => (a.label, a.shadow, Some(a.active), a.endpoint),
+                Err((label, e)) => return refuse(&gw, &label, api, false, e),
             }
         }
-        None => (String::new(), false, None),
+        // Nothing to admit (`GET /v1/models`): any endpoint answers it.
+        None => {
+            let n = acc.snap.fleet.len();
+            let any = gw
+                .random
+                .with(|r| (crate::limiter::Uniform::next_f64(r) * n as f64) as usize % n);
+            (String::new(), false, None, any)
+        }
     };
-    let mut tracker = Tracker::new(acc.place, &label, endpoint, false, shadow, start);
+    let mut tracker = Tracker::new(acc.place, &label, api, false, shadow, start);
     if let Some(a) = active {
         tracker = tracker.holding(a);
     }
     forward(Forward {
         gw: &gw,
         snap: &acc.snap,
+        endpoint,
         method,
         path_and_query: uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
         headers: &headers,

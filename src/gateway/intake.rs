@@ -129,7 +129,7 @@ mod tests {
 
     fn gateway(max_body_memory: usize) -> Arc<Gateway> {
         Gateway::new(
-            Arc::new(PolicyStore::new(None)),
+            Arc::new(PolicyStore::new(vec![])),
             Arc::new(ManualClock::starting_at(Duration::from_secs(1))),
             GatewayOptions {
                 max_body_memory,

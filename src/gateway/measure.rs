@@ -20,7 +20,7 @@ use crate::policy::source::Snapshot;
 
 /// Which API a request is for (the `endpoint` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
+pub enum Api {
     Chat,
     Completions,
     /// The Responses API (`/v1/responses`).
@@ -29,33 +29,33 @@ pub enum Endpoint {
     Other,
 }
 
-impl Endpoint {
+impl Api {
     pub fn label(self) -> &'static str {
         match self {
-            Endpoint::Chat => "chat_completions",
-            Endpoint::Completions => "completions",
-            Endpoint::Responses => "responses",
-            Endpoint::Models => "models",
-            Endpoint::Other => "other",
+            Api::Chat => "chat_completions",
+            Api::Completions => "completions",
+            Api::Responses => "responses",
+            Api::Models => "models",
+            Api::Other => "other",
         }
     }
 
     /// The upstream path of a completion endpoint.
     pub fn path(self) -> &'static str {
         match self {
-            Endpoint::Chat => "/v1/chat/completions",
-            Endpoint::Responses => "/v1/responses",
+            Api::Chat => "/v1/chat/completions",
+            Api::Responses => "/v1/responses",
             _ => "/v1/completions",
         }
     }
 }
 
 /// Counts one request in `sluice_requests_total`.
-pub fn count(m: &GatewayMetrics, model: &str, endpoint: Endpoint, stream: bool, outcome: Outcome) {
+pub fn count(m: &GatewayMetrics, model: &str, api: Api, stream: bool, outcome: Outcome) {
     m.requests
         .with_label_values(&[
             model,
-            endpoint.label(),
+            api.label(),
             if stream { "true" } else { "false" },
             outcome.as_str(),
         ])
@@ -93,7 +93,7 @@ pub struct Tracker {
     /// The limiter's count of the request, when it was admitted by the latency gate.
     active: Option<Active>,
     model: String,
-    endpoint: Endpoint,
+    api: Api,
     stream: bool,
     shadow: bool,
     outcome: Option<Outcome>,
@@ -106,7 +106,7 @@ impl Tracker {
     pub fn new(
         place: InflightPlace,
         model: &str,
-        endpoint: Endpoint,
+        api: Api,
         stream: bool,
         shadow: bool,
         start: Instant,
@@ -117,7 +117,7 @@ impl Tracker {
         Tracker {
             duration: m.request_duration.with_label_values(&[model]),
             model: model.to_owned(),
-            endpoint,
+            api,
             stream,
             shadow,
             outcome: None,
@@ -153,7 +153,7 @@ impl Drop for Tracker {
         count(
             &self.place.0.metrics,
             &self.model,
-            self.endpoint,
+            self.api,
             self.stream,
             outcome,
         );
@@ -165,6 +165,7 @@ impl Drop for Tracker {
 /// arrives or the request ends without one.
 struct Waiting {
     snap: Arc<Snapshot>,
+    endpoint: usize,
     key: KeyId,
     since: Duration,
     /// Requests of the key in flight when this one began waiting, itself included.
@@ -172,10 +173,11 @@ struct Waiting {
 }
 
 impl Waiting {
-    fn begin(snap: &Arc<Snapshot>, key: KeyId, now: Duration) -> Self {
-        let concurrency = snap.limiter.begin_wait(key, now);
+    fn begin(snap: &Arc<Snapshot>, endpoint: usize, key: KeyId, now: Duration) -> Self {
+        let concurrency = snap.fleet.limiter(endpoint).begin_wait(key, now);
         Waiting {
             snap: snap.clone(),
+            endpoint,
             key,
             since: now,
             concurrency,
@@ -185,7 +187,8 @@ impl Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.snap.limiter.end_wait(self.key, self.since);
+        let limiter = self.snap.fleet.limiter(self.endpoint);
+        limiter.end_wait(self.key, self.since);
     }
 }
 
@@ -193,6 +196,8 @@ impl Drop for Waiting {
 pub struct Sampler {
     gw: Arc<Gateway>,
     snap: Arc<Snapshot>,
+    /// The endpoint of the snapshot's fleet the request went to.
+    endpoint: usize,
     key: KeyId,
     model: String,
     timer: StreamTimer,
@@ -202,15 +207,23 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Starts measuring a request for `model` admitted on `key` of `snap`; it counts as
-    /// waiting for its first token from now.
-    pub fn start(gw: &Arc<Gateway>, snap: &Arc<Snapshot>, key: KeyId, model: &str) -> Self {
+    /// Starts measuring a request for `model` admitted on `key` of `snap`'s `endpoint`; it
+    /// counts as waiting for its first token from now.
+    pub fn start(
+        gw: &Arc<Gateway>,
+        snap: &Arc<Snapshot>,
+        endpoint: usize,
+        key: KeyId,
+        model: &str,
+    ) -> Self {
         let now = gw.clock.now();
+        let label = snap.fleet.limiter(endpoint).label(key);
         Sampler {
-            metrics: RequestMetrics::new(&gw.metrics, snap.limiter.label(key)),
+            metrics: RequestMetrics::new(&gw.metrics, label),
             gw: gw.clone(),
-            waiting: Some(Waiting::begin(snap, key, now)),
+            waiting: Some(Waiting::begin(snap, endpoint, key, now)),
             snap: snap.clone(),
+            endpoint,
             key,
             model: model.to_owned(),
             timer: StreamTimer::new(now),
@@ -229,19 +242,22 @@ impl Sampler {
             return;
         };
         let concurrency = self.waiting.take().map(|w| w.concurrency);
-        // A reload swaps the limiter: follow it for its thresholds (the key's state is the
-        // same one, shared by label).
+        // A reload swaps the limiters: follow the endpoint's for its thresholds (the key's
+        // state is the same one, shared by label). An endpoint the new policy dropped keeps
+        // its old limiter: nothing reads it any more.
         if let Some(cur) = self
             .gw
             .store
             .peek()
             .as_ref()
             .filter(|c| !Arc::ptr_eq(c, &self.snap))
+            && let Some(e) = cur.fleet.position(self.snap.fleet.label(self.endpoint))
         {
             self.snap = cur.clone();
-            self.key = self.snap.limiter.key(&self.model);
+            self.endpoint = e;
+            self.key = self.snap.fleet.limiter(e).key(&self.model);
         }
-        let limiter = &self.snap.limiter;
+        let limiter = self.snap.fleet.limiter(self.endpoint);
         match timing {
             Timing::Ttft(ttft) => {
                 let _ = match concurrency {

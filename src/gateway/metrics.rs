@@ -215,7 +215,7 @@ mod tests {
     }
 
     fn metrics_of(policy: &str) -> (GatewayMetrics, Arc<PolicyStore>) {
-        let store = Arc::new(PolicyStore::new(None));
+        let store = Arc::new(PolicyStore::new(vec![]));
         let (_, config) = PolicyConfig::from_yaml(policy).unwrap();
         store.apply(7, "test".into(), config);
         store.set_source(true, true);
@@ -296,7 +296,7 @@ mod tests {
 
     #[test]
     fn without_a_policy_only_the_source_gauges_speak() {
-        let store = Arc::new(PolicyStore::new(None));
+        let store = Arc::new(PolicyStore::new(vec![]));
         let m = GatewayMetrics::new(
             store.clone(),
             Arc::new(ManualClock::default()),

@@ -67,10 +67,11 @@ pub struct GatewayArgs {
     /// Namespace of `--policy` (default: the pod's namespace, else the kubeconfig's).
     #[arg(long, env = "POD_NAMESPACE")]
     pub namespace: Option<String>,
-    /// Upstream base URL, overriding the policy's spec.upstream.url (http or https, no
-    /// user-info: the key goes in --upstream-api-key-file).
+    /// Upstream base URL, overriding the policy's spec.upstream.url and endpoints (http or
+    /// https, no user-info: the key goes in --upstream-api-key-file). Repeat it for a fleet of
+    /// endpoints, each with its own admission (as spec.upstream.endpoints).
     #[arg(long, value_parser = crate::policy::config::upstream_url)]
-    pub upstream: Option<http::Uri>,
+    pub upstream: Vec<http::Uri>,
     /// How often the policy file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub reload_interval: Duration,

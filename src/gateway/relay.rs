@@ -25,8 +25,10 @@ use crate::policy::source::Snapshot;
 /// One request to forward.
 pub struct Forward<'a> {
     pub gw: &'a Arc<Gateway>,
-    /// The policy the request was admitted under (upstream URL and timeout).
+    /// The policy the request was admitted under (upstream endpoints and timeouts).
     pub snap: &'a Snapshot,
+    /// The endpoint of the policy's fleet the request goes to.
+    pub endpoint: usize,
     pub method: Method,
     pub path_and_query: &'a str,
     /// The client's headers (filtered by [`upstream::request`]).
@@ -60,7 +62,8 @@ pub async fn forward(f: Forward<'_>) -> Response {
     };
     let timeout = snap.config.upstream.timeout;
     let deadline = tokio::time::Instant::now() + timeout;
-    let Ok(uri) = upstream::target(&snap.config.upstream.url, f.path_and_query) else {
+    let url = snap.endpoint_url(f.endpoint);
+    let Ok(uri) = upstream::target(url, f.path_and_query) else {
         return fail(
             &mut tracker,
             GatewayError::bad_request("the request path cannot be forwarded"),
@@ -92,9 +95,9 @@ pub async fn forward(f: Forward<'_>) -> Response {
             return fail(&mut tracker, GatewayError::UpstreamTimeout(timeout));
         }
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, upstream = %snap.config.upstream.url, "upstream request failed");
+            tracing::warn!(error = %e, upstream = %url, "upstream request failed");
             faults.count("unreachable");
-            gw.unary.forget(&snap.config.upstream.url);
+            gw.unary.forget(url);
             return fail(&mut tracker, GatewayError::UpstreamUnreachable);
         }
         Ok(Ok(r)) => r,
@@ -105,7 +108,7 @@ pub async fn forward(f: Forward<'_>) -> Response {
         // The upstream refused the gateway's own key: not the client's fault, and its message
         // is about that key (OpenAI's echoes its last characters), so it stays in the log.
         let body = upstream_message(resp.into_body(), deadline).await;
-        tracing::warn!(%status, upstream = %snap.config.upstream.url, body = %body, "the upstream refused the gateway's API key");
+        tracing::warn!(%status, upstream = %url, body = %body, "the upstream refused the gateway's API key");
         faults.count("upstream_auth");
         return fail(&mut tracker, GatewayError::UpstreamAuth);
     }
@@ -117,7 +120,7 @@ pub async fn forward(f: Forward<'_>) -> Response {
     if !status.is_success() {
         if status.is_server_error() {
             faults.count("status_5xx");
-            tracing::warn!(%status, upstream = %snap.config.upstream.url, "the upstream answered with a server error");
+            tracing::warn!(%status, upstream = %url, "the upstream answered with a server error");
         }
         tracker.finish(if status.is_client_error() {
             Outcome::ClientError
@@ -130,7 +133,7 @@ pub async fn forward(f: Forward<'_>) -> Response {
         timeout,
         idle: snap.config.upstream.stream_idle_timeout,
         faults,
-        upstream: snap.config.upstream.url.clone(),
+        upstream: url.clone(),
     };
     if !status.is_success() || !is_sse {
         // Errors, and unary upstream responses (or an upstream that ignored `stream`), are

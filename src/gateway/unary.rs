@@ -33,7 +33,7 @@ use http_body_util::BodyExt;
 use parking_lot::RwLock;
 
 use super::Gateway;
-use super::measure::Endpoint;
+use super::measure::Api;
 use crate::openai::sse::{SseEvent, SseParser};
 use crate::policy::source::Snapshot;
 
@@ -166,11 +166,10 @@ impl UnaryModes {
     }
 }
 
-/// Sends the one-token probe to the policy's upstream for `model` on `endpoint` and records
+/// Sends the one-token probe to the upstream endpoint `url` for `model` on `api` and records
 /// what it shows.
-pub async fn probe(gw: Arc<Gateway>, snap: Arc<Snapshot>, model: String, endpoint: Endpoint) {
-    let url = snap.config.upstream.url.clone();
-    let usage = tokio::time::timeout(PROBE_TIMEOUT, streams_usage(&gw, &snap, &model, endpoint))
+pub async fn probe(gw: Arc<Gateway>, snap: Arc<Snapshot>, url: Uri, model: String, api: Api) {
+    let usage = tokio::time::timeout(PROBE_TIMEOUT, streams_usage(&gw, &snap, &url, &model, api))
         .await
         .ok()
         .flatten();
@@ -184,17 +183,18 @@ pub async fn probe(gw: Arc<Gateway>, snap: Arc<Snapshot>, model: String, endpoin
 async fn streams_usage(
     gw: &Gateway,
     snap: &Snapshot,
+    url: &Uri,
     model: &str,
-    endpoint: Endpoint,
+    api: Api,
 ) -> Option<bool> {
     let upstream = &snap.config.upstream;
-    let body = match endpoint {
-        Endpoint::Completions => serde_json::json!({"model": model, "prompt": "Hi",
+    let body = match api {
+        Api::Completions => serde_json::json!({"model": model, "prompt": "Hi",
             "max_tokens": 1, "stream": true, "stream_options": {"include_usage": true}}),
         _ => serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Hi"}],
             "max_tokens": 1, "stream": true, "stream_options": {"include_usage": true}}),
     };
-    let uri = super::upstream::target(&upstream.url, endpoint.path()).ok()?;
+    let uri = super::upstream::target(url, api.path()).ok()?;
     let mut headers = http::HeaderMap::new();
     headers.insert(
         http::header::CONTENT_TYPE,

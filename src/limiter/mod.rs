@@ -54,6 +54,7 @@ pub mod concurrency;
 pub mod config;
 pub mod decision;
 pub mod estimator;
+pub mod fleet;
 mod record;
 mod reload;
 pub mod state;
@@ -139,6 +140,20 @@ pub struct KeyReading<'a> {
     pub good_concurrency: f64,
     /// The engine misses a threshold even at low concurrency.
     pub unreachable: bool,
+    /// The concurrency ceiling: max(good concurrency, 4) (see [`concurrency`]).
+    pub ceiling: f64,
+}
+
+/// A new request's treatment before the draw (see [`Limiter::assess`]).
+#[derive(Debug, Clone, Copy)]
+struct Assessment {
+    pressure: f64,
+    /// 0: admitted for sure (work conservation, or no pressure).
+    reject_probability: f64,
+    /// The priority's pressure factor.
+    factor: f64,
+    /// The concurrency ceiling, when the request would be over it.
+    over_ceiling: Option<f64>,
 }
 
 /// The per-key moving averages and the admission decision.
@@ -286,7 +301,60 @@ impl Limiter {
         // the lock is held through the decision (a few tens of nanoseconds: cheaper than
         // copying the state out) and released before the cold Retry-After maths.
         let mut st = entry.lock();
-        let standard = st.pressure(now, &th);
+        let a = self.assess(&mut st, &th, priority, now);
+        let admit = Decision {
+            verdict: Verdict::Admit,
+            pressure: a.pressure,
+            reject_probability: a.reject_probability,
+            retry_after: None,
+        };
+        if a.reject_probability == 0.0 || rng.next_f64() >= a.reject_probability {
+            st.conc.in_flight += u32::from(count);
+            return admit;
+        }
+        let st = {
+            let copy = *st;
+            if self.config.mode == Mode::Shadow {
+                st.conc.in_flight += u32::from(count); // served anyway
+            }
+            drop(st);
+            copy
+        };
+        let wait = st.retry_wait(st.effective(&th), a.factor, a.over_ceiling, now, tau, shed);
+        Decision {
+            verdict: match self.config.mode {
+                Mode::Enforce => Verdict::Reject,
+                Mode::Shadow => Verdict::ShadowReject,
+            },
+            retry_after: Some(self.retry_after(wait, rng)),
+            ..admit
+        }
+    }
+
+    /// The Retry-After of a request shed after a wait of `wait` seconds: jittered and capped.
+    pub(crate) fn retry_after<R: Uniform + ?Sized>(&self, wait: f64, rng: &mut R) -> Duration {
+        let shed = &self.config.shedding;
+        decision::retry_after(
+            wait,
+            rng.next_f64(),
+            shed.retry_after_jitter,
+            shed.retry_after_cap,
+        )
+    }
+
+    /// How a new request of `priority` would be treated at `now` (seconds), with the key's
+    /// state locked: brings the integral up to date, and decides everything but the draw.
+    #[inline]
+    fn assess(
+        &self,
+        st: &mut state::KeyState,
+        th: &Thresholds,
+        priority: Priority,
+        now: f64,
+    ) -> Assessment {
+        let shed = &self.config.shedding;
+        let tau = th.time_constant;
+        let standard = st.pressure(now, th);
         st.integral = st.integral_at(standard, now, tau, shed);
         st.integrated_at = Some(now);
         let factor = match priority {
@@ -294,11 +362,11 @@ impl Limiter {
             _ => 1.0,
         };
         let pressure = standard * factor;
-        let admit = Decision {
-            verdict: Verdict::Admit,
+        let sure = Assessment {
             pressure,
             reject_probability: 0.0,
-            retry_after: None,
+            factor,
+            over_ceiling: None,
         };
         let in_flight = f64::from(st.conc.in_flight);
         // Work conservation: nothing in flight, or fewer than the engine last served within
@@ -308,17 +376,16 @@ impl Limiter {
             || in_flight == 0.0
             || (adaptive && in_flight < st.conc.good_at(now, tau))
         {
-            st.conc.in_flight += u32::from(count);
-            return admit;
+            return sure;
         }
         let ceiling = st.conc.ceiling(now, tau);
-        let t_ttft = st.effective(&th).0;
+        let t_ttft = st.effective(th).0;
         // The engine has shown its limit above G, and a request admitted now would wait
         // longer than the threshold for a slot.
         let at_ceiling = adaptive && in_flight >= ceiling;
         let slots_full = at_ceiling && st.conc.slot_wait_exceeds(st.waiting, now, tau, t_ttft);
         let over_ceiling =
-            at_ceiling && (slots_full || st.queue(now, &th) >= concurrency::CEILING_PRESSURE);
+            at_ceiling && (slots_full || st.queue(now, th) >= concurrency::CEILING_PRESSURE);
         let p_ceiling = if !over_ceiling {
             0.0
         } else if slots_full
@@ -329,44 +396,11 @@ impl Limiter {
         } else {
             shed.max_reject_probability
         };
-        let p = decision::reject_probability_pi(pressure, st.integral, shed).max(p_ceiling);
-        if p == 0.0 || rng.next_f64() >= p {
-            st.conc.in_flight += u32::from(count);
-            return Decision {
-                reject_probability: p,
-                ..admit
-            };
-        }
-        let st = {
-            let copy = *st;
-            if self.config.mode == Mode::Shadow {
-                st.conc.in_flight += u32::from(count); // served anyway
-            }
-            drop(st);
-            copy
-        };
-        let wait = st.retry_wait(
-            st.effective(&th),
-            factor,
-            over_ceiling.then_some(ceiling),
-            now,
-            tau,
-            shed,
-        );
-        let retry = decision::retry_after(
-            wait,
-            rng.next_f64(),
-            shed.retry_after_jitter,
-            shed.retry_after_cap,
-        );
-        Decision {
-            verdict: match self.config.mode {
-                Mode::Enforce => Verdict::Reject,
-                Mode::Shadow => Verdict::ShadowReject,
-            },
-            pressure,
-            reject_probability: p,
-            retry_after: Some(retry),
+        Assessment {
+            reject_probability: decision::reject_probability_pi(pressure, st.integral, shed)
+                .max(p_ceiling),
+            over_ceiling: over_ceiling.then_some(ceiling),
+            ..sure
         }
     }
 
@@ -399,6 +433,7 @@ impl Limiter {
                     in_flight: st.conc.in_flight,
                     good_concurrency: st.conc.good_at(n, tau),
                     unreachable: st.conc.unreachable(th.ttft, th.itl),
+                    ceiling: st.conc.ceiling(n, tau),
                 }
             })
     }

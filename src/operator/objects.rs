@@ -109,7 +109,8 @@ pub struct GatewayPodSpec<'a> {
     /// The policy's UID (the pods' [`POLICY_UID_LABEL`]).
     pub uid: &'a str,
     pub image: &'a str,
-    pub upstream: &'a str,
+    /// What the gateway serves (`--upstream` each): the policy's endpoints, or its URL.
+    pub upstreams: &'a [http::Uri],
     pub port: i32,
     pub replicas: i32,
     pub gateway: Option<&'a crate::policy::crd::GatewaySpec>,
@@ -225,8 +226,6 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
         "--listen".to_owned(),
         format!("0.0.0.0:{}", p.port),
         format!("--metrics-listen=0.0.0.0:{metrics_port}"),
-        "--upstream".to_owned(),
-        p.upstream.to_owned(),
         format!("--drain-delay={DRAIN_DELAY_SECS}s"),
         format!(
             "--drain-timeout={}",
@@ -235,6 +234,11 @@ pub fn gateway_deployment(p: &GatewayPodSpec<'_>) -> k8s_openapi::api::apps::v1:
             )))
         ),
     ];
+    // The operator names the upstreams, after checking them against the Secret's hosts: an
+    // edited policy cannot send the key elsewhere before the operator has looked.
+    for url in p.upstreams {
+        args.extend(["--upstream".to_owned(), url.to_string()]);
+    }
     // The key is a file from a projected Secret, not an env var: the kubelet updates the file
     // when the Secret rotates and the gateway re-reads it, with no restart.
     let (mut volumes, mut mounts) = (Vec::new(), Vec::new());

@@ -84,14 +84,14 @@ impl ReconcileError {
     }
 }
 
-/// Checks that the Secret `secret` opted in to `policy` for `use_`; `Ok(Some(refusal))` when
-/// it did not (or does not exist). Reads only the Secret's metadata.
+/// Checks that the Secret `secret` opted in to `policy` for each of `uses`; `Ok(Some(refusal))`
+/// when it did not (or does not exist). Reads only the Secret's metadata, once.
 async fn check_secret(
     client: &Client,
     ns: &str,
     policy: &str,
     secret: &str,
-    use_: SecretUse<'_>,
+    uses: &[SecretUse<'_>],
 ) -> Result<Option<ReconcileError>, ReconcileError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let meta = api
@@ -104,7 +104,10 @@ async fn check_secret(
         })?;
     let why = match meta {
         None => "it does not exist".to_owned(),
-        Some(m) => match secret_use::allows(m.annotations(), policy, use_) {
+        Some(m) => match uses
+            .iter()
+            .try_for_each(|u| secret_use::allows(m.annotations(), policy, *u))
+        {
             Ok(()) => return Ok(None),
             Err(why) => why,
         },
@@ -266,25 +269,30 @@ async fn apply_objects(
         .and_then(|g| g.image.as_deref())
         .unwrap_or(&ctx.gateway_image);
     let c = &ctx.client;
-    let upstream_key = |key| SecretUse::UpstreamKey {
-        key,
-        upstream: &config.upstream.url,
-    };
-    // A Secret reference counts only where the Secret opted in: otherwise whoever may write a
-    // policy could send any Secret of the namespace to an upstream URL of their choosing.
+    // A Secret reference counts only where the Secret opted in, for every endpoint the key
+    // would be sent to: otherwise whoever may write a policy could send any Secret of the
+    // namespace to an upstream URL of their choosing.
     let (api_key, mut refused) = match config.upstream.api_key_secret.as_ref() {
         None => (None, None),
-        Some(r) => match check_secret(c, &ns, &name, &r.name, upstream_key(&r.key)).await? {
-            None => (Some(r), None),
-            Some(refusal) => (None, Some(refusal)),
-        },
+        Some(r) => {
+            let uses: Vec<SecretUse> = (config.upstream.endpoints.iter())
+                .map(|upstream| SecretUse::UpstreamKey {
+                    key: &r.key,
+                    upstream,
+                })
+                .collect();
+            match check_secret(c, &ns, &name, &r.name, &uses).await? {
+                None => (Some(r), None),
+                Some(refusal) => (None, Some(refusal)),
+            }
+        }
     };
     // The clients' keys are read by the gateway only, but the same opt-in applies: a policy
     // must not make the gateway mount a Secret it was not given. Without it the gateway has
     // no keys and (auth being required) refuses every request: it fails closed.
     let client_keys = match config.client_auth.as_ref() {
         None => None,
-        Some(a) => match check_secret(c, &ns, &name, &a.secret, SecretUse::ClientKeys).await? {
+        Some(a) => match check_secret(c, &ns, &name, &a.secret, &[SecretUse::ClientKeys]).await? {
             None => Some(a.secret.as_str()),
             Some(refusal) => {
                 refused = refused.or(Some(refusal));
@@ -317,7 +325,7 @@ async fn apply_objects(
             policy: &name,
             uid,
             image,
-            upstream: &config.upstream.url.to_string(),
+            upstreams: &config.upstream.endpoints,
             port,
             replicas,
             gateway,

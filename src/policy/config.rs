@@ -6,7 +6,7 @@
 //! limiter unchecked. Every violation is reported with its field path, all at once.
 
 mod url;
-pub use url::upstream_url;
+pub use url::{endpoint_label, upstream_url};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -103,6 +103,9 @@ fn secret_data_key(name: &str) -> bool {
 pub struct UpstreamConfig {
     /// Base URL (scheme http or https, with a host).
     pub url: http::Uri,
+    /// What is served: `spec.upstream.endpoints`, or `url` alone; never empty, each host and
+    /// port once.
+    pub endpoints: Vec<http::Uri>,
     /// Whole-request timeout.
     pub timeout: Duration,
     /// Measure unary requests by streaming them upstream.
@@ -252,6 +255,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
             &spec.upstream.stream_idle_timeout,
             Duration::ZERO,
         );
+        let endpoints = url::endpoints(&spec.upstream.endpoints, &mut c);
         if let Some(r) = &spec.upstream.api_key_secret_ref {
             if r.name.is_empty() {
                 c.fail("spec.upstream.apiKeySecretRef.name", "must not be empty");
@@ -380,6 +384,11 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
                     trust_priority_header: spec.priority.as_ref().is_some_and(|p| p.trust_header),
                     client_auth,
                     upstream: UpstreamConfig {
+                        endpoints: if endpoints.is_empty() {
+                            vec![url.clone()]
+                        } else {
+                            endpoints
+                        },
                         url,
                         timeout,
                         stream_unary: spec.upstream.stream_unary,

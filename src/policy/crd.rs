@@ -157,6 +157,19 @@ pub struct UpstreamSpec {
     #[x_kube(validation = Rule::new("!self.matches('^[^:/?#]+://[^/?#]*@')").message("must not carry credentials (user:password@); put the upstream's key in upstream.apiKeySecretRef"))]
     pub url: String,
 
+    /// The engine's replicas, for a gateway that routes to each one itself: base URLs like
+    /// `url`'s, one per replica (`http://10.0.0.5:8000`), at most 64, each host and port once.
+    /// With a list, the requests go to these endpoints, and not to `url`. Each endpoint has
+    /// its own latency averages and admission; a request goes to one with room and is shed
+    /// only when all of them are over (see "A fleet of endpoints" in docs/gateway.md). An
+    /// upstream key is sent to every endpoint: the Secret's `sluice.dev/upstream-hosts` must
+    /// list each host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 2048)))]
+    #[x_kube(validation = Rule::new("self.all(u, isURL(u) && url(u).getScheme() in ['http', 'https'] && url(u).getHostname() != '')").message("each endpoint must be an http:// or https:// URL with a host"))]
+    #[x_kube(validation = Rule::new("self.all(u, !u.matches('^[^:/?#]+://[^/?#]*@'))").message("endpoints must not carry credentials (user:password@); put the upstream's key in upstream.apiKeySecretRef"))]
+    pub endpoints: Vec<String>,
+
     /// Longest time a request may take upstream (whole stream included) before the gateway
     /// answers 504. Gateway API duration format.
     #[serde(default = "default_upstream_timeout")]

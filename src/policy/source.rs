@@ -17,7 +17,7 @@ use arc_swap::ArcSwapOption;
 
 use super::follow::{Change, FileFollower};
 use super::{PolicyConfig, PolicyError};
-use crate::limiter::Limiter;
+use crate::limiter::fleet::Fleet;
 
 /// One policy in force.
 #[derive(Debug)]
@@ -27,7 +27,15 @@ pub struct Snapshot {
     /// Where the policy came from, for logs: `file:/path` or `namespace/name`.
     pub source: String,
     pub config: PolicyConfig,
-    pub limiter: Limiter,
+    /// A limiter per endpoint of `config.upstream.endpoints`, in the same order.
+    pub fleet: Fleet,
+}
+
+impl Snapshot {
+    /// The URL of endpoint `i` of the fleet.
+    pub fn endpoint_url(&self, i: usize) -> &http::Uri {
+        &self.config.upstream.endpoints[i]
+    }
 }
 
 /// Counters and flags of the policy source, read by the metrics at scrape time.
@@ -51,8 +59,9 @@ pub struct SourceStatus {
 pub struct PolicyStore {
     current: ArcSwapOption<Snapshot>,
     status: SourceStatus,
-    /// Replaces `spec.upstream.url` of every policy (`--upstream`).
-    upstream_override: Option<http::Uri>,
+    /// Replaces `spec.upstream.url` and `endpoints` of every policy (`--upstream`, one or
+    /// more); empty: the policy's own.
+    upstream_override: Vec<http::Uri>,
     /// Where this gateway listens: a policy whose upstream is this address is refused.
     listen: Option<std::net::SocketAddr>,
 }
@@ -85,7 +94,7 @@ pub fn points_at(url: &http::Uri, listen: std::net::SocketAddr) -> bool {
 }
 
 impl PolicyStore {
-    pub fn new(upstream_override: Option<http::Uri>) -> Self {
+    pub fn new(upstream_override: Vec<http::Uri>) -> Self {
         PolicyStore {
             current: ArcSwapOption::empty(),
             status: SourceStatus::default(),
@@ -102,14 +111,15 @@ impl PolicyStore {
 
     /// Why `config` cannot be put in force here, if it cannot.
     fn refusal(&self, config: &PolicyConfig) -> Option<String> {
-        let url = self
-            .upstream_override
-            .as_ref()
-            .unwrap_or(&config.upstream.url);
         let listen = self.listen?;
-        points_at(url, listen).then(|| {
-            format!("the upstream {url} is this gateway itself ({listen}): requests would loop")
-        })
+        let served = match self.upstream_override.is_empty() {
+            true => &config.upstream.endpoints,
+            false => &self.upstream_override,
+        };
+        let url = served.iter().find(|url| points_at(url, listen))?;
+        Some(format!(
+            "the upstream {url} is this gateway itself ({listen}): requests would loop"
+        ))
     }
 
     /// The source's counters and flags.
@@ -142,19 +152,27 @@ impl PolicyStore {
         source: String,
         mut config: PolicyConfig,
     ) -> Arc<Snapshot> {
-        if let Some(url) = &self.upstream_override {
+        if let Some(url) = self.upstream_override.first() {
             config.upstream.url = url.clone();
+            config.upstream.endpoints = self.upstream_override.clone();
         }
         let previous = self.current.load_full();
-        let limiter = match &previous {
-            Some(p) => Limiter::carry_over(config.limiter.clone(), &p.limiter),
-            None => Limiter::new(config.limiter.clone()),
-        };
+        let labels: Vec<String> = config
+            .upstream
+            .endpoints
+            .iter()
+            .map(super::config::endpoint_label)
+            .collect();
+        let fleet = Fleet::carry_over(
+            &config.limiter,
+            &labels,
+            previous.as_ref().map(|p| &p.fleet),
+        );
         let snap = Arc::new(Snapshot {
             generation,
             source,
             config,
-            limiter,
+            fleet,
         });
         self.current.store(Some(snap.clone()));
         self.status.applied.fetch_add(1, Ordering::Relaxed);
@@ -163,6 +181,7 @@ impl PolicyStore {
             source = %snap.source,
             generation,
             upstream = %snap.config.upstream.url,
+            endpoints = snap.fleet.len(),
             mode = ?snap.config.limiter.mode,
             "policy applied"
         );
@@ -304,7 +323,7 @@ mod tests {
                 "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: p}}\nspec:\n  upstream: {{url: '{url}'}}\n"
             )
         };
-        let store = PolicyStore::new(None).listening_on("0.0.0.0:8080".parse().unwrap());
+        let store = PolicyStore::new(vec![]).listening_on("0.0.0.0:8080".parse().unwrap());
         let (_, good) = PolicyConfig::from_yaml(&yaml("http://vllm:8000")).unwrap();
         let (_, looping) = PolicyConfig::from_yaml(&yaml("http://localhost:8080")).unwrap();
         store.handle(

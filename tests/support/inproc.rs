@@ -189,7 +189,7 @@ impl InProc {
         });
 
         let clock = ManualClock::starting_at(Duration::from_secs(1000));
-        let store = Arc::new(PolicyStore::new(None));
+        let store = Arc::new(PolicyStore::new(vec![]));
         let gw = Gateway::new(
             store.clone(),
             Arc::new(clock.clone()),

@@ -8,8 +8,11 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Gauge, GaugeVec, IntCounterVec, IntGaugeVec, Opts};
 
+use std::time::Duration;
+
 use crate::gateway::unary::UnaryModes;
-use crate::limiter::Clock;
+use crate::limiter::fleet::Fleet;
+use crate::limiter::{Clock, KeyReading};
 use crate::policy::source::PolicyStore;
 
 /// The limiter's and the policy source's gauges, computed from the [`PolicyStore`] when
@@ -69,6 +72,31 @@ pub(super) const MODEL_GAUGES: [(&str, &str); 11] = [
     ),
 ];
 
+/// Per-endpoint gauges (labels `upstream`, `model`): name and help.
+pub(super) const UPSTREAM_GAUGES: [(&str, &str); 4] = [
+    (
+        "sluice_upstream_in_flight_requests",
+        "Admitted requests of the model on the endpoint not finished yet.",
+    ),
+    (
+        "sluice_upstream_waiting_requests",
+        "Requests of the model on the endpoint still waiting for their first token.",
+    ),
+    (
+        "sluice_upstream_pressure_ratio",
+        "The endpoint's pressure for the model (as sluice_pressure_ratio, from its own averages).",
+    ),
+    (
+        "sluice_upstream_concurrency_ceiling",
+        "The endpoint's concurrency ceiling for the model: max(good concurrency, 4); once a queue starts, a request finding this many in flight there finds no room.",
+    ),
+];
+
+pub(super) const UPSTREAM_ROUTED: (&str, &str) = (
+    "sluice_upstream_requests_total",
+    "Requests routed to each endpoint of the upstream (admitted there; shadow-rejected included), by its host:port.",
+);
+
 pub(super) const POLICY_GAUGES: [(&str, &str); 4] = [
     (
         "sluice_policy_generation",
@@ -106,6 +134,15 @@ impl StateCollector {
         for (name, help) in POLICY_GAUGES {
             descs.extend(Gauge::new(name, help).unwrap().desc().into_iter().cloned());
         }
+        for (name, help) in UPSTREAM_GAUGES {
+            let g = GaugeVec::new(Opts::new(name, help), &["upstream", "model"]).unwrap();
+            descs.extend(g.desc().into_iter().cloned());
+        }
+        let routed = IntCounterVec::new(
+            Opts::new(UPSTREAM_ROUTED.0, UPSTREAM_ROUTED.1),
+            &["upstream"],
+        );
+        descs.extend(routed.unwrap().desc().into_iter().cloned());
         descs.extend(reloads().desc().into_iter().cloned());
         descs.extend(unary_mode().desc().into_iter().cloned());
         StateCollector {
@@ -115,6 +152,66 @@ impl StateCollector {
             descs,
         }
     }
+}
+
+/// Per-model readings of the whole fleet: with one endpoint, its readings; with several, the
+/// counts (waiting, in flight, good concurrency) summed over the endpoints, and the averages,
+/// the pressure and the reject probability of the endpoint with the least pressure (where the
+/// next request goes); unreachable when it is on any endpoint.
+fn fleet_readings(fleet: &Fleet, now: Duration) -> Vec<KeyReading<'_>> {
+    let mut by_model: Vec<KeyReading<'_>> = Vec::new();
+    for (_, limiter) in fleet.iter() {
+        for r in limiter.readings(now) {
+            match by_model.iter_mut().find(|m| m.label == r.label) {
+                None => by_model.push(r),
+                Some(m) => {
+                    let (waiting, in_flight) = (m.waiting + r.waiting, m.in_flight + r.in_flight);
+                    let good = m.good_concurrency + r.good_concurrency;
+                    let unreachable = m.unreachable || r.unreachable;
+                    if r.pressure < m.pressure {
+                        *m = r;
+                    }
+                    m.waiting = waiting;
+                    m.in_flight = in_flight;
+                    m.good_concurrency = good;
+                    m.unreachable = unreachable;
+                }
+            }
+        }
+    }
+    by_model
+}
+
+/// The per-endpoint series (`upstream` = the endpoint's host:port): requests routed, and per
+/// model in flight, waiting, pressure and the concurrency ceiling. An endpoint that leaves
+/// the policy leaves the scrape.
+fn upstream_families(fleet: &Fleet, now: Duration) -> Vec<MetricFamily> {
+    let routed = IntCounterVec::new(
+        Opts::new(UPSTREAM_ROUTED.0, UPSTREAM_ROUTED.1),
+        &["upstream"],
+    )
+    .unwrap();
+    let gauges = UPSTREAM_GAUGES
+        .map(|(name, help)| GaugeVec::new(Opts::new(name, help), &["upstream", "model"]).unwrap());
+    for (i, (label, limiter)) in fleet.iter().enumerate() {
+        routed.with_label_values(&[label]).inc_by(fleet.routed(i));
+        for r in limiter.readings(now) {
+            let values = [
+                f64::from(r.in_flight),
+                f64::from(r.waiting),
+                r.pressure,
+                r.ceiling,
+            ];
+            for (g, v) in gauges.iter().zip(values) {
+                g.with_label_values(&[label, r.label]).set(v);
+            }
+        }
+    }
+    let mut out = routed.collect();
+    for g in &gauges {
+        out.extend(g.collect());
+    }
+    out
 }
 
 fn model_gauge(name: &str, help: &str) -> GaugeVec {
@@ -146,7 +243,8 @@ impl Collector for StateCollector {
         let mut out = Vec::new();
         let gauges = MODEL_GAUGES.map(|(name, help)| model_gauge(name, help));
         if let Some(s) = &snap {
-            for r in s.limiter.readings(self.clock.now()) {
+            let now = self.clock.now();
+            for r in fleet_readings(&s.fleet, now) {
                 let values = [
                     r.ttft,
                     r.itl,
@@ -164,6 +262,7 @@ impl Collector for StateCollector {
                     g.with_label_values(&[r.label]).set(v);
                 }
             }
+            out.extend(upstream_families(&s.fleet, now));
         }
         for g in &gauges {
             out.extend(g.collect());
@@ -194,7 +293,7 @@ impl Collector for StateCollector {
             let up = &s.config.upstream;
             let now = self.clock.now();
             let current = if up.stream_unary {
-                self.unary.mode(&up.url, now)
+                self.unary.mode(&up.endpoints[0], now)
             } else {
                 "passthrough"
             };

@@ -5,6 +5,7 @@ use crate::random::Sequence;
 
 mod admit;
 mod concurrency;
+mod fleet;
 mod reload;
 mod retry;
 

@@ -7,7 +7,7 @@ fn pods_drain_for_as_long_as_a_request_may_run() {
         policy: "p",
         uid: "u-1",
         image: "img",
-        upstream: "http://u:8000/",
+        upstreams: &["http://u:8000/".parse().unwrap()],
         port: 8080,
         replicas: 1,
         gateway: None,
@@ -74,7 +74,10 @@ proptest::proptest! {
             policy: &name,
             uid: "u-1",
             image: "img",
-            upstream: "http://engine.inference.svc:8000/v1",
+            upstreams: &[
+                "http://engine.inference.svc:8000/v1".parse().unwrap(),
+                "http://10.0.0.7:8000".parse().unwrap(),
+            ],
             port: 8080,
             replicas: 1,
             gateway: None,
@@ -90,6 +93,8 @@ proptest::proptest! {
         let parsed = parsed.map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{args:?}: {e}")))?;
         proptest::prop_assert!(parsed.args.drain_timeout >= upstream_timeout.min(crate::policy::duration::MAX_FORMATTED));
         proptest::prop_assert_eq!(parsed.args.policy.as_deref(), Some(name.as_str()));
+        let served: Vec<String> = parsed.args.upstream.iter().map(|u| u.to_string()).collect();
+        proptest::prop_assert_eq!(served, ["http://engine.inference.svc:8000/v1", "http://10.0.0.7:8000/"]);
     }
 }
 
@@ -143,12 +148,13 @@ fn pods_are_selected_by_their_policys_uid_and_an_old_selector_is_kept() {
     let long = "l".repeat(70);
     let twin = label_value(&long);
     assert_eq!(label_value(&twin), twin);
+    let upstreams: Vec<http::Uri> = vec!["http://u:8000/".parse().unwrap()];
     let spec = |policy: &'static str, uid: &'static str| GatewayPodSpec {
         namespace: "ns",
         policy,
         uid,
         image: "img",
-        upstream: "http://u:8000/",
+        upstreams: &upstreams,
         port: 8080,
         replicas: 2,
         gateway: None,

@@ -328,6 +328,49 @@ async fn a_secret_without_the_opt_in_is_not_given_to_the_gateway() {
     assert!(mounts_key(&run), "the opted-in Secret is mounted");
 }
 
+#[tokio::test]
+async fn an_upstream_key_goes_to_a_fleet_only_if_the_secret_lists_every_endpoints_host() {
+    let spec = json!({"upstream": {"url": "http://engine.ns.svc:8000",
+        "endpoints": ["http://engine-0.ns.svc:8000", "http://elsewhere.example:8000"],
+        "apiKeySecretRef": {"name": "key", "key": "token"}}});
+    let hosts = |hosts: &'static str| -> Script {
+        Box::new(move |s| {
+            (s.short() == "GET secrets/key").then(|| {
+                secret_metadata(json!({"sluice.dev/upstream-key-for": "p/token",
+                                       "sluice.dev/upstream-hosts": hosts}))
+            })
+        })
+    };
+    let run = Run::new(policy(spec.clone()), hosts("engine-0.ns.svc")).await;
+    assert!(
+        matches!(run.result, Err(ReconcileError::SecretNotAllowed { ref why, .. }) if why.contains("elsewhere.example")),
+        "{:?}",
+        run.result
+    );
+    assert!(!mounts_key(&run));
+    assert_eq!(
+        run.requests()
+            .iter()
+            .filter(|r| *r == "GET secrets/key")
+            .count(),
+        1,
+        "the Secret is read once"
+    );
+    let run = Run::new(
+        policy(spec),
+        hosts("engine-0.ns.svc, elsewhere.example:8000"),
+    )
+    .await;
+    assert!(run.result.is_ok(), "{:?}", run.result);
+    assert!(mounts_key(&run));
+    // The gateway is told the endpoints, not the policy's url.
+    let args = run.sent("PATCH deployments/p-sluice").body["spec"]["template"]["spec"]
+        ["containers"][0]["args"]
+        .to_string();
+    assert!(args.contains(r#""--upstream","http://engine-0.ns.svc:8000/","--upstream","http://elsewhere.example:8000/""#), "{args}");
+    assert!(!args.contains("http://engine.ns.svc:8000"), "{args}");
+}
+
 /// A watch cache holding `objects`.
 fn store<K: crate::operator::owned::Owned>(objects: Vec<K>) -> kube::runtime::reflector::Store<K> {
     let mut writer = kube::runtime::reflector::store::Writer::<K>::default();

@@ -195,6 +195,59 @@ fn upstreams_with_credentials_in_the_url_are_rejected_without_echoing_them() {
 }
 
 #[test]
+fn endpoints_are_served_instead_of_the_url_and_each_host_and_port_comes_once() {
+    let url = |u: &str| u.parse::<http::Uri>().unwrap();
+    let (_, c) = PolicyConfig::from_yaml(MINIMAL).unwrap();
+    assert_eq!(c.upstream.endpoints, [url("http://127.0.0.1:8000")]);
+    let doc = MINIMAL.replace(
+        "{url: http://127.0.0.1:8000}",
+        "{url: http://127.0.0.1:8000, endpoints: [http://10.0.0.1:8000, 'https://e2/v1']}",
+    );
+    let (_, c) = PolicyConfig::from_yaml(&doc).unwrap();
+    assert_eq!(
+        c.upstream.endpoints,
+        [url("http://10.0.0.1:8000"), url("https://e2/v1")]
+    );
+    let labels: Vec<String> = c.upstream.endpoints.iter().map(endpoint_label).collect();
+    assert_eq!(labels, ["10.0.0.1:8000", "e2:443"]);
+    // The same host and port twice (the default port spelled out): refused, naming both.
+    let twice = MINIMAL.replace(
+        "{url: http://127.0.0.1:8000}",
+        "{url: http://127.0.0.1:8000, endpoints: ['http://e:80', 'http://e/v1']}",
+    );
+    assert_single_error(
+        &twice,
+        "spec.upstream.endpoints[1]",
+        "e:80 is already endpoints[0]",
+    );
+    for (bad, needle) in [
+        ("ftp://e/", "http:// or https://"),
+        ("http://u:pw@e/", "must not carry credentials"),
+    ] {
+        let doc = MINIMAL.replace(
+            "{url: http://127.0.0.1:8000}",
+            &format!("{{url: http://127.0.0.1:8000, endpoints: [http://ok:1, '{bad}']}}"),
+        );
+        assert_single_error(&doc, "spec.upstream.endpoints[1]", needle);
+        assert!(
+            !PolicyConfig::from_yaml(&doc)
+                .unwrap_err()
+                .to_string()
+                .contains("pw@")
+        );
+    }
+    let many: Vec<String> = (0..65).map(|i| format!("'http://e{i}:8000'")).collect();
+    let doc = MINIMAL.replace(
+        "{url: http://127.0.0.1:8000}",
+        &format!(
+            "{{url: http://127.0.0.1:8000, endpoints: [{}]}}",
+            many.join(", ")
+        ),
+    );
+    assert_single_error(&doc, "spec.upstream.endpoints", "at most 64 endpoints");
+}
+
+#[test]
 fn the_metrics_port_must_differ_from_the_api_port() {
     assert_single_error(
         &with_spec("gateway: {port: 8000, metricsPort: 8000}"),

@@ -26,3 +26,54 @@ pub fn upstream_url(text: &str) -> Result<http::Uri, String> {
         _ => Err(bad()),
     }
 }
+
+/// The label of an endpoint in metrics and logs: `host:port`, the port defaulting to the
+/// scheme's.
+pub fn endpoint_label(url: &http::Uri) -> String {
+    let port = url
+        .port_u16()
+        .unwrap_or(if url.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    format!("{}:{port}", url.host().unwrap_or_default())
+}
+
+/// The most endpoints a policy may list.
+pub const MAX_ENDPOINTS: usize = 64;
+
+/// `spec.upstream.endpoints`, validated: each an upstream URL, each host and port once.
+pub(super) fn endpoints(list: &[String], c: &mut super::Checker) -> Vec<http::Uri> {
+    if list.len() > MAX_ENDPOINTS {
+        c.fail(
+            "spec.upstream.endpoints",
+            format!(
+                "at most {MAX_ENDPOINTS} endpoints; this list has {}",
+                list.len()
+            ),
+        );
+        return Vec::new();
+    }
+    let mut out: Vec<http::Uri> = Vec::new();
+    for (i, text) in list.iter().enumerate() {
+        let field = format!("spec.upstream.endpoints[{i}]");
+        match upstream_url(text) {
+            Err(m) => c.fail(&field, m),
+            Ok(u) => match out
+                .iter()
+                .position(|o| endpoint_label(o) == endpoint_label(&u))
+            {
+                Some(j) => c.fail(
+                    &field,
+                    format!(
+                        "{} is already endpoints[{j}]: each host and port may be listed once",
+                        endpoint_label(&u)
+                    ),
+                ),
+                None => out.push(u),
+            },
+        }
+    }
+    out
+}

@@ -1,0 +1,295 @@
+//! A fleet of endpoints serving one policy: a [`Limiter`] per endpoint (so every (model,
+//! endpoint) pair has its own moving averages, waiting requests, requests in flight, learned
+//! ceiling and integral), and the choice of the endpoint a new request goes to.
+//!
+//! Routing a request of some priority at some time:
+//! 1. An endpoint has *room* when its limiter would admit the request for sure: work
+//!    conservation (nothing in flight, or fewer than the concurrency at which it last met the
+//!    thresholds), `critical`, or no pressure at all. Two endpoints are drawn at random (power
+//!    of two choices: no herd on the single least-loaded endpoint, which every gateway
+//!    replica would pick at once), and the request goes to the one with room and the lower
+//!    pressure, ties to the one with fewer requests in flight.
+//! 2. If neither of the two has room, every other endpoint is asked, least pressure first:
+//!    a request is admitted whenever some endpoint has room.
+//! 3. Only when no endpoint has room does the shedding draw happen, once, on the endpoint
+//!    with the lowest rejection probability (the fleet sheds no more than its best endpoint
+//!    would); a request shed there gets the Retry-After of the endpoint expected to free
+//!    first, the shortest wait over the fleet.
+//!
+//! Each "has room" check and the admission that counts the request in flight happen under
+//! one lock of that endpoint's key ([`Limiter::admit_if_room`]), so racing requests cannot
+//! overfill an endpoint between the check and the count. With one endpoint the fleet is
+//! exactly the single limiter: `admit` is one call to [`Limiter::admit`].
+//!
+//! A reload ([`Fleet::carry_over`]) keeps the state of every endpoint that remains (by label,
+//! host:port), as [`Limiter::carry_over`] keeps every model's; a new endpoint starts afresh.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::{Decision, KeyId, Limiter, LimiterConfig, Priority, Uniform, Verdict};
+
+/// One endpoint: its label (`host:port`), its limiter and the requests routed to it (shared
+/// across reloads, like the limiter's state).
+#[derive(Debug)]
+struct Member {
+    label: Box<str>,
+    limiter: Limiter,
+    routed: Arc<AtomicU64>,
+}
+
+/// The limiters of a policy's endpoints, in the order of its endpoint list.
+#[derive(Debug)]
+pub struct Fleet {
+    members: Box<[Member]>,
+}
+
+/// Where a request was admitted (or, shed, which endpoint decided), and the decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Routed {
+    /// Index into the fleet (and the policy's endpoint list).
+    pub endpoint: usize,
+    pub key: KeyId,
+    pub decision: Decision,
+}
+
+/// An endpoint's treatment of a new request, read under its key's lock.
+#[derive(Debug, Clone, Copy)]
+struct Look {
+    endpoint: usize,
+    pressure: f64,
+    reject_probability: f64,
+    in_flight: u32,
+}
+
+impl Look {
+    fn room(&self) -> bool {
+        self.reject_probability == 0.0
+    }
+
+    /// Room first, then less pressure, then fewer in flight.
+    fn order(&self, other: &Look) -> std::cmp::Ordering {
+        (!self.room(), self.pressure, self.in_flight)
+            .partial_cmp(&(!other.room(), other.pressure, other.in_flight))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    }
+}
+
+impl Fleet {
+    /// A fleet of endpoints labelled `labels`, each with a fresh limiter for `config`.
+    pub fn new(config: &LimiterConfig, labels: &[String]) -> Self {
+        Fleet::carry_over(config, labels, None)
+    }
+
+    /// A fleet for `config` and `labels` keeping, for every endpoint of `previous` that
+    /// remains (by label), its state ([`Limiter::carry_over`]).
+    pub fn carry_over(config: &LimiterConfig, labels: &[String], previous: Option<&Fleet>) -> Self {
+        assert!(!labels.is_empty(), "a fleet has at least one endpoint");
+        let members = labels
+            .iter()
+            .map(|label| {
+                let before = previous.and_then(|p| Some(&p.members[p.position(label)?]));
+                Member {
+                    label: label.as_str().into(),
+                    limiter: match before {
+                        Some(old) => Limiter::carry_over(config.clone(), &old.limiter),
+                        None => Limiter::new(config.clone()),
+                    },
+                    routed: before.map(|old| old.routed.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        Fleet { members }
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The endpoint's label (`host:port`).
+    pub fn label(&self, endpoint: usize) -> &str {
+        &self.members[endpoint].label
+    }
+
+    /// The endpoint's limiter.
+    pub fn limiter(&self, endpoint: usize) -> &Limiter {
+        &self.members[endpoint].limiter
+    }
+
+    /// The index of the endpoint labelled `label`.
+    pub fn position(&self, label: &str) -> Option<usize> {
+        self.members.iter().position(|m| &*m.label == label)
+    }
+
+    /// The endpoints' labels and limiters.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Limiter)> {
+        self.members.iter().map(|m| (&*m.label, &m.limiter))
+    }
+
+    /// Requests routed to the endpoint (admitted there, shadow-rejected included) since it
+    /// joined the fleet.
+    pub fn routed(&self, endpoint: usize) -> u64 {
+        self.members[endpoint].routed.load(Ordering::Relaxed)
+    }
+
+    /// Routes a new request for `model` of `priority` at `now` (see the module docs): admitted
+    /// (and counted in flight) on an endpoint, or shed. Call [`Limiter::end_request`] on the
+    /// endpoint's limiter when an admitted request ends.
+    pub fn admit<R: Uniform + ?Sized>(
+        &self,
+        model: &str,
+        priority: Priority,
+        now: Duration,
+        rng: &mut R,
+    ) -> Routed {
+        let first = &self.members[0].limiter;
+        let key = first.key(model);
+        let n = self.members.len();
+        if n == 1 {
+            let decision = first.admit(key, priority, now, rng);
+            self.count(0, &decision);
+            return Routed {
+                endpoint: 0,
+                key,
+                decision,
+            };
+        }
+        let admitted = |endpoint: usize, decision| {
+            self.members[endpoint].limiter.use_key(key);
+            self.count(endpoint, &decision);
+            Routed {
+                endpoint,
+                key,
+                decision,
+            }
+        };
+        let look = |endpoint: usize| self.look(endpoint, key, priority, now);
+        // Two choices.
+        let a = (rng.next_f64() * n as f64) as usize % n;
+        let mut b = (rng.next_f64() * (n - 1) as f64) as usize % (n - 1);
+        if b >= a {
+            b += 1;
+        }
+        let mut two = [look(a), look(b)];
+        two.sort_by(Look::order);
+        for l in two.iter().filter(|l| l.room()) {
+            if let Some(d) = self.limiter(l.endpoint).admit_if_room(key, priority, now) {
+                return admitted(l.endpoint, d);
+            }
+        }
+        // Neither had room: any endpoint with room, least pressure first.
+        let mut all: Vec<Look> = (0..n).filter(|&i| i != a && i != b).map(look).collect();
+        all.extend(two);
+        all.sort_by(Look::order);
+        for l in all.iter().filter(|l| l.room()) {
+            if let Some(d) = self.limiter(l.endpoint).admit_if_room(key, priority, now) {
+                return admitted(l.endpoint, d);
+            }
+        }
+        // The fleet is full: one draw, on the endpoint that sheds least.
+        let best = all
+            .iter()
+            .min_by(|x, y| {
+                (x.reject_probability, x.in_flight)
+                    .partial_cmp(&(y.reject_probability, y.in_flight))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+            .expect("at least one endpoint")
+            .endpoint;
+        let mut decision = self.limiter(best).admit(key, priority, now, rng);
+        if decision.verdict == Verdict::Reject {
+            let soonest = (0..n)
+                .map(|i| self.limiter(i).shed_wait(key, priority, now))
+                .fold(f64::INFINITY, f64::min);
+            decision.retry_after = Some(self.limiter(best).retry_after(soonest, rng));
+        }
+        admitted(best, decision)
+    }
+
+    #[inline]
+    fn count(&self, endpoint: usize, decision: &Decision) {
+        if decision.verdict != Verdict::Reject {
+            self.members[endpoint]
+                .routed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn look(&self, endpoint: usize, key: KeyId, priority: Priority, now: Duration) -> Look {
+        let (pressure, reject_probability, in_flight) =
+            self.limiter(endpoint).look(key, priority, now);
+        Look {
+            endpoint,
+            pressure,
+            reject_probability,
+            in_flight,
+        }
+    }
+}
+
+impl Limiter {
+    /// Marks `key` (resolved by another limiter of the same policy) as used here.
+    #[inline]
+    pub(crate) fn use_key(&self, key: KeyId) {
+        self.entries[key.0 as usize].mark_used();
+    }
+
+    /// `(pressure, reject probability, in flight)` of a new request of `priority` on `key` at
+    /// `now`; a reject probability of 0 means it would be admitted for sure.
+    pub(crate) fn look(&self, key: KeyId, priority: Priority, now: Duration) -> (f64, f64, u32) {
+        let entry = &self.entries[key.0 as usize];
+        let mut st = entry.lock();
+        let a = self.assess(&mut st, &entry.thresholds, priority, now.as_secs_f64());
+        (a.pressure, a.reject_probability, st.conc.in_flight)
+    }
+
+    /// Admits a request of `priority` on `key` at `now` and counts it in flight, under one
+    /// lock, if it would be admitted for sure; otherwise counts nothing.
+    pub(crate) fn admit_if_room(
+        &self,
+        key: KeyId,
+        priority: Priority,
+        now: Duration,
+    ) -> Option<Decision> {
+        let entry = &self.entries[key.0 as usize];
+        let mut st = entry.lock();
+        let a = self.assess(&mut st, &entry.thresholds, priority, now.as_secs_f64());
+        if a.reject_probability > 0.0 {
+            return None;
+        }
+        st.conc.in_flight += 1;
+        Some(Decision {
+            verdict: Verdict::Admit,
+            pressure: a.pressure,
+            reject_probability: 0.0,
+            retry_after: None,
+        })
+    }
+
+    /// The wait, in seconds, before a request of `priority` shed on `key` at `now` is worth
+    /// retrying here (before jitter and cap).
+    pub(crate) fn shed_wait(&self, key: KeyId, priority: Priority, now: Duration) -> f64 {
+        let entry = &self.entries[key.0 as usize];
+        let th = entry.thresholds;
+        let now = now.as_secs_f64();
+        let mut st = entry.lock();
+        let a = self.assess(&mut st, &th, priority, now);
+        if a.reject_probability == 0.0 {
+            return 0.0;
+        }
+        let st = *st;
+        st.retry_wait(
+            st.effective(&th),
+            a.factor,
+            a.over_ceiling,
+            now,
+            th.time_constant,
+            &self.config.shedding,
+        )
+    }
+}
