@@ -189,6 +189,40 @@ fn gateway_fails(upstream: &str, listen: &str) -> String {
     ])
 }
 
+#[test]
+fn a_fleet_naming_an_endpoint_twice_or_the_gateway_itself_is_refused_at_start() {
+    let policy = PolicyFile::new(&policy_yaml("http://127.0.0.1:9", ""));
+    let err = support::sluice_fails(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--policy-file",
+        policy.0.to_str().unwrap(),
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--upstream",
+        "http://127.0.0.1:9/v1",
+    ]);
+    assert!(err.contains("given twice (127.0.0.1:9)"), "{err}");
+    // An endpoint of the policy's list that is the gateway's own address: requests would loop.
+    let doc = policy_yaml("http://127.0.0.1:9", "").replace(
+        "upstream: {url: 'http://127.0.0.1:9'}",
+        "upstream: {url: 'http://127.0.0.1:9', endpoints: ['http://127.0.0.1:9', 'http://localhost:18081']}",
+    );
+    let policy = PolicyFile::new(&doc);
+    let err = support::sluice_fails(&[
+        "gateway",
+        "--listen",
+        "0.0.0.0:18081",
+        "--policy-file",
+        policy.0.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("localhost:18081") && err.contains("loop"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn an_invalid_policy_file_at_start_is_a_clear_error() {
     let err = gateway_fails("ftp://nowhere", "127.0.0.1:0");

@@ -134,6 +134,22 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
             "spec.upstream.url",
         ),
         (
+            "ftp-endpoint",
+            json!({"upstream": {"url": "http://e:8000", "endpoints": ["http://e0:8000", "ftp://e1/"]}}),
+            "spec.upstream.endpoints",
+        ),
+        (
+            "credentials-in-an-endpoint",
+            json!({"upstream": {"url": "http://e:8000", "endpoints": ["http://k:sk-live@e0:8000"]}}),
+            "spec.upstream.endpoints",
+        ),
+        (
+            "65-endpoints",
+            json!({"upstream": {"url": "http://e:8000",
+                "endpoints": (0..65).map(|i| format!("http://e{i}:8000")).collect::<Vec<_>>()}}),
+            "spec.upstream.endpoints",
+        ),
+        (
             "global-with-models",
             json!({"scope": "Global", "models": [{"name": "a"}]}),
             "spec.models",

@@ -46,6 +46,7 @@ use axum::routing::{get, post};
 
 use crate::gateway::metrics::GatewayMetrics;
 use crate::limiter::{Clock, MonotonicClock};
+use crate::policy::config::endpoint_label;
 use crate::policy::duration::parse_duration;
 use crate::policy::source::{PolicyStore, load_and_poll_file};
 
@@ -280,6 +281,14 @@ pub fn api_router(gw: Arc<Gateway>) -> Router {
 
 /// `sluice gateway`.
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
+    let labels: Vec<String> = args.upstream.iter().map(endpoint_label).collect();
+    if let Some(i) = (1..labels.len()).find(|&i| labels[..i].contains(&labels[i])) {
+        anyhow::bail!(
+            "--upstream {} is given twice ({}): each host and port may be listed once",
+            args.upstream[i],
+            labels[i]
+        );
+    }
     let store = Arc::new(PolicyStore::new(args.upstream.clone()).listening_on(args.listen));
     if let Some(path) = &args.policy_file {
         let watcher = load_and_poll_file(path.clone(), store.clone(), args.reload_interval).await?;

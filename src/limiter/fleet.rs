@@ -17,7 +17,7 @@
 //!    first, the shortest wait over the fleet.
 //!
 //! Each "has room" check and the admission that counts the request in flight happen under
-//! one lock of that endpoint's key ([`Limiter::admit_if_room`]), so racing requests cannot
+//! one lock of that endpoint's key (`Limiter::admit_if_room`), so racing requests cannot
 //! overfill an endpoint between the check and the count. With one endpoint the fleet is
 //! exactly the single limiter: `admit` is one call to [`Limiter::admit`].
 //!

@@ -6,7 +6,7 @@
 //! limiter unchecked. Every violation is reported with its field path, all at once.
 
 mod url;
-pub use url::{endpoint_label, upstream_url};
+pub use url::{UpstreamConfig, endpoint_label, upstream_url};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::crd::{
     MAX_MODEL_NAME_BYTES, MAX_MODELS, ModeSpec, PriorityClass, RateLimitPolicy,
-    RateLimitPolicySpec, ScopeSpec, SecretKeyRef,
+    RateLimitPolicySpec, ScopeSpec,
 };
 use super::duration::parse_duration;
 use crate::limiter::{self, LimiterConfig, Priority, Thresholds};
@@ -96,25 +96,6 @@ fn secret_data_key(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-}
-
-/// The validated upstream.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamConfig {
-    /// Base URL (scheme http or https, with a host).
-    pub url: http::Uri,
-    /// What is served: `spec.upstream.endpoints`, or `url` alone; never empty, each host and
-    /// port once.
-    pub endpoints: Vec<http::Uri>,
-    /// Whole-request timeout.
-    pub timeout: Duration,
-    /// Measure unary requests by streaming them upstream.
-    pub stream_unary: bool,
-    /// How long idle upstream connections are kept.
-    pub pool_idle_timeout: Duration,
-    /// Longest silence within a response stream.
-    pub stream_idle_timeout: Duration,
-    pub api_key_secret: Option<SecretKeyRef>,
 }
 
 /// One violated rule.
@@ -384,11 +365,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
                     trust_priority_header: spec.priority.as_ref().is_some_and(|p| p.trust_header),
                     client_auth,
                     upstream: UpstreamConfig {
-                        endpoints: if endpoints.is_empty() {
-                            vec![url.clone()]
-                        } else {
-                            endpoints
-                        },
+                        endpoints: url::served(&url, endpoints),
                         url,
                         timeout,
                         stream_unary: spec.upstream.stream_unary,

@@ -1,9 +1,9 @@
 //! Policy sources publish validated snapshots; the gateway reads the current one per request.
 //!
 //! [`PolicyStore`] holds the snapshot in an `ArcSwapOption`: readers `load` without locks, a
-//! source `apply`s a new validated policy (the limiter is rebuilt with
-//! [`Limiter::carry_over`], so the state of every key that remains carries on under the new
-//! thresholds) or
+//! source `apply`s a new validated policy (the limiter of each endpoint is rebuilt with
+//! [`Fleet::carry_over`], so the state of every endpoint and key that remains carries on
+//! under the new thresholds) or
 //! `reject`s an invalid one (the last good snapshot stays; the error is logged and counted).
 //! Sources: [`load_and_poll_file`] (a local YAML file, polled) and [`super::watch`] (the
 //! Kubernetes API); both decide what changed with the state machines of [`super::follow`].

@@ -25,6 +25,8 @@ use super::http::{HttpClient, client, policy_yaml};
 
 /// A request that reached the stub upstream; its response stream is open until dropped.
 pub struct Arrival {
+    /// Which stub upstream it reached (the index in [`InProc::upstreams`]).
+    pub upstream: usize,
     pub body: serde_json::Value,
     /// The `Authorization` header the upstream received.
     pub authorization: Option<String>,
@@ -39,6 +41,7 @@ impl Arrival {
 
 #[derive(Clone)]
 struct Stub {
+    index: usize,
     arrivals: mpsc::UnboundedSender<Arrival>,
     /// Embeddings requests: their response is held open until the sender is dropped.
     held: mpsc::UnboundedSender<mpsc::UnboundedSender<Bytes>>,
@@ -70,6 +73,7 @@ async fn stub_chat(
         .get("authorization")
         .map(|v| v.to_str().unwrap().to_owned());
     let _ = stub.arrivals.send(Arrival {
+        upstream: stub.index,
         body,
         authorization,
         chunks: tx,
@@ -97,6 +101,11 @@ pub struct Held {
 }
 
 impl Held {
+    /// The stub upstream the request reached.
+    pub fn upstream(&self) -> usize {
+        self.arrival.upstream
+    }
+
     /// The upstream sends `data: <data>` and a blank line.
     pub fn send(&self, data: &str) {
         self.arrival.send(data);
@@ -135,6 +144,8 @@ pub struct Outcome {
     pub body: Option<serde_json::Value>,
     /// The `Authorization` header the upstream received (admitted requests).
     pub upstream_authorization: Option<String>,
+    /// The stub upstream that served it (admitted requests).
+    pub upstream: Option<usize>,
 }
 
 impl Outcome {
@@ -154,7 +165,11 @@ impl Outcome {
 /// A gateway and its stub upstream in this process.
 pub struct InProc {
     pub url: String,
+    /// The first stub upstream.
     pub upstream: String,
+    /// Every stub upstream (one unless started with [`InProc::start_fleet`]); with more than
+    /// one, the policy lists them all as `spec.upstream.endpoints`.
+    pub upstreams: Vec<String>,
     pub clock: ManualClock,
     pub store: Arc<PolicyStore>,
     pub gw: Arc<Gateway>,
@@ -173,20 +188,29 @@ impl InProc {
 
     /// The same with `options` (their random source is replaced by the seeded one).
     pub async fn start_with(spec: &str, options: GatewayOptions) -> InProc {
+        InProc::start_fleet(1, spec, options).await
+    }
+
+    /// A gateway in front of `n` stub upstreams, listed as the policy's endpoints.
+    pub async fn start_fleet(n: usize, spec: &str, options: GatewayOptions) -> InProc {
         let (tx, rx) = mpsc::unbounded_channel();
         let (held_tx, held_rx) = mpsc::unbounded_channel();
-        let app = axum::Router::new()
-            .route("/v1/chat/completions", axum::routing::post(stub_chat))
-            .route("/v1/embeddings", axum::routing::post(stub_embeddings))
-            .with_state(Stub {
-                arrivals: tx,
-                held: held_tx,
-            });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = format!("http://{}", listener.local_addr().unwrap());
-        let stub = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let (mut upstreams, mut tasks) = (Vec::new(), Vec::new());
+        for index in 0..n {
+            let app = axum::Router::new()
+                .route("/v1/chat/completions", axum::routing::post(stub_chat))
+                .route("/v1/embeddings", axum::routing::post(stub_embeddings))
+                .with_state(Stub {
+                    index,
+                    arrivals: tx.clone(),
+                    held: held_tx.clone(),
+                });
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            upstreams.push(format!("http://{}", listener.local_addr().unwrap()));
+            tasks.push(tokio::spawn(async move {
+                axum::serve(listener, app).await.unwrap();
+            }));
+        }
 
         let clock = ManualClock::starting_at(Duration::from_secs(1000));
         let store = Arc::new(PolicyStore::new(vec![]));
@@ -215,9 +239,11 @@ impl InProc {
                 .unwrap();
             }
         });
+        tasks.push(server);
         let me = InProc {
             url,
-            upstream,
+            upstream: upstreams[0].clone(),
+            upstreams,
             clock,
             store,
             gw,
@@ -225,7 +251,7 @@ impl InProc {
             held: Mutex::new(held_rx),
             client: client(),
             generation: 0.into(),
-            tasks: vec![stub, server],
+            tasks,
         };
         me.reload(spec);
         me
@@ -233,7 +259,22 @@ impl InProc {
 
     /// Puts a new version of the policy in force (as a watch or the file poller would).
     pub fn reload(&self, spec: &str) {
-        let doc = policy_yaml(&self.upstream, spec);
+        let served: Vec<&str> = self.upstreams.iter().map(String::as_str).collect();
+        self.reload_endpoints(&served, spec);
+    }
+
+    /// The same with `endpoints` as the policy's endpoints (none: `upstream` alone).
+    pub fn reload_endpoints(&self, endpoints: &[&str], spec: &str) {
+        let mut doc = policy_yaml(&self.upstream, spec);
+        if endpoints != [self.upstream.as_str()] {
+            let from = format!("upstream: {{url: '{}'}}", self.upstream);
+            let to = format!(
+                "upstream: {{url: '{}', endpoints: ['{}']}}",
+                self.upstream,
+                endpoints.join("', '")
+            );
+            doc = doc.replace(&from, &to);
+        }
         let (_, config) = PolicyConfig::from_yaml(&doc).unwrap();
         let generation = self
             .generation
@@ -275,6 +316,7 @@ impl InProc {
                     headers,
                     body: serde_json::from_slice(&bytes).ok(),
                     upstream_authorization: None,
+                    upstream: None,
                 };
             }
         };
@@ -293,6 +335,7 @@ impl InProc {
         arrival.send(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#);
         arrival.send("[DONE]");
         let upstream_authorization = arrival.authorization.clone();
+        let upstream = Some(arrival.upstream);
         drop(arrival);
         while let Some(f) = body.frame().await {
             f.expect("the stream ends cleanly");
@@ -302,6 +345,7 @@ impl InProc {
             headers,
             body: None,
             upstream_authorization,
+            upstream,
         }
     }
 

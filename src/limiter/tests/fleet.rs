@@ -251,3 +251,31 @@ fn racing_admissions_never_overfill_an_endpoint() {
         }
     }
 }
+
+#[test]
+fn the_retry_after_of_a_full_fleet_is_its_soonest_endpoints_not_the_drawn_ones() {
+    // Every endpoint sheds for sure (the cliff), so the draw goes to the one with the fewest
+    // in flight: endpoint 0, which also recovers last.
+    let f = Fleet::new(&cliff_config(), &labels(3));
+    set(&f, 0, 7, 0.0, 2.0, SEC);
+    set(&f, 1, 8, 0.0, 1.5, SEC);
+    set(&f, 2, 8, 0.0, 0.8, SEC);
+    let alone: Vec<Duration> = (0..3)
+        .map(|e| {
+            let l = f.limiter(e);
+            let mut never = Sequence::new(vec![0.0]);
+            let d = l.decide(l.key("llama"), Priority::Standard, SEC, &mut never);
+            assert_eq!(d.verdict, Verdict::Reject, "endpoint {e}");
+            d.retry_after.unwrap()
+        })
+        .collect();
+    assert!(alone[2] < alone[1] && alone[1] < alone[0], "{alone:?}");
+    let r = f.admit(
+        "llama",
+        Priority::Standard,
+        SEC,
+        &mut choose(3, 1, 2, &[0.0, 0.0]),
+    );
+    assert_eq!((r.endpoint, r.decision.verdict), (0, Verdict::Reject));
+    assert_eq!(r.decision.retry_after, Some(alone[2]));
+}

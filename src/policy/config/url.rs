@@ -1,4 +1,28 @@
-//! The upstream URL of a policy (and of `sluice gateway --upstream`).
+//! The upstream of a policy: its URL (and `sluice gateway --upstream`'s), its endpoints, and
+//! the validated upstream configuration.
+
+use std::time::Duration;
+
+use super::super::crd::SecretKeyRef;
+
+/// The validated upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// Base URL (scheme http or https, with a host).
+    pub url: http::Uri,
+    /// What is served: `spec.upstream.endpoints`, or `url` alone; never empty, each host and
+    /// port once.
+    pub endpoints: Vec<http::Uri>,
+    /// Whole-request timeout.
+    pub timeout: Duration,
+    /// Measure unary requests by streaming them upstream.
+    pub stream_unary: bool,
+    /// How long idle upstream connections are kept.
+    pub pool_idle_timeout: Duration,
+    /// Longest silence within a response stream.
+    pub stream_idle_timeout: Duration,
+    pub api_key_secret: Option<SecretKeyRef>,
+}
 
 /// An upstream base URL: http or https, with a host, and without user-info. Credentials in a
 /// URL would be logged and written into the gateway Deployment's arguments, and were never
@@ -76,4 +100,13 @@ pub(super) fn endpoints(list: &[String], c: &mut super::Checker) -> Vec<http::Ur
         }
     }
     out
+}
+
+/// What a policy serves: its endpoints, or its URL alone.
+pub(super) fn served(url: &http::Uri, endpoints: Vec<http::Uri>) -> Vec<http::Uri> {
+    if endpoints.is_empty() {
+        vec![url.clone()]
+    } else {
+        endpoints
+    }
 }
