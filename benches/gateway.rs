@@ -11,7 +11,6 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,6 +25,8 @@ use sluice::limiter::MonotonicClock;
 use sluice::policy::PolicyConfig;
 use sluice::policy::source::PolicyStore;
 use sluice::sim::{SimConfig, SimEngine};
+
+use common::nginx::{Balance, Nginx};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -75,66 +76,8 @@ async fn gateway(upstream: &str, stream_unary: bool) -> String {
     url
 }
 
-/// nginx as a plain reverse proxy to `upstream` (keep-alive upstream connections, no
-/// buffering, so streams pass through as they come); stopped (by PID) when dropped.
-struct Nginx {
-    child: std::process::Child,
-    url: String,
-    _dir: PathBuf,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // SIGTERM, so the master stops its workers (SIGKILL would orphan them); SIGKILL only
-        // if it does not exit.
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self._dir);
-    }
-}
-
 fn nginx(upstream_port: u16) -> Nginx {
-    let bin = std::env::var("SLUICE_NGINX").unwrap_or_else(|_| {
-        panic!("SLUICE_NGINX is not set: run `SLUICE_NGINX=$(scripts/nginx.sh) cargo bench --bench gateway`")
-    });
-    let dir = std::env::temp_dir().join(format!("sluice-bench-nginx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let d = dir.display();
-    let conf = format!(
-        "daemon off;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log stderr warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  upstream engine {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://engine;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n"
-    );
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf).unwrap();
-    let child = std::process::Command::new(&bin)
-        .args(["-e", "stderr", "-p"])
-        .arg(&dir)
-        .arg("-c")
-        .arg(&conf_path)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nginx did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Nginx {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        _dir: dir,
-    }
+    Nginx::start(&[upstream_port], Balance::RoundRobin)
 }
 
 fn body(stream: bool, max_tokens: u32) -> Bytes {

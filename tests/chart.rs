@@ -324,6 +324,9 @@ fn the_chart_renders_the_shared_rbac_and_its_options() {
         "sluice_itl_threshold_seconds",
         "sluice_reject_probability",
         "sluice_requests_total",
+        "sluice_upstream_requests_total",
+        "sluice_upstream_pressure_ratio",
+        "sluice_upstream_in_flight_requests",
     ] {
         assert!(
             exprs.contains(metric),

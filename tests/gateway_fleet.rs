@@ -154,3 +154,92 @@ async fn a_reload_keeps_each_endpoints_state_and_a_removed_endpoint_drains() {
     }
     full.finish().await;
 }
+
+/// A port on 127.0.0.1 where nothing listens: connections are refused.
+fn refused() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", l.local_addr().unwrap())
+}
+
+/// An endpoint that reads each request and closes the connection without answering: the
+/// request was written, so it must not be sent anywhere else.
+async fn cut_after_reading() -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+        }
+    });
+    (url, task)
+}
+
+fn up(m: &str, url: &str) -> Option<f64> {
+    metric(m, "sluice_upstream_up", &[("upstream", label(url))])
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_on_another_endpoint_and_the_endpoint_is_ejected() {
+    let g = InProc::start(CLIFF).await;
+    let dead = refused();
+    g.reload_endpoints(&[&dead, &g.upstream], CLIFF);
+    // Every request is served, whichever endpoint it was routed to first.
+    for i in 0..20 {
+        let o = g.stream("m", &[], 10 * MS, &[]).await;
+        assert_eq!((o.status, o.upstream), (200, Some(0)), "request {i}");
+    }
+    let m = g.metrics().await;
+    let unreachable = metric(
+        &m,
+        "sluice_upstream_errors_total",
+        &[("reason", "unreachable")],
+    );
+    assert_eq!(unreachable, Some(5.0), "five refusals eject it: {m}");
+    assert_eq!(up(&m, &dead), Some(0.0), "{m}");
+    assert_eq!(up(&m, &g.upstream), Some(1.0), "{m}");
+    // After the ejection (10 s) it is tried again; refused once more, it is ejected at once
+    // (for 20 s), and that request is still served.
+    g.clock.advance(Duration::from_secs(10));
+    let mut seen = 0.0;
+    for _ in 0..20 {
+        assert_eq!(g.stream("m", &[], 10 * MS, &[]).await.status, 200);
+        let m = g.metrics().await;
+        seen = metric(
+            &m,
+            "sluice_upstream_errors_total",
+            &[("reason", "unreachable")],
+        )
+        .unwrap();
+        if seen > 5.0 {
+            assert_eq!(up(&m, &dead), Some(0.0), "{m}");
+            break;
+        }
+    }
+    assert_eq!(seen, 6.0, "tried again once after its ejection");
+}
+
+#[tokio::test]
+async fn a_request_that_reached_an_endpoint_is_never_sent_to_another() {
+    let g = InProc::start(CLIFF).await;
+    let (cut, _task) = cut_after_reading().await;
+    g.reload_endpoints(&[&cut, &g.upstream], CLIFF);
+    let (mut cut_short, mut served) = (0, 0);
+    for _ in 0..30 {
+        // A request the stub receives must come back 200 (Outcome asserts it); one cut short
+        // is a 502 that reached no other endpoint.
+        let o = g.stream("m", &[], 10 * MS, &[]).await;
+        match o.status {
+            502 => {
+                assert_eq!(o.upstream, None);
+                cut_short += 1;
+            }
+            200 => served += 1,
+            s => panic!("status {s}"),
+        }
+    }
+    assert_eq!(cut_short, 5, "five failures in a row eject the endpoint");
+    assert_eq!(served, 25);
+    assert_eq!(up(&g.metrics().await, &cut), Some(0.0));
+}

@@ -7,6 +7,8 @@ pub mod process;
 #[path = "../../tests/support/llama.rs"]
 pub mod llama;
 
+pub mod balancer;
+pub mod nginx;
 pub mod plot;
 
 use process::ChildProcess;

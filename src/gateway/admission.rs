@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 
 use super::client_keys::ClientKeys;
 use super::error::GatewayError;
+use crate::limiter::fleet::Routed;
 use crate::limiter::{Clock, KeyId, Priority, SplitMix64, Verdict};
 use crate::policy::source::Snapshot;
 
@@ -194,6 +195,30 @@ pub fn admit(
 ) -> Result<Admitted, (String, GatewayError)> {
     let now = clock.now();
     let routed = random.with(|r| snap.fleet.admit(model, priority, now, r));
+    settle(snap, routed, model, clock)
+}
+
+/// Admits a request again, on an endpoint other than `failed` (which could not be reached);
+/// None when the fleet has no other.
+pub fn admit_elsewhere(
+    snap: Arc<Snapshot>,
+    model: &str,
+    priority: Priority,
+    clock: &Arc<dyn Clock>,
+    random: &RandomSource,
+    failed: usize,
+) -> Option<Result<Admitted, (String, GatewayError)>> {
+    let now = clock.now();
+    let routed = random.with(|r| snap.fleet.admit_elsewhere(model, priority, now, r, failed))?;
+    Some(settle(snap, routed, model, clock))
+}
+
+fn settle(
+    snap: Arc<Snapshot>,
+    routed: Routed,
+    model: &str,
+    clock: &Arc<dyn Clock>,
+) -> Result<Admitted, (String, GatewayError)> {
     let (endpoint, key, d) = (routed.endpoint, routed.key, routed.decision);
     let label = snap.fleet.limiter(endpoint).label(key).to_owned();
     if d.verdict == Verdict::Reject {

@@ -191,6 +191,7 @@ async fn completion(gw: Arc<Gateway>, api: Api, headers: HeaderMap, body: Body) 
     } else {
         acc.bytes.clone()
     };
+    let model = req.model.to_string();
     drop(req);
     drop(acc.bytes);
     let kind = match api {
@@ -202,6 +203,7 @@ async fn completion(gw: Arc<Gateway>, api: Api, headers: HeaderMap, body: Body) 
         gw: &gw,
         snap: &a.snap,
         endpoint: a.endpoint,
+        admission: Some((&model, acc.priority)),
         method: Method::POST,
         path_and_query: api.path(),
         headers: &headers,
@@ -253,7 +255,7 @@ pub async fn passthrough(
             Err(e) => return refuse(&gw, "", api, false, e.into()),
         }
     };
-    let model = head.model();
+    let model = head.model().map(|m| m.to_string());
     let (label, shadow, active, endpoint) = match &model {
         Some(m) => {
             if let Err(e) = check_model_name(m) {
@@ -264,13 +266,11 @@ pub async fn passthrough(
                 Err((label, e)) => return refuse(&gw, &label, api, false, e),
             }
         }
-        // Nothing to admit (`GET /v1/models`): any endpoint answers it.
+        // Nothing to admit (`GET /v1/models`): any endpoint taking requests answers it.
         None => {
-            let n = acc.snap.fleet.len();
-            let any = gw
-                .random
-                .with(|r| (crate::limiter::Uniform::next_f64(r) * n as f64) as usize % n);
-            (String::new(), false, None, any)
+            let now = gw.clock.now();
+            let any = gw.random.with(|r| acc.snap.fleet.any(now, r, None));
+            (String::new(), false, None, any.unwrap_or(0))
         }
     };
     let mut tracker = Tracker::new(acc.place, &label, api, false, shadow, start);
@@ -281,6 +281,7 @@ pub async fn passthrough(
         gw: &gw,
         snap: &acc.snap,
         endpoint,
+        admission: model.as_deref().map(|m| (m, acc.priority)),
         method,
         path_and_query: uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
         headers: &headers,

@@ -134,6 +134,11 @@ impl Tracker {
         self
     }
 
+    /// The request was admitted again elsewhere: holds that count instead (the old one ends).
+    pub fn hold_instead(&mut self, active: Active) {
+        self.active = Some(active);
+    }
+
     /// Sets the outcome (the first one set wins).
     pub fn finish(&mut self, outcome: Outcome) {
         self.outcome.get_or_insert(outcome);
@@ -228,6 +233,16 @@ impl Sampler {
             model: model.to_owned(),
             timer: StreamTimer::new(now),
         }
+    }
+
+    /// The request goes to `endpoint` (key `key`) of the same snapshot instead: it waits for
+    /// its first token there.
+    pub fn moved(&mut self, endpoint: usize, key: KeyId) {
+        let now = self.gw.clock.now();
+        self.waiting = None; // ends the wait where it was
+        self.endpoint = endpoint;
+        self.key = key;
+        self.waiting = Some(Waiting::begin(&self.snap, endpoint, key, now));
     }
 
     /// The request left for the upstream now.

@@ -15,20 +15,25 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::Gateway;
+use super::admission::{Admitted, admit_elsewhere};
 use super::assemble::{self, Assembler};
 use super::error::GatewayError;
 use super::measure::{Observer, Sampler, Tracker};
 use super::upstream;
 use crate::gateway::metrics::Outcome;
+use crate::limiter::Priority;
 use crate::policy::source::Snapshot;
 
 /// One request to forward.
 pub struct Forward<'a> {
     pub gw: &'a Arc<Gateway>,
     /// The policy the request was admitted under (upstream endpoints and timeouts).
-    pub snap: &'a Snapshot,
+    pub snap: &'a Arc<Snapshot>,
     /// The endpoint of the policy's fleet the request goes to.
     pub endpoint: usize,
+    /// The model and priority it was admitted for, to admit it again on another endpoint if
+    /// this one cannot be reached; None for a request that was not admitted (no model).
+    pub admission: Option<(&'a str, Priority)>,
     pub method: Method,
     pub path_and_query: &'a str,
     /// The client's headers (filtered by [`upstream::request`]).
@@ -42,6 +47,28 @@ pub struct Forward<'a> {
     /// The body's share of the gateway's body-memory budget: given back once the upstream has
     /// answered (it has read the body by then).
     pub body_permit: Option<super::intake::BodyPermit>,
+}
+
+/// Another endpoint for a request whose endpoint `failed` could not be reached: admitted
+/// there (with its guard), or shed when the rest of the fleet has no room; None when there is
+/// no other endpoint.
+fn elsewhere(
+    gw: &Arc<Gateway>,
+    snap: &Arc<Snapshot>,
+    admission: Option<(&str, Priority)>,
+    failed: usize,
+) -> Option<Result<(usize, Option<Admitted>), GatewayError>> {
+    match admission {
+        None => {
+            let now = gw.clock.now();
+            let next = gw.random.with(|r| snap.fleet.any(now, r, Some(failed)))?;
+            Some(Ok((next, None)))
+        }
+        Some((model, priority)) => {
+            let a = admit_elsewhere(snap.clone(), model, priority, &gw.clock, &gw.random, failed)?;
+            Some(a.map(|a| (a.endpoint, Some(a))).map_err(|(_, e)| e))
+        }
+    }
 }
 
 /// Forwards one request and relays (or assembles) the response.
@@ -62,46 +89,71 @@ pub async fn forward(f: Forward<'_>) -> Response {
     };
     let timeout = snap.config.upstream.timeout;
     let deadline = tokio::time::Instant::now() + timeout;
-    let url = snap.endpoint_url(f.endpoint);
-    let Ok(uri) = upstream::target(url, f.path_and_query) else {
-        return fail(
-            &mut tracker,
-            GatewayError::bad_request("the request path cannot be forwarded"),
-        );
-    };
     let key = gw.api_key.current();
-    let client_auth = f.snap.config.client_auth.is_some();
-    let Ok(req) = upstream::request(
-        f.method,
-        uri,
-        f.headers,
-        key.as_deref(),
-        client_auth,
-        f.body,
-    ) else {
-        return fail(
-            &mut tracker,
-            GatewayError::bad_request("the request headers cannot be forwarded"),
-        );
-    };
-    if let Some(s) = sampler.as_mut() {
-        s.sent();
-    }
+    let client_auth = snap.config.client_auth.is_some();
     let client = gw.pools.get(snap.config.upstream.pool_idle_timeout);
     let faults = Faults(gw.metrics.upstream_errors.clone());
-    let resp = match tokio::time::timeout_at(deadline, client.request(req)).await {
-        Err(_) => {
-            faults.count("timeout");
-            return fail(&mut tracker, GatewayError::UpstreamTimeout(timeout));
+    let mut endpoint = f.endpoint;
+    let mut retried = false;
+    let (resp, url) = loop {
+        let url = snap.endpoint_url(endpoint);
+        let Ok(uri) = upstream::target(url, f.path_and_query) else {
+            return fail(
+                &mut tracker,
+                GatewayError::bad_request("the request path cannot be forwarded"),
+            );
+        };
+        let Ok(req) = upstream::request(
+            f.method.clone(),
+            uri,
+            f.headers,
+            key.as_deref(),
+            client_auth,
+            f.body.clone(),
+        ) else {
+            return fail(
+                &mut tracker,
+                GatewayError::bad_request("the request headers cannot be forwarded"),
+            );
+        };
+        if let Some(s) = sampler.as_mut() {
+            s.sent();
         }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, upstream = %url, "upstream request failed");
-            faults.count("unreachable");
-            gw.unary.forget(url);
-            return fail(&mut tracker, GatewayError::UpstreamUnreachable);
+        match tokio::time::timeout_at(deadline, client.request(req)).await {
+            Err(_) => {
+                faults.count("timeout");
+                return fail(&mut tracker, GatewayError::UpstreamTimeout(timeout));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, upstream = %url, "upstream request failed");
+                faults.count("unreachable");
+                gw.unary.forget(url);
+                snap.fleet.report(endpoint, false, gw.clock.now());
+                // Nothing of the request reached the endpoint: once, on another.
+                if e.is_connect() && !retried && snap.fleet.len() > 1 {
+                    retried = true;
+                    match elsewhere(gw, snap, f.admission, endpoint) {
+                        Some(Ok((next, active))) => {
+                            if let Some(a) = active {
+                                if let Some(s) = sampler.as_mut() {
+                                    s.moved(next, a.key);
+                                }
+                                tracker.hold_instead(a.active);
+                            }
+                            endpoint = next;
+                            continue;
+                        }
+                        Some(Err(e)) => return fail(&mut tracker, e),
+                        None => {}
+                    }
+                }
+                return fail(&mut tracker, GatewayError::UpstreamUnreachable);
+            }
+            Ok(Ok(r)) => break (r, url),
         }
-        Ok(Ok(r)) => r,
     };
+    snap.fleet
+        .report(endpoint, !resp.status().is_server_error(), gw.clock.now());
     drop(body_permit);
     let status = resp.status();
     if key.is_some() && matches!(status.as_u16(), 401 | 403) {

@@ -21,8 +21,16 @@
 //! overfill an endpoint between the check and the count. With one endpoint the fleet is
 //! exactly the single limiter: `admit` is one call to [`Limiter::admit`].
 //!
+//! Endpoints that fail are ejected for a while ([`health`]): routing leaves them out, unless
+//! every endpoint is ejected (then it ignores ejection rather than refuse everything). A
+//! request whose endpoint could not be reached is routed once more, among the others
+//! ([`Fleet::admit_elsewhere`]).
+//!
 //! A reload ([`Fleet::carry_over`]) keeps the state of every endpoint that remains (by label,
-//! host:port), as [`Limiter::carry_over`] keeps every model's; a new endpoint starts afresh.
+//! host:port), as [`Limiter::carry_over`] keeps every model's, and its health; a new endpoint
+//! starts afresh.
+
+pub mod health;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,13 +38,14 @@ use std::time::Duration;
 
 use super::{Decision, KeyId, Limiter, LimiterConfig, Priority, Uniform, Verdict};
 
-/// One endpoint: its label (`host:port`), its limiter and the requests routed to it (shared
-/// across reloads, like the limiter's state).
+/// One endpoint: its label (`host:port`), its limiter, the requests routed to it and its
+/// health (the last two shared across reloads, like the limiter's state).
 #[derive(Debug)]
 struct Member {
     label: Box<str>,
     limiter: Limiter,
     routed: Arc<AtomicU64>,
+    health: Arc<parking_lot::Mutex<health::Health>>,
 }
 
 /// The limiters of a policy's endpoints, in the order of its endpoint list.
@@ -97,6 +106,7 @@ impl Fleet {
                         None => Limiter::new(config.clone()),
                     },
                     routed: before.map(|old| old.routed.clone()).unwrap_or_default(),
+                    health: before.map(|old| old.health.clone()).unwrap_or_default(),
                 }
             })
             .collect();
@@ -147,17 +157,65 @@ impl Fleet {
         now: Duration,
         rng: &mut R,
     ) -> Routed {
+        self.route(model, priority, now, rng, None)
+            .expect("a fleet has at least one endpoint")
+    }
+
+    /// Routes a request again, among the endpoints other than `failed` (which it could not
+    /// reach); None when there is no other.
+    pub fn admit_elsewhere<R: Uniform + ?Sized>(
+        &self,
+        model: &str,
+        priority: Priority,
+        now: Duration,
+        rng: &mut R,
+        failed: usize,
+    ) -> Option<Routed> {
+        self.route(model, priority, now, rng, Some(failed))
+    }
+
+    /// Any endpoint taking requests at `now` (for requests that are not admitted: no model),
+    /// other than `avoid`.
+    pub fn any<R: Uniform + ?Sized>(
+        &self,
+        now: Duration,
+        rng: &mut R,
+        avoid: Option<usize>,
+    ) -> Option<usize> {
+        let eligible = self.eligible(now, avoid);
+        (!eligible.is_empty()).then(|| eligible[draw(rng, eligible.len())])
+    }
+
+    /// The endpoints a request may go to: not `avoid`, not ejected; all but `avoid` when every
+    /// one is ejected (ejection never closes the fleet).
+    fn eligible(&self, now: Duration, avoid: Option<usize>) -> Vec<usize> {
+        let secs = now.as_secs_f64();
+        let others = (0..self.members.len()).filter(|&i| Some(i) != avoid);
+        let up: Vec<usize> = others
+            .clone()
+            .filter(|&i| !self.members[i].health.lock().ejected(secs))
+            .collect();
+        if up.is_empty() { others.collect() } else { up }
+    }
+
+    fn route<R: Uniform + ?Sized>(
+        &self,
+        model: &str,
+        priority: Priority,
+        now: Duration,
+        rng: &mut R,
+        avoid: Option<usize>,
+    ) -> Option<Routed> {
         let first = &self.members[0].limiter;
         let key = first.key(model);
-        let n = self.members.len();
-        if n == 1 {
+        if self.members.len() == 1 && avoid.is_none() {
             let decision = first.admit(key, priority, now, rng);
             self.count(0, &decision);
-            return Routed {
+            return Some(Routed {
                 endpoint: 0,
                 key,
                 decision,
-            };
+            });
         }
         let admitted = |endpoint: usize, decision| {
             self.members[endpoint].limiter.use_key(key);
@@ -168,27 +226,37 @@ impl Fleet {
                 decision,
             }
         };
+        let eligible = self.eligible(now, avoid);
+        let n = eligible.len();
+        if n <= 1 {
+            let &e = eligible.first()?;
+            return Some(admitted(e, self.limiter(e).admit(key, priority, now, rng)));
+        }
         let look = |endpoint: usize| self.look(endpoint, key, priority, now);
         // Two choices.
-        let a = (rng.next_f64() * n as f64) as usize % n;
-        let mut b = (rng.next_f64() * (n - 1) as f64) as usize % (n - 1);
+        let a = draw(rng, n);
+        let mut b = draw(rng, n - 1);
         if b >= a {
             b += 1;
         }
+        let (a, b) = (eligible[a], eligible[b]);
         let mut two = [look(a), look(b)];
         two.sort_by(Look::order);
         for l in two.iter().filter(|l| l.room()) {
             if let Some(d) = self.limiter(l.endpoint).admit_if_room(key, priority, now) {
-                return admitted(l.endpoint, d);
+                return Some(admitted(l.endpoint, d));
             }
         }
         // Neither had room: any endpoint with room, least pressure first.
-        let mut all: Vec<Look> = (0..n).filter(|&i| i != a && i != b).map(look).collect();
+        let mut all: Vec<Look> = (eligible.iter().copied())
+            .filter(|&i| i != a && i != b)
+            .map(look)
+            .collect();
         all.extend(two);
         all.sort_by(Look::order);
         for l in all.iter().filter(|l| l.room()) {
             if let Some(d) = self.limiter(l.endpoint).admit_if_room(key, priority, now) {
-                return admitted(l.endpoint, d);
+                return Some(admitted(l.endpoint, d));
             }
         }
         // The fleet is full: one draw, on the endpoint that sheds least.
@@ -203,12 +271,47 @@ impl Fleet {
             .endpoint;
         let mut decision = self.limiter(best).admit(key, priority, now, rng);
         if decision.verdict == Verdict::Reject {
-            let soonest = (0..n)
-                .map(|i| self.limiter(i).shed_wait(key, priority, now))
+            let soonest = (eligible.iter())
+                .map(|&i| self.limiter(i).shed_wait(key, priority, now))
                 .fold(f64::INFINITY, f64::min);
             decision.retry_after = Some(self.limiter(best).retry_after(soonest, rng));
         }
-        admitted(best, decision)
+        Some(admitted(best, decision))
+    }
+
+    /// The outcome of a request sent to `endpoint` at `now`: `false` for a connection that
+    /// could not be made or a 5xx answer. Ejects the endpoint after failures in a row, and
+    /// logs an ejection and a return once each.
+    pub fn report(&self, endpoint: usize, ok: bool, now: Duration) {
+        let change = {
+            let mut h = self.members[endpoint].health.lock();
+            if ok {
+                h.success()
+            } else {
+                h.failure(now.as_secs_f64())
+            }
+        };
+        let upstream = self.label(endpoint);
+        match change {
+            Some(health::Change::Ejected { seconds, failures }) => tracing::warn!(
+                %upstream,
+                failures,
+                ejected_for_s = seconds,
+                "endpoint ejected after failures in a row: no new requests go to it until then, when it is tried again"
+            ),
+            Some(health::Change::Returned) => {
+                tracing::info!(%upstream, "endpoint answered again after its ejection: back in the fleet")
+            }
+            None => {}
+        }
+    }
+
+    /// Whether `endpoint` takes new requests at `now` (not ejected).
+    pub fn up(&self, endpoint: usize, now: Duration) -> bool {
+        !self.members[endpoint]
+            .health
+            .lock()
+            .ejected(now.as_secs_f64())
     }
 
     #[inline]
@@ -230,6 +333,11 @@ impl Fleet {
             in_flight,
         }
     }
+}
+
+/// A uniform index below `n` (> 0).
+fn draw<R: Uniform + ?Sized>(rng: &mut R, n: usize) -> usize {
+    (rng.next_f64() * n as f64) as usize % n
 }
 
 impl Limiter {

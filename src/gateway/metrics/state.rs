@@ -97,6 +97,11 @@ pub(super) const UPSTREAM_ROUTED: (&str, &str) = (
     "Requests routed to each endpoint of the upstream (admitted there; shadow-rejected included), by its host:port.",
 );
 
+pub(super) const UPSTREAM_UP: (&str, &str) = (
+    "sluice_upstream_up",
+    "1 while the endpoint takes new requests; 0 while it is ejected after failures in a row (connections refused, 5xx answers).",
+);
+
 pub(super) const POLICY_GAUGES: [(&str, &str); 4] = [
     (
         "sluice_policy_generation",
@@ -143,6 +148,8 @@ impl StateCollector {
             &["upstream"],
         );
         descs.extend(routed.unwrap().desc().into_iter().cloned());
+        let up = IntGaugeVec::new(Opts::new(UPSTREAM_UP.0, UPSTREAM_UP.1), &["upstream"]);
+        descs.extend(up.unwrap().desc().into_iter().cloned());
         descs.extend(reloads().desc().into_iter().cloned());
         descs.extend(unary_mode().desc().into_iter().cloned());
         StateCollector {
@@ -182,7 +189,7 @@ fn fleet_readings(fleet: &Fleet, now: Duration) -> Vec<KeyReading<'_>> {
     by_model
 }
 
-/// The per-endpoint series (`upstream` = the endpoint's host:port): requests routed, and per
+/// The per-endpoint series (`upstream` = the endpoint's host:port): requests routed, up, and per
 /// model in flight, waiting, pressure and the concurrency ceiling. An endpoint that leaves
 /// the policy leaves the scrape.
 fn upstream_families(fleet: &Fleet, now: Duration) -> Vec<MetricFamily> {
@@ -191,10 +198,13 @@ fn upstream_families(fleet: &Fleet, now: Duration) -> Vec<MetricFamily> {
         &["upstream"],
     )
     .unwrap();
+    let up = IntGaugeVec::new(Opts::new(UPSTREAM_UP.0, UPSTREAM_UP.1), &["upstream"]).unwrap();
     let gauges = UPSTREAM_GAUGES
         .map(|(name, help)| GaugeVec::new(Opts::new(name, help), &["upstream", "model"]).unwrap());
     for (i, (label, limiter)) in fleet.iter().enumerate() {
         routed.with_label_values(&[label]).inc_by(fleet.routed(i));
+        up.with_label_values(&[label])
+            .set(i64::from(fleet.up(i, now)));
         for r in limiter.readings(now) {
             let values = [
                 f64::from(r.in_flight),
@@ -208,6 +218,7 @@ fn upstream_families(fleet: &Fleet, now: Duration) -> Vec<MetricFamily> {
         }
     }
     let mut out = routed.collect();
+    out.extend(up.collect());
     for g in &gauges {
         out.extend(g.collect());
     }

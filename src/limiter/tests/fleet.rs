@@ -279,3 +279,59 @@ fn the_retry_after_of_a_full_fleet_is_its_soonest_endpoints_not_the_drawn_ones()
     assert_eq!((r.endpoint, r.decision.verdict), (0, Verdict::Reject));
     assert_eq!(r.decision.retry_after, Some(alone[2]));
 }
+
+#[test]
+fn an_ejected_endpoint_takes_nothing_until_its_time_is_up_unless_every_one_is_ejected() {
+    use crate::limiter::fleet::health::{BASE_EJECTION, EJECT_AFTER};
+    let f = Fleet::new(&adaptive(), &labels(3));
+    let mut rng = SplitMix64::new(9);
+    for _ in 0..EJECT_AFTER {
+        f.report(1, false, SEC);
+    }
+    assert!(!f.up(1, SEC) && f.up(0, SEC) && f.up(2, SEC));
+    let mut to = [0u32; 3];
+    for _ in 0..60 {
+        let r = f.admit("llama", Priority::Standard, SEC, &mut rng);
+        to[r.endpoint] += 1;
+        f.limiter(r.endpoint).end_request(r.key, SEC);
+    }
+    assert_eq!(to[1], 0, "{to:?}");
+    assert!(to[0] > 0 && to[2] > 0, "{to:?}");
+    // Its time is up: it takes requests again.
+    let later = SEC + Duration::from_secs_f64(BASE_EJECTION);
+    assert!(f.up(1, later));
+    let back = (0..60)
+        .map(|_| f.admit("llama", Priority::Standard, later, &mut rng))
+        .filter(|r| r.endpoint == 1)
+        .count();
+    assert!(back > 0);
+    // Every endpoint ejected: ejection is ignored rather than refusing everything.
+    for e in 0..3 {
+        for _ in 0..EJECT_AFTER {
+            f.report(e, false, later);
+        }
+    }
+    let r = f.admit("llama", Priority::Critical, later, &mut rng);
+    assert_eq!(r.decision.verdict, Verdict::Admit);
+}
+
+#[test]
+fn a_request_admitted_elsewhere_never_goes_back_to_the_endpoint_that_failed() {
+    let f = Fleet::new(&adaptive(), &labels(3));
+    let mut rng = SplitMix64::new(4);
+    for _ in 0..100 {
+        let r = f
+            .admit_elsewhere("llama", Priority::Standard, SEC, &mut rng, 2)
+            .unwrap();
+        assert_ne!(r.endpoint, 2);
+        assert_eq!(r.decision.verdict, Verdict::Admit);
+        f.limiter(r.endpoint).end_request(r.key, SEC);
+        assert_ne!(f.any(SEC, &mut rng, Some(0)), Some(0));
+    }
+    let one = Fleet::new(&adaptive(), &labels(1));
+    assert!(
+        one.admit_elsewhere("llama", Priority::Standard, SEC, &mut rng, 0)
+            .is_none()
+    );
+    assert_eq!(one.any(SEC, &mut rng, Some(0)), None);
+}
