@@ -136,8 +136,11 @@ fn policy(dir: &Path, url: &str, endpoints: &[String]) -> std::path::PathBuf {
     } else {
         format!(", endpoints: ['{}']", endpoints.join("', '"))
     };
+    // `SLUICE_FLEET_THRESHOLDS=ttft,itl` (durations) replaces the advised 500ms,48ms.
+    let th = std::env::var("SLUICE_FLEET_THRESHOLDS").unwrap_or("500ms,48ms".into());
+    let (ttft, itl) = th.split_once(',').expect("ttft,itl");
     let doc = format!(
-        "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: fleet}}\nspec:\n  upstream: {{url: '{url}'{list}}}\n  defaults: {{ttft: 500ms, itl: 48ms}}\n"
+        "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: fleet}}\nspec:\n  upstream: {{url: '{url}'{list}}}\n  defaults: {{ttft: {ttft}, itl: {itl}}}\n"
     );
     let path = dir.join("policy.yaml");
     std::fs::write(&path, doc).unwrap();
@@ -220,8 +223,18 @@ async fn bench() {
     let dir = tempfile_dir();
     let secs = env_num("SLUICE_FLEET_POINT_SECONDS").unwrap_or(30.0);
     let mut log = String::new();
-    let fast = capacity(FAST, (2.0, 20.0), 20.0, &mut log).await;
-    let slow = capacity(SLOW, (0.5, 10.0), 20.0, &mut log).await;
+    let probe = env_num("SLUICE_FLEET_PROBE_SECONDS").unwrap_or(20.0);
+    // `SLUICE_FLEET_CAPACITY=fast,slow` skips the search (a run's numbers, for quick checks).
+    let known: Option<Vec<f64>> = std::env::var("SLUICE_FLEET_CAPACITY")
+        .ok()
+        .map(|v| v.split(',').map(|x| x.parse().expect("capacity")).collect());
+    let (fast, slow) = match known.as_deref() {
+        Some([f, s]) => (*f, *s),
+        _ => (
+            capacity(FAST, (2.0, 20.0), probe, &mut log).await,
+            capacity(SLOW, (0.5, 10.0), probe, &mut log).await,
+        ),
+    };
     let fleet = 2.0 * fast + slow;
     let _ = writeln!(
         log,
@@ -232,9 +245,21 @@ async fn bench() {
         "| front | load | offered req/s | goodput req/s | % of the fleet's capacity | shed | errors | TTFT p99 |\n|---|---|---|---|---|---|---|---|\n",
     );
     let mut series: Vec<Series> = Vec::new();
+    // `SLUICE_FLEET_FRONTS=0,1` runs some of the fronts (indices into Front::ALL), and
+    // `SLUICE_FLEET_LOADS=2` some of the loads.
+    let pick = |name: &str| -> Option<Vec<f64>> {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.split(',').map(|x| x.parse().expect(name)).collect())
+    };
+    let fronts = pick("SLUICE_FLEET_FRONTS");
+    let loads = pick("SLUICE_FLEET_LOADS").unwrap_or(LOADS.to_vec());
     for (i, front) in Front::ALL.into_iter().enumerate() {
+        if fronts.as_ref().is_some_and(|f| !f.contains(&(i as f64))) {
+            continue;
+        }
         let mut points = Vec::new();
-        for load in LOADS {
+        for &load in &loads {
             let r = run(front, load * fleet, secs, 1, &dir).await;
             let pct = r.goodput_rps / fleet * 100.0;
             let line = format!(

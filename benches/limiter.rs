@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::limiter::decision::reject_probability;
+use sluice::limiter::fleet::Fleet;
 use sluice::limiter::{
     Estimator, Limiter, LimiterConfig, Mode, Priority, Scope, Shedding, Signal, SplitMix64,
     Thresholds, Uniform,
@@ -236,11 +237,66 @@ fn contended(c: &mut Criterion) {
     }
 }
 
+/// A fleet of `n` endpoints, each as busy as [`busy_limiter`] (the adaptive path in full on
+/// every endpoint looked at).
+fn busy_fleet(n: usize) -> Fleet {
+    let labels: Vec<String> = (0..n).map(|i| format!("10.0.0.{i}:8000")).collect();
+    let f = Fleet::new(&config(), &labels);
+    for i in 0..n {
+        let l = f.limiter(i);
+        for m in MODELS {
+            let k = l.key(m);
+            for _ in 0..10 {
+                l.begin_request(k);
+            }
+            l.record(k, Signal::Itl, 0.02, Duration::ZERO).unwrap();
+            l.record_first_token(k, 0.1, 8, Duration::ZERO).unwrap();
+        }
+    }
+    f
+}
+
+/// Admitting (and ending) a request on a fleet of 1, 3 and 16 endpoints against the limiter
+/// alone: what routing per endpoint adds to a request.
+fn fleet(c: &mut Criterion) {
+    let mut g = c.benchmark_group("admit+end");
+    let mut rng = SplitMix64::new(1);
+    let mut t = 0u64;
+    let l = busy_limiter();
+    g.bench_function("limiter alone (key + admit + end)", |b| {
+        b.iter(|| {
+            t += 100;
+            let now = Duration::from_nanos(t);
+            let k = l.key(black_box(MODELS[0]));
+            let d = l.admit(k, Priority::Standard, now, &mut rng);
+            if d.admitted() {
+                l.end_request(k, now);
+            }
+            d
+        })
+    });
+    for n in [1, 3, 16] {
+        let f = busy_fleet(n);
+        g.bench_function(format!("fleet of {n}"), |b| {
+            b.iter(|| {
+                t += 100;
+                let now = Duration::from_nanos(t);
+                let r = f.admit(black_box(MODELS[0]), Priority::Standard, now, &mut rng);
+                if r.decision.admitted() {
+                    f.limiter(r.endpoint).end_request(r.key, now);
+                }
+                r.decision
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
-    targets = single_thread, contended
+    targets = single_thread, contended, fleet
 }
 criterion_main!(benches);

@@ -13,8 +13,8 @@
 //!    a request is admitted whenever some endpoint has room.
 //! 3. Only when no endpoint has room does the shedding draw happen, once, on the endpoint
 //!    with the lowest rejection probability (the fleet sheds no more than its best endpoint
-//!    would); a request shed there gets the Retry-After of the endpoint expected to free
-//!    first, the shortest wait over the fleet.
+//!    would), of those the one expected to free a slot first; a request shed there gets the
+//!    Retry-After of the endpoint expected to free first, the shortest wait over the fleet.
 //!
 //! Each "has room" check and the admission that counts the request in flight happen under
 //! one lock of that endpoint's key (`Limiter::admit_if_room`), so racing requests cannot
@@ -28,7 +28,8 @@
 //!
 //! A reload ([`Fleet::carry_over`]) keeps the state of every endpoint that remains (by label,
 //! host:port), as [`Limiter::carry_over`] keeps every model's, and its health; a new endpoint
-//! starts afresh.
+//! starts with the good concurrency of the median endpoint that remains (no warm-up storm, no
+//! trickle) and learns its own from there.
 
 pub mod health;
 
@@ -45,7 +46,22 @@ struct Member {
     label: Box<str>,
     limiter: Limiter,
     routed: Arc<AtomicU64>,
-    health: Arc<parking_lot::Mutex<health::Health>>,
+    health: Arc<HealthCell>,
+}
+
+/// An endpoint's health, and when its ejection ends (seconds, as f64 bits) for routing to
+/// read without the lock.
+#[derive(Debug, Default)]
+struct HealthCell {
+    state: parking_lot::Mutex<health::Health>,
+    until: AtomicU64,
+}
+
+impl HealthCell {
+    #[inline]
+    fn ejected(&self, now: f64) -> bool {
+        now < f64::from_bits(self.until.load(Ordering::Relaxed))
+    }
 }
 
 /// The limiters of a policy's endpoints, in the order of its endpoint list.
@@ -109,8 +125,22 @@ impl Fleet {
                     health: before.map(|old| old.health.clone()).unwrap_or_default(),
                 }
             })
+            .collect::<Vec<Member>>();
+        // A new endpoint starts at the typical concurrency of the endpoints that stay.
+        let kept: Vec<&Limiter> = (members.iter())
+            .filter(|m| previous.is_some_and(|p| p.position(&m.label).is_some()))
+            .map(|m| &m.limiter)
             .collect();
-        Fleet { members }
+        if !kept.is_empty() {
+            for m in &members {
+                if previous.is_some_and(|p| p.position(&m.label).is_none()) {
+                    m.limiter.start_like(&kept);
+                }
+            }
+        }
+        Fleet {
+            members: members.into_boxed_slice(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -193,7 +223,7 @@ impl Fleet {
         let others = (0..self.members.len()).filter(|&i| Some(i) != avoid);
         let up: Vec<usize> = others
             .clone()
-            .filter(|&i| !self.members[i].health.lock().ejected(secs))
+            .filter(|&i| !self.members[i].health.ejected(secs))
             .collect();
         if up.is_empty() { others.collect() } else { up }
     }
@@ -259,21 +289,26 @@ impl Fleet {
                 return Some(admitted(l.endpoint, d));
             }
         }
-        // The fleet is full: one draw, on the endpoint that sheds least.
-        let best = all
+        // The fleet is full: one draw, on the endpoint that sheds least, of those the one
+        // expected to free a slot first (not merely the one with fewest in flight, which is
+        // the slowest engine's: its ceiling is lowest).
+        let waits: Vec<(usize, f64, f64)> = (all.iter())
+            .map(|l| {
+                let wait = self.limiter(l.endpoint).shed_wait(key, priority, now);
+                (l.endpoint, l.reject_probability, wait)
+            })
+            .collect();
+        let &(best, _, _) = waits
             .iter()
             .min_by(|x, y| {
-                (x.reject_probability, x.in_flight)
-                    .partial_cmp(&(y.reject_probability, y.in_flight))
+                (x.1, x.2)
+                    .partial_cmp(&(y.1, y.2))
                     .unwrap_or(std::cmp::Ordering::Equal)
             })
-            .expect("at least one endpoint")
-            .endpoint;
+            .expect("at least one endpoint");
         let mut decision = self.limiter(best).admit(key, priority, now, rng);
         if decision.verdict == Verdict::Reject {
-            let soonest = (eligible.iter())
-                .map(|&i| self.limiter(i).shed_wait(key, priority, now))
-                .fold(f64::INFINITY, f64::min);
+            let soonest = waits.iter().map(|w| w.2).fold(f64::INFINITY, f64::min);
             decision.retry_after = Some(self.limiter(best).retry_after(soonest, rng));
         }
         Some(admitted(best, decision))
@@ -284,12 +319,15 @@ impl Fleet {
     /// logs an ejection and a return once each.
     pub fn report(&self, endpoint: usize, ok: bool, now: Duration) {
         let change = {
-            let mut h = self.members[endpoint].health.lock();
-            if ok {
+            let cell = &self.members[endpoint].health;
+            let mut h = cell.state.lock();
+            let change = if ok {
                 h.success()
             } else {
                 h.failure(now.as_secs_f64())
-            }
+            };
+            cell.until.store(h.until().to_bits(), Ordering::Relaxed);
+            change
         };
         let upstream = self.label(endpoint);
         match change {
@@ -308,10 +346,7 @@ impl Fleet {
 
     /// Whether `endpoint` takes new requests at `now` (not ejected).
     pub fn up(&self, endpoint: usize, now: Duration) -> bool {
-        !self.members[endpoint]
-            .health
-            .lock()
-            .ejected(now.as_secs_f64())
+        !self.members[endpoint].health.ejected(now.as_secs_f64())
     }
 
     #[inline]
@@ -341,6 +376,28 @@ fn draw<R: Uniform + ?Sized>(rng: &mut R, n: usize) -> usize {
 }
 
 impl Limiter {
+    /// For a new endpoint: each key starts with the good concurrency of the median endpoint
+    /// of `others` (the lower one of an even count), with its age, so it takes that many
+    /// requests at once instead of learning from nothing, and then learns its own.
+    pub(crate) fn start_like(&self, others: &[&Limiter]) {
+        for (i, entry) in self.entries.iter().enumerate() {
+            let mut seen: Vec<(f64, f64)> = others
+                .iter()
+                .filter_map(|o| o.entries.get(i))
+                .map(|e| {
+                    let st = e.lock();
+                    (st.conc.good, st.conc.raised_at)
+                })
+                .collect();
+            seen.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if let Some(&(good, raised_at)) = seen.get(seen.len().saturating_sub(1) / 2) {
+                let mut st = entry.lock();
+                st.conc.good = good;
+                st.conc.raised_at = raised_at;
+            }
+        }
+    }
+
     /// Marks `key` (resolved by another limiter of the same policy) as used here.
     #[inline]
     pub(crate) fn use_key(&self, key: KeyId) {

@@ -51,6 +51,12 @@ impl Health {
         now < self.until
     }
 
+    /// When the ejection ends (seconds; 0 if never ejected).
+    #[inline]
+    pub fn until(&self) -> f64 {
+        self.until
+    }
+
     /// A request to the endpoint failed at `now`.
     pub fn failure(&mut self, now: f64) -> Option<Change> {
         if self.ejected(now) {

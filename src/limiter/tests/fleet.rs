@@ -253,9 +253,9 @@ fn racing_admissions_never_overfill_an_endpoint() {
 }
 
 #[test]
-fn the_retry_after_of_a_full_fleet_is_its_soonest_endpoints_not_the_drawn_ones() {
-    // Every endpoint sheds for sure (the cliff), so the draw goes to the one with the fewest
-    // in flight: endpoint 0, which also recovers last.
+fn a_full_fleet_draws_on_the_endpoint_that_frees_first_not_the_one_with_fewest_in_flight() {
+    // Every endpoint sheds for sure (the cliff). Endpoint 0 has the fewest in flight and
+    // recovers last (a slow engine's lower ceiling); endpoint 2 recovers first.
     let f = Fleet::new(&cliff_config(), &labels(3));
     set(&f, 0, 7, 0.0, 2.0, SEC);
     set(&f, 1, 8, 0.0, 1.5, SEC);
@@ -274,9 +274,9 @@ fn the_retry_after_of_a_full_fleet_is_its_soonest_endpoints_not_the_drawn_ones()
         "llama",
         Priority::Standard,
         SEC,
-        &mut choose(3, 1, 2, &[0.0, 0.0]),
+        &mut choose(3, 0, 1, &[0.0, 0.0]),
     );
-    assert_eq!((r.endpoint, r.decision.verdict), (0, Verdict::Reject));
+    assert_eq!((r.endpoint, r.decision.verdict), (2, Verdict::Reject));
     assert_eq!(r.decision.retry_after, Some(alone[2]));
 }
 
@@ -334,4 +334,41 @@ fn a_request_admitted_elsewhere_never_goes_back_to_the_endpoint_that_failed() {
             .is_none()
     );
     assert_eq!(one.any(SEC, &mut rng, Some(0)), None);
+}
+
+#[test]
+fn a_new_endpoint_starts_at_the_typical_good_concurrency_of_the_others() {
+    let f = Fleet::new(&adaptive(), &labels(3));
+    for (e, good) in [(0, 12.0), (1, 6.0), (2, 9.0)] {
+        set(&f, e, 0, good, 0.3, SEC);
+    }
+    let mut next_labels = labels(3);
+    next_labels.push("10.0.0.9:8000".into());
+    let next = Fleet::carry_over(&adaptive(), &next_labels, Some(&f));
+    let good = |fl: &Fleet, e: usize| {
+        let l = fl.limiter(e);
+        l.readings(SEC)
+            .find(|r| r.label == "llama")
+            .unwrap()
+            .good_concurrency
+    };
+    assert_eq!(good(&next, 3), 9.0, "the median of 12, 6, 9");
+    assert_eq!(good(&next, 0), 12.0, "the others keep their own");
+    // So it takes up to 9 at once (work conservation), though over its thresholds.
+    let l = next.limiter(3);
+    let k = l.key("llama");
+    for _ in 0..20 {
+        l.record(k, Signal::Ttft, 0.8, SEC).unwrap();
+    }
+    for i in 0..9 {
+        assert_eq!(
+            l.admit(k, Priority::Standard, SEC, &mut Sequence::new(vec![0.0]))
+                .verdict,
+            Verdict::Admit,
+            "request {i}"
+        );
+    }
+    // The first load of a policy has nothing to go by: every endpoint starts afresh.
+    let fresh = Fleet::carry_over(&adaptive(), &labels(2), None);
+    assert_eq!(good(&fresh, 1), 0.0);
 }
