@@ -87,6 +87,11 @@ impl Naive {
 /// every decision takes the whole path.
 fn busy_limiter() -> Limiter {
     let l = Limiter::new(config());
+    make_busy(&l);
+    l
+}
+
+fn make_busy(l: &Limiter) {
     for m in MODELS {
         let k = l.key(m);
         for _ in 0..10 {
@@ -95,7 +100,6 @@ fn busy_limiter() -> Limiter {
         l.record(k, Signal::Itl, 0.02, Duration::ZERO).unwrap();
         l.record_first_token(k, 0.1, 8, Duration::ZERO).unwrap();
     }
-    l
 }
 
 /// sluice: resolve the key, decide, record one ITL sample.
@@ -243,15 +247,7 @@ fn busy_fleet(n: usize) -> Fleet {
     let labels: Vec<String> = (0..n).map(|i| format!("10.0.0.{i}:8000")).collect();
     let f = Fleet::new(&config(), &labels);
     for i in 0..n {
-        let l = f.limiter(i);
-        for m in MODELS {
-            let k = l.key(m);
-            for _ in 0..10 {
-                l.begin_request(k);
-            }
-            l.record(k, Signal::Itl, 0.02, Duration::ZERO).unwrap();
-            l.record_first_token(k, 0.1, 8, Duration::ZERO).unwrap();
-        }
+        make_busy(f.limiter(i));
     }
     f
 }

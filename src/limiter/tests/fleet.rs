@@ -29,6 +29,18 @@ fn in_flight(f: &Fleet) -> Vec<u32> {
         .collect()
 }
 
+/// What `endpoint`'s limiter alone decides for a standard request with the draw `u` (counts
+/// nothing).
+fn alone(f: &Fleet, endpoint: usize, u: f64) -> Decision {
+    let l = f.limiter(endpoint);
+    l.decide(
+        l.key("llama"),
+        Priority::Standard,
+        SEC,
+        &mut Sequence::new(vec![u]),
+    )
+}
+
 /// Draws that pick endpoints `a` then `b` (of `n`) as the two choices, then `rest`.
 fn choose(n: usize, a: usize, b: usize, rest: &[f64]) -> Sequence {
     let b = if b > a { b - 1 } else { b };
@@ -92,16 +104,7 @@ fn only_a_full_fleet_sheds_once_on_its_best_endpoint_with_the_soonest_retry_afte
     set(&f, 1, 8, 8.0, 0.7, SEC);
     set(&f, 2, 8, 8.0, 0.6, SEC);
     let p: Vec<f64> = (0..3)
-        .map(|e| {
-            let l = f.limiter(e);
-            l.decide(
-                l.key("llama"),
-                Priority::Standard,
-                SEC,
-                &mut Sequence::new(vec![1.0 - 1e-9]),
-            )
-            .reject_probability
-        })
+        .map(|e| alone(&f, e, 1.0 - 1e-9).reject_probability)
         .collect();
     assert!(p[2] > 0.0 && p[2] < p[1] && p[1] <= p[0], "{p:?}");
     // A draw just above endpoint 2's probability admits there (and only there).
@@ -115,17 +118,7 @@ fn only_a_full_fleet_sheds_once_on_its_best_endpoint_with_the_soonest_retry_afte
     assert_eq!(in_flight(&f), [8, 8, 9]);
     // A draw below sheds, with the shortest Retry-After of the three.
     let alone: Vec<Duration> = (0..3)
-        .map(|e| {
-            let l = f.limiter(e);
-            l.decide(
-                l.key("llama"),
-                Priority::Standard,
-                SEC,
-                &mut Sequence::new(vec![0.0]),
-            )
-            .retry_after
-            .unwrap()
-        })
+        .map(|e| alone(&f, e, 0.0).retry_after.unwrap())
         .collect();
     let r = f.admit(
         "llama",
@@ -262,9 +255,7 @@ fn a_full_fleet_draws_on_the_endpoint_that_frees_first_not_the_one_with_fewest_i
     set(&f, 2, 8, 0.0, 0.8, SEC);
     let alone: Vec<Duration> = (0..3)
         .map(|e| {
-            let l = f.limiter(e);
-            let mut never = Sequence::new(vec![0.0]);
-            let d = l.decide(l.key("llama"), Priority::Standard, SEC, &mut never);
+            let d = alone(&f, e, 0.0);
             assert_eq!(d.verdict, Verdict::Reject, "endpoint {e}");
             d.retry_after.unwrap()
         })
