@@ -49,8 +49,18 @@ async fn engine(step_ms: f64) -> SimEngine {
 
 /// A gateway in front of `upstream`; thresholds so high that nothing is shed.
 async fn gateway(upstream: &str, stream_unary: bool) -> String {
+    gateway_fleet(&[upstream.to_owned()], stream_unary).await
+}
+
+/// A gateway in front of the fleet `upstreams` (one: the single-upstream path).
+async fn gateway_fleet(upstreams: &[String], stream_unary: bool) -> String {
+    let endpoints = match upstreams {
+        [_] => String::new(),
+        many => format!(", endpoints: ['{}']", many.join("', '")),
+    };
+    let upstream = &upstreams[0];
     let doc = format!(
-        "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: '{upstream}', streamUnary: {stream_unary}}}\n  defaults: {{ttft: 1h, itl: 1h}}\n"
+        "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: '{upstream}', streamUnary: {stream_unary}{endpoints}}}\n  defaults: {{ttft: 1h, itl: 1h}}\n"
     );
     let (_, config) = PolicyConfig::from_yaml(&doc).unwrap();
     let store = Arc::new(PolicyStore::new(vec![]));
@@ -158,20 +168,35 @@ fn main() {
         let via = gateway(&direct, true).await;
         let via_plain = gateway(&direct, false).await;
         let nginx = nginx(fast.addr.port());
+        // Fleets of 3 and 16 instant engines, one gateway listing them (per-endpoint admission).
+        let mut fleet_engines = Vec::new();
+        let mut fleet_urls = Vec::new();
+        for _ in 0..16 {
+            let e = engine(0.0).await;
+            fleet_urls.push(format!("http://{}", e.addr));
+            fleet_engines.push(e);
+        }
+        let via3 = gateway_fleet(&fleet_urls[..3], true).await;
+        let via16 = gateway_fleet(&fleet_urls, true).await;
 
-        // Warm up connections and caches.
+        // Warm up connections and caches (and each endpoint's usage probe).
         for _ in 0..200 {
             unary(&c, &direct).await;
             unary(&c, &via).await;
             unary(&c, &via_plain).await;
             unary(&c, &nginx.url).await;
+            unary(&c, &via3).await;
+            unary(&c, &via16).await;
         }
         let (mut d, mut g, mut p, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut g3, mut g16) = (Vec::new(), Vec::new());
         for _ in 0..REQUESTS {
             d.push(unary(&c, &direct).await);
             g.push(unary(&c, &via).await);
             p.push(unary(&c, &via_plain).await);
             n.push(unary(&c, &nginx.url).await);
+            g3.push(unary(&c, &via3).await);
+            g16.push(unary(&c, &via16).await);
         }
         println!("unary request latency, {REQUESTS} sequential requests each (µs):");
         println!("| path | p50 | p99 | added p50 | added p99 |");
@@ -182,6 +207,8 @@ fn main() {
             ("gateway, streamUnary (assembled)", &mut g),
             ("gateway, streamUnary: false", &mut p),
             ("nginx, plain reverse proxy", &mut n),
+            ("gateway, streamUnary, 3 endpoints", &mut g3),
+            ("gateway, streamUnary, 16 endpoints", &mut g16),
         ] {
             let (p50, p99) = (pct(v, 0.5), pct(v, 0.99));
             println!(
