@@ -32,6 +32,7 @@
 //! trickle) and learns its own from there.
 
 pub mod health;
+mod room;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -373,88 +374,4 @@ impl Fleet {
 /// A uniform index below `n` (> 0).
 fn draw<R: Uniform + ?Sized>(rng: &mut R, n: usize) -> usize {
     (rng.next_f64() * n as f64) as usize % n
-}
-
-impl Limiter {
-    /// For a new endpoint: each key starts with the good concurrency of the median endpoint
-    /// of `others` (the lower one of an even count), with its age, so it takes that many
-    /// requests at once instead of learning from nothing, and then learns its own.
-    pub(crate) fn start_like(&self, others: &[&Limiter]) {
-        for (i, entry) in self.entries.iter().enumerate() {
-            let mut seen: Vec<(f64, f64)> = others
-                .iter()
-                .filter_map(|o| o.entries.get(i))
-                .map(|e| {
-                    let st = e.lock();
-                    (st.conc.good, st.conc.raised_at)
-                })
-                .collect();
-            seen.sort_by(|a, b| a.0.total_cmp(&b.0));
-            if let Some(&(good, raised_at)) = seen.get(seen.len().saturating_sub(1) / 2) {
-                let mut st = entry.lock();
-                st.conc.good = good;
-                st.conc.raised_at = raised_at;
-            }
-        }
-    }
-
-    /// Marks `key` (resolved by another limiter of the same policy) as used here.
-    #[inline]
-    pub(crate) fn use_key(&self, key: KeyId) {
-        self.entries[key.0 as usize].mark_used();
-    }
-
-    /// `(pressure, reject probability, in flight)` of a new request of `priority` on `key` at
-    /// `now`; a reject probability of 0 means it would be admitted for sure.
-    pub(crate) fn look(&self, key: KeyId, priority: Priority, now: Duration) -> (f64, f64, u32) {
-        let entry = &self.entries[key.0 as usize];
-        let mut st = entry.lock();
-        let a = self.assess(&mut st, &entry.thresholds, priority, now.as_secs_f64());
-        (a.pressure, a.reject_probability, st.conc.in_flight)
-    }
-
-    /// Admits a request of `priority` on `key` at `now` and counts it in flight, under one
-    /// lock, if it would be admitted for sure; otherwise counts nothing.
-    pub(crate) fn admit_if_room(
-        &self,
-        key: KeyId,
-        priority: Priority,
-        now: Duration,
-    ) -> Option<Decision> {
-        let entry = &self.entries[key.0 as usize];
-        let mut st = entry.lock();
-        let a = self.assess(&mut st, &entry.thresholds, priority, now.as_secs_f64());
-        if a.reject_probability > 0.0 {
-            return None;
-        }
-        st.conc.in_flight += 1;
-        Some(Decision {
-            verdict: Verdict::Admit,
-            pressure: a.pressure,
-            reject_probability: 0.0,
-            retry_after: None,
-        })
-    }
-
-    /// The wait, in seconds, before a request of `priority` shed on `key` at `now` is worth
-    /// retrying here (before jitter and cap).
-    pub(crate) fn shed_wait(&self, key: KeyId, priority: Priority, now: Duration) -> f64 {
-        let entry = &self.entries[key.0 as usize];
-        let th = entry.thresholds;
-        let now = now.as_secs_f64();
-        let mut st = entry.lock();
-        let a = self.assess(&mut st, &th, priority, now);
-        if a.reject_probability == 0.0 {
-            return 0.0;
-        }
-        let st = *st;
-        st.retry_wait(
-            st.effective(&th),
-            a.factor,
-            a.over_ceiling,
-            now,
-            th.time_constant,
-            &self.config.shedding,
-        )
-    }
 }
