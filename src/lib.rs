@@ -20,6 +20,7 @@
 
 pub mod clock;
 pub mod demo;
+pub mod discovery;
 pub mod gateway;
 pub mod limiter;
 pub mod loadgen;

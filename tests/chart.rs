@@ -223,6 +223,7 @@ fn the_chart_renders_the_shared_rbac_and_its_options() {
             "/serviceaccounts: create get list patch watch",
             "/services: create get list patch watch",
             "apps/deployments: create get list patch watch",
+            "discovery.k8s.io/endpointslices: list watch",
             "events.k8s.io/events: create patch",
             "policy/poddisruptionbudgets: create delete get list patch watch",
             "rbac.authorization.k8s.io/rolebindings: create get list patch watch",

@@ -150,6 +150,11 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
             "spec.upstream.endpoints",
         ),
         (
+            "bad-port-name",
+            json!({"upstream": {"url": "http://e.ns.svc:8000", "portName": "HTTP_port"}}),
+            "spec.upstream.portName",
+        ),
+        (
             "global-with-models",
             json!({"scope": "Global", "models": [{"name": "a"}]}),
             "spec.models",

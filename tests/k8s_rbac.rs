@@ -8,6 +8,7 @@ mod support;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -101,6 +102,20 @@ async fn every_right_the_operator_does_not_use_is_refused() {
     let secrets: Api<Secret> = Api::namespaced(me.clone(), ns);
     forbidden(secrets.list(&ListParams::default()).await, "list secrets");
     allowed(secrets.get_metadata_opt("anything").await, "get secrets");
+
+    // EndpointSlices: list and watch only, held to grant them to gateways; never read one by
+    // name or written.
+    let slices: Api<EndpointSlice> = Api::namespaced(me.clone(), ns);
+    allowed(
+        slices.list(&ListParams::default()).await,
+        "list endpointslices",
+    );
+    forbidden(slices.get("anything").await, "get endpointslices");
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "s"}, "addressType": "IPv4", "endpoints": []
+    }))
+    .unwrap();
+    forbidden(slices.create(&pp, &slice).await, "create endpointslices");
 
     // Leases: only in its own namespace.
     let lease: Lease =

@@ -11,6 +11,7 @@
 //! | no policy loaded yet | 503 | — |
 //! | at the gateway's in-flight limit | 503 + `Retry-After: 1` | `overloaded` |
 //! | at the gateway's body-memory limit | 503 + `Retry-After: 1` | `overloaded` |
+//! | a discovered Service with no ready endpoint | 503 + `Retry-After: 5` | `no_endpoints` |
 //! | upstream unreachable | 502 | `upstream_unreachable` |
 //! | upstream refused the gateway's own API key (its 401/403) | 502 | `upstream_auth_failed` |
 //! | upstream stream broke (unary assembly) | 502 | `upstream_broken_stream` |
@@ -28,6 +29,9 @@ use axum::response::{IntoResponse, Response};
 use crate::gateway::metrics::Outcome;
 use crate::limiter::decision::{retry_after_header_ms, retry_after_header_secs};
 use crate::openai::ApiError;
+
+/// The Retry-After of a 503 `no_endpoints`: about the time a replaced pod takes to be ready.
+pub const NO_ENDPOINTS_RETRY: Duration = Duration::from_secs(5);
 
 /// Why the gateway answers instead of the upstream.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +58,8 @@ pub enum GatewayError {
     Overloaded { limit: usize },
     /// The gateway holds `limit` bytes of request bodies already (503 with Retry-After).
     BodyMemory { limit: usize },
+    /// The discovered Service has no ready endpoint (503 with Retry-After).
+    NoEndpoints { service: String },
     /// The upstream could not be reached (502).
     UpstreamUnreachable,
     /// The upstream answered 401 or 403 to the gateway's own API key (502): the gateway's
@@ -104,6 +110,7 @@ impl GatewayError {
                 Some(Outcome::Overloaded)
             }
             GatewayError::UpstreamUnreachable
+            | GatewayError::NoEndpoints { .. }
             | GatewayError::UpstreamAuth
             | GatewayError::BrokenStream
             | GatewayError::EventTooLarge
@@ -178,6 +185,14 @@ impl GatewayError {
                 "service_unavailable",
                 "the gateway has no valid rate-limit policy loaded yet",
             ),
+            E::NoEndpoints { service } => upstream(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the inference server {service} has no ready endpoint; retry after {} s",
+                    NO_ENDPOINTS_RETRY.as_secs()
+                ),
+                "no_endpoints",
+            ),
             E::UpstreamUnreachable => upstream(
                 StatusCode::BAD_GATEWAY,
                 "the inference server could not be reached".into(),
@@ -248,6 +263,17 @@ impl IntoResponse for GatewayError {
             h.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
             h.insert("retry-after-ms", HeaderValue::from(1000u64));
         }
+        if let GatewayError::NoEndpoints { .. } = self {
+            let h = resp.headers_mut();
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(NO_ENDPOINTS_RETRY.as_secs()),
+            );
+            h.insert(
+                "retry-after-ms",
+                HeaderValue::from(NO_ENDPOINTS_RETRY.as_millis() as u64),
+            );
+        }
         if let GatewayError::Shed { retry_after, .. } = self {
             let h = resp.headers_mut();
             h.insert(
@@ -314,6 +340,14 @@ mod tests {
             ),
             (GatewayError::NotReady, 503, None, None),
             (
+                GatewayError::NoEndpoints {
+                    service: "ns/engine:8000".into(),
+                },
+                503,
+                Some("no_endpoints"),
+                Some(Outcome::UpstreamError),
+            ),
+            (
                 GatewayError::Unauthorized,
                 401,
                 Some("invalid_api_key"),
@@ -375,15 +409,13 @@ mod tests {
             assert_eq!(e.outcome(), outcome, "{e:?}");
             let resp = e.clone().into_response();
             assert_eq!(resp.status().as_u16(), status, "{e:?}");
-            let overloaded = matches!(
-                e,
-                GatewayError::Overloaded { .. } | GatewayError::BodyMemory { .. }
-            );
-            assert_eq!(
-                resp.headers().get(header::RETRY_AFTER).is_some(),
-                overloaded,
-                "{e:?}"
-            );
+            let retry = match e {
+                GatewayError::Overloaded { .. } | GatewayError::BodyMemory { .. } => Some("1"),
+                GatewayError::NoEndpoints { .. } => Some("5"),
+                _ => None,
+            };
+            let header = resp.headers().get(header::RETRY_AFTER);
+            assert_eq!(header.map(|h| h.to_str().unwrap()), retry, "{e:?}");
             let v = body(resp).await;
             assert_eq!(v["error"]["code"].as_str(), code, "{e:?}");
             assert!(

@@ -119,7 +119,8 @@ struct Accepted {
 }
 
 /// Lets a request in, in order: a policy (503 before one is loaded), the client and its
-/// priority (401, or 400 for a bad priority header), a place among the in-flight requests
+/// priority (401, or 400 for a bad priority header), an endpoint (503 `no_endpoints` when
+/// the discovered Service has none ready), a place among the in-flight requests
 /// (503), the body (413, 408): nothing of an unauthenticated client's body is read.
 async fn accept(
     gw: &Arc<Gateway>,
@@ -133,6 +134,14 @@ async fn accept(
         return Err(Box::new(unread_body(headers, resp)));
     };
     let priority = request_priority(&snap, &gw.client_keys, headers).map_err(refused)?;
+    if snap.fleet.is_empty() {
+        gw.metrics
+            .upstream_errors
+            .with_label_values(&["no_endpoints"])
+            .inc();
+        let service = crate::policy::config::endpoint_label(&snap.config.upstream.url);
+        return Err(refused(GatewayError::NoEndpoints { service }));
+    }
     let place = InflightPlace::acquire(gw).ok_or_else(|| {
         refused(GatewayError::Overloaded {
             limit: gw.max_inflight,

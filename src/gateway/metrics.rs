@@ -124,7 +124,7 @@ impl GatewayMetrics {
             upstream_errors: IntCounterVec::new(
                 Opts::new(
                     "sluice_upstream_errors_total",
-                    "Upstream faults by reason: unreachable, timeout (the policy's upstream timeout), idle_timeout (a stream silent for longer than streamIdleTimeout), broken_stream (the connection broke mid-response), incomplete_stream (ended without [DONE] or a finish_reason), error_event (an error event in the stream), status_5xx, upstream_auth (a 401 or 403 to the gateway's own API key), event_too_large (an event over 4 MiB in a stream assembled into a unary answer).",
+                    "Upstream faults by reason: unreachable, timeout (the policy's upstream timeout), idle_timeout (a stream silent for longer than streamIdleTimeout), broken_stream (the connection broke mid-response), incomplete_stream (ended without [DONE] or a finish_reason), error_event (an error event in the stream), status_5xx, upstream_auth (a 401 or 403 to the gateway's own API key), event_too_large (an event over 4 MiB in a stream assembled into a unary answer), no_endpoints (the discovered Service had no ready endpoint: 503).",
                 ),
                 &["reason"],
             )

@@ -290,6 +290,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         );
     }
     let store = Arc::new(PolicyStore::new(args.upstream.clone()).listening_on(args.listen));
+    let mut kube_client = None;
     if let Some(path) = &args.policy_file {
         let watcher = load_and_poll_file(path.clone(), store.clone(), args.reload_interval).await?;
         tokio::spawn(watcher);
@@ -304,6 +305,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| client.default_namespace().to_owned());
         tracing::info!(%namespace, policy = %name, "following the RateLimitPolicy through the Kubernetes API");
+        kube_client = Some(client.clone());
         tokio::spawn(crate::policy::watch::watch_policy(
             client,
             namespace,
@@ -329,6 +331,11 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             usage_probe: args.usage_probe,
         },
     )?;
+    tokio::spawn(crate::discovery::watch::follow(
+        kube_client,
+        gw.store.clone(),
+        gw.clock.clone(),
+    ));
     if let Some(path) = &args.upstream_api_key_file {
         tokio::spawn(api_key::follow_key_file(
             path.clone(),

@@ -109,9 +109,10 @@ impl Fleet {
     }
 
     /// A fleet for `config` and `labels` keeping, for every endpoint of `previous` that
-    /// remains (by label), its state ([`Limiter::carry_over`]).
+    /// remains (by label), its state ([`Limiter::carry_over`]). A fleet may be empty (a
+    /// discovered Service with no ready endpoint): it admits nothing, and its users answer
+    /// before asking it to route ([`Fleet::admit`] panics on it).
     pub fn carry_over(config: &LimiterConfig, labels: &[String], previous: Option<&Fleet>) -> Self {
-        assert!(!labels.is_empty(), "a fleet has at least one endpoint");
         let members = labels
             .iter()
             .map(|label| {
@@ -189,7 +190,7 @@ impl Fleet {
         rng: &mut R,
     ) -> Routed {
         self.route(model, priority, now, rng, None)
-            .expect("a fleet has at least one endpoint")
+            .expect("an empty fleet is answered before routing")
     }
 
     /// Routes a request again, among the endpoints other than `failed` (which it could not
@@ -237,7 +238,7 @@ impl Fleet {
         rng: &mut R,
         avoid: Option<usize>,
     ) -> Option<Routed> {
-        let first = &self.members[0].limiter;
+        let first = &self.members.first()?.limiter;
         let key = first.key(model);
         if self.members.len() == 1 && avoid.is_none() {
             let decision = first.admit(key, priority, now, rng);

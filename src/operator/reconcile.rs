@@ -307,7 +307,12 @@ async fn apply_objects(
         &owner,
     )
     .await?;
-    apply(ctx, &ns, objects::gateway_role(&ns, &name), &owner).await?;
+    // Discovery of a Service in the policy's namespace; one elsewhere needs a Role there,
+    // which the operator cannot own (owner references stay within a namespace).
+    let discovers = crate::discovery::ServiceRef::of_upstream(&config.upstream)
+        .is_some_and(|s| s.namespace == ns);
+    let role = objects::gateway_role(&ns, &name, discovers);
+    apply(ctx, &ns, role, &owner).await?;
     apply(ctx, &ns, objects::gateway_role_binding(&ns, &name), &owner).await?;
     let uid = &owner.uid;
     apply(

@@ -13,7 +13,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::crd::{
-    MAX_MODEL_NAME_BYTES, MAX_MODELS, ModeSpec, PriorityClass, RateLimitPolicy,
+    DiscoverySpec, MAX_MODEL_NAME_BYTES, MAX_MODELS, ModeSpec, PriorityClass, RateLimitPolicy,
     RateLimitPolicySpec, ScopeSpec,
 };
 use super::duration::parse_duration;
@@ -237,6 +237,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
             Duration::ZERO,
         );
         let endpoints = url::endpoints(&spec.upstream.endpoints, &mut c);
+        let port_name = url::port_name(spec.upstream.port_name.as_ref(), &mut c);
         if let Some(r) = &spec.upstream.api_key_secret_ref {
             if r.name.is_empty() {
                 c.fail("spec.upstream.apiKeySecretRef.name", "must not be empty");
@@ -372,6 +373,8 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
                         pool_idle_timeout,
                         stream_idle_timeout,
                         api_key_secret: spec.upstream.api_key_secret_ref.clone(),
+                        discovery: spec.upstream.discovery == DiscoverySpec::EndpointSlices,
+                        port_name,
                     },
                     limiter: LimiterConfig {
                         mode: match spec.mode {

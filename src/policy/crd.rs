@@ -25,8 +25,10 @@ pub const MAX_MODEL_NAME_BYTES: usize = 256;
 
 mod access;
 mod gateway;
+mod upstream;
 pub use access::{ClientAuthSpec, PriorityClass, PrioritySpec, SecretKeyRef, SecretRef};
 pub use gateway::{DEFAULT_GATEWAY_PORT, DEFAULT_METRICS_PORT, GatewaySpec, metrics_port};
+pub use upstream::{DiscoverySpec, UpstreamSpec};
 
 /// Spec of a RateLimitPolicy: where the inference server is, how the gateway pods run, and the
 /// latency targets that decide when new requests are shed.
@@ -143,72 +145,6 @@ pub struct RateLimitPolicySpec {
     /// client's `Authorization` header is never forwarded upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_auth: Option<ClientAuthSpec>,
-}
-
-/// The inference server behind the gateway.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct UpstreamSpec {
-    /// Base URL of the OpenAI-compatible server, e.g. `http://vllm.inference.svc:8000`
-    /// (requests to `/v1/...` are forwarded to `<url>/v1/...`).
-    /// No `user:password@`: the upstream's key belongs in `apiKeySecretRef`.
-    #[schemars(length(min = 1, max = 2048))]
-    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''").message("must be an http:// or https:// URL with a host"))]
-    #[x_kube(validation = Rule::new("!self.matches('^[^:/?#]+://[^/?#]*@')").message("must not carry credentials (user:password@); put the upstream's key in upstream.apiKeySecretRef"))]
-    pub url: String,
-
-    /// The engine's replicas, for a gateway that routes to each one itself: base URLs like
-    /// `url`'s, one per replica (`http://10.0.0.5:8000`), at most 64, each host and port once.
-    /// With a list, the requests go to these endpoints, and not to `url`. Each endpoint has
-    /// its own latency averages and admission; a request goes to one with room and is shed
-    /// only when all of them are over (see "A fleet of endpoints" in docs/gateway.md). An
-    /// upstream key is sent to every endpoint: the Secret's `sluice.dev/upstream-hosts` must
-    /// list each host.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 2048)))]
-    #[x_kube(validation = Rule::new("self.all(u, isURL(u) && url(u).getScheme() in ['http', 'https'] && url(u).getHostname() != '')").message("each endpoint must be an http:// or https:// URL with a host"))]
-    #[x_kube(validation = Rule::new("self.all(u, !u.matches('^[^:/?#]+://[^/?#]*@'))").message("endpoints must not carry credentials (user:password@); put the upstream's key in upstream.apiKeySecretRef"))]
-    pub endpoints: Vec<String>,
-
-    /// Longest time a request may take upstream (whole stream included) before the gateway
-    /// answers 504. Gateway API duration format.
-    #[serde(default = "default_upstream_timeout")]
-    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
-    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
-    pub timeout: String,
-
-    /// Secret key holding an API key the gateway sends upstream as `Authorization: Bearer`,
-    /// replacing the client's header. Without it the client's header is forwarded. The
-    /// Secret must opt in with the annotations `sluice.dev/upstream-key-for:
-    /// <policy>/<key>` and `sluice.dev/upstream-hosts` listing the URL's host.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_key_secret_ref: Option<SecretKeyRef>,
-
-    /// Ask the upstream for a stream even when the client asked for a unary response, and
-    /// assemble the unary response in the gateway, so unary traffic yields TTFT and ITL
-    /// samples too. Turn off for upstreams that cannot stream: unary requests are then
-    /// relayed as they are and give the limiter no samples (they are still admitted or shed
-    /// by what streamed traffic measured; their duration is only recorded in
-    /// sluice_request_duration_seconds).
-    #[serde(default = "default_true")]
-    pub stream_unary: bool,
-
-    /// How long an idle connection to the upstream is kept for reuse. Keep it under the
-    /// server's own keep-alive timeout (uvicorn, under vLLM and llama-cpp-python, closes idle
-    /// connections after 5 s), or a request can be sent on a connection the server is closing.
-    #[serde(default = "default_pool_idle_timeout")]
-    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
-    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
-    pub pool_idle_timeout: String,
-
-    /// Longest silence within a response stream (no byte from the upstream) before the gateway
-    /// gives up on it: a streamed response is cut with an error event, a unary one answered
-    /// 504 `upstream_idle_timeout`; counted in sluice_upstream_errors_total{reason="idle_timeout"}.
-    /// The whole-request `timeout` applies as well.
-    #[serde(default = "default_stream_idle_timeout")]
-    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
-    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("must be greater than 0"))]
-    pub stream_idle_timeout: String,
 }
 
 /// Enforce or only observe.
@@ -368,15 +304,6 @@ pub struct RateLimitPolicyStatus {
 
 fn default_true() -> bool {
     true
-}
-fn default_upstream_timeout() -> String {
-    "600s".into()
-}
-fn default_pool_idle_timeout() -> String {
-    "4s".into()
-}
-fn default_stream_idle_timeout() -> String {
-    "60s".into()
 }
 fn default_ttft() -> String {
     "1s".into()

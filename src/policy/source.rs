@@ -17,6 +17,7 @@ use arc_swap::ArcSwapOption;
 
 use super::follow::{Change, FileFollower};
 use super::{PolicyConfig, PolicyError};
+use crate::discovery::{Served, ServiceRef};
 use crate::limiter::fleet::Fleet;
 
 /// One policy in force.
@@ -64,6 +65,18 @@ pub struct PolicyStore {
     upstream_override: Vec<http::Uri>,
     /// Where this gateway listens: a policy whose upstream is this address is refused.
     listen: Option<std::net::SocketAddr>,
+    /// The Service the policy in force discovers, and what it serves; held while a snapshot
+    /// is built, so a policy reload and a discovery change never overwrite each other.
+    discovery: parking_lot::Mutex<Discovery>,
+    /// The Service to discover, for the discovery task ([`crate::discovery::watch`]).
+    target: tokio::sync::watch::Sender<Option<ServiceRef>>,
+}
+
+#[derive(Debug, Default)]
+struct Discovery {
+    target: Option<ServiceRef>,
+    served: Served,
+    up: bool,
 }
 
 /// Whether `url` addresses a gateway listening on `listen`: the same port on the same IP, or
@@ -100,6 +113,8 @@ impl PolicyStore {
             status: SourceStatus::default(),
             upstream_override,
             listen: None,
+            discovery: Default::default(),
+            target: tokio::sync::watch::Sender::new(None),
         }
     }
 
@@ -156,13 +171,54 @@ impl PolicyStore {
             config.upstream.url = url.clone();
             config.upstream.endpoints = self.upstream_override.clone();
         }
+        let mut d = self.discovery.lock();
+        let target = ServiceRef::of_upstream(&config.upstream);
+        if d.target != target {
+            *d = Discovery {
+                target: target.clone(),
+                ..Discovery::default()
+            };
+            self.target.send_replace(target);
+        }
+        let snap = self.build(generation, source, config, &d);
+        self.status.applied.fetch_add(1, Ordering::Relaxed);
+        self.status.last_ok.store(true, Ordering::Relaxed);
+        tracing::info!(
+            source = %snap.source,
+            generation,
+            upstream = %snap.config.upstream.url,
+            endpoints = snap.fleet.len(),
+            discovery = d.target.as_ref().map(|t| t.describe()),
+            mode = ?snap.config.limiter.mode,
+            "policy applied"
+        );
+        snap
+    }
+
+    /// Builds and puts in force the snapshot of `config` with the endpoints `d` discovered
+    /// (or, discovering nothing yet, the Service URL); every endpoint that remains keeps its
+    /// state.
+    fn build(
+        &self,
+        generation: i64,
+        source: String,
+        mut config: PolicyConfig,
+        d: &Discovery,
+    ) -> Arc<Snapshot> {
+        let labels: Vec<String> = match (&d.target, &d.served) {
+            (Some(_), Served::Endpoints(list)) => {
+                config.upstream.endpoints = list.iter().map(|e| e.url.clone()).collect();
+                list.iter().map(|e| e.label.clone()).collect()
+            }
+            (Some(service), Served::ServiceUrl) => {
+                config.upstream.endpoints = vec![service.url.clone()];
+                vec![super::config::endpoint_label(&service.url)]
+            }
+            (None, _) => (config.upstream.endpoints.iter())
+                .map(super::config::endpoint_label)
+                .collect(),
+        };
         let previous = self.current.load_full();
-        let labels: Vec<String> = config
-            .upstream
-            .endpoints
-            .iter()
-            .map(super::config::endpoint_label)
-            .collect();
         let fleet = Fleet::carry_over(
             &config.limiter,
             &labels,
@@ -175,17 +231,41 @@ impl PolicyStore {
             fleet,
         });
         self.current.store(Some(snap.clone()));
-        self.status.applied.fetch_add(1, Ordering::Relaxed);
-        self.status.last_ok.store(true, Ordering::Relaxed);
-        tracing::info!(
-            source = %snap.source,
-            generation,
-            upstream = %snap.config.upstream.url,
-            endpoints = snap.fleet.len(),
-            mode = ?snap.config.limiter.mode,
-            "policy applied"
-        );
         snap
+    }
+
+    /// The Service the policy in force discovers (None: none), as it changes.
+    pub fn discovery_target(&self) -> tokio::sync::watch::Receiver<Option<ServiceRef>> {
+        self.target.subscribe()
+    }
+
+    /// Serves what discovery found for `service` (`up`: from a working watch); ignored when
+    /// the policy in force no longer discovers `service`.
+    pub fn discovered(&self, service: &ServiceRef, served: Served, up: bool) {
+        let mut d = self.discovery.lock();
+        if d.target.as_ref() != Some(service) {
+            return;
+        }
+        d.up = up;
+        if d.served == served {
+            return;
+        }
+        d.served = served;
+        if let Some(cur) = self.load() {
+            self.build(cur.generation, cur.source.clone(), cur.config.clone(), &d);
+        }
+    }
+
+    /// The discovered Service's state for metrics: whether its watch works and how many of
+    /// its endpoints are served (0 while the Service URL is); None without discovery.
+    pub fn discovery_state(&self) -> Option<(bool, usize)> {
+        let d = self.discovery.lock();
+        d.target.as_ref()?;
+        let n = match &d.served {
+            Served::Endpoints(list) => list.len(),
+            Served::ServiceUrl => 0,
+        };
+        Some((d.up, n))
     }
 
     /// Records that a new version of the policy could not be used; the last good one stays.
@@ -282,65 +362,4 @@ pub async fn load_and_poll_file(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_upstream_that_is_the_gateway_itself_is_recognised() {
-        let any: std::net::SocketAddr = "0.0.0.0:8080".parse().unwrap();
-        let lo: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        let u = |s: &str| s.parse::<http::Uri>().unwrap();
-        for url in [
-            "http://127.0.0.1:8080",
-            "http://localhost:8080/v1",
-            "http://[::1]:8080",
-        ] {
-            assert!(points_at(&u(url), any), "{url}");
-            assert!(points_at(&u(url), lo), "{url}");
-        }
-        for url in [
-            "http://127.0.0.1:8000",
-            "http://vllm.inference.svc:8080",
-            "http://10.0.0.5:8080",
-            "https://localhost",
-        ] {
-            assert!(!points_at(&u(url), any), "{url}");
-        }
-        assert!(points_at(
-            &u("http://localhost"),
-            "0.0.0.0:80".parse().unwrap()
-        ));
-        assert!(!points_at(
-            &u("http://127.0.0.1:0"),
-            "127.0.0.1:0".parse().unwrap()
-        ));
-    }
-
-    #[test]
-    fn a_looping_policy_is_refused_and_the_last_good_one_stays() {
-        let yaml = |url: &str| {
-            format!(
-                "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: p}}\nspec:\n  upstream: {{url: '{url}'}}\n"
-            )
-        };
-        let store = PolicyStore::new(vec![]).listening_on("0.0.0.0:8080".parse().unwrap());
-        let (_, good) = PolicyConfig::from_yaml(&yaml("http://vllm:8000")).unwrap();
-        let (_, looping) = PolicyConfig::from_yaml(&yaml("http://localhost:8080")).unwrap();
-        store.handle(
-            "t",
-            Change::Apply {
-                generation: 1,
-                config: Box::new(good),
-            },
-        );
-        store.handle(
-            "t",
-            Change::Apply {
-                generation: 2,
-                config: Box::new(looping),
-            },
-        );
-        assert_eq!(store.load().unwrap().generation, 1);
-        assert_eq!(store.status().rejected.load(Ordering::Relaxed), 1);
-    }
-}
+mod tests;

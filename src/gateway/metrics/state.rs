@@ -94,7 +94,7 @@ pub(super) const UPSTREAM_GAUGES: [(&str, &str); 4] = [
 
 pub(super) const UPSTREAM_ROUTED: (&str, &str) = (
     "sluice_upstream_requests_total",
-    "Requests routed to each endpoint of the upstream (admitted there; shadow-rejected included), by its host:port.",
+    "Requests routed to each endpoint of the upstream (admitted there; shadow-rejected included), by its pod name (discovered) or host:port.",
 );
 
 pub(super) const UPSTREAM_UP: (&str, &str) = (
@@ -121,6 +121,18 @@ pub(super) const POLICY_GAUGES: [(&str, &str); 4] = [
     ),
 ];
 
+/// Discovery of a Service's endpoints (present only while the policy discovers one).
+pub(super) const DISCOVERY_GAUGES: [(&str, &str); 2] = [
+    (
+        "sluice_upstream_discovery_up",
+        "1 while the endpoints of the upstream Service come from a working EndpointSlice watch; 0 while the watch fails (no Kubernetes configuration, RBAC, API server down) and the gateway keeps what it knew or serves the Service URL.",
+    ),
+    (
+        "sluice_upstream_discovered_endpoints",
+        "Ready endpoints of the upstream Service served as a fleet; 0 while the Service URL itself is served (discovery not synced or failing) and while the Service has none ready (503 no_endpoints).",
+    ),
+];
+
 pub(super) const RELOADS: (&str, &str) = (
     "sluice_policy_reloads_total",
     "Policy loads by result: success, error (invalid policy), watch_error (an incident of the Kubernetes watch).",
@@ -136,7 +148,7 @@ impl StateCollector {
         for (name, help) in MODEL_GAUGES {
             descs.extend(model_gauge(name, help).desc().into_iter().cloned());
         }
-        for (name, help) in POLICY_GAUGES {
+        for (name, help) in POLICY_GAUGES.into_iter().chain(DISCOVERY_GAUGES) {
             descs.extend(Gauge::new(name, help).unwrap().desc().into_iter().cloned());
         }
         for (name, help) in UPSTREAM_GAUGES {
@@ -291,6 +303,16 @@ impl Collector for StateCollector {
             g.set(v);
             out.extend(g.collect());
         }
+        if let Some((up, endpoints)) = self.store.discovery_state() {
+            for ((name, help), v) in DISCOVERY_GAUGES
+                .into_iter()
+                .zip([f64::from(u8::from(up)), endpoints as f64])
+            {
+                let g = Gauge::new(name, help).unwrap();
+                g.set(v);
+                out.extend(g.collect());
+            }
+        }
         let reloads = reloads();
         for (result, n) in [
             ("success", &st.applied),
@@ -304,7 +326,8 @@ impl Collector for StateCollector {
             let up = &s.config.upstream;
             let now = self.clock.now();
             let current = if up.stream_unary {
-                self.unary.mode(&up.endpoints[0], now)
+                self.unary
+                    .mode(up.endpoints.first().unwrap_or(&up.url), now)
             } else {
                 "passthrough"
             };

@@ -129,13 +129,27 @@ fn a_policy_without_a_memory_limit_still_gets_one() {
 
 #[test]
 fn the_role_is_narrowed_to_the_policy() {
-    let r = gateway_role("ns", "llama");
-    let rule = &r.rules.unwrap()[0];
+    let r = gateway_role("ns", "llama", false);
+    let rules = r.rules.unwrap();
+    assert_eq!(rules.len(), 1, "no discovery: the policy alone");
+    let rule = &rules[0];
     assert_eq!(
         rule.resource_names.as_deref(),
         Some(&["llama".to_owned()][..])
     );
     assert_eq!(rule.verbs, ["get", "list", "watch"]);
+    // Discovering a Service: list and watch EndpointSlices, nothing else of them.
+    let rules = gateway_role("ns", "llama", true).rules.unwrap();
+    assert_eq!(rules.len(), 2);
+    assert_eq!(
+        rules[1].api_groups.as_deref(),
+        Some(&["discovery.k8s.io".to_owned()][..])
+    );
+    assert_eq!(
+        rules[1].resources.as_deref(),
+        Some(&["endpointslices".to_owned()][..])
+    );
+    assert_eq!(rules[1].verbs, ["list", "watch"]);
     let b = gateway_role_binding("ns", "llama");
     assert_eq!(b.role_ref.name, "llama-sluice");
     assert_eq!(b.subjects.unwrap()[0].name, "llama-sluice");

@@ -355,3 +355,24 @@ fn other_documents_and_broken_yaml_are_refused_clearly() {
         "{err}"
     );
 }
+
+#[test]
+fn discovery_is_on_by_default_and_a_port_name_must_be_a_service_port_name() {
+    let (_, c) = PolicyConfig::from_yaml(MINIMAL).unwrap();
+    assert!(c.upstream.discovery);
+    assert_eq!(c.upstream.port_name, None);
+    let off = MINIMAL.replace(
+        "{url: http://127.0.0.1:8000}",
+        "{url: http://127.0.0.1:8000, discovery: None, portName: http-api}",
+    );
+    let (_, c) = PolicyConfig::from_yaml(&off).unwrap();
+    assert!(!c.upstream.discovery);
+    assert_eq!(c.upstream.port_name.as_deref(), Some("http-api"));
+    for bad in ["HTTP", "-http", "http_api", "'h p'"] {
+        let doc = MINIMAL.replace(
+            "{url: http://127.0.0.1:8000}",
+            &format!("{{url: http://127.0.0.1:8000, portName: {bad}}}"),
+        );
+        assert_single_error(&doc, "spec.upstream.portName", "Service port name");
+    }
+}

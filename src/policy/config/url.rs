@@ -22,6 +22,11 @@ pub struct UpstreamConfig {
     /// Longest silence within a response stream.
     pub stream_idle_timeout: Duration,
     pub api_key_secret: Option<SecretKeyRef>,
+    /// Discover the endpoints of a Service URL from its EndpointSlices
+    /// (`spec.upstream.discovery`; see [`crate::discovery`]).
+    pub discovery: bool,
+    /// The Service port to discover, by name (`spec.upstream.portName`).
+    pub port_name: Option<String>,
 }
 
 /// An upstream base URL: http or https, with a host, and without user-info. Credentials in a
@@ -109,4 +114,16 @@ pub(super) fn served(url: &http::Uri, endpoints: Vec<http::Uri>) -> Vec<http::Ur
     } else {
         endpoints
     }
+}
+
+/// `spec.upstream.portName`, checked: a Service port name.
+pub(super) fn port_name(name: Option<&String>, c: &mut super::Checker) -> Option<String> {
+    let name = name?;
+    if !crate::discovery::dns_label(name) {
+        c.fail(
+            "spec.upstream.portName",
+            format!("{name:?} must be a Service port name: lowercase letters, digits and '-'"),
+        );
+    }
+    Some(name.clone())
 }
