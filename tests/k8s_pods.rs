@@ -4,7 +4,9 @@
 //! the gateway pods pass their readiness probes; the official `openai` client reaches the
 //! gateway Service by its DNS name (CoreDNS); overload is shed; `kubectl patch` applies live;
 //! Prometheus finds the pods through Kubernetes service discovery; two replicas share the load;
-//! `kubectl rollout restart` under steady load fails no request; `helm uninstall` leaves
+//! `kubectl rollout restart` under steady load fails no request; the gateways route to each
+//! engine pod, discovered from the engine Service's EndpointSlices, and the engine scaled
+//! 1 -> 3 -> 1 -> 3 and restarted under steady load fails no request; `helm uninstall` leaves
 //! nothing behind.
 //!
 //! It runs only inside the cluster's network namespace, where pod and Service addresses exist
@@ -13,15 +15,14 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use support::http::{client as http_client, get, metric};
 use support::pods::{
-    APPS, SIM_ENGINE, SYSTEM, apply, apply_ok, gateway_pods, inside_the_cluster_namespace, json_of,
-    llama_pods, openai_by_dns_name, prometheus, rollout_status, with_cluster_dns,
+    APPS, SIM_ENGINE, SYSTEM, SteadyLoad, apply, apply_ok, gateway_pods,
+    inside_the_cluster_namespace, json_of, llama_pods, openai_by_dns_name, prometheus, ready_pods,
+    rollout_status, with_cluster_dns,
 };
 use support::{REPO, eventually, helm, kubectl, kubectl_ok};
 const GATEWAY: &str = "llama-sluice";
@@ -239,28 +240,7 @@ async fn helm_install_to_real_pods_to_uninstall() {
     drop(prom);
 
     // 9. kubectl rollout restart under steady load: no request fails.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let workers: Vec<_> = (0..2)
-        .map(|_| {
-            let (c, url, stop, ok, failed) = (c.clone(), service.clone(), stop.clone(), ok.clone(), failed.clone());
-            tokio::spawn(async move {
-                let body = json!({"model": "sim-llm", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]});
-                let mut errors = Vec::new();
-                while !stop.load(Ordering::SeqCst) {
-                    match support::http::try_post_json(&c, &format!("{url}/v1/chat/completions"), &body).await {
-                        Ok(200) => ok.fetch_add(1, Ordering::SeqCst),
-                        other => {
-                            errors.push(format!("{other:?}"));
-                            failed.fetch_add(1, Ordering::SeqCst)
-                        }
-                    };
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                errors
-            })
-        })
-        .collect();
+    let load = SteadyLoad::start(&c, &service);
     tokio::time::sleep(Duration::from_secs(2)).await;
     kubectl_ok(&[
         "rollout",
@@ -275,27 +255,75 @@ async fn helm_install_to_real_pods_to_uninstall() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::SeqCst);
-    let mut errors = Vec::new();
-    for w in workers {
-        errors.extend(w.await.unwrap());
-    }
+    let seen = load.stop().await;
     let new_pods = gateway_pods();
     assert!(
         new_pods.iter().all(|p| !pods.contains(p)),
         "the restart kept old pods: {new_pods:?}"
     );
-    assert_eq!(
-        failed.load(Ordering::SeqCst),
-        0,
-        "requests failed during the rollout: {errors:?}"
+    assert!(
+        seen.failed.is_empty() && seen.shed == 0,
+        "requests failed during the rollout: {:?}, {} shed",
+        seen.failed,
+        seen.shed
+    );
+    assert!(seen.ok >= 20, "too little load to prove anything");
+
+    // 10. The engine as a fleet: the sim engine's Service is in the policy's namespace, so the
+    // gateways route to its pods themselves, from its EndpointSlices. Scaled 1 -> 3 -> 1 -> 3
+    // and restarted under steady load, no request fails; each pod serves, named in metrics.
+    engine_fleet(&c, &new_pods, 1).await;
+    let load = SteadyLoad::start(&c, &service);
+    for replicas in [3, 1, 3] {
+        kubectl_ok(&[
+            "scale",
+            "-n",
+            APPS,
+            "deployment/sim-engine",
+            &format!("--replicas={replicas}"),
+        ]);
+        rollout_status("sim-engine", 90);
+        engine_fleet(&c, &new_pods, replicas).await;
+    }
+    eventually(
+        60,
+        "every engine pod served through the gateways",
+        || async {
+            let mut routed = std::collections::HashMap::<String, f64>::new();
+            for (_, ip) in &new_pods {
+                let text = get(&c, &format!("http://{ip}:9090/metrics")).await.text();
+                for (engine, _) in ready_pods("app=sim-engine") {
+                    let n = metric(
+                        &text,
+                        "sluice_upstream_requests_total",
+                        &[("upstream", &engine)],
+                    );
+                    *routed.entry(engine).or_default() += n.unwrap_or(0.0);
+                }
+            }
+            (routed.len() == 3 && routed.values().all(|n| *n > 0.0)).then_some(())
+        },
+    )
+    .await;
+    kubectl_ok(&["rollout", "restart", "-n", APPS, "deployment/sim-engine"]);
+    rollout_status("sim-engine", 120);
+    engine_fleet(&c, &new_pods, 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen = load.stop().await;
+    assert!(
+        seen.failed.is_empty(),
+        "requests failed while the engine scaled and restarted: {:?} ({} ok, {} shed)",
+        seen.failed,
+        seen.ok,
+        seen.shed
     );
     assert!(
-        ok.load(Ordering::SeqCst) >= 20,
-        "too little load to prove anything"
+        seen.ok >= 50,
+        "too little load to prove anything: {}",
+        seen.ok
     );
 
-    // 10. Delete the policy, then helm uninstall: nothing the chart created is left.
+    // 11. Delete the policy, then helm uninstall: nothing the chart created is left.
     kubectl_ok(&[
         "delete",
         "rlp",
@@ -361,5 +389,37 @@ async fn helm_install_to_real_pods_to_uninstall() {
             .is_empty()
             .then_some(())
     })
+    .await;
+}
+
+/// Waits until every gateway pod in `gateways` serves the sim engine's `replicas` Ready pods
+/// as its fleet, each under its pod name, from a working EndpointSlice watch.
+async fn engine_fleet(
+    c: &support::http::HttpClient,
+    gateways: &[(String, String)],
+    replicas: usize,
+) {
+    eventually(
+        90,
+        &format!("every gateway routes to {replicas} engine pods"),
+        || async {
+            let engines = ready_pods("app=sim-engine");
+            if engines.len() != replicas {
+                return None;
+            }
+            for (_, ip) in gateways {
+                let text = get(c, &format!("http://{ip}:9090/metrics")).await.text();
+                let n = metric(&text, "sluice_upstream_discovered_endpoints", &[]);
+                let up = metric(&text, "sluice_upstream_discovery_up", &[]);
+                if n != Some(replicas as f64) || up != Some(1.0) {
+                    return None;
+                }
+                for (engine, _) in &engines {
+                    metric(&text, "sluice_upstream_up", &[("upstream", engine)])?;
+                }
+            }
+            Some(())
+        },
+    )
     .await;
 }

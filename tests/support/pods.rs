@@ -4,6 +4,9 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -92,7 +95,15 @@ pub fn llama_pods() -> Vec<Value> {
 
 /// Names and IPs of the Ready gateway pods.
 pub fn gateway_pods() -> Vec<(String, String)> {
-    llama_pods()
+    ready_pods("app.kubernetes.io/instance=llama")
+}
+
+/// Names and IPs of the Ready pods of the apps namespace matching `selector`, not terminating.
+pub fn ready_pods(selector: &str) -> Vec<(String, String)> {
+    let pods = json_of(&["get", "pods", "-n", APPS, "-l", selector]);
+    pods["items"]
+        .as_array()
+        .unwrap()
         .iter()
         .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
         .filter(|p| {
@@ -107,6 +118,71 @@ pub fn gateway_pods() -> Vec<(String, String)> {
             (name, ip)
         })
         .collect()
+}
+
+/// Two clients sending short chat requests to `url` one after another (20 ms apart) until
+/// stopped, counting what came back.
+pub struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<Vec<String>>>,
+    pub ok: Arc<AtomicU64>,
+    pub shed: Arc<AtomicU64>,
+}
+
+/// What a [`SteadyLoad`] saw: answers 200, 429, and every other outcome (5xx, broken).
+pub struct LoadResult {
+    pub ok: u64,
+    pub shed: u64,
+    pub failed: Vec<String>,
+}
+
+impl SteadyLoad {
+    pub fn start(c: &super::http::HttpClient, url: &str) -> SteadyLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, shed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let workers = (0..2)
+            .map(|_| {
+                let (c, stop, ok, shed) = (c.clone(), stop.clone(), ok.clone(), shed.clone());
+                let url = format!("{url}/v1/chat/completions");
+                tokio::spawn(async move {
+                    let body = serde_json::json!({"model": "sim-llm", "max_tokens": 3,
+                        "messages": [{"role": "user", "content": "hi"}]});
+                    let mut failed = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        match super::http::try_post_json(&c, &url, &body).await {
+                            Ok(200) => ok.fetch_add(1, Ordering::SeqCst),
+                            Ok(429) => shed.fetch_add(1, Ordering::SeqCst),
+                            other => {
+                                failed.push(format!("{other:?}"));
+                                0
+                            }
+                        };
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    failed
+                })
+            })
+            .collect();
+        SteadyLoad {
+            stop,
+            workers,
+            ok,
+            shed,
+        }
+    }
+
+    pub async fn stop(self) -> LoadResult {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut failed = Vec::new();
+        for w in self.workers {
+            failed.extend(w.await.unwrap());
+        }
+        LoadResult {
+            ok: self.ok.load(Ordering::SeqCst),
+            shed: self.shed.load(Ordering::SeqCst),
+            failed,
+        }
+    }
 }
 
 pub const SIM_ENGINE: &str = r#"
