@@ -28,6 +28,7 @@ pub mod openai;
 pub mod operator;
 pub mod policy;
 pub mod random;
+pub mod signals;
 pub mod sim;
 
 /// A listener whose accepted connections have TCP_NODELAY set: servers that stream many small

@@ -155,6 +155,16 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
             "spec.upstream.portName",
         ),
         (
+            "engine-metrics-interval-too-short",
+            json!({"upstream": {"url": "http://e:8000", "engineMetrics": {"interval": "10ms"}}}),
+            "spec.upstream.engineMetrics.interval",
+        ),
+        (
+            "engine-metrics-relative-path",
+            json!({"upstream": {"url": "http://e:8000", "engineMetrics": {"path": "metrics"}}}),
+            "spec.upstream.engineMetrics.path",
+        ),
+        (
             "global-with-models",
             json!({"scope": "Global", "models": [{"name": "a"}]}),
             "spec.models",

@@ -331,6 +331,11 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             usage_probe: args.usage_probe,
         },
     )?;
+    tokio::spawn(crate::signals::scrape::run(
+        gw.store.clone(),
+        gw.pools.scraper(),
+        gw.clock.clone(),
+    ));
     tokio::spawn(crate::discovery::watch::follow(
         kube_client,
         gw.store.clone(),

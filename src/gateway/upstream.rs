@@ -71,6 +71,18 @@ impl Pools {
     }
 }
 
+impl Pools {
+    /// A client for engine metrics pages: at most one idle connection per endpoint (scrapes
+    /// of an endpoint never overlap), kept 30 s.
+    pub fn scraper(&self) -> HttpClient {
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .pool_max_idle_per_host(1)
+            .build(self.connector.clone())
+    }
+}
+
 /// An http and https connector: no Nagle delay, a 10 s connect timeout, the system's TLS
 /// roots (read here).
 fn connector() -> std::io::Result<Connector> {

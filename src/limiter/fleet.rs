@@ -39,15 +39,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::{Decision, KeyId, Limiter, LimiterConfig, Priority, Uniform, Verdict};
+use crate::signals::EngineSignal;
 
-/// One endpoint: its label (`host:port`), its limiter, the requests routed to it and its
-/// health (the last two shared across reloads, like the limiter's state).
+/// One endpoint: its label (`host:port`), its limiter, the requests routed to it, its health
+/// and its engine signal (the last three shared across reloads, like the limiter's state).
 #[derive(Debug)]
 struct Member {
     label: Box<str>,
     limiter: Limiter,
     routed: Arc<AtomicU64>,
     health: Arc<HealthCell>,
+    signal: Arc<parking_lot::Mutex<EngineSignal>>,
 }
 
 /// An endpoint's health, and when its ejection ends (seconds, as f64 bits) for routing to
@@ -125,6 +127,7 @@ impl Fleet {
                     },
                     routed: before.map(|old| old.routed.clone()).unwrap_or_default(),
                     health: before.map(|old| old.health.clone()).unwrap_or_default(),
+                    signal: before.map(|old| old.signal.clone()).unwrap_or_default(),
                 }
             })
             .collect::<Vec<Member>>();
@@ -156,6 +159,11 @@ impl Fleet {
     /// The endpoint's label (`host:port`).
     pub fn label(&self, endpoint: usize) -> &str {
         &self.members[endpoint].label
+    }
+
+    /// The endpoint's engine signal (`spec.upstream.engineMetrics`).
+    pub fn signal(&self, endpoint: usize) -> &parking_lot::Mutex<EngineSignal> {
+        &self.members[endpoint].signal
     }
 
     /// The endpoint's limiter.

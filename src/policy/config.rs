@@ -6,7 +6,7 @@
 //! limiter unchecked. Every violation is reported with its field path, all at once.
 
 mod url;
-pub use url::{UpstreamConfig, endpoint_label, upstream_url};
+pub use url::{EngineMetricsConfig, UpstreamConfig, endpoint_label, upstream_url};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -238,6 +238,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
         );
         let endpoints = url::endpoints(&spec.upstream.endpoints, &mut c);
         let port_name = url::port_name(spec.upstream.port_name.as_ref(), &mut c);
+        let engine_metrics = url::engine_metrics(spec.upstream.engine_metrics.as_ref(), &mut c);
         if let Some(r) = &spec.upstream.api_key_secret_ref {
             if r.name.is_empty() {
                 c.fail("spec.upstream.apiKeySecretRef.name", "must not be empty");
@@ -375,6 +376,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
                         api_key_secret: spec.upstream.api_key_secret_ref.clone(),
                         discovery: spec.upstream.discovery == DiscoverySpec::EndpointSlices,
                         port_name,
+                        engine_metrics,
                     },
                     limiter: LimiterConfig {
                         mode: match spec.mode {

@@ -28,7 +28,7 @@ mod gateway;
 mod upstream;
 pub use access::{ClientAuthSpec, PriorityClass, PrioritySpec, SecretKeyRef, SecretRef};
 pub use gateway::{DEFAULT_GATEWAY_PORT, DEFAULT_METRICS_PORT, GatewaySpec, metrics_port};
-pub use upstream::{DiscoverySpec, UpstreamSpec};
+pub use upstream::{DiscoverySpec, EngineMetricsSpec, UpstreamSpec};
 
 /// Spec of a RateLimitPolicy: where the inference server is, how the gateway pods run, and the
 /// latency targets that decide when new requests are shed.

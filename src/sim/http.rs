@@ -13,6 +13,7 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/v1/responses", post(responses))
         .route("/v1/models", get(models))
         .route("/sim/stats", get(stats))
+        .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
         .with_state(state)
 }
@@ -26,6 +27,31 @@ async fn models(State(s): State<AppState>) -> Response {
         .map(|m| json!({"id": m, "object": "model", "created": created, "owned_by": "sluice-sim"}))
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// The queue in vLLM's metric names (Prometheus text), as an engine publishes it for
+/// `spec.upstream.engineMetrics`: requests waiting for a slot, requests in the batch, and the
+/// batch's fill as the KV-cache use (the simulated engine has no KV cache: slots stand in).
+async fn metrics(State(s): State<AppState>) -> Response {
+    let st = &s.stats;
+    let (queued, active) = (
+        st.queued.load(Ordering::Relaxed),
+        st.active.load(Ordering::Relaxed),
+    );
+    let model = s.config.models.first().map_or("sim-llm", |m| m.as_str());
+    let fill = active as f64 / s.config.max_num_seqs.max(1) as f64;
+    let page = format!(
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+         # TYPE vllm:num_requests_waiting gauge\n\
+         vllm:num_requests_waiting{{model_name=\"{model}\"}} {queued}\n\
+         # HELP vllm:num_requests_running Number of requests in model execution batches.\n\
+         # TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{model_name=\"{model}\"}} {active}\n\
+         # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
+         # TYPE vllm:kv_cache_usage_perc gauge\n\
+         vllm:kv_cache_usage_perc{{model_name=\"{model}\"}} {fill}\n"
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], page).into_response()
 }
 
 async fn stats(State(s): State<AppState>) -> Response {

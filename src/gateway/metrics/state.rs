@@ -121,6 +121,49 @@ pub(super) const POLICY_GAUGES: [(&str, &str); 4] = [
     ),
 ];
 
+/// Engine signals per endpoint (present only with `spec.upstream.engineMetrics`).
+pub(super) const ENGINE_GAUGES: [(&str, &str); 4] = [
+    (
+        "sluice_engine_metrics_up",
+        "1 while the endpoint's engine metrics page gives a reading at most three intervals old; 0 while it fails or is stale (the signal is then ignored: the gateway's own measurements decide alone).",
+    ),
+    (
+        "sluice_engine_waiting_requests",
+        "Requests the engine reports queued (not started), from its last fresh reading.",
+    ),
+    (
+        "sluice_engine_running_requests",
+        "Requests the engine reports in its running batch, from its last fresh reading.",
+    ),
+    (
+        "sluice_engine_kv_cache_usage_ratio",
+        "KV-cache use the engine reports (0 to 1), from its last fresh reading; absent for engines that publish none (llama.cpp, TGI).",
+    ),
+];
+
+/// The engine-signal series of every endpoint: up, and the fresh reading.
+fn engine_families(fleet: &Fleet, now: Duration, interval: Duration) -> Vec<MetricFamily> {
+    let gauges = ENGINE_GAUGES
+        .map(|(name, help)| GaugeVec::new(Opts::new(name, help), &["upstream"]).unwrap());
+    for (i, (label, _)) in fleet.iter().enumerate() {
+        let signal = fleet.signal(i).lock();
+        let fresh = signal.fresh(now, interval);
+        let up = signal.up() && fresh.is_some();
+        gauges[0]
+            .with_label_values(&[label])
+            .set(f64::from(u8::from(up)));
+        let Some(s) = fresh.filter(|_| up) else {
+            continue;
+        };
+        for (g, v) in gauges[1..].iter().zip([s.waiting, s.running, s.kv_cache]) {
+            if let Some(v) = v {
+                g.with_label_values(&[label]).set(v);
+            }
+        }
+    }
+    gauges.iter().flat_map(|g| g.collect()).collect()
+}
+
 /// Discovery of a Service's endpoints (present only while the policy discovers one).
 pub(super) const DISCOVERY_GAUGES: [(&str, &str); 2] = [
     (
@@ -150,6 +193,10 @@ impl StateCollector {
         }
         for (name, help) in POLICY_GAUGES.into_iter().chain(DISCOVERY_GAUGES) {
             descs.extend(Gauge::new(name, help).unwrap().desc().into_iter().cloned());
+        }
+        for (name, help) in ENGINE_GAUGES {
+            let g = GaugeVec::new(Opts::new(name, help), &["upstream"]).unwrap();
+            descs.extend(g.desc().into_iter().cloned());
         }
         for (name, help) in UPSTREAM_GAUGES {
             let g = GaugeVec::new(Opts::new(name, help), &["upstream", "model"]).unwrap();
@@ -286,6 +333,9 @@ impl Collector for StateCollector {
                 }
             }
             out.extend(upstream_families(&s.fleet, now));
+            if let Some(e) = &s.config.upstream.engine_metrics {
+                out.extend(engine_families(&s.fleet, now, e.interval));
+            }
         }
         for g in &gauges {
             out.extend(g.collect());

@@ -376,3 +376,37 @@ fn discovery_is_on_by_default_and_a_port_name_must_be_a_service_port_name() {
         assert_single_error(&doc, "spec.upstream.portName", "Service port name");
     }
 }
+
+#[test]
+fn engine_metrics_default_to_auto_every_250ms_and_bad_paths_and_intervals_are_refused() {
+    let with = |m: &str| {
+        MINIMAL.replace(
+            "{url: http://127.0.0.1:8000}",
+            &format!("{{url: http://127.0.0.1:8000, engineMetrics: {m}}}"),
+        )
+    };
+    let (_, c) = PolicyConfig::from_yaml(&with("{}")).unwrap();
+    let m = c.upstream.engine_metrics.unwrap();
+    assert_eq!(m.engine, crate::signals::EngineKind::Auto);
+    assert_eq!(
+        (m.path.as_str(), m.interval),
+        ("/metrics", Duration::from_millis(250))
+    );
+    let (_, c) =
+        PolicyConfig::from_yaml(&with("{engine: sglang, path: /m, interval: 1s}")).unwrap();
+    assert_eq!(
+        c.upstream.engine_metrics.unwrap().engine,
+        crate::signals::EngineKind::Sglang
+    );
+    let (_, c) = PolicyConfig::from_yaml(MINIMAL).unwrap();
+    assert_eq!(c.upstream.engine_metrics, None, "off unless set");
+    for (m, field, needle) in [
+        ("{interval: 10ms}", "interval", "between 50ms and 60s"),
+        ("{interval: 2m}", "interval", "between 50ms and 60s"),
+        ("{path: metrics}", "path", "starting with /"),
+        ("{path: '/a b'}", "path", "starting with /"),
+    ] {
+        let field = format!("spec.upstream.engineMetrics.{field}");
+        assert_single_error(&with(m), &field, needle);
+    }
+}

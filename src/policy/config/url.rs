@@ -27,6 +27,55 @@ pub struct UpstreamConfig {
     pub discovery: bool,
     /// The Service port to discover, by name (`spec.upstream.portName`).
     pub port_name: Option<String>,
+    /// Engine signals to read (`spec.upstream.engineMetrics`; see [`crate::signals`]).
+    pub engine_metrics: Option<EngineMetricsConfig>,
+}
+
+/// `spec.upstream.engineMetrics`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineMetricsConfig {
+    pub engine: crate::signals::EngineKind,
+    /// Path of the metrics page (starts with `/`).
+    pub path: String,
+    /// Between 50 ms and 60 s.
+    pub interval: Duration,
+}
+
+/// `spec.upstream.engineMetrics`, checked.
+pub(super) fn engine_metrics(
+    spec: Option<&crate::policy::crd::EngineMetricsSpec>,
+    c: &mut super::Checker,
+) -> Option<EngineMetricsConfig> {
+    let spec = spec?;
+    if !spec.path.starts_with('/')
+        || spec.path.len() > 256
+        || spec.path.parse::<http::uri::PathAndQuery>().is_err()
+    {
+        c.fail(
+            "spec.upstream.engineMetrics.path",
+            format!("{:?} must be a path starting with /", spec.path),
+        );
+    }
+    let field = "spec.upstream.engineMetrics.interval";
+    let interval = match crate::policy::duration::parse_duration(&spec.interval) {
+        Err(e) => {
+            c.fail(field, e.to_string());
+            None
+        }
+        Ok(d) if d < Duration::from_millis(50) || d > Duration::from_secs(60) => {
+            c.fail(
+                field,
+                format!("{:?} must be between 50ms and 60s", spec.interval),
+            );
+            None
+        }
+        Ok(d) => Some(d),
+    }?;
+    Some(EngineMetricsConfig {
+        engine: spec.engine,
+        path: spec.path.clone(),
+        interval,
+    })
 }
 
 /// An upstream base URL: http or https, with a host, and without user-info. Credentials in a

@@ -49,6 +49,13 @@ pub struct UpstreamSpec {
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("must be a Service port name: lowercase letters, digits and '-'"))]
     pub port_name: Option<String>,
 
+    /// Read each endpoint's own queue from its metrics page (vLLM, SGLang, llama.cpp with
+    /// `--metrics`, TGI, TensorRT-LLM): waiting and running requests and KV-cache use,
+    /// exported per endpoint as sluice_engine_*. A page that cannot be read or parsed, or a
+    /// reading older than three intervals, is ignored (fail open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_metrics: Option<EngineMetricsSpec>,
+
     /// Longest time a request may take upstream (whole stream included) before the gateway
     /// answers 504. Gateway API duration format.
     #[serde(default = "default_upstream_timeout")]
@@ -114,4 +121,32 @@ fn default_pool_idle_timeout() -> String {
 
 fn default_stream_idle_timeout() -> String {
     "60s".into()
+}
+
+/// Which engine's metrics to read, where and how often.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineMetricsSpec {
+    /// The engine's metric names to read; auto recognises them on the page.
+    #[serde(default)]
+    pub engine: crate::signals::EngineKind,
+    /// Path of the metrics page on each endpoint's host and port.
+    #[serde(default = "default_metrics_path")]
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("must start with /"))]
+    pub path: String,
+    /// How often each endpoint's page is read (50ms to 60s); a scrape gives up after three
+    /// quarters of it.
+    #[serde(default = "default_metrics_interval")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('50ms') && duration(self) <= duration('60s')").message("must be between 50ms and 60s"))]
+    pub interval: String,
+}
+
+fn default_metrics_path() -> String {
+    "/metrics".into()
+}
+
+fn default_metrics_interval() -> String {
+    "250ms".into()
 }
