@@ -42,19 +42,7 @@ async fn the_engines_queue_is_read_from_its_metrics_page_per_endpoint() {
     // Two streams fill the two slots; two more wait in the engine's queue.
     let _a = long_stream(&c, &gw.url).await;
     let _b = long_stream(&c, &gw.url).await;
-    let queued: Vec<_> = (0..2)
-        .map(|_| {
-            let (c, url) = (c.clone(), format!("{}/v1/chat/completions", gw.url));
-            tokio::spawn(async move {
-                let body = json!({"model": "sim-llm", "stream": true, "max_tokens": 5000,
-                    "messages": [{"role": "user", "content": "hi"}]});
-                // Held open until the test aborts it: a response dropped is a client gone,
-                // and the engine would drop the request from its queue.
-                let _held = start(&c, "POST", &url, &[], body.to_string()).await;
-                std::future::pending::<()>().await
-            })
-        })
-        .collect();
+    let queued = [held_stream(&c, &gw.url), held_stream(&c, &gw.url)];
     // The reading mirrors the engine's own count.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let m = loop {
@@ -162,5 +150,82 @@ async fn a_hostile_metrics_page_is_ignored_with_one_log_line_and_requests_are_se
             "messages": [{"role": "user", "content": "hi"}]});
         let r = post_json(&c, &format!("{}/v1/chat/completions", gw.url), &chat).await;
         assert_eq!(r.status, 200, "{path}: fail open");
+    }
+}
+
+/// A stream that is held open (never read) until the task is aborted.
+fn held_stream(c: &support::http::HttpClient, gateway: &str) -> tokio::task::JoinHandle<()> {
+    let (c, url) = (c.clone(), format!("{gateway}/v1/chat/completions"));
+    tokio::spawn(async move {
+        let body = json!({"model": "sim-llm", "stream": true, "max_tokens": 5000,
+            "messages": [{"role": "user", "content": "hi"}]});
+        let _held = start(&c, "POST", &url, &[], body.to_string()).await;
+        std::future::pending::<()>().await
+    })
+}
+
+/// Requests counted with `outcome` in `sluice_requests_total`, over every label set.
+fn outcomes(m: &str, outcome: &str) -> f64 {
+    m.lines()
+        .filter(|l| l.starts_with("sluice_requests_total{"))
+        .filter(|l| l.contains(&format!("outcome=\"{outcome}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_burst_on_a_full_batch_is_capped_at_the_batch_the_engine_runs() {
+    let c = client();
+    for signals in [false, true] {
+        let sim = Sim::batch(&c, 4, 50).await;
+        // Thresholds the engine meets at every concurrency: latency alone never sheds here.
+        let mut doc = policy(&sim.url, "/metrics") + "  defaults: {ttft: 5s, itl: 1s}\n";
+        if !signals {
+            doc = doc.replace(", engineMetrics: {path: /metrics, interval: 100ms}", "");
+        }
+        let file = PolicyFile::new(&doc);
+        let gw = Gw::start(&c, &file.0, None, &[]).await;
+        let at = [("upstream", sim.url.trim_start_matches("http://"))];
+        // Four streams run in the four slots; a fifth waits in the engine.
+        let mut open = Vec::new();
+        for _ in 0..4 {
+            open.push(long_stream(&c, &gw.url).await);
+        }
+        let mut held = vec![held_stream(&c, &gw.url)];
+        support::eventually(10, "the fifth request queued in the engine", || async {
+            let stats = support::http::get(&c, &format!("{}/sim/stats", sim.url))
+                .await
+                .json();
+            let m = gw.metrics(&c).await;
+            let read = metric(&m, "sluice_engine_waiting_requests", &at);
+            (stats["queued"] == 1 && (!signals || read == Some(1.0))).then_some(())
+        })
+        .await;
+        // Seven more, one after another.
+        for _ in 0..7 {
+            held.push(held_stream(&c, &gw.url));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let inflight = [("model", "sim-llm")];
+        if signals {
+            // The engine said its batch of four is full: none of the seven is sent to wait.
+            let m = support::eventually(10, "seven shed", || async {
+                let m = gw.metrics(&c).await;
+                (outcomes(&m, "rejected") == 7.0).then_some(m)
+            })
+            .await;
+            let n = metric(&m, "sluice_limiter_in_flight_requests", &inflight);
+            assert_eq!(n, Some(5.0), "{m}");
+        } else {
+            // Nothing is late yet: all twelve are admitted, eight to wait for a slot.
+            let m = gw
+                .wait_metric(&c, "sluice_limiter_in_flight_requests", &inflight, 12.0, 10)
+                .await;
+            assert_eq!(outcomes(&m, "rejected"), 0.0);
+        }
+        for h in held {
+            h.abort();
+        }
+        drop(open);
     }
 }

@@ -53,8 +53,10 @@
 pub mod concurrency;
 pub mod config;
 pub mod decision;
+pub mod engine;
 pub mod estimator;
 pub mod fleet;
+mod readings;
 mod record;
 mod reload;
 pub mod state;
@@ -73,6 +75,7 @@ pub use crate::clock::{Clock, ManualClock, MonotonicClock};
 pub use crate::random::{SplitMix64, Uniform};
 pub use decision::{Decision, Priority, UnknownPriority, Verdict};
 pub use estimator::{Estimator, InvalidSample};
+pub use readings::KeyReading;
 
 /// Label of the key shared by every model the policy does not name.
 pub const OTHER_LABEL: &str = "other";
@@ -116,34 +119,6 @@ impl KeyEntry {
     }
 }
 
-/// Current values of one key, for metrics.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct KeyReading<'a> {
-    pub label: &'a str,
-    pub thresholds: Thresholds,
-    /// Moving average of TTFT, seconds.
-    pub ttft: f64,
-    /// Moving average of ITL, seconds.
-    pub itl: f64,
-    /// Requests waiting for their first token.
-    pub waiting: u32,
-    /// TTFT estimated from their ages (twice the mean age), seconds.
-    pub waiting_ttft: f64,
-    /// Pressure ratio of a standard-priority request.
-    pub pressure: f64,
-    /// Rejection probability of a standard-priority request (latency and integral; the
-    /// concurrency ceiling and work conservation depend on the requests in flight).
-    pub reject_probability: f64,
-    /// Admitted requests not finished yet.
-    pub in_flight: u32,
-    /// The concurrency at which the engine last met the thresholds (see [`concurrency`]).
-    pub good_concurrency: f64,
-    /// The engine misses a threshold even at low concurrency.
-    pub unreachable: bool,
-    /// The concurrency ceiling: max(good concurrency, 4) (see [`concurrency`]).
-    pub ceiling: f64,
-}
-
 /// A new request's treatment before the draw (see [`Limiter::assess`]).
 #[derive(Debug, Clone, Copy)]
 struct Assessment {
@@ -162,6 +137,8 @@ pub struct Limiter {
     named: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
     other: u32,
     entries: Box<[KeyEntry]>,
+    /// The engine's word on its batch, shared across reloads like the keys' state.
+    engine: Arc<engine::EngineGate>,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -197,6 +174,7 @@ impl Limiter {
             named,
             other,
             entries: entries.into_boxed_slice(),
+            engine: Arc::default(),
         }
     }
 
@@ -228,6 +206,11 @@ impl Limiter {
     }
 
     /// Number of keys handed out so far (named, and `other` once used).
+    /// The engine's word on its batch (written by the engine-metrics scrape loop).
+    pub fn engine(&self) -> &engine::EngineGate {
+        &self.engine
+    }
+
     pub fn key_count(&self) -> usize {
         self.entries
             .iter()
@@ -378,12 +361,15 @@ impl Limiter {
         {
             return sure;
         }
-        let ceiling = st.conc.ceiling(now, tau);
+        // The engine says its batch is full: the ceiling is at least that batch (`engine`).
+        let full = self.engine.full(now);
+        let ceiling = st.conc.ceiling(now, tau).max(full.unwrap_or(0.0));
         let t_ttft = st.effective(th).0;
         // The engine has shown its limit above G, and a request admitted now would wait
-        // longer than the threshold for a slot.
+        // longer than the threshold for a slot; or the engine says so itself.
         let at_ceiling = adaptive && in_flight >= ceiling;
-        let slots_full = at_ceiling && st.conc.slot_wait_exceeds(st.waiting, now, tau, t_ttft);
+        let slots_full = at_ceiling
+            && (full.is_some() || st.conc.slot_wait_exceeds(st.waiting, now, tau, t_ttft));
         let over_ceiling =
             at_ceiling && (slots_full || st.queue(now, th) >= concurrency::CEILING_PRESSURE);
         let p_ceiling = if !over_ceiling {
@@ -402,40 +388,6 @@ impl Limiter {
             over_ceiling: over_ceiling.then_some(ceiling),
             ..sure
         }
-    }
-
-    /// Readings of every key in use, for metrics.
-    pub fn readings(&self, now: Duration) -> impl Iterator<Item = KeyReading<'_>> + '_ {
-        let shed = self.config.shedding;
-        self.entries
-            .iter()
-            .filter(|s| s.in_use.load(Ordering::Relaxed))
-            .map(move |entry| {
-                let label = &*entry.label;
-                let st = *entry.lock();
-                let th = entry.thresholds;
-                let (n, tau) = (now.as_secs_f64(), th.time_constant);
-                let (t, i) = (st.est[0].read(n, tau), st.est[1].read(n, tau));
-                let pressure = st.pressure(n, &th);
-                // The integral as the next decision would see it: without traffic it is only
-                // brought up to date by decisions, and the gauge must not freeze at its last
-                // value.
-                let integral = st.integral_at(pressure, n, tau, &shed);
-                KeyReading {
-                    label,
-                    thresholds: th,
-                    ttft: t,
-                    itl: i,
-                    waiting: st.waiting,
-                    waiting_ttft: st.waiting_ttft(n),
-                    pressure,
-                    reject_probability: decision::reject_probability_pi(pressure, integral, &shed),
-                    in_flight: st.conc.in_flight,
-                    good_concurrency: st.conc.good_at(n, tau),
-                    unreachable: st.conc.unreachable(th.ttft, th.itl),
-                    ceiling: st.conc.ceiling(n, tau),
-                }
-            })
     }
 }
 

@@ -14,6 +14,7 @@ impl Limiter {
     /// changes.
     pub fn carry_over(config: LimiterConfig, previous: &Limiter) -> Self {
         let mut next = Limiter::new(config);
+        next.engine = previous.engine.clone();
         if next.config.scope != previous.config.scope {
             return next;
         }

@@ -213,11 +213,13 @@ pub enum Change {
     Down(String),
 }
 
-/// An endpoint's engine signal: its last reading and when it was taken.
+/// An endpoint's engine signal: its last reading and when it was taken, and the batch the
+/// engine ran when its queue last started.
 #[derive(Debug, Default)]
 pub struct EngineSignal {
     last: Option<(Duration, EngineKind, Signals)>,
     up: Option<bool>,
+    batch: Option<f64>,
 }
 
 impl EngineSignal {
@@ -229,6 +231,11 @@ impl EngineSignal {
     ) -> Option<Change> {
         match result {
             Ok((kind, s)) => {
+                let queued = s.waiting.is_some_and(|w| w > 0.0);
+                let was_queued = (self.last.as_ref()).is_some_and(|l| l.2.waiting > Some(0.0));
+                if queued && !was_queued {
+                    self.batch = s.running;
+                }
                 self.last = Some((now, kind, s));
                 (self.up != Some(true)).then(|| {
                     self.up = Some(true);
@@ -247,6 +254,16 @@ impl EngineSignal {
     pub fn fresh(&self, now: Duration, interval: Duration) -> Option<Signals> {
         let (at, _, s) = self.last?;
         (now.saturating_sub(at) <= interval * 3).then_some(s)
+    }
+
+    /// Whether the engine's batch is full by its last reading (requests waiting, or the KV
+    /// cache at `kv_full` or above), and the batch it ran when its queue last started.
+    pub fn full(&self, kv_full: f64) -> (bool, Option<f64>) {
+        let Some((_, _, s)) = &self.last else {
+            return (false, None);
+        };
+        let full = s.waiting.is_some_and(|w| w > 0.0) || s.kv_cache.is_some_and(|k| k >= kv_full);
+        (full, self.batch)
     }
 
     /// Whether the last scrape gave a reading.

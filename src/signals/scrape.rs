@@ -91,14 +91,24 @@ pub async fn run(store: Arc<PolicyStore>, client: HttpClient, clock: Arc<dyn Clo
         });
         for (i, page) in futures_util::future::join_all(scrapes).await {
             let reading = page.and_then(|p| parse(&p, config.engine).map_err(|e| e.to_string()));
-            let change = snap.fleet.signal(i).lock().on_scrape(reading, clock.now());
+            let now = clock.now();
+            let ok = reading.is_ok();
+            let mut signal = snap.fleet.signal(i).lock();
+            let change = signal.on_scrape(reading, now);
+            if ok {
+                // Valid for three intervals: if scrapes stop, the word lapses by itself.
+                let (full, batch) = signal.full(crate::limiter::engine::KV_FULL);
+                let gate = snap.fleet.limiter(i).engine();
+                gate.report(full, batch, now + config.interval * 3);
+            }
+            drop(signal);
             let upstream = snap.fleet.label(i);
             match change {
                 None => {}
                 Some(Change::Up(kind)) => tracing::info!(
                     %upstream,
                     engine = kind.as_str(),
-                    "engine metrics read (sluice_engine_* of the endpoint)"
+                    "engine metrics read: a full batch caps admission at the batch it runs"
                 ),
                 Some(Change::Down(error)) => tracing::warn!(
                     %upstream,

@@ -119,3 +119,35 @@ fn a_reading_is_fresh_for_three_intervals_and_each_change_is_said_once() {
         Some(Change::Down(_))
     ));
 }
+
+#[test]
+fn the_batch_is_what_ran_when_the_queue_started_and_full_means_waiting_or_kv_at_the_mark() {
+    let t = Duration::from_secs(1);
+    let mut e = EngineSignal::default();
+    let at = |e: &mut EngineSignal, w: f64, r: f64, kv: Option<f64>| {
+        e.on_scrape(Ok((EngineKind::Vllm, reading(w, r, kv))), t);
+        e.full(0.95)
+    };
+    assert_eq!(e.full(0.95), (false, None), "no reading: not full");
+    assert_eq!(at(&mut e, 0.0, 3.0, Some(0.5)), (false, None));
+    assert_eq!(
+        at(&mut e, 2.0, 4.0, None),
+        (true, Some(4.0)),
+        "the queue starts at 4"
+    );
+    assert_eq!(
+        at(&mut e, 5.0, 6.0, None),
+        (true, Some(4.0)),
+        "held while it stays"
+    );
+    assert_eq!(
+        at(&mut e, 0.0, 6.0, Some(0.96)),
+        (true, Some(4.0)),
+        "KV at the mark"
+    );
+    assert_eq!(
+        at(&mut e, 1.0, 7.0, None),
+        (true, Some(7.0)),
+        "a new start learns again"
+    );
+}

@@ -5,6 +5,7 @@ use crate::random::Sequence;
 
 mod admit;
 mod concurrency;
+mod engine;
 mod fleet;
 mod reload;
 mod retry;

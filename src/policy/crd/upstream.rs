@@ -51,8 +51,10 @@ pub struct UpstreamSpec {
 
     /// Read each endpoint's own queue from its metrics page (vLLM, SGLang, llama.cpp with
     /// `--metrics`, TGI, TensorRT-LLM): waiting and running requests and KV-cache use,
-    /// exported per endpoint as sluice_engine_*. A page that cannot be read or parsed, or a
-    /// reading older than three intervals, is ignored (fail open).
+    /// exported per endpoint as sluice_engine_*. While an engine reports requests waiting
+    /// (or KV-cache use at 95 % or more), no request is admitted to it past the batch it runs.
+    /// A page that cannot be read or parsed, or a reading older than three intervals, is
+    /// ignored (fail open).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_metrics: Option<EngineMetricsSpec>,
 

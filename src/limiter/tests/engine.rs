@@ -1,0 +1,95 @@
+//! The engine's word on its batch (`limiter::engine`): a full batch caps admission at the
+//! batch the engine runs, before any latency is late; the word lapses by itself.
+
+use super::*;
+use crate::limiter::fleet::Fleet;
+
+/// Never under the draw of a `p < 1` rejection: only a certain one sheds.
+const LUCKY: f64 = 0.999;
+
+fn admit(l: &Limiter, k: KeyId, p: Priority, now: Duration) -> Verdict {
+    l.admit(k, p, now, &mut Sequence::new(vec![LUCKY])).verdict
+}
+
+#[test]
+fn a_cold_burst_is_admitted_whole_without_the_engines_word_and_capped_at_its_batch_with_it() {
+    // Without it: nothing is late yet, so twelve requests on an idle engine all go in.
+    let l = Limiter::new(adaptive());
+    let k = l.key("llama");
+    for i in 0..12 {
+        assert_eq!(admit(&l, k, Priority::Standard, SEC), Verdict::Admit, "{i}");
+    }
+    // With it: four run, the fifth waits in the engine, which says so; the sixth is shed.
+    let l = Limiter::new(adaptive());
+    let k = l.key("llama");
+    for _ in 0..5 {
+        assert_eq!(admit(&l, k, Priority::Standard, SEC), Verdict::Admit);
+    }
+    l.engine().report(true, Some(4.0), SEC * 2);
+    for _ in 0..3 {
+        assert_eq!(admit(&l, k, Priority::Standard, SEC), Verdict::Reject);
+    }
+    let d = l.admit(
+        k,
+        Priority::Standard,
+        SEC,
+        &mut Sequence::new(vec![LUCKY, 0.0]),
+    );
+    assert_eq!(d.reject_probability, 1.0, "no probe past the batch: {d:?}");
+    assert!(d.retry_after.is_some());
+    assert_eq!(
+        admit(&l, k, Priority::Critical, SEC),
+        Verdict::Admit,
+        "critical"
+    );
+    // Requests end: below the batch, the gateway's own rules decide again.
+    for _ in 0..3 {
+        l.end_request(k, SEC);
+    }
+    assert_eq!(l.in_flight(k), 3);
+    assert_eq!(admit(&l, k, Priority::Standard, SEC), Verdict::Admit);
+}
+
+#[test]
+fn the_word_lapses_by_itself_and_a_batch_that_is_not_full_caps_nothing() {
+    let l = Limiter::new(adaptive());
+    let k = l.key("llama");
+    for _ in 0..8 {
+        admit(&l, k, Priority::Standard, SEC);
+    }
+    l.engine().report(true, Some(8.0), SEC * 2);
+    assert_eq!(admit(&l, k, Priority::Standard, SEC), Verdict::Reject);
+    // No new reading for three intervals (scrapes failing): fail open.
+    assert_eq!(admit(&l, k, Priority::Standard, SEC * 2), Verdict::Admit);
+    l.engine().report(false, Some(8.0), SEC * 10);
+    assert_eq!(admit(&l, k, Priority::Standard, SEC * 3), Verdict::Admit);
+    // A batch larger than the ceiling raises it: nine in flight of a batch of sixteen.
+    l.engine().report(true, Some(16.0), SEC * 10);
+    assert_eq!(admit(&l, k, Priority::Standard, SEC * 3), Verdict::Admit);
+    assert_eq!(l.in_flight(k), 11);
+}
+
+#[test]
+fn a_reload_keeps_the_engines_word_and_a_fleet_routes_around_a_full_endpoint() {
+    let l = Limiter::new(adaptive());
+    let k = l.key("llama");
+    for _ in 0..4 {
+        admit(&l, k, Priority::Standard, SEC);
+    }
+    l.engine().report(true, Some(4.0), SEC * 2);
+    let next = Limiter::carry_over(adaptive(), &l);
+    let k2 = next.key("llama");
+    assert_eq!(admit(&next, k2, Priority::Standard, SEC), Verdict::Reject);
+
+    let fleet = Fleet::new(&adaptive(), &["a".into(), "b".into()]);
+    let mut rng = Sequence::new(vec![0.1, 0.7, LUCKY]);
+    for _ in 0..4 {
+        let a = fleet.limiter(0);
+        a.admit(a.key("llama"), Priority::Standard, SEC, &mut rng);
+    }
+    fleet.limiter(0).engine().report(true, Some(4.0), SEC * 2);
+    for i in 0..6 {
+        let r = fleet.admit("llama", Priority::Standard, SEC, &mut rng);
+        assert_eq!((r.endpoint, r.decision.verdict), (1, Verdict::Admit), "{i}");
+    }
+}
