@@ -66,15 +66,18 @@ enum Front {
     Service,
     LeastConn,
     SluiceLeastConn,
+    /// Per endpoint, each engine's queue read from its metrics page (`engineMetrics`).
+    PerEndpointSignals,
 }
 
 impl Front {
-    const ALL: [Front; 5] = [
+    const ALL: [Front; 6] = [
         Front::PerEndpoint,
         Front::SluiceService,
         Front::Service,
         Front::LeastConn,
         Front::SluiceLeastConn,
+        Front::PerEndpointSignals,
     ];
 
     fn name(self) -> &'static str {
@@ -84,6 +87,7 @@ impl Front {
             Front::Service => "Service, no limiter",
             Front::LeastConn => "nginx least_conn, no limiter",
             Front::SluiceLeastConn => "sluice → nginx least_conn",
+            Front::PerEndpointSignals => "sluice, per endpoint, engine signals",
         }
     }
 }
@@ -130,12 +134,15 @@ async fn engine(spec: &[&str], seed: u64) -> (ChildProcess, String, u16) {
     (p, url, port)
 }
 
-fn policy(dir: &Path, url: &str, endpoints: &[String]) -> std::path::PathBuf {
-    let list = if endpoints.is_empty() {
+fn policy(dir: &Path, url: &str, endpoints: &[String], signals: bool) -> std::path::PathBuf {
+    let mut list = if endpoints.is_empty() {
         String::new()
     } else {
         format!(", endpoints: ['{}']", endpoints.join("', '"))
     };
+    if signals {
+        list.push_str(", engineMetrics: {}");
+    }
     // `SLUICE_FLEET_THRESHOLDS=ttft,itl` (durations) replaces the advised 500ms,48ms.
     let th = std::env::var("SLUICE_FLEET_THRESHOLDS").unwrap_or("500ms,48ms".into());
     let (ttft, itl) = th.split_once(',').expect("ttft,itl");
@@ -160,7 +167,7 @@ async fn run(front: Front, rate: f64, secs: f64, seed: u64, dir: &Path) -> Repor
     let mut _balancer = None;
     let mut _nginx = None;
     let behind = match front {
-        Front::PerEndpoint => None,
+        Front::PerEndpoint | Front::PerEndpointSignals => None,
         Front::SluiceService | Front::Service => {
             let b = Balancer::start(&ports, seed).await;
             let url = b.url.clone();
@@ -176,13 +183,14 @@ async fn run(front: Front, rate: f64, secs: f64, seed: u64, dir: &Path) -> Repor
     };
     let target = match front {
         Front::Service | Front::LeastConn => behind.unwrap(),
-        Front::PerEndpoint => {
-            let (gw, url) = spawn_gateway(&policy(dir, &urls[0], &urls)).await;
+        Front::PerEndpoint | Front::PerEndpointSignals => {
+            let signals = front == Front::PerEndpointSignals;
+            let (gw, url) = spawn_gateway(&policy(dir, &urls[0], &urls, signals)).await;
             procs.insert(0, gw); // stopped before the engines
             url
         }
         Front::SluiceService | Front::SluiceLeastConn => {
-            let (gw, url) = spawn_gateway(&policy(dir, &behind.unwrap(), &[])).await;
+            let (gw, url) = spawn_gateway(&policy(dir, &behind.unwrap(), &[], false)).await;
             procs.insert(0, gw);
             url
         }
