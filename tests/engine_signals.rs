@@ -229,3 +229,66 @@ async fn a_burst_on_a_full_batch_is_capped_at_the_batch_the_engine_runs() {
         drop(open);
     }
 }
+
+#[tokio::test]
+async fn with_a_queue_a_burst_on_a_full_batch_waits_for_slots_instead_of_429() {
+    let c = client();
+    let sim = Sim::batch(&c, 4, 50).await;
+    let doc = policy(&sim.url, "/metrics")
+        + "  defaults: {ttft: 5s, itl: 1s}\n  queue: {maxWait: 30s, maxRequests: 16}\n";
+    let file = PolicyFile::new(&doc);
+    let gw = Gw::start(&c, &file.0, None, &[]).await;
+    let at = [("upstream", sim.url.trim_start_matches("http://"))];
+    gw.wait_metric(&c, "sluice_engine_metrics_up", &at, 1.0, 10)
+        .await;
+    // Four streams in the four slots.
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(long_stream(&c, &gw.url).await);
+    }
+    // Eight short requests, one after another: the gateway's own rules let a few through
+    // to wait in the engine (its concurrency G, learned on the generous thresholds, and a
+    // probe before the engine's word that its batch is full, read every 100 ms, arrives);
+    // from then on it holds the rest (not 429).
+    let mut short = Vec::new();
+    for _ in 0..8 {
+        let (c, url) = (c.clone(), format!("{}/v1/chat/completions", gw.url));
+        let body = json!({"model": "sim-llm", "stream": true, "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}]});
+        short.push(tokio::spawn(async move {
+            post_json(&c, &url, &body).await.status
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let inflight = [("model", "sim-llm")];
+    let m = support::eventually(10, "all twelve in flight or waiting", || async {
+        let m = gw.metrics(&c).await;
+        let n = metric(&m, "sluice_limiter_in_flight_requests", &inflight)?;
+        let q = metric(&m, "sluice_queue_requests", &[])?;
+        let w = metric(&m, "sluice_engine_waiting_requests", &at)?;
+        (n + q == 12.0 && w == n - 4.0).then_some(m)
+    })
+    .await;
+    let waiting = metric(&m, "sluice_queue_requests", &[]).unwrap();
+    assert!(
+        waiting >= 4.0,
+        "most held in the gateway, not sent to wait in the engine: {m}"
+    );
+    assert_eq!(outcomes(&m, "rejected"), 0.0, "{m}");
+    // The four streams end: slots free, and the waiting requests go as they do, each served.
+    drop(open);
+    for s in short {
+        let status = tokio::time::timeout(Duration::from_secs(20), s).await;
+        assert_eq!(status.expect("served within maxWait").unwrap(), 200);
+    }
+    let m = gw.metrics(&c).await;
+    let admitted = [("outcome", "admitted")];
+    let from_queue = metric(&m, "sluice_queue_wait_seconds_count", &admitted);
+    assert_eq!(from_queue, Some(waiting), "{m}");
+    assert_eq!(
+        outcomes(&m, "rejected") + outcomes(&m, "expired"),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "sluice_queue_requests", &[]), Some(0.0));
+}

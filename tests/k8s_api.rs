@@ -165,6 +165,16 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
             "spec.upstream.engineMetrics.path",
         ),
         (
+            "queue-wait-over-a-minute",
+            json!({"queue": {"maxWait": "61s"}}),
+            "spec.queue.maxWait",
+        ),
+        (
+            "queue-of-nothing",
+            json!({"queue": {"maxWait": "100ms", "maxRequests": 0}}),
+            "spec.queue.maxRequests",
+        ),
+        (
             "global-with-models",
             json!({"scope": "Global", "models": [{"name": "a"}]}),
             "spec.models",

@@ -8,8 +8,10 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use parking_lot::Mutex;
 
+use super::Gateway;
 use super::client_keys::ClientKeys;
 use super::error::GatewayError;
+use super::queue::AdmissionQueue;
 use crate::limiter::fleet::Routed;
 use crate::limiter::{Clock, KeyId, Priority, SplitMix64, Verdict};
 use crate::policy::source::Snapshot;
@@ -155,6 +157,8 @@ pub struct Active {
     endpoint: usize,
     key: KeyId,
     clock: Arc<dyn Clock>,
+    /// Tried when the request ends: a slot may have freed for a waiting request.
+    queue: Arc<AdmissionQueue>,
 }
 
 impl std::fmt::Debug for Active {
@@ -165,12 +169,19 @@ impl std::fmt::Debug for Active {
 
 impl Active {
     /// The guard of a request the limiter counted in flight when it admitted it.
-    fn admitted(snap: &Arc<Snapshot>, endpoint: usize, key: KeyId, clock: &Arc<dyn Clock>) -> Self {
+    fn admitted(
+        snap: &Arc<Snapshot>,
+        endpoint: usize,
+        key: KeyId,
+        clock: &Arc<dyn Clock>,
+        queue: &Arc<AdmissionQueue>,
+    ) -> Self {
         Active {
             snap: snap.clone(),
             endpoint,
             key,
             clock: clock.clone(),
+            queue: queue.clone(),
         }
     }
 }
@@ -179,6 +190,7 @@ impl Drop for Active {
     fn drop(&mut self) {
         let limiter = self.snap.fleet.limiter(self.endpoint);
         limiter.end_request(self.key, self.clock.now());
+        self.queue.dispatch();
     }
 }
 
@@ -187,37 +199,57 @@ impl Drop for Active {
 /// ([`crate::limiter::fleet`]). A shed request's error carries its Retry-After; its label is
 /// the key's, for counting.
 pub fn admit(
+    gw: &Gateway,
     snap: Arc<Snapshot>,
     model: &str,
     priority: Priority,
-    clock: &Arc<dyn Clock>,
-    random: &RandomSource,
 ) -> Result<Admitted, (String, GatewayError)> {
-    let now = clock.now();
-    let routed = random.with(|r| snap.fleet.admit(model, priority, now, r));
-    settle(snap, routed, model, clock)
+    let now = gw.clock.now();
+    let routed = gw
+        .random
+        .with(|r| snap.fleet.admit(model, priority, now, r));
+    settle(snap, routed, model, &gw.clock, &gw.queue)
+}
+
+/// [`admit`], and when the request is shed and the policy has a queue, its wait for room
+/// there ([`AdmissionQueue::wait`]).
+pub async fn admit_or_wait(
+    gw: &Gateway,
+    snap: Arc<Snapshot>,
+    model: &str,
+    priority: Priority,
+) -> Result<Admitted, (String, GatewayError)> {
+    match admit(gw, snap.clone(), model, priority) {
+        Err((label, e @ GatewayError::Shed { .. })) if snap.config.queue.is_some() => {
+            let waited = gw.queue.wait(&snap, model, priority, e).await;
+            waited.map_err(|e| (label, e))
+        }
+        other => other,
+    }
 }
 
 /// Admits a request again, on an endpoint other than `failed` (which could not be reached);
 /// None when the fleet has no other.
 pub fn admit_elsewhere(
+    gw: &Gateway,
     snap: Arc<Snapshot>,
     model: &str,
     priority: Priority,
-    clock: &Arc<dyn Clock>,
-    random: &RandomSource,
     failed: usize,
 ) -> Option<Result<Admitted, (String, GatewayError)>> {
-    let now = clock.now();
-    let routed = random.with(|r| snap.fleet.admit_elsewhere(model, priority, now, r, failed))?;
-    Some(settle(snap, routed, model, clock))
+    let now = gw.clock.now();
+    let routed =
+        (gw.random).with(|r| snap.fleet.admit_elsewhere(model, priority, now, r, failed))?;
+    Some(settle(snap, routed, model, &gw.clock, &gw.queue))
 }
 
-fn settle(
+/// The admitted request (or the shed one's error) of a routing decision under `snap`.
+pub(super) fn settle(
     snap: Arc<Snapshot>,
     routed: Routed,
     model: &str,
     clock: &Arc<dyn Clock>,
+    queue: &Arc<AdmissionQueue>,
 ) -> Result<Admitted, (String, GatewayError)> {
     let (endpoint, key, d) = (routed.endpoint, routed.key, routed.decision);
     let label = snap.fleet.limiter(endpoint).label(key).to_owned();
@@ -232,7 +264,7 @@ fn settle(
         ));
     }
     Ok(Admitted {
-        active: Active::admitted(&snap, endpoint, key, clock),
+        active: Active::admitted(&snap, endpoint, key, clock, queue),
         snap,
         endpoint,
         key,

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::Gateway;
-use super::admission::{admit, request_priority};
+use super::admission::{admit_or_wait, request_priority};
 use super::assemble;
 use super::body::{BodyError, RequestHead, streaming_body};
 use super::error::GatewayError;
@@ -167,7 +167,7 @@ async fn completion(gw: Arc<Gateway>, api: Api, headers: HeaderMap, body: Body) 
         Ok(r) => r,
         Err((stream, e)) => return refuse(&gw, "", api, stream, e),
     };
-    let a = match admit(acc.snap, &req.model, acc.priority, &gw.clock, &gw.random) {
+    let a = match admit_or_wait(&gw, acc.snap, &req.model, acc.priority).await {
         Ok(a) => a,
         Err((label, e)) => return refuse(&gw, &label, api, req.stream, e),
     };
@@ -265,13 +265,14 @@ pub async fn passthrough(
         }
     };
     let model = head.model().map(|m| m.to_string());
-    let (label, shadow, active, endpoint) = match &model {
+    // (A request that waited in the queue is admitted under the policy in force by then.)
+    let (label, shadow, active, endpoint, snap) = match &model {
         Some(m) => {
             if let Err(e) = check_model_name(m) {
                 return refuse(&gw, "", api, false, e);
             }
-            match admit(acc.snap.clone(), m, acc.priority, &gw.clock, &gw.random) {
-                Ok(a) => (a.label, a.shadow, Some(a.active), a.endpoint),
+            match admit_or_wait(&gw, acc.snap.clone(), m, acc.priority).await {
+                Ok(a) => (a.label, a.shadow, Some(a.active), a.endpoint, a.snap),
                 Err((label, e)) => return refuse(&gw, &label, api, false, e),
             }
         }
@@ -279,7 +280,7 @@ pub async fn passthrough(
         None => {
             let now = gw.clock.now();
             let any = gw.random.with(|r| acc.snap.fleet.any(now, r, None));
-            (String::new(), false, None, any.unwrap_or(0))
+            (String::new(), false, None, any.unwrap_or(0), acc.snap)
         }
     };
     let mut tracker = Tracker::new(acc.place, &label, api, false, shadow, start);
@@ -288,7 +289,7 @@ pub async fn passthrough(
     }
     forward(Forward {
         gw: &gw,
-        snap: &acc.snap,
+        snap: &snap,
         endpoint,
         admission: model.as_deref().map(|m| (m, acc.priority)),
         method,

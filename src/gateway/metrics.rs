@@ -39,6 +39,8 @@ pub enum Outcome {
     Cancelled,
     /// Refused with 503: the gateway was at its in-flight limit.
     Overloaded,
+    /// Shed with 429 after waiting in the admission queue for `maxWait` without room.
+    Expired,
 }
 
 impl Outcome {
@@ -51,6 +53,7 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
             Outcome::Cancelled => "cancelled",
             Outcome::Overloaded => "overloaded",
+            Outcome::Expired => "expired",
         }
     }
 }
@@ -72,6 +75,10 @@ pub struct GatewayMetrics {
     pub client_keys_invalid: IntGauge,
     /// Bytes of request bodies held against `--max-body-memory` (set when scraped).
     pub body_memory: IntGauge,
+    /// Requests waiting in the admission queue.
+    pub queue_depth: IntGauge,
+    /// Time spent in the admission queue, by how the wait ended.
+    pub queue_wait: HistogramVec,
 }
 
 impl GatewayMetrics {
@@ -139,6 +146,22 @@ impl GatewayMetrics {
                 "Bytes of request bodies the gateway holds now (being read, or read and not yet taken by the upstream), in KiB-rounded reservations against --max-body-memory.",
             )
             .unwrap(),
+            queue_depth: IntGauge::new(
+                "sluice_queue_requests",
+                "Requests waiting in the admission queue (spec.queue) for room.",
+            )
+            .unwrap(),
+            queue_wait: HistogramVec::new(
+                HistogramOpts::new(
+                    "sluice_queue_wait_seconds",
+                    "Time requests spent in the admission queue, by outcome: admitted (sent upstream), expired (429 at maxWait), evicted (429: a request of higher priority took its place in a full queue), cancelled (the client went away).",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ]),
+                &["outcome"],
+            )
+            .unwrap(),
             registry,
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
@@ -150,6 +173,8 @@ impl GatewayMetrics {
             Box::new(m.upstream_errors.clone()),
             Box::new(m.client_keys_invalid.clone()),
             Box::new(m.body_memory.clone()),
+            Box::new(m.queue_depth.clone()),
+            Box::new(m.queue_wait.clone()),
             Box::new(StateCollector::new(store, clock, unary)),
         ];
         for c in collectors {

@@ -27,6 +27,7 @@ pub mod handlers;
 pub mod intake;
 pub mod measure;
 pub mod metrics;
+pub mod queue;
 pub mod relay;
 mod server;
 pub mod unary;
@@ -164,6 +165,8 @@ pub struct Gateway {
     pub max_body_memory: usize,
     /// The body-memory budget, one permit per KiB.
     pub body_memory: Arc<tokio::sync::Semaphore>,
+    /// Requests waiting for room (`spec.queue`).
+    pub queue: Arc<queue::AdmissionQueue>,
 }
 
 /// How a [`Gateway`] is set up apart from its policy, metrics and clock.
@@ -230,7 +233,14 @@ impl Gateway {
             Some(dir) => client_keys::ClientKeys::load(dir)?,
             None => client_keys::ClientKeys::default(),
         };
+        let queue = Arc::new(queue::AdmissionQueue::new(
+            store.clone(),
+            clock.clone(),
+            metrics.queue_depth.clone(),
+            metrics.queue_wait.clone(),
+        ));
         Ok(Arc::new(Gateway {
+            queue,
             client_keys: Arc::new(client_keys),
             unary,
             store,
@@ -331,10 +341,12 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             usage_probe: args.usage_probe,
         },
     )?;
+    let queue = gw.queue.clone();
     tokio::spawn(crate::signals::scrape::run(
         gw.store.clone(),
         gw.pools.scraper(),
         gw.clock.clone(),
+        move || queue.dispatch(),
     ));
     tokio::spawn(crate::discovery::watch::follow(
         kube_client,

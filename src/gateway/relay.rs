@@ -65,7 +65,7 @@ fn elsewhere(
             Some(Ok((next, None)))
         }
         Some((model, priority)) => {
-            let a = admit_elsewhere(snap.clone(), model, priority, &gw.clock, &gw.random, failed)?;
+            let a = admit_elsewhere(gw, snap.clone(), model, priority, failed)?;
             Some(a.map(|a| (a.endpoint, Some(a))).map_err(|(_, e)| e))
         }
     }

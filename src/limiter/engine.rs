@@ -19,21 +19,41 @@ use std::time::Duration;
 pub const KV_FULL: f64 = 0.95;
 
 /// The engine's last word: full until a time (seconds, f64 bits; 0 when it is not full), and
-/// the batch it ran when its queue started (f32 bits).
+/// the batch it ran when its queue started (f32 bits); or open (nothing waiting, KV cache
+/// below [`KV_FULL`]) until a time, with the requests it ran then.
 #[derive(Debug, Default)]
 pub struct EngineGate {
     full_until: AtomicU64,
     batch: AtomicU32,
+    open_until: AtomicU64,
+    running: AtomicU32,
 }
 
 impl EngineGate {
     /// A reading: the batch is `full` (with `batch` requests running when its queue started,
     /// if known), valid until `until`.
-    pub fn report(&self, full: bool, batch: Option<f64>, until: Duration) {
-        let until = if full { until.as_secs_f64() } else { 0.0 };
+    /// `open` is the requests it runs when it reports nothing waiting (and that count).
+    pub fn report(&self, full: bool, batch: Option<f64>, open: Option<f64>, until: Duration) {
+        let secs = until.as_secs_f64();
+        let full_until = if full { secs } else { 0.0 };
         self.batch
             .store((batch.unwrap_or(0.0) as f32).to_bits(), Ordering::Relaxed);
-        self.full_until.store(until.to_bits(), Ordering::Relaxed);
+        self.full_until
+            .store(full_until.to_bits(), Ordering::Relaxed);
+        let open_until = if open.is_some() && !full { secs } else { 0.0 };
+        (self.running).store((open.unwrap_or(0.0) as f32).to_bits(), Ordering::Relaxed);
+        self.open_until
+            .store(open_until.to_bits(), Ordering::Relaxed);
+    }
+
+    /// While the engine says nothing waits at `now` (seconds): the requests it ran then. The
+    /// admission queue sends a waiting request to such an engine while the gateway has no
+    /// more in flight there than that count: one more per reading, never a burst on a
+    /// reading that is already old.
+    #[inline]
+    pub fn open(&self, now: f64) -> Option<f64> {
+        let until = f64::from_bits(self.open_until.load(Ordering::Relaxed));
+        (now < until).then(|| f64::from(f32::from_bits(self.running.load(Ordering::Relaxed))))
     }
 
     /// While the engine says its batch is full at `now` (seconds): the batch it ran when its

@@ -214,6 +214,35 @@ impl Fleet {
         self.route(model, priority, now, rng, Some(failed))
     }
 
+    /// Admits a request waiting in the admission queue, if some endpoint takes it for sure at
+    /// `now`: first one with room (the least pressed), then one whose engine says nothing
+    /// waits in it ([`crate::limiter::engine::EngineGate::open`]); None when none does (nothing drawn,
+    /// nothing counted).
+    pub fn admit_queued(&self, model: &str, priority: Priority, now: Duration) -> Option<Routed> {
+        let key = self.members.first()?.limiter.key(model);
+        let mut looks: Vec<Look> = (self.eligible(now, None).into_iter())
+            .map(|e| self.look(e, key, priority, now))
+            .collect();
+        looks.sort_by(Look::order);
+        let room = looks.iter().filter(|l| l.room()).find_map(|l| {
+            let d = self.limiter(l.endpoint).admit_if_room(key, priority, now)?;
+            Some((l.endpoint, d))
+        });
+        let (endpoint, decision) = room.or_else(|| {
+            looks.iter().find_map(|l| {
+                let d = self.limiter(l.endpoint).admit_if_engine_room(key, now)?;
+                Some((l.endpoint, d))
+            })
+        })?;
+        self.limiter(endpoint).use_key(key);
+        self.count(endpoint, &decision);
+        Some(Routed {
+            endpoint,
+            key,
+            decision,
+        })
+    }
+
     /// Any endpoint taking requests at `now` (for requests that are not admitted: no model),
     /// other than `avoid`.
     pub fn any<R: Uniform + ?Sized>(

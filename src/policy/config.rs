@@ -5,7 +5,9 @@
 //! local files, and because an object written while the CRD was older must not reach the
 //! limiter unchecked. Every violation is reported with its field path, all at once.
 
+mod queue;
 mod url;
+pub use queue::QueueConfig;
 pub use url::{EngineMetricsConfig, UpstreamConfig, endpoint_label, upstream_url};
 
 use std::collections::HashMap;
@@ -33,6 +35,8 @@ pub struct PolicyConfig {
     pub trust_priority_header: bool,
     /// Client authentication (`spec.clientAuth`, `spec.priority.clients`).
     pub client_auth: Option<ClientAuthConfig>,
+    /// The admission queue (`spec.queue`); None: a request that would be shed is shed.
+    pub queue: Option<QueueConfig>,
 }
 
 /// Who the clients are and the priority class of each.
@@ -249,6 +253,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
         }
 
         let client_auth = client_auth(spec, &mut c);
+        let queue = queue::queue(spec.queue.as_ref(), &mut c);
 
         if let Some(g) = &spec.gateway {
             if let Some(r) = g.replicas.filter(|r| !(0..=1000).contains(r)) {
@@ -366,6 +371,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
                 Ok(PolicyConfig {
                     trust_priority_header: spec.priority.as_ref().is_some_and(|p| p.trust_header),
                     client_auth,
+                    queue,
                     upstream: UpstreamConfig {
                         endpoints: url::served(&url, endpoints),
                         url,

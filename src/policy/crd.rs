@@ -25,9 +25,11 @@ pub const MAX_MODEL_NAME_BYTES: usize = 256;
 
 mod access;
 mod gateway;
+mod queue;
 mod upstream;
 pub use access::{ClientAuthSpec, PriorityClass, PrioritySpec, SecretKeyRef, SecretRef};
 pub use gateway::{DEFAULT_GATEWAY_PORT, DEFAULT_METRICS_PORT, GatewaySpec, metrics_port};
+pub use queue::{MAX_QUEUE_REQUESTS, MAX_QUEUE_WAIT_SECS, QueueSpec};
 pub use upstream::{DiscoverySpec, EngineMetricsSpec, UpstreamSpec};
 
 /// Spec of a RateLimitPolicy: where the inference server is, how the gateway pods run, and the
@@ -145,6 +147,11 @@ pub struct RateLimitPolicySpec {
     /// client's `Authorization` header is never forwarded upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_auth: Option<ClientAuthSpec>,
+
+    /// A short admission queue: a request the limiter would shed waits up to `maxWait` for
+    /// room (priority first, then arrival) instead of getting 429 at once. Off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueSpec>,
 }
 
 /// Enforce or only observe.

@@ -266,6 +266,16 @@ impl EngineSignal {
         (full, self.batch)
     }
 
+    /// When the last reading shows nothing waiting and the KV cache under `kv_full`: the
+    /// requests running (None when the engine does not report both counts).
+    pub fn open(&self, kv_full: f64) -> Option<f64> {
+        let (_, _, s) = self.last.as_ref()?;
+        let kv_ok = s.kv_cache.is_none_or(|k| k < kv_full);
+        (s.waiting == Some(0.0) && kv_ok)
+            .then_some(s.running)
+            .flatten()
+    }
+
     /// Whether the last scrape gave a reading.
     pub fn up(&self) -> bool {
         self.up == Some(true)

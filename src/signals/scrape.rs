@@ -66,8 +66,14 @@ pub async fn fetch(
 }
 
 /// Scrapes the endpoints of the policy in force until the task is dropped (idle while the
-/// policy has no `engineMetrics`).
-pub async fn run(store: Arc<PolicyStore>, client: HttpClient, clock: Arc<dyn Clock>) {
+/// policy has no `engineMetrics`); calls `on_room` after a round in which an engine reported
+/// nothing waiting.
+pub async fn run(
+    store: Arc<PolicyStore>,
+    client: HttpClient,
+    clock: Arc<dyn Clock>,
+    on_room: impl Fn(),
+) {
     loop {
         let started = Instant::now();
         let Some(snap) = store.load() else {
@@ -89,6 +95,7 @@ pub async fn run(store: Arc<PolicyStore>, client: HttpClient, clock: Arc<dyn Clo
                 (i, result)
             }
         });
+        let mut opened = false;
         for (i, page) in futures_util::future::join_all(scrapes).await {
             let reading = page.and_then(|p| parse(&p, config.engine).map_err(|e| e.to_string()));
             let now = clock.now();
@@ -97,9 +104,11 @@ pub async fn run(store: Arc<PolicyStore>, client: HttpClient, clock: Arc<dyn Clo
             let change = signal.on_scrape(reading, now);
             if ok {
                 // Valid for three intervals: if scrapes stop, the word lapses by itself.
-                let (full, batch) = signal.full(crate::limiter::engine::KV_FULL);
+                let kv_full = crate::limiter::engine::KV_FULL;
+                let ((full, batch), open) = (signal.full(kv_full), signal.open(kv_full));
                 let gate = snap.fleet.limiter(i).engine();
-                gate.report(full, batch, now + config.interval * 3);
+                gate.report(full, batch, open, now + config.interval * 3);
+                opened |= open.is_some();
             }
             drop(signal);
             let upstream = snap.fleet.label(i);
@@ -116,6 +125,10 @@ pub async fn run(store: Arc<PolicyStore>, client: HttpClient, clock: Arc<dyn Clo
                     "engine metrics unusable: ignored, the gateway's own measurements decide alone"
                 ),
             }
+        }
+        if opened {
+            // An engine with room: requests waiting in the admission queue may go.
+            on_room();
         }
         tokio::time::sleep(config.interval.saturating_sub(started.elapsed())).await;
     }

@@ -162,6 +162,9 @@ impl Outcome {
     }
 }
 
+/// A request sent by [`InProc::send`].
+pub type Sent = tokio::task::JoinHandle<Outcome>;
+
 /// A gateway and its stub upstream in this process.
 pub struct InProc {
     pub url: String,
@@ -390,6 +393,43 @@ impl InProc {
             busy._bodies.push(resp.into_body());
         }
         busy
+    }
+
+    /// A streamed chat request for `model` with `headers`, tagged `"user": tag` and padded
+    /// with `pad` bytes of content, left running: the task ends with the gateway's answer
+    /// (its body read when it is an error). Aborting the task closes the connection.
+    pub fn send(&self, model: &str, headers: &[(&str, &str)], tag: &str, pad: usize) -> Sent {
+        let mut req = hyper::Request::post(format!("{}/v1/chat/completions", self.url))
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let body = serde_json::json!({"model": model, "stream": true, "user": tag,
+            "messages": [{"role": "user", "content": "x".repeat(pad)}]});
+        let req = (req.body(http_body_util::Full::new(Bytes::from(body.to_string())))).unwrap();
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let r = client.request(req).await.expect("gateway answers");
+            let (status, headers) = (r.status().as_u16(), r.headers().clone());
+            let body = match status {
+                200 => None,
+                _ => {
+                    serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).ok()
+                }
+            };
+            Outcome {
+                status,
+                headers,
+                body,
+                upstream_authorization: None,
+                upstream: None,
+            }
+        })
+    }
+
+    /// The next request to reach a stub upstream (its response open until dropped).
+    pub async fn arrival(&self) -> Arrival {
+        self.arrivals.lock().await.recv().await.unwrap()
     }
 
     /// The gateway's /metrics text.

@@ -67,6 +67,25 @@ impl Limiter {
         })
     }
 
+    /// Admits a request on `key` at `now` and counts it in flight, under one lock, if the
+    /// engine says nothing waits in it and the gateway has no more requests in flight on the
+    /// key than the engine runs (see [`super::super::engine::EngineGate::open`]).
+    pub(crate) fn admit_if_engine_room(&self, key: KeyId, now: Duration) -> Option<Decision> {
+        let running = self.engine.open(now.as_secs_f64())?;
+        let entry = &self.entries[key.0 as usize];
+        let mut st = entry.lock();
+        if f64::from(st.conc.in_flight) > running {
+            return None;
+        }
+        st.conc.in_flight += 1;
+        Some(Decision {
+            verdict: Verdict::Admit,
+            pressure: 0.0,
+            reject_probability: 0.0,
+            retry_after: None,
+        })
+    }
+
     /// The wait, in seconds, before a request of `priority` shed on `key` at `now` is worth
     /// retrying here (before jitter and cap).
     pub(crate) fn shed_wait(&self, key: KeyId, priority: Priority, now: Duration) -> f64 {

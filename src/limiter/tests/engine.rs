@@ -25,7 +25,7 @@ fn a_cold_burst_is_admitted_whole_without_the_engines_word_and_capped_at_its_bat
     for _ in 0..5 {
         assert_eq!(admit(&l, k, Priority::Standard, SEC), Verdict::Admit);
     }
-    l.engine().report(true, Some(4.0), SEC * 2);
+    l.engine().report(true, Some(4.0), None, SEC * 2);
     for _ in 0..3 {
         assert_eq!(admit(&l, k, Priority::Standard, SEC), Verdict::Reject);
     }
@@ -57,14 +57,14 @@ fn the_word_lapses_by_itself_and_a_batch_that_is_not_full_caps_nothing() {
     for _ in 0..8 {
         admit(&l, k, Priority::Standard, SEC);
     }
-    l.engine().report(true, Some(8.0), SEC * 2);
+    l.engine().report(true, Some(8.0), None, SEC * 2);
     assert_eq!(admit(&l, k, Priority::Standard, SEC), Verdict::Reject);
     // No new reading for three intervals (scrapes failing): fail open.
     assert_eq!(admit(&l, k, Priority::Standard, SEC * 2), Verdict::Admit);
-    l.engine().report(false, Some(8.0), SEC * 10);
+    l.engine().report(false, Some(8.0), None, SEC * 10);
     assert_eq!(admit(&l, k, Priority::Standard, SEC * 3), Verdict::Admit);
     // A batch larger than the ceiling raises it: nine in flight of a batch of sixteen.
-    l.engine().report(true, Some(16.0), SEC * 10);
+    l.engine().report(true, Some(16.0), None, SEC * 10);
     assert_eq!(admit(&l, k, Priority::Standard, SEC * 3), Verdict::Admit);
     assert_eq!(l.in_flight(k), 11);
 }
@@ -76,7 +76,7 @@ fn a_reload_keeps_the_engines_word_and_a_fleet_routes_around_a_full_endpoint() {
     for _ in 0..4 {
         admit(&l, k, Priority::Standard, SEC);
     }
-    l.engine().report(true, Some(4.0), SEC * 2);
+    l.engine().report(true, Some(4.0), None, SEC * 2);
     let next = Limiter::carry_over(adaptive(), &l);
     let k2 = next.key("llama");
     assert_eq!(admit(&next, k2, Priority::Standard, SEC), Verdict::Reject);
@@ -87,9 +87,52 @@ fn a_reload_keeps_the_engines_word_and_a_fleet_routes_around_a_full_endpoint() {
         let a = fleet.limiter(0);
         a.admit(a.key("llama"), Priority::Standard, SEC, &mut rng);
     }
-    fleet.limiter(0).engine().report(true, Some(4.0), SEC * 2);
+    fleet
+        .limiter(0)
+        .engine()
+        .report(true, Some(4.0), None, SEC * 2);
     for i in 0..6 {
         let r = fleet.admit("llama", Priority::Standard, SEC, &mut rng);
         assert_eq!((r.endpoint, r.decision.verdict), (1, Verdict::Admit), "{i}");
     }
+}
+
+#[test]
+fn a_queued_request_goes_where_there_is_room_then_one_at_a_time_where_the_engine_says_nothing_waits()
+ {
+    let fleet = Fleet::new(&config(), &["a".into()]);
+    let l = fleet.limiter(0);
+    let k = l.key("llama");
+    // Eight in flight and the TTFT average at four times its threshold: no room.
+    load(l, k, 2.0, 0.01, SEC, 20);
+    let queued = |now| fleet.admit_queued("llama", Priority::Standard, now);
+    assert_eq!(queued(SEC), None);
+    // The engine says it is full: still none.
+    l.engine().report(true, Some(8.0), None, SEC * 2);
+    assert_eq!(queued(SEC), None);
+    // It runs eight and holds none waiting: one more than the gateway has there goes ...
+    l.engine().report(false, None, Some(8.0), SEC * 2);
+    let r = queued(SEC);
+    assert_eq!(
+        r.map(|r| (r.endpoint, r.decision.verdict)),
+        Some((0, Verdict::Admit))
+    );
+    assert_eq!(l.in_flight(k), 9);
+    // ... and no more on that reading: nine in flight, more than it ran.
+    assert_eq!(queued(SEC), None);
+    // A newer reading that counts the one sent: room for one more again.
+    l.engine().report(false, None, Some(9.0), SEC * 3);
+    assert!(queued(SEC).is_some());
+    assert_eq!(queued(SEC), None);
+    // The word lapses (no reading for three intervals): nothing on its account.
+    l.engine().report(false, None, Some(100.0), SEC * 3);
+    assert_eq!(queued(SEC * 3), None);
+    assert_eq!(l.in_flight(k), 10);
+    // Every request ends: the limiter's own room (nothing in flight) takes the next.
+    for _ in 0..10 {
+        l.end_request(k, SEC * 3);
+    }
+    let r = queued(SEC * 3).expect("room");
+    assert_eq!(r.decision.reject_probability, 0.0);
+    assert_eq!(l.in_flight(k), 1);
 }

@@ -410,3 +410,33 @@ fn engine_metrics_default_to_auto_every_250ms_and_bad_paths_and_intervals_are_re
         assert_single_error(&with(m), &field, needle);
     }
 }
+
+#[test]
+fn a_queue_is_off_unless_set_and_its_wait_and_size_are_bounded() {
+    let (_, c) = PolicyConfig::from_yaml(MINIMAL).unwrap();
+    assert_eq!(c.queue, None, "off unless set");
+    let with = |q: &str| format!("{MINIMAL}  queue: {q}\n");
+    let (_, c) = PolicyConfig::from_yaml(&with("{maxWait: 250ms}")).unwrap();
+    let q = c.queue.unwrap();
+    assert_eq!(
+        (q.max_wait, q.max_requests),
+        (Duration::from_millis(250), 64)
+    );
+    for (q, field, needle) in [
+        ("{maxWait: 0s}", "maxWait", "greater than 0"),
+        ("{maxWait: 61s}", "maxWait", "at most 60s"),
+        ("{maxWait: soon}", "maxWait", ""),
+        (
+            "{maxWait: 1s, maxRequests: 0}",
+            "maxRequests",
+            "between 1 and 10000",
+        ),
+        (
+            "{maxWait: 1s, maxRequests: 10001}",
+            "maxRequests",
+            "between 1 and 10000",
+        ),
+    ] {
+        assert_single_error(&with(q), &format!("spec.queue.{field}"), needle);
+    }
+}
