@@ -114,6 +114,7 @@ fn args(url: &str, rate: f64, secs: f64, seed: u64) -> LoadgenArgs {
         itl_slo: ITL_SLO,
         priority_mix: None,
         honor_retry_after: false,
+        max_retries: None,
         max_inflight: None,
         gradient: false,
         metrics_url: None,

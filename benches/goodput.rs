@@ -36,8 +36,13 @@
 //! - `SLUICE_GOODPUT_LIMITERS`: only the limiters whose names start with one of these
 //!   (default `no,latency,sluice,in-flight,gradient`; `hard` adds the original hard cliff),
 //!   in the sweep and the families.
-//! - `SLUICE_GOODPUT_VARIANTS`: extra sluice settings to compare, `;`-separated
-//!   `name:p_max:ramp:max_evidence:tau[:ttft_threshold[:adaptive]]`.
+//! - `SLUICE_GOODPUT_VARIANTS`: extra sluice settings to compare (in the sweep and the
+//!   families), `;`-separated
+//!   `name:p_max:ramp:max_evidence:tau[:ttft_threshold[:adaptive[:signals[:max_wait]]]]`
+//!   (`signals` `true`: `engineMetrics`; `max_wait`: an admission queue of that wait).
+//! - `SLUICE_GOODPUT_FAMILY_LOADS`: multiples of each family's C* (default 2,4).
+//! - `SLUICE_GOODPUT_RETRIES`: retries of a shed request after its Retry-After (default 0;
+//!   the OpenAI SDKs make 2): the 429s left are the failures a user sees.
 //!
 //! Results and the choice of defaults: docs/benchmarks.md.
 
@@ -103,12 +108,13 @@ async fn sweep(
             for seed in 1..=seeds {
                 let p = Point::of(&run(l, w, constant(rate, w), seed, dir).await);
                 eprintln!(
-                    "{} {m:>4.1}x {:<24} seed {seed}: goodput {:6.2} req/s, shed {:5.1} %, admitted in SLO {:5.1} %, TTFT p99 {:6.0} ms",
+                    "{} {m:>4.1}x {:<24} seed {seed}: goodput {:6.2} req/s, shed {:5.1} %, admitted in SLO {:5.1} %, TTFT p50 {:6.0} ms p99 {:6.0} ms",
                     w.name,
                     l.name(),
                     p.goodput_rps,
                     p.reject_rate * 100.0,
                     p.attainment_admitted * 100.0,
+                    p.ttft_p50_s * 1000.0,
                     p.ttft_p99_s * 1000.0
                 );
                 goodputs.push(p.goodput_rps);
@@ -297,7 +303,11 @@ async fn bench() {
                 Limiter::Gradient,
             ];
             limiters.retain(|l| only.iter().any(|o| l.name().starts_with(o.as_str())));
-            let (table, points) = sweep(&f, c, &[2.0, 4.0], &limiters, family_seeds, &out).await;
+            limiters.extend(system::variants().into_iter().map(Limiter::sluice));
+            let family_loads: Vec<f64> = env_list("SLUICE_GOODPUT_FAMILY_LOADS")
+                .map(|v| v.iter().map(|x| x.parse().expect("load")).collect())
+                .unwrap_or_else(|| vec![2.0, 4.0]);
+            let (table, points) = sweep(&f, c, &family_loads, &limiters, family_seeds, &out).await;
             let _ = writeln!(
                 log,
                 "\n{}: prompts {:?} chars, outputs {:?} tokens, burstiness {}, SLO TTFT {} ms / ITL {} ms, thresholds {} / {}; C* = {c:.1} req/s; goodput req/s, median (min–max) of {family_seeds} seeds\n\n{table}",

@@ -5,7 +5,8 @@
 //! 1. capacity search without a limiter: C* = the highest rate with ≥ 90 % of requests meeting
 //!    both SLOs (seed 1);
 //! 2. the static in-flight cap tuned in hindsight at 2× C* (best of 2, 4, 6, 8, 12);
-//! 3. no limiter, sluice (CRD defaults) and the tuned cap at 2× and 3× C*, seeds 1–3.
+//! 3. no limiter, sluice (CRD defaults), sluice reading llama-server's own metrics
+//!    (`engineMetrics`: `--metrics` and `/props`) and the tuned cap at 2× and 3× C*, seeds 1–3.
 //!
 //! Every run starts a fresh llama-server (and a fresh gateway for sluice) on 127.0.0.1; the
 //! load generator runs in this process. The 2 shared cores keep absolute numbers small: the
@@ -13,7 +14,9 @@
 //!
 //! Run: `source "$(scripts/llama.sh)" && cargo bench --bench goodput_llama` (about 25
 //! minutes). `SLUICE_LLAMA_CAPACITY` skips the search, `SLUICE_LLAMA_CAP` the cap tuning,
-//! `SLUICE_LLAMA_SEEDS` sets the seeds per point (default 3). Results: docs/benchmarks.md.
+//! `SLUICE_LLAMA_SEEDS` sets the seeds per point (default 3), `SLUICE_LLAMA_LIMITERS` the
+//! limiters (names' prefixes, comma-separated; default all: no limiter, sluice, sluice + engine
+//! signals, the tuned cap). Results: docs/benchmarks.md.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -40,6 +43,8 @@ const POINT: Duration = Duration::from_secs(30);
 enum Limiter {
     None,
     Sluice,
+    /// sluice reading llama-server's own metrics (`engineMetrics`, its slots from /props).
+    Signals,
     Cap(usize),
 }
 
@@ -48,6 +53,7 @@ impl Limiter {
         match self {
             Limiter::None => "no limiter".into(),
             Limiter::Sluice => "sluice".into(),
+            Limiter::Signals => "sluice + engine signals".into(),
             Limiter::Cap(n) => format!("in-flight cap {n}"),
         }
     }
@@ -59,12 +65,16 @@ async fn run(limiter: Limiter, rate: f64, seed: u64) -> Report {
     std::fs::create_dir_all(&dir).unwrap();
     let mut procs: Vec<ChildProcess> = Vec::new();
     let url = match limiter {
-        Limiter::Sluice => {
+        Limiter::Sluice | Limiter::Signals => {
+            let signals = match limiter {
+                Limiter::Signals => ", engineMetrics: {interval: 250ms}",
+                _ => "",
+            };
             let policy = dir.join("policy.yaml");
             std::fs::write(
                 &policy,
                 format!(
-                    "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: llama}}\nspec:\n  upstream: {{url: '{}'}}\n  {POLICY}\n  models: [{{name: gemma}}]\n",
+                    "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: llama}}\nspec:\n  upstream: {{url: '{}'{signals}}}\n  {POLICY}\n  models: [{{name: gemma}}]\n",
                     llama.url
                 ),
             )
@@ -93,6 +103,7 @@ async fn run(limiter: Limiter, rate: f64, seed: u64) -> Report {
         itl_slo: ITL_SLO,
         priority_mix: None,
         honor_retry_after: false,
+        max_retries: None,
         max_inflight: match limiter {
             Limiter::Cap(n) => Some(n),
             _ => None,
@@ -165,15 +176,24 @@ fn main() {
             }
         };
         let seeds: u64 = env("SLUICE_LLAMA_SEEDS").unwrap_or(3);
-        let limiters = [Limiter::None, Limiter::Sluice, Limiter::Cap(cap)];
+        let mut limiters = vec![
+            Limiter::None,
+            Limiter::Sluice,
+            Limiter::Signals,
+            Limiter::Cap(cap),
+        ];
+        if let Ok(only) = std::env::var("SLUICE_LLAMA_LIMITERS") {
+            let only: Vec<&str> = only.split(',').map(str::trim).collect();
+            limiters.retain(|l| only.iter().any(|o| l.name().starts_with(o)));
+        }
         let mut table = format!(
             "| load × C* | {} |\n|---|{}\n",
-            limiters.map(|l| l.name()).join(" | "),
+            limiters.iter().map(|l| l.name()).collect::<Vec<_>>().join(" | "),
             "---|".repeat(limiters.len())
         );
         for m in [2.0, 3.0] {
             let mut row = format!("| {m} |");
-            for l in limiters {
+            for &l in &limiters {
                 let mut g = Vec::new();
                 for seed in 1..=seeds {
                     let r = run(l, m * c_star, seed).await;

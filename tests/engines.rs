@@ -174,3 +174,63 @@ async fn an_engine_whose_streams_lack_usage_never_costs_an_answer_its_usage() {
     assert_eq!(second.json()["usage"]["completion_tokens"], 3);
     scenario(&gw.url, &sim.url, "sim-llm", "compare_unary");
 }
+
+/// A streamed request for `gemma` at `url` that got its first token, held open until dropped.
+async fn gemma_stream(c: &support::http::HttpClient, url: &str) -> hyper::body::Incoming {
+    use http_body_util::BodyExt;
+    let body = serde_json::json!({"model": "gemma", "stream": true, "max_tokens": 4000,
+        "messages": [{"role": "user", "content": "Count from one to ten thousand in words."}]});
+    let headers = [("content-type", "application/json")];
+    let url = format!("{url}/v1/chat/completions");
+    let resp = support::http::start(c, "POST", &url, &headers, body.to_string()).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    body.frame()
+        .await
+        .expect("a first event")
+        .expect("no error");
+    body
+}
+
+#[tokio::test]
+async fn llama_servers_own_metrics_say_when_its_slots_are_full_and_the_gateway_sheds_there() {
+    let c = client();
+    let llama = LlamaServer::start(2);
+    let doc = policy_yaml(&llama.url, &format!("{LENIENT}\nmodels: [{{name: gemma}}]"));
+    let from = format!("upstream: {{url: '{}'}}", llama.url);
+    assert!(doc.contains(&from));
+    let to = format!(
+        "upstream: {{url: '{}', engineMetrics: {{interval: 500ms}}}}",
+        llama.url
+    );
+    let policy = PolicyFile::new(&doc.replace(&from, &to));
+    let gw = Gw::start(&c, &policy.0, None, &[]).await;
+    let at = [("upstream", llama.url.trim_start_matches("http://"))];
+    // `auto` recognises llama.cpp's names (`--metrics`), then its slot count is read from
+    // /props.
+    gw.wait_metric(&c, "sluice_engine_slots", &at, 2.0, 30)
+        .await;
+    let m = gw.metrics(&c).await;
+    assert_eq!(metric(&m, "sluice_engine_metrics_up", &at), Some(1.0));
+    assert_eq!(metric(&m, "sluice_engine_running_requests", &at), Some(0.0));
+    assert_eq!(metric(&m, "sluice_engine_waiting_requests", &at), Some(0.0));
+    // Two long streams fill both slots (`llamacpp:requests_processing` 2): the batch is full,
+    // and a third request is shed outright instead of waiting in the engine for a slot.
+    let _a = gemma_stream(&c, &gw.url).await;
+    let _b = gemma_stream(&c, &gw.url).await;
+    gw.wait_metric(&c, "sluice_engine_running_requests", &at, 2.0, 30)
+        .await;
+    let body = serde_json::json!({"model": "gemma", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let shed = gw.chat(&c, &body).await;
+    assert_eq!(shed.status, 429, "{}", shed.text());
+    assert!(shed.header("retry-after").is_some());
+    // A request sent to the engine directly waits for a slot: `llamacpp:requests_deferred`
+    // 1, read as its queue.
+    let _direct = tokio::spawn({
+        let (c, url) = (c.clone(), llama.url.clone());
+        async move { gemma_stream(&c, &url).await }
+    });
+    gw.wait_metric(&c, "sluice_engine_waiting_requests", &at, 1.0, 30)
+        .await;
+}

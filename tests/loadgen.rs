@@ -229,3 +229,53 @@ fn a_bad_url_is_a_clear_error_not_a_panic() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shed_request_is_retried_as_often_as_asked_after_its_retry_after() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // An endpoint that sheds everything, asking for a 20 ms wait.
+    let hits = Arc::new(AtomicU64::new(0));
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post({
+            let hits = hits.clone();
+            move || async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                (
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after-ms", "20"), ("retry-after", "1")],
+                    r#"{"error":{"message":"shed","type":"rate_limit_exceeded","code":"rate_limit_exceeded"}}"#,
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    for (extra, sends) in [
+        (&[][..], 1),
+        (&["--honor-retry-after"][..], 2),
+        (&["--max-retries", "2"][..], 3),
+        (&["--honor-retry-after", "--max-retries", "0"][..], 1),
+    ] {
+        hits.store(0, Ordering::SeqCst);
+        let (url, extra) = (url.clone(), extra.to_vec());
+        let (r, _) = tokio::task::spawn_blocking(move || {
+            let mut args = vec!["--rate", "20", "--duration", "1s", "--seed", "1"];
+            args.extend(extra);
+            loadgen(&url, &args)
+        })
+        .await
+        .unwrap();
+        let sent = r["sent"].as_u64().unwrap();
+        assert!(sent > 5, "{r}");
+        assert_eq!(r["rejected"].as_u64().unwrap(), sent, "{r}");
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            sent * sends,
+            "{sends} sends each: {r}"
+        );
+    }
+    server.abort();
+}

@@ -120,6 +120,11 @@ pub struct Shedding {
     pub ttft: Option<String>,
     /// `spec.shedding.adaptiveConcurrency`.
     pub adaptive: bool,
+    /// `spec.upstream.engineMetrics` (the simulated engine publishes vLLM's names), read
+    /// every 250 ms.
+    pub signals: bool,
+    /// `spec.queue.maxWait`; None: no queue.
+    pub queue: Option<String>,
 }
 
 impl Shedding {
@@ -131,9 +136,17 @@ impl Shedding {
             .unwrap_or_default();
         let ttft = self.ttft.as_deref().unwrap_or(w.ttft_threshold);
         let mut doc = format!(
-            "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: '{upstream}'}}\n  defaults: {{ttft: {ttft}, itl: {}{tau}}}\n",
+            "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: '{upstream}'{}}}\n  defaults: {{ttft: {ttft}, itl: {}{tau}}}\n",
+            if self.signals {
+                ", engineMetrics: {}"
+            } else {
+                ""
+            },
             w.itl_threshold
         );
+        if let Some(wait) = &self.queue {
+            let _ = writeln!(doc, "  queue: {{maxWait: {wait}, maxRequests: 1024}}");
+        }
         let (p_max, ramp, evidence) = self.knobs.unwrap_or((0.95, 1.5, 200));
         let _ = writeln!(
             doc,
@@ -152,6 +165,8 @@ pub fn sluice_default() -> Shedding {
         tau: None,
         ttft: None,
         adaptive: true,
+        signals: false,
+        queue: None,
     }
 }
 
@@ -175,7 +190,8 @@ pub fn cliff() -> Shedding {
 }
 
 /// Extra sluice settings from `SLUICE_GOODPUT_VARIANTS`: `;`-separated
-/// `name:p_max:ramp:max_evidence:tau[:ttft_threshold[:adaptive]]`.
+/// `name:p_max:ramp:max_evidence:tau[:ttft_threshold[:adaptive[:signals[:max_wait]]]]`
+/// (`signals`: `true` reads the engine's metrics; `max_wait`: a queue of that wait).
 pub fn variants() -> Vec<Shedding> {
     let Ok(spec) = std::env::var("SLUICE_GOODPUT_VARIANTS") else {
         return Vec::new();
@@ -198,6 +214,8 @@ pub fn variants() -> Vec<Shedding> {
                 tau: Some(f[4].into()),
                 ttft: f.get(5).filter(|t| !t.is_empty()).map(|t| t.to_string()),
                 adaptive: f.get(6).is_none_or(|a| *a != "false"),
+                signals: f.get(7).is_some_and(|a| *a == "true"),
+                queue: f.get(8).filter(|t| !t.is_empty()).map(|t| t.to_string()),
             }
         })
         .collect()
@@ -262,6 +280,8 @@ fn args(
         itl_slo: w.itl_slo,
         priority_mix: None,
         honor_retry_after: false,
+        // SLUICE_GOODPUT_RETRIES: retries of a shed request (the OpenAI SDKs make 2).
+        max_retries: crate::env_num("SLUICE_GOODPUT_RETRIES"),
         max_inflight: match limiter {
             Limiter::Cap(n) => Some(*n),
             _ => None,
@@ -326,8 +346,10 @@ pub struct Point {
     pub attainment_admitted: f64,
     pub sent: usize,
     pub errors: usize,
-    /// Largest TTFT p99 of the load generators, seconds.
+    /// Largest TTFT p99 of the load generators, seconds (queue time included).
     pub ttft_p99_s: f64,
+    /// Largest TTFT p50 of the load generators, seconds.
+    pub ttft_p50_s: f64,
 }
 
 impl Point {
@@ -343,6 +365,10 @@ impl Point {
             ttft_p99_s: reports
                 .iter()
                 .filter_map(|r| r.ttft_s.map(|p| p.p99))
+                .fold(0.0, f64::max),
+            ttft_p50_s: reports
+                .iter()
+                .filter_map(|r| r.ttft_s.map(|p| p.p50))
                 .fold(0.0, f64::max),
         }
     }

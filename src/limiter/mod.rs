@@ -361,9 +361,13 @@ impl Limiter {
         {
             return sure;
         }
-        // The engine says its batch is full: the ceiling is at least that batch (`engine`).
+        // The engine says its batch is full: the ceiling is at least that batch (`engine`),
+        // with no low-concurrency floor under the engine's own count.
         let full = self.engine.full(now);
-        let ceiling = st.conc.ceiling(now, tau).max(full.unwrap_or(0.0));
+        let ceiling = match full {
+            Some(batch) if batch > 0.0 => st.conc.good_at(now, tau).max(batch),
+            _ => st.conc.ceiling(now, tau),
+        };
         let t_ttft = st.effective(th).0;
         // The engine has shown its limit above G, and a request admitted now would wait
         // longer than the threshold for a slot; or the engine says so itself.

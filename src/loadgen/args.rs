@@ -51,9 +51,14 @@ pub struct LoadgenArgs {
     /// Priority mix, e.g. critical=0.1,standard=0.7,sheddable=0.2 (sent as x-sluice-priority).
     #[arg(long, value_parser = |s: &str| parse_mix(s).map(PriorityMix))]
     pub priority_mix: Option<PriorityMix>,
-    /// Retry shed requests after their retry-after-ms (once per request).
+    /// Retry shed requests after their retry-after-ms (once per request; see --max-retries).
     #[arg(long)]
     pub honor_retry_after: bool,
+    /// Retry a shed request up to N times, each after its retry-after-ms, as the official
+    /// OpenAI SDKs do (they retry twice by default); the last answer is the request's.
+    /// Overrides --honor-retry-after's one retry.
+    #[arg(long)]
+    pub max_retries: Option<u32>,
     /// Client-side concurrency cap: a request that would be the (N+1)-th in flight is not sent
     /// and counts as shed. The "static in-flight cap" baseline of the goodput benchmark (what a
     /// proxy's max-concurrent-requests limit does).

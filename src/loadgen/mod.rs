@@ -7,7 +7,7 @@
 //! - Requests: streaming chat completions with prompt and output lengths drawn uniformly from
 //!   `--prompt-chars` and `--output-tokens` ranges, priorities from `--priority-mix`; with
 //!   `--honor-retry-after` a shed request waits its `retry-after-ms` and retries (the retry's
-//!   outcome is the request's).
+//!   outcome is the request's), with `--max-retries N` up to N times (the OpenAI SDKs' 2).
 //! - Per request: TTFT (send → first content chunk) and TPOT (mean gap between content chunks,
 //!   the "ITL" compared with `--itl-slo`); a request is good when it succeeded and both are
 //!   within their SLOs.
@@ -361,7 +361,8 @@ pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
             done.clone(),
             shed.clone(),
         );
-        let (timeout, retry) = (args.timeout, args.honor_retry_after);
+        let timeout = args.timeout;
+        let retries = (args.max_retries).unwrap_or(u32::from(args.honor_retry_after));
         sent.fetch_add(1, Ordering::Relaxed);
         let permit = match &client_limit {
             ClientLimit::None => Some(Permit::None),
@@ -382,18 +383,24 @@ pub async fn run_load(args: &LoadgenArgs) -> anyhow::Result<report::Report> {
                     g.sample(ttft);
                 }
             };
-            let (mut r, wait) = send_once(&client, &target, &p, timeout, &first_token).await;
-            if r.outcome == Outcome::Rejected {
+            let (mut r, mut wait) = send_once(&client, &target, &p, timeout, &first_token).await;
+            let mut tries = 0;
+            while r.outcome == Outcome::Rejected {
                 shed.fetch_add(1, Ordering::Relaxed);
-                if let (true, Some(wait)) = (retry, wait) {
-                    tokio::time::sleep(wait).await;
-                    let (again, _) = send_once(&client, &target, &p, timeout, &first_token).await;
-                    r = RequestResult {
+                let Some(after) = wait.filter(|_| tries < retries) else {
+                    break;
+                };
+                tries += 1;
+                tokio::time::sleep(after).await;
+                let (again, next) = send_once(&client, &target, &p, timeout, &first_token).await;
+                (r, wait) = (
+                    RequestResult {
                         at: r.at,
                         retried: true,
                         ..again
-                    };
-                }
+                    },
+                    next,
+                );
             }
             drop(permit);
             done.fetch_add(1, Ordering::Relaxed);

@@ -220,6 +220,20 @@ pub struct EngineSignal {
     last: Option<(Duration, EngineKind, Signals)>,
     up: Option<bool>,
     batch: Option<f64>,
+    /// The engine's slot count, where it publishes one (llama.cpp's `/props` `total_slots`),
+    /// and when it was last asked for.
+    slots: Option<f64>,
+    slots_asked: Option<Duration>,
+}
+
+/// How long after a failed `/props` request it is tried again.
+pub const SLOTS_RETRY: Duration = Duration::from_secs(30);
+
+/// The slot count in a llama.cpp `/props` answer (`total_slots`, 1 to 65536).
+pub fn parse_slots(props: &str) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_str(props).ok()?;
+    let n = v.get("total_slots")?.as_u64()?;
+    (1..=65_536).contains(&n).then_some(n as f64)
 }
 
 impl EngineSignal {
@@ -256,14 +270,37 @@ impl EngineSignal {
         (now.saturating_sub(at) <= interval * 3).then_some(s)
     }
 
-    /// Whether the engine's batch is full by its last reading (requests waiting, or the KV
-    /// cache at `kv_full` or above), and the batch it ran when its queue last started.
+    /// Whether the engine's batch is full by its last reading (requests waiting, the KV cache
+    /// at `kv_full` or above, or as many running as it has slots, where it publishes its slot
+    /// count), and its batch: the slot count, else the batch it ran when its queue last
+    /// started.
     pub fn full(&self, kv_full: f64) -> (bool, Option<f64>) {
         let Some((_, _, s)) = &self.last else {
             return (false, None);
         };
-        let full = s.waiting.is_some_and(|w| w > 0.0) || s.kv_cache.is_some_and(|k| k >= kv_full);
-        (full, self.batch)
+        let full = s.waiting.is_some_and(|w| w > 0.0)
+            || s.kv_cache.is_some_and(|k| k >= kv_full)
+            || s.running.zip(self.slots).is_some_and(|(r, n)| r >= n);
+        (full, self.slots.or(self.batch))
+    }
+
+    /// Whether the engine's slot count should be asked for at `now`: an engine that has one
+    /// (llama.cpp), not known yet, not asked for within [`SLOTS_RETRY`].
+    pub fn wants_slots(&self, now: Duration) -> bool {
+        let llama = matches!(self.last, Some((_, EngineKind::Llamacpp, _)));
+        let due = (self.slots_asked).is_none_or(|at| now.saturating_sub(at) >= SLOTS_RETRY);
+        llama && self.slots.is_none() && due
+    }
+
+    /// The answer to asking for the slot count at `now` (None: no usable answer).
+    pub fn on_slots(&mut self, slots: Option<f64>, now: Duration) {
+        self.slots_asked = Some(now);
+        self.slots = slots.or(self.slots);
+    }
+
+    /// The engine's slot count, when known.
+    pub fn slots(&self) -> Option<f64> {
+        self.slots
     }
 
     /// When the last reading shows nothing waiting and the KV cache under `kv_full`: the

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
-use super::{Change, parse};
+use super::{Change, parse, parse_slots};
 use crate::gateway::upstream::HttpClient;
 use crate::limiter::Clock;
 use crate::policy::source::PolicyStore;
@@ -85,22 +85,41 @@ pub async fn run(
             continue;
         };
         let timeout = config.interval * 3 / 4;
+        let now = clock.now();
         let scrapes = (0..snap.fleet.len()).map(|i| {
             let (client, path, snap) = (&client, &config.path, &snap);
+            // llama.cpp publishes its slot count on /props, not on its metrics page.
+            let props = snap.fleet.signal(i).lock().wants_slots(now);
             async move {
-                let result = match metrics_url(snap.endpoint_url(i), path) {
+                let url = |path| metrics_url(snap.endpoint_url(i), path);
+                let result = match url(path) {
                     Some(url) => fetch(client, url, timeout).await,
                     None => Err("the endpoint's URL has no host".to_owned()),
                 };
-                (i, result)
+                let slots = match url("/props").filter(|_| props) {
+                    Some(u) => Some(
+                        fetch(client, u, timeout)
+                            .await
+                            .ok()
+                            .and_then(|p| parse_slots(&p)),
+                    ),
+                    None => None,
+                };
+                (i, result, slots)
             }
         });
         let mut opened = false;
-        for (i, page) in futures_util::future::join_all(scrapes).await {
+        for (i, page, slots) in futures_util::future::join_all(scrapes).await {
             let reading = page.and_then(|p| parse(&p, config.engine).map_err(|e| e.to_string()));
             let now = clock.now();
             let ok = reading.is_ok();
             let mut signal = snap.fleet.signal(i).lock();
+            if let Some(slots) = slots {
+                signal.on_slots(slots, now);
+                if let Some(n) = slots {
+                    tracing::info!(upstream = %snap.fleet.label(i), slots = n, "engine slot count read from /props: its batch is full when that many run");
+                }
+            }
             let change = signal.on_scrape(reading, now);
             if ok {
                 // Valid for three intervals: if scrapes stop, the word lapses by itself.

@@ -151,3 +151,45 @@ fn the_batch_is_what_ran_when_the_queue_started_and_full_means_waiting_or_kv_at_
         "a new start learns again"
     );
 }
+
+#[test]
+fn llama_cpps_slot_count_is_asked_for_once_and_makes_a_batch_of_that_many_full() {
+    assert_eq!(
+        parse_slots(r#"{"total_slots": 4, "model_path": "m"}"#),
+        Some(4.0)
+    );
+    for bad in [
+        r#"{"total_slots": 0}"#,
+        r#"{"total_slots": -1}"#,
+        r#"{"total_slots": 1e9}"#,
+        r#"{"total_slots": "4"}"#,
+        r#"{}"#,
+        "<html>",
+    ] {
+        assert_eq!(parse_slots(bad), None, "{bad}");
+    }
+    let t = Duration::from_secs(100);
+    let llama = |w: f64, r: f64| Ok((EngineKind::Llamacpp, reading(w, r, None)));
+    // Not before a reading shows llama.cpp, and never for another engine.
+    let mut e = EngineSignal::default();
+    assert!(!e.wants_slots(t));
+    e.on_scrape(Ok((EngineKind::Vllm, reading(0.0, 1.0, None))), t);
+    assert!(!e.wants_slots(t));
+    e.on_scrape(llama(0.0, 1.0), t);
+    assert!(e.wants_slots(t));
+    // A failed answer: asked again only after SLOTS_RETRY.
+    e.on_slots(None, t);
+    assert!(!e.wants_slots(t + SLOTS_RETRY - Duration::from_millis(1)));
+    assert!(e.wants_slots(t + SLOTS_RETRY));
+    e.on_slots(Some(2.0), t + SLOTS_RETRY);
+    assert!(!e.wants_slots(t * 10), "known: not asked again");
+    assert_eq!(e.slots(), Some(2.0));
+    // One of two slots running: not full, one more may go; both running: full at 2.
+    assert_eq!(e.full(0.95), (false, Some(2.0)));
+    assert_eq!(e.open(0.95), Some(1.0));
+    e.on_scrape(llama(0.0, 2.0), t);
+    assert_eq!(e.full(0.95), (true, Some(2.0)));
+    e.on_scrape(llama(3.0, 2.0), t);
+    assert_eq!(e.full(0.95), (true, Some(2.0)), "deferred requests: full");
+    assert_eq!(e.open(0.95), None);
+}

@@ -42,8 +42,9 @@ pub struct LlamaServer {
 }
 
 impl LlamaServer {
-    /// Starts llama-server with `slots` parallel slots (continuous batching) and a context of
-    /// 1024 tokens per slot; waits until /health answers 200.
+    /// Starts llama-server with `slots` parallel slots (continuous batching), a context of
+    /// 1024 tokens per slot and its Prometheus metrics on (`--metrics`); waits until /health
+    /// answers 200.
     pub fn start(slots: u32) -> LlamaServer {
         let (server, lib, model) = (
             var("SLUICE_LLAMA_SERVER"),
@@ -54,7 +55,7 @@ impl LlamaServer {
         let mut child = Command::new(&server)
             .args(["-m", &model, "--host", "127.0.0.1", "--port", "0"])
             .args(["-np", &slots.to_string(), "-c", &ctx, "--threads", "2"])
-            .args(["--no-webui", "--log-prefix"])
+            .args(["--no-webui", "--log-prefix", "--metrics"])
             .env("LD_LIBRARY_PATH", &lib)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

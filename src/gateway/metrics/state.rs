@@ -122,7 +122,7 @@ pub(super) const POLICY_GAUGES: [(&str, &str); 4] = [
 ];
 
 /// Engine signals per endpoint (present only with `spec.upstream.engineMetrics`).
-pub(super) const ENGINE_GAUGES: [(&str, &str); 4] = [
+pub(super) const ENGINE_GAUGES: [(&str, &str); 5] = [
     (
         "sluice_engine_metrics_up",
         "1 while the endpoint's engine metrics page gives a reading at most three intervals old; 0 while it fails or is stale (the signal is then ignored: the gateway's own measurements decide alone).",
@@ -138,6 +138,10 @@ pub(super) const ENGINE_GAUGES: [(&str, &str); 4] = [
     (
         "sluice_engine_kv_cache_usage_ratio",
         "KV-cache use the engine reports (0 to 1), from its last fresh reading; absent for engines that publish none (llama.cpp, TGI).",
+    ),
+    (
+        "sluice_engine_slots",
+        "The engine's batch slots where it publishes them (llama.cpp's /props total_slots): its batch is full when that many run.",
     ),
 ];
 
@@ -155,7 +159,11 @@ fn engine_families(fleet: &Fleet, now: Duration, interval: Duration) -> Vec<Metr
         let Some(s) = fresh.filter(|_| up) else {
             continue;
         };
-        for (g, v) in gauges[1..].iter().zip([s.waiting, s.running, s.kv_cache]) {
+        let slots = signal.slots();
+        for (g, v) in gauges[1..]
+            .iter()
+            .zip([s.waiting, s.running, s.kv_cache, slots])
+        {
             if let Some(v) = v {
                 g.with_label_values(&[label]).set(v);
             }
