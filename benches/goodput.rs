@@ -41,6 +41,8 @@
 //!   `name:p_max:ramp:max_evidence:tau[:ttft_threshold[:adaptive[:signals[:max_wait]]]]`
 //!   (`signals` `true`: `engineMetrics`; `max_wait`: an admission queue of that wait).
 //! - `SLUICE_GOODPUT_FAMILY_LOADS`: multiples of each family's C* (default 2,4).
+//! - `SLUICE_GOODPUT_REPLOT`: a `results.json` whose families are plotted again into the
+//!   output directory (`family-<name>.svg`); nothing is run.
 //! - `SLUICE_GOODPUT_RETRIES`: retries of a shed request after its Retry-After (default 0;
 //!   the OpenAI SDKs make 2): the 429s left are the failures a user sees.
 //!
@@ -149,11 +151,43 @@ fn shedding_ends(series: &Value, from: f64) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Writes `<out>/family-<name>.svg`: goodput against load for each limiter of a family.
+fn family_svg(family: &Value, out: &Path) {
+    let points = family["points"].as_array().cloned().unwrap_or_default();
+    let mut names: Vec<String> = Vec::new();
+    for p in &points {
+        let n = p["limiter"].as_str().unwrap_or_default().to_owned();
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    let slo = family["slo_ms"].as_array().map_or((500, 50), |v| {
+        let ms = |i: usize| v.get(i).and_then(Value::as_u64).unwrap_or(0) as u128;
+        (ms(0), ms(1))
+    });
+    let c = family["capacity_rps"].as_f64().unwrap_or(0.0);
+    let name = family["workload"]
+        .as_str()
+        .unwrap_or("family")
+        .replace(' ', "-");
+    let svg = charts::sweep(&points, c, &names, slo);
+    std::fs::write(out.join(format!("family-{name}.svg")), svg).expect("write family svg");
+}
+
 async fn bench() {
     let out = PathBuf::from(
         std::env::var("SLUICE_GOODPUT_OUT").unwrap_or_else(|_| "target/goodput".into()),
     );
     std::fs::create_dir_all(&out).expect("create output directory");
+    // Plots again from a run's results.json, runs nothing.
+    if let Ok(path) = std::env::var("SLUICE_GOODPUT_REPLOT") {
+        let text = std::fs::read_to_string(&path).expect("read results.json");
+        let results: Value = serde_json::from_str(&text).expect("results.json");
+        for f in results["families"].as_array().into_iter().flatten() {
+            family_svg(f, &out);
+        }
+        return;
+    }
     let parts = env_list("SLUICE_GOODPUT_PARTS").unwrap_or_else(|| {
         ["capacity", "sweep", "step", "gateways", "families"]
             .map(String::from)
@@ -320,9 +354,11 @@ async fn bench() {
                 f.ttft_threshold,
                 f.itl_threshold
             );
-            all.push(
-                json!({"workload": f.name, "capacity_rps": c, "tuned_cap": cap, "points": points}),
-            );
+            let slo_ms = (f.ttft_slo.as_millis(), f.itl_slo.as_millis());
+            let family = json!({"workload": f.name, "capacity_rps": c, "tuned_cap": cap,
+                "slo_ms": slo_ms, "points": points});
+            family_svg(&family, &out);
+            all.push(family);
         }
         results["families"] = json!(all);
     }
