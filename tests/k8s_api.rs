@@ -175,6 +175,11 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
             "spec.queue.maxRequests",
         ),
         (
+            "tenant-header-not-a-header",
+            json!({"tenants": {"header": "x tenant", "trustHeader": true}}),
+            "spec.tenants.header",
+        ),
+        (
             "global-with-models",
             json!({"scope": "Global", "models": [{"name": "a"}]}),
             "spec.models",

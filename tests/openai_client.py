@@ -92,6 +92,25 @@ def rate_limited():
     background.join(30)
 
 
+def over_budget():
+    # The anonymous tenant may make 2 requests a minute: OpenAI's headers count them down.
+    for left in ["1", "0"]:
+        raw = client.chat.completions.with_raw_response.create(model="sim-llm", messages=MESSAGES, max_tokens=1)
+        assert raw.headers["x-ratelimit-limit-requests"] == "2", dict(raw.headers)
+        assert raw.headers["x-ratelimit-remaining-requests"] == left, dict(raw.headers)
+        assert raw.parse().choices[0].message.content
+    try:
+        client.chat.completions.create(model="sim-llm", messages=MESSAGES, max_tokens=1)
+        raise AssertionError("expected a 429")
+    except openai.RateLimitError as e:
+        h = e.response.headers
+        assert h["x-ratelimit-remaining-requests"] == "0", dict(h)
+        assert h["x-ratelimit-reset-requests"].endswith("s"), dict(h)
+        # One request refills in 30 s: the SDK would wait that long before retrying.
+        assert 29000 <= float(h["retry-after-ms"]) <= 30000, dict(h)
+        assert e.body["type"] == "requests" and e.body["code"] == "rate_limit_exceeded", e.body
+
+
 {"chat_streaming": chat_streaming, "chat_unary": chat_unary, "completions": completions,
- "models": models, "rate_limited": rate_limited}[scenario]()
+ "models": models, "rate_limited": rate_limited, "over_budget": over_budget}[scenario]()
 print(f"{scenario}: ok")

@@ -68,3 +68,22 @@ async fn openai_sdk_sees_rate_limit_errors_and_honours_retry_after_ms() {
     );
     assert!(rejected.unwrap_or(0.0) >= 3.0, "{m}");
 }
+
+#[tokio::test]
+async fn openai_sdk_sees_a_spent_budget_as_a_rate_limit_error_with_openais_headers() {
+    let c = client();
+    let sim = Sim::start(&c, &[]).await;
+    let policy = PolicyFile::new(&policy_yaml(
+        &sim.url,
+        "tenants: {default: {requestsPerMinute: 2}}",
+    ));
+    let gw = Gw::start(&c, &policy.0, None, &[]).await;
+    run_scenario(&gw.url, "over_budget");
+    let m = get(&c, &format!("{}/metrics", gw.url)).await.text();
+    let over = metric(
+        &m,
+        "sluice_tenant_over_budget_total",
+        &[("tenant", "anonymous")],
+    );
+    assert_eq!(over, Some(1.0), "{m}");
+}

@@ -109,29 +109,29 @@ pub fn refuse_repeated(headers: &HeaderMap) -> Result<(), GatewayError> {
     Ok(())
 }
 
-/// Who the client is, when the policy authenticates clients, and the priority its request
-/// is served at; or the 400 (bad or repeated header) or 401 (no valid key where one is
-/// required) that refuses it.
+/// Who the client is, when the policy authenticates clients (its name), and the priority
+/// its request is served at; or the 400 (bad or repeated header) or 401 (no valid key where
+/// one is required) that refuses it.
 pub fn request_priority(
     snap: &Snapshot,
     keys: &ClientKeys,
     headers: &HeaderMap,
-) -> Result<Priority, GatewayError> {
+) -> Result<(Priority, Option<Arc<str>>), GatewayError> {
     refuse_repeated(headers)?;
     let claimed = parse_priority(headers)?;
-    let class = match &snap.config.client_auth {
-        None => Priority::Standard,
+    let (class, client) = match &snap.config.client_auth {
+        None => (Priority::Standard, None),
         Some(auth) => match keys.authenticate(headers) {
-            Some(name) => auth.classes.get(&*name).copied().unwrap_or_default(),
+            Some(name) => (
+                auth.classes.get(&*name).copied().unwrap_or_default(),
+                Some(name),
+            ),
             None if auth.required => return Err(GatewayError::Unauthorized),
-            None => Priority::Standard,
+            None => (Priority::Standard, None),
         },
     };
-    Ok(effective_priority(
-        claimed,
-        class,
-        snap.config.trust_priority_header,
-    ))
+    let trusted = snap.config.trust_priority_header;
+    Ok((effective_priority(claimed, class, trusted), client))
 }
 
 /// An admitted request: the policy it was admitted under, the endpoint of the policy's fleet

@@ -58,6 +58,12 @@ pub enum GatewayError {
         retry_after: Duration,
         waited: Duration,
     },
+    /// The tenant has spent its budget on this pod (429, `type: requests`).
+    OverBudget {
+        tenant: String,
+        limit: u32,
+        retry_after: Duration,
+    },
     /// No valid policy has been loaded yet (503).
     NotReady,
     /// The gateway holds `limit` requests already (503 with Retry-After).
@@ -113,6 +119,7 @@ impl GatewayError {
             | GatewayError::BodyTimeout(_) => Some(Outcome::ClientError),
             GatewayError::Shed { .. } => Some(Outcome::Rejected),
             GatewayError::Expired { .. } => Some(Outcome::Expired),
+            GatewayError::OverBudget { .. } => Some(Outcome::OverBudget),
             GatewayError::Overloaded { .. } | GatewayError::BodyMemory { .. } => {
                 Some(Outcome::Overloaded)
             }
@@ -183,6 +190,19 @@ impl GatewayError {
                 format!(
                     "The inference server for model {model:?} is over its latency targets and had no room for this request within {} ms in the queue; retry after {} s.",
                     waited.as_millis(),
+                    retry_after_header_secs(*retry_after)
+                ),
+            )
+            .code("rate_limit_exceeded"),
+            E::OverBudget {
+                tenant,
+                limit,
+                retry_after,
+            } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "requests",
+                format!(
+                    "Rate limit reached for {tenant:?} on requests per minute: limit {limit} on this gateway pod; retry after {} s.",
                     retry_after_header_secs(*retry_after)
                 ),
             )
@@ -295,8 +315,9 @@ impl IntoResponse for GatewayError {
                 HeaderValue::from(NO_ENDPOINTS_RETRY.as_millis() as u64),
             );
         }
-        if let GatewayError::Shed { retry_after, .. } | GatewayError::Expired { retry_after, .. } =
-            self
+        if let GatewayError::Shed { retry_after, .. }
+        | GatewayError::Expired { retry_after, .. }
+        | GatewayError::OverBudget { retry_after, .. } = self
         {
             let h = resp.headers_mut();
             h.insert(

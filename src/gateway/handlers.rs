@@ -15,6 +15,7 @@ use super::Gateway;
 use super::admission::{admit_or_wait, request_priority};
 use super::assemble;
 use super::body::{BodyError, RequestHead, streaming_body};
+use super::budget::{self, Charge};
 use super::error::GatewayError;
 use super::intake::{BodyPermit, read_body, unread_body};
 use super::measure::{Api, InflightPlace, Sampler, Tracker, count};
@@ -116,6 +117,27 @@ struct Accepted {
     bytes: Bytes,
     /// The body's share of the body-memory budget, until the upstream has the body.
     body_permit: Option<BodyPermit>,
+    /// The request taken from its tenant's budget, where it has one.
+    charge: Option<Arc<Charge>>,
+}
+
+impl Accepted {
+    /// Gives the tenant's request back when `e` is load shedding, not the client's doing.
+    fn refund_if_shed(&self, gw: &Gateway, e: &GatewayError) {
+        if let (Some(c), GatewayError::Shed { .. } | GatewayError::Expired { .. }) =
+            (&self.charge, e)
+        {
+            c.refund(&gw.budgets);
+        }
+    }
+}
+
+/// Adds the tenant's `x-ratelimit-*` headers to an answer.
+fn with_quota(mut resp: Response, charge: Option<budget::Quota>) -> Response {
+    if let Some(q) = charge {
+        q.insert(resp.headers_mut());
+    }
+    resp
 }
 
 /// Lets a request in, in order: a policy (503 before one is loaded), the client and its
@@ -133,7 +155,7 @@ async fn accept(
         let resp = GatewayError::NotReady.into_response();
         return Err(Box::new(unread_body(headers, resp)));
     };
-    let priority = request_priority(&snap, &gw.client_keys, headers).map_err(refused)?;
+    let (priority, client) = request_priority(&snap, &gw.client_keys, headers).map_err(refused)?;
     if snap.fleet.is_empty() {
         gw.metrics
             .upstream_errors
@@ -142,6 +164,18 @@ async fn accept(
         let service = crate::policy::config::endpoint_label(&snap.config.upstream.url);
         return Err(refused(GatewayError::NoEndpoints { service }));
     }
+    let tenants = snap.config.tenants.as_ref();
+    let now = gw.clock.now();
+    let charge = match budget::charge(&gw.budgets, tenants, client, headers, now) {
+        Ok(c) => c,
+        Err((e, quota)) => {
+            if let GatewayError::OverBudget { tenant, .. } = &e {
+                gw.metrics.over_budget.with_label_values(&[tenant]).inc();
+            }
+            let resp = with_quota(refuse(gw, "", api, false, e), Some(quota));
+            return Err(Box::new(unread_body(headers, resp)));
+        }
+    };
     let place = InflightPlace::acquire(gw).ok_or_else(|| {
         refused(GatewayError::Overloaded {
             limit: gw.max_inflight,
@@ -154,6 +188,7 @@ async fn accept(
         place,
         bytes,
         body_permit,
+        charge: charge.map(Arc::new),
     })
 }
 
@@ -163,13 +198,28 @@ async fn completion(gw: Arc<Gateway>, api: Api, headers: HeaderMap, body: Body) 
         Ok(r) => r,
         Err(resp) => return *resp,
     };
+    let charge = acc.charge.clone();
+    let resp = accepted_completion(gw, api, headers, acc, start).await;
+    with_quota(resp, charge.map(|c| c.quota()))
+}
+
+async fn accepted_completion(
+    gw: Arc<Gateway>,
+    api: Api,
+    headers: HeaderMap,
+    acc: Accepted,
+    start: Instant,
+) -> Response {
     let req = match parse_completion(&acc.bytes) {
         Ok(r) => r,
         Err((stream, e)) => return refuse(&gw, "", api, stream, e),
     };
-    let a = match admit_or_wait(&gw, acc.snap, &req.model, acc.priority).await {
+    let a = match admit_or_wait(&gw, acc.snap.clone(), &req.model, acc.priority).await {
         Ok(a) => a,
-        Err((label, e)) => return refuse(&gw, &label, api, req.stream, e),
+        Err((label, e)) => {
+            acc.refund_if_shed(&gw, &e);
+            return refuse(&gw, &label, api, req.stream, e);
+        }
     };
     let upstream = &a.snap.config.upstream;
     let assemble = !req.stream
@@ -255,6 +305,20 @@ pub async fn passthrough(
         Ok(r) => r,
         Err(resp) => return *resp,
     };
+    let charge = acc.charge.clone();
+    let resp = accepted_passthrough(gw, api, method, uri, headers, acc, start).await;
+    with_quota(resp, charge.map(|c| c.quota()))
+}
+
+async fn accepted_passthrough(
+    gw: Arc<Gateway>,
+    api: Api,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    acc: Accepted,
+    start: Instant,
+) -> Response {
     // A body is a JSON object (read like a completion's) or empty (a GET).
     let head = if acc.bytes.trim_ascii().is_empty() {
         RequestHead::default()
@@ -273,7 +337,10 @@ pub async fn passthrough(
             }
             match admit_or_wait(&gw, acc.snap.clone(), m, acc.priority).await {
                 Ok(a) => (a.label, a.shadow, Some(a.active), a.endpoint, a.snap),
-                Err((label, e)) => return refuse(&gw, &label, api, false, e),
+                Err((label, e)) => {
+                    acc.refund_if_shed(&gw, &e);
+                    return refuse(&gw, &label, api, false, e);
+                }
             }
         }
         // Nothing to admit (`GET /v1/models`): any endpoint taking requests answers it.
@@ -347,54 +414,4 @@ pub async fn not_found(uri: Uri) -> Response {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn model_names_are_bounded() {
-        let ok = format!(r#"{{"model": "{}"}}"#, "m".repeat(MAX_MODEL_BYTES));
-        assert!(parse_completion(ok.as_bytes()).is_ok());
-        let long = format!(
-            r#"{{"model": "{}", "stream": true}}"#,
-            "m".repeat(MAX_MODEL_BYTES + 1)
-        );
-        match parse_completion(long.as_bytes()) {
-            Err((true, GatewayError::BadRequest { param, message })) => {
-                assert_eq!(param, Some("model"));
-                assert!(message.contains("257 bytes"), "{message}");
-            }
-            other => panic!("{:?}", other.map(|r| r.model)),
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
-
-        /// Any body is either a completion request or a 400 naming what is wrong: no panic,
-        /// no other status.
-        #[test]
-        fn any_body_parses_or_is_a_400(body in proptest::collection::vec(any::<u8>(), 0..512)) {
-            if let Err((_, e)) = parse_completion(&body) {
-                prop_assert_eq!(e.api_error().status, StatusCode::BAD_REQUEST);
-            }
-        }
-
-        /// JSON-shaped bodies with odd members: the same.
-        #[test]
-        fn json_shaped_bodies_parse_or_are_a_400(
-            model in prop_oneof![Just(serde_json::Value::Null), any::<i64>().prop_map(serde_json::Value::from),
-                                 ".{0,300}".prop_map(serde_json::Value::from)],
-            stream in prop_oneof![Just(serde_json::Value::Null), any::<bool>().prop_map(serde_json::Value::from),
-                                  ".{0,8}".prop_map(serde_json::Value::from)],
-        ) {
-            let body = serde_json::json!({"model": model, "stream": stream}).to_string();
-            match parse_completion(body.as_bytes()) {
-                Ok(r) => {
-                    prop_assert!(!r.model.is_empty() && r.model.len() <= MAX_MODEL_BYTES);
-                }
-                Err((_, e)) => prop_assert_eq!(e.api_error().status, StatusCode::BAD_REQUEST),
-            }
-        }
-    }
-}
+mod tests;

@@ -41,6 +41,8 @@ pub enum Outcome {
     Overloaded,
     /// Shed with 429 after waiting in the admission queue for `maxWait` without room.
     Expired,
+    /// Refused with 429: the tenant's budget on this pod was spent (`spec.tenants`).
+    OverBudget,
 }
 
 impl Outcome {
@@ -54,6 +56,7 @@ impl Outcome {
             Outcome::Cancelled => "cancelled",
             Outcome::Overloaded => "overloaded",
             Outcome::Expired => "expired",
+            Outcome::OverBudget => "over_budget",
         }
     }
 }
@@ -79,6 +82,8 @@ pub struct GatewayMetrics {
     pub queue_depth: IntGauge,
     /// Time spent in the admission queue, by how the wait ended.
     pub queue_wait: HistogramVec,
+    /// Requests refused for a spent budget, by tenant.
+    pub over_budget: IntCounterVec,
 }
 
 impl GatewayMetrics {
@@ -162,6 +167,14 @@ impl GatewayMetrics {
                 &["outcome"],
             )
             .unwrap(),
+            over_budget: IntCounterVec::new(
+                Opts::new(
+                    "sluice_tenant_over_budget_total",
+                    "Requests refused with 429 because their tenant had spent its requestsPerMinute on this gateway pod (spec.tenants), by tenant (names from the clientAuth Secret and the policy, or anonymous).",
+                ),
+                &["tenant"],
+            )
+            .unwrap(),
             registry,
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
@@ -175,6 +188,7 @@ impl GatewayMetrics {
             Box::new(m.body_memory.clone()),
             Box::new(m.queue_depth.clone()),
             Box::new(m.queue_wait.clone()),
+            Box::new(m.over_budget.clone()),
             Box::new(StateCollector::new(store, clock, unary)),
         ];
         for c in collectors {

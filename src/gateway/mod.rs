@@ -21,6 +21,7 @@ pub mod admission;
 pub mod api_key;
 pub mod assemble;
 pub mod body;
+pub mod budget;
 pub mod client_keys;
 pub mod error;
 pub mod handlers;
@@ -167,6 +168,8 @@ pub struct Gateway {
     pub body_memory: Arc<tokio::sync::Semaphore>,
     /// Requests waiting for room (`spec.queue`).
     pub queue: Arc<queue::AdmissionQueue>,
+    /// The tenants' request budgets on this pod (`spec.tenants`).
+    pub budgets: budget::Budgets,
 }
 
 /// How a [`Gateway`] is set up apart from its policy, metrics and clock.
@@ -241,6 +244,7 @@ impl Gateway {
         ));
         Ok(Arc::new(Gateway {
             queue,
+            budgets: budget::Budgets::default(),
             client_keys: Arc::new(client_keys),
             unary,
             store,

@@ -6,8 +6,10 @@
 //! limiter unchecked. Every violation is reported with its field path, all at once.
 
 mod queue;
+mod tenants;
 mod url;
 pub use queue::QueueConfig;
+pub use tenants::{Budget, TenantsConfig};
 pub use url::{EngineMetricsConfig, UpstreamConfig, endpoint_label, upstream_url};
 
 use std::collections::HashMap;
@@ -37,6 +39,8 @@ pub struct PolicyConfig {
     pub client_auth: Option<ClientAuthConfig>,
     /// The admission queue (`spec.queue`); None: a request that would be shed is shed.
     pub queue: Option<QueueConfig>,
+    /// Tenants and their budgets (`spec.tenants`); None: no budgets.
+    pub tenants: Option<TenantsConfig>,
 }
 
 /// Who the clients are and the priority class of each.
@@ -254,6 +258,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
 
         let client_auth = client_auth(spec, &mut c);
         let queue = queue::queue(spec.queue.as_ref(), &mut c);
+        let tenants = tenants::tenants(spec, &mut c);
 
         if let Some(g) = &spec.gateway {
             if let Some(r) = g.replicas.filter(|r| !(0..=1000).contains(r)) {
@@ -281,8 +286,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
             }
         }
 
-        // Placeholders only used when the defaults themselves are invalid (then the result is
-        // an error anyway).
+        // Placeholders, used only when the defaults are invalid (an error anyway).
         let placeholder = Thresholds {
             ttft: 1.0,
             itl: 0.05,
@@ -372,6 +376,7 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
                     trust_priority_header: spec.priority.as_ref().is_some_and(|p| p.trust_header),
                     client_auth,
                     queue,
+                    tenants,
                     upstream: UpstreamConfig {
                         endpoints: url::served(&url, endpoints),
                         url,

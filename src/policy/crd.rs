@@ -26,10 +26,12 @@ pub const MAX_MODEL_NAME_BYTES: usize = 256;
 mod access;
 mod gateway;
 mod queue;
+mod tenants;
 mod upstream;
 pub use access::{ClientAuthSpec, PriorityClass, PrioritySpec, SecretKeyRef, SecretRef};
 pub use gateway::{DEFAULT_GATEWAY_PORT, DEFAULT_METRICS_PORT, GatewaySpec, metrics_port};
 pub use queue::{MAX_QUEUE_REQUESTS, MAX_QUEUE_WAIT_SECS, QueueSpec};
+pub use tenants::{BudgetSpec, MAX_REQUESTS_PER_MINUTE, TenantsSpec};
 pub use upstream::{DiscoverySpec, EngineMetricsSpec, UpstreamSpec};
 
 /// Spec of a RateLimitPolicy: where the inference server is, how the gateway pods run, and the
@@ -152,6 +154,12 @@ pub struct RateLimitPolicySpec {
     /// room (priority first, then arrival) instead of getting 429 at once. Off unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueSpec>,
+
+    /// Who the tenants are (`clientAuth` names, or a trusted header) and the budget of each:
+    /// a tenant over its budget gets 429 `rate_limit_exceeded` of type `requests`, and every
+    /// answer carries OpenAI's `x-ratelimit-*-requests` headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenants: Option<TenantsSpec>,
 }
 
 /// Enforce or only observe.

@@ -440,3 +440,48 @@ fn a_queue_is_off_unless_set_and_its_wait_and_size_are_bounded() {
         assert_single_error(&with(q), &format!("spec.queue.{field}"), needle);
     }
 }
+
+#[test]
+fn tenants_budgets_are_per_name_with_a_default_and_a_header_needs_trust() {
+    let with = |t: &str| format!("{MINIMAL}  tenants: {t}\n");
+    let (_, c) = PolicyConfig::from_yaml(MINIMAL).unwrap();
+    assert_eq!(c.tenants, None, "off unless set");
+    let doc = with(
+        "{header: x-tenant, trustHeader: true, default: {requestsPerMinute: 60}, clients: {batch: {requestsPerMinute: 0}}}",
+    );
+    let (_, c) = PolicyConfig::from_yaml(&doc).unwrap();
+    let t = c.tenants.unwrap();
+    assert_eq!(t.header.as_ref().map(|h| h.as_str()), Some("x-tenant"));
+    assert_eq!(t.budget("batch").requests_per_minute, Some(0));
+    assert_eq!(t.budget("anyone").requests_per_minute, Some(60));
+    assert_eq!(t.replicas, 1);
+    let doc = format!("{}  gateway: {{replicas: 3}}\n", with("{}"));
+    let (_, c) = PolicyConfig::from_yaml(&doc).unwrap();
+    assert_eq!(c.tenants.unwrap().replicas, 3);
+    for (t, field, needle) in [
+        ("{header: x-tenant}", "header", "trustHeader: true"),
+        ("{trustHeader: true}", "trustHeader", "names no header"),
+        (
+            "{header: authorization, trustHeader: true}",
+            "header",
+            "other than",
+        ),
+        (
+            "{header: 'a b', trustHeader: true}",
+            "header",
+            "HTTP header name",
+        ),
+        (
+            "{clients: {'a b': {}}}",
+            "clients[\"a b\"]",
+            "Secret data key",
+        ),
+        (
+            "{default: {requestsPerMinute: 10000001}}",
+            "default.requestsPerMinute",
+            "at most",
+        ),
+    ] {
+        assert_single_error(&with(t), &format!("spec.tenants.{field}"), needle);
+    }
+}
