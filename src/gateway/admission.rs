@@ -219,12 +219,14 @@ pub async fn admit_or_wait(
     model: &str,
     priority: Priority,
 ) -> Result<Admitted, (String, GatewayError)> {
-    match admit(gw, snap.clone(), model, priority) {
-        Err((label, e @ GatewayError::Shed { .. })) if snap.config.queue.is_some() => {
+    // The policy is kept past the decision only where a shed request may wait.
+    let queued = snap.config.queue.is_some().then(|| snap.clone());
+    match (admit(gw, snap, model, priority), queued) {
+        (Err((label, e @ GatewayError::Shed { .. })), Some(snap)) => {
             let waited = gw.queue.wait(&snap, model, priority, e).await;
             waited.map_err(|e| (label, e))
         }
-        other => other,
+        (other, _) => other,
     }
 }
 

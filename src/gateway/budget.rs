@@ -94,6 +94,42 @@ pub struct Budgets {
     buckets: Mutex<HashMap<Arc<str>, Bucket>>,
 }
 
+/// A bucket's shape on this pod: `rpm` a minute shared by `replicas` pods.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    /// Requests it holds when full (at least 1 unless the budget is 0).
+    capacity: f64,
+    /// Requests it gains a second.
+    per_second: f64,
+}
+
+impl Shape {
+    fn new(rpm: u32, replicas: u32) -> Self {
+        let share = f64::from(rpm) / f64::from(replicas.max(1));
+        Shape {
+            capacity: share.max(f64::from(u8::from(rpm > 0))),
+            per_second: share / 60.0,
+        }
+    }
+
+    /// How long until `n` more requests have refilled (a minute for a budget of 0).
+    fn refill(&self, n: f64) -> Duration {
+        match self.per_second {
+            r if r > 0.0 => Duration::from_secs_f64((n.max(0.0) / r).min(3600.0)),
+            _ => Duration::from_secs(60),
+        }
+    }
+
+    /// The quota of a bucket holding `tokens`.
+    fn quota(&self, tokens: f64) -> Quota {
+        Quota {
+            limit: self.capacity.floor() as u32,
+            remaining: tokens.floor() as u32,
+            reset: self.refill(self.capacity - tokens),
+        }
+    }
+}
+
 impl Budgets {
     /// Takes one request from `tenant`'s bucket of `rpm` a minute shared by `replicas` pods at
     /// `now`: what is left, or, when nothing is, the quota and the wait for one request.
@@ -104,49 +140,31 @@ impl Budgets {
         replicas: u32,
         now: Duration,
     ) -> Result<Quota, (Quota, Duration)> {
-        let share = f64::from(rpm) / f64::from(replicas.max(1));
-        let (capacity, per_second) = (share.max(f64::from(u8::from(rpm > 0))), share / 60.0);
+        let shape = Shape::new(rpm, replicas);
         let now = now.as_secs_f64();
         let mut buckets = self.buckets.lock();
         let b = buckets.entry(tenant.clone()).or_insert(Bucket {
-            tokens: capacity,
+            tokens: shape.capacity,
             at: now,
         });
-        b.tokens = (b.tokens + (now - b.at).max(0.0) * per_second).min(capacity);
+        b.tokens = (b.tokens + (now - b.at).max(0.0) * shape.per_second).min(shape.capacity);
         b.at = now;
-        let taken = b.tokens >= 1.0;
-        if taken {
+        if b.tokens >= 1.0 {
             b.tokens -= 1.0;
-        }
-        let refill = |n: f64| match per_second {
-            r if r > 0.0 => Duration::from_secs_f64((n.max(0.0) / r).min(3600.0)),
-            _ => Duration::from_secs(60),
-        };
-        let quota = Quota {
-            limit: capacity.floor() as u32,
-            remaining: b.tokens.floor() as u32,
-            reset: refill(capacity - b.tokens),
-        };
-        if taken {
-            Ok(quota)
+            Ok(shape.quota(b.tokens))
         } else {
-            Err((quota, refill(1.0 - b.tokens)))
+            Err((shape.quota(b.tokens), shape.refill(1.0 - b.tokens)))
         }
     }
 
     /// Gives back the request `tenant` took (its request was shed, not served); what it has
     /// left then.
     pub fn refund(&self, tenant: &str, rpm: u32, replicas: u32) -> Option<Quota> {
-        let share = f64::from(rpm) / f64::from(replicas.max(1));
-        let capacity = share.max(1.0);
+        let shape = Shape::new(rpm, replicas);
         let mut buckets = self.buckets.lock();
         let b = buckets.get_mut(tenant)?;
-        b.tokens = (b.tokens + 1.0).min(capacity);
-        Some(Quota {
-            limit: capacity.floor() as u32,
-            remaining: b.tokens.floor() as u32,
-            reset: Duration::from_secs_f64(((capacity - b.tokens) / (share / 60.0)).min(3600.0)),
-        })
+        b.tokens = (b.tokens + 1.0).min(shape.capacity);
+        Some(shape.quota(b.tokens))
     }
 }
 
