@@ -180,6 +180,16 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
             "spec.tenants.header",
         ),
         (
+            "tenant-weight-zero",
+            json!({"tenants": {"clients": {"web": {"weight": 0}}}}),
+            "spec.tenants.clients",
+        ),
+        (
+            "tenant-tokens-over-the-cap",
+            json!({"tenants": {"default": {"tokensPerMinute": 10_000_000_001_u64}}}),
+            "spec.tenants.default.tokensPerMinute",
+        ),
+        (
             "global-with-models",
             json!({"scope": "Global", "models": [{"name": "a"}]}),
             "spec.models",

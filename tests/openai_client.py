@@ -93,12 +93,19 @@ def rate_limited():
 
 
 def over_budget():
-    # The anonymous tenant may make 2 requests a minute: OpenAI's headers count them down.
+    # The anonymous tenant may make 2 requests and use 600 tokens a minute (10 a second):
+    # OpenAI's headers count them down (the tokens after the answer's usage was settled).
+    usage_total = 0
     for left in ["1", "0"]:
         raw = client.chat.completions.with_raw_response.create(model="sim-llm", messages=MESSAGES, max_tokens=1)
         assert raw.headers["x-ratelimit-limit-requests"] == "2", dict(raw.headers)
         assert raw.headers["x-ratelimit-remaining-requests"] == left, dict(raw.headers)
-        assert raw.parse().choices[0].message.content
+        assert raw.headers["x-ratelimit-limit-tokens"] == "600", dict(raw.headers)
+        assert int(raw.headers["x-ratelimit-remaining-tokens"]) < 600, dict(raw.headers)
+        answer = raw.parse()
+        assert answer.choices[0].message.content
+        usage_total += answer.usage.total_tokens
+    print(f"usage_total={usage_total}")
     try:
         client.chat.completions.create(model="sim-llm", messages=MESSAGES, max_tokens=1)
         raise AssertionError("expected a 429")
@@ -106,8 +113,9 @@ def over_budget():
         h = e.response.headers
         assert h["x-ratelimit-remaining-requests"] == "0", dict(h)
         assert h["x-ratelimit-reset-requests"].endswith("s"), dict(h)
-        # One request refills in 30 s: the SDK would wait that long before retrying.
-        assert 29000 <= float(h["retry-after-ms"]) <= 30000, dict(h)
+        # Two used this minute: one more fits half way into the next (90 s), when they weigh
+        # one; the SDK would wait that long before retrying.
+        assert 89000 <= float(h["retry-after-ms"]) <= 90000, dict(h)
         assert e.body["type"] == "requests" and e.body["code"] == "rate_limit_exceeded", e.body
 
 

@@ -17,7 +17,7 @@ fn python() -> String {
     })
 }
 
-fn run_scenario(base: &str, scenario: &str) {
+fn run_scenario(base: &str, scenario: &str) -> String {
     let out = Command::new(python())
         .arg(format!("{}/tests/openai_client.py", support::REPO))
         .args([base, scenario])
@@ -29,7 +29,9 @@ fn run_scenario(base: &str, scenario: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{stdout}");
+    stdout
 }
 
 #[tokio::test]
@@ -75,11 +77,18 @@ async fn openai_sdk_sees_a_spent_budget_as_a_rate_limit_error_with_openais_heade
     let sim = Sim::start(&c, &[]).await;
     let policy = PolicyFile::new(&policy_yaml(
         &sim.url,
-        "tenants: {default: {requestsPerMinute: 2}}",
+        "tenants: {default: {requestsPerMinute: 2, tokensPerMinute: 600}}",
     ));
-    let gw = Gw::start(&c, &policy.0, None, &[]).await;
-    run_scenario(&gw.url, "over_budget");
+    // Unary answers assembled at once: their usage is what the tokens are settled to.
+    let gw = Gw::start(&c, &policy.0, None, &["--usage-probe=false"]).await;
+    let out = run_scenario(&gw.url, "over_budget");
+    let usage: f64 = (out.lines())
+        .find_map(|l| l.strip_prefix("usage_total="))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the scenario prints the usage it saw");
     let m = get(&c, &format!("{}/metrics", gw.url)).await.text();
+    let tokens = metric(&m, "sluice_tenant_tokens_total", &[("tenant", "anonymous")]);
+    assert_eq!(tokens, Some(usage), "settled to the usage the SDK saw: {m}");
     let over = metric(
         &m,
         "sluice_tenant_over_budget_total",

@@ -98,6 +98,20 @@ impl Assembler {
         }
     }
 
+    /// The prompt and completion tokens of the usage the stream carried (`input_tokens` and
+    /// `output_tokens` in the Responses API).
+    pub fn usage_tokens(&self) -> Option<(u64, u64)> {
+        let (usage, names) = match self.kind {
+            Kind::Response => (
+                self.response.as_ref()?.get("usage")?,
+                ["input_tokens", "output_tokens"],
+            ),
+            _ => (self.usage.as_ref()?, ["prompt_tokens", "completion_tokens"]),
+        };
+        let n = |k: &str| usage.get(k)?.as_u64();
+        Some((n(names[0])?, n(names[1])?))
+    }
+
     /// Whether every choice has a finish_reason: the answer is complete even if the stream
     /// then ends without `[DONE]`.
     pub fn finished(&self) -> bool {

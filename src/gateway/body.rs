@@ -28,6 +28,10 @@ pub struct RequestHead<'a> {
     pub model: Option<&'a RawValue>,
     pub stream: Option<&'a RawValue>,
     pub stream_options: Option<&'a RawValue>,
+    /// The largest output a client allowed: `max_tokens`, `max_completion_tokens` or
+    /// `max_output_tokens` (the Responses API), whichever is given (the largest of them); a
+    /// value that is not a whole number is left to the engine to refuse.
+    pub max_output: Option<u64>,
 }
 
 /// Why a body is not a request the gateway can read; the message names the problem for the
@@ -107,6 +111,11 @@ impl<'a> RequestHead<'a> {
                 "model" => (&mut head.model, "model"),
                 "stream" => (&mut head.stream, "stream"),
                 "stream_options" => (&mut head.stream_options, "stream_options"),
+                "max_tokens" | "max_completion_tokens" | "max_output_tokens" => {
+                    let n = whole_number(v.get());
+                    head.max_output = head.max_output.max(n);
+                    return Ok(());
+                }
                 _ => return Ok(()),
             };
             if slot.replace(v).is_some() {
@@ -146,6 +155,16 @@ impl<'a> RequestHead<'a> {
             Some(Cow::Borrowed(inner))
         }
     }
+}
+
+/// A JSON number that is a whole number at least 0, saturating at `u64::MAX` (`1e30` is
+/// huge, not invalid); None for anything else.
+fn whole_number(raw: &str) -> Option<u64> {
+    if let Ok(n) = raw.parse::<u64>() {
+        return Some(n);
+    }
+    let f: f64 = raw.parse().ok()?;
+    (f.is_finite() && f >= 0.0 && f.fract() == 0.0).then_some(f as u64)
 }
 
 /// Appends `"key":` with the key escaped as JSON.
@@ -316,6 +335,22 @@ mod tests {
             upgraded("{}"),
             json!({"stream": true, "stream_options": {"include_usage": true}})
         );
+    }
+
+    #[test]
+    fn the_largest_output_allowed_is_read_from_any_of_its_three_names() {
+        let max = |b: &str| RequestHead::parse(b.as_bytes()).unwrap().max_output;
+        assert_eq!(max(r#"{"model":"m"}"#), None);
+        assert_eq!(max(r#"{"max_tokens":32}"#), Some(32));
+        assert_eq!(
+            max(r#"{"max_completion_tokens":8,"max_tokens":64}"#),
+            Some(64)
+        );
+        assert_eq!(max(r#"{"max_output_tokens":1e3}"#), Some(1000));
+        assert_eq!(max(r#"{"max_tokens":1e300}"#), Some(u64::MAX), "saturates");
+        for odd in ["-1", "1.5", "\"8\"", "null", "[]"] {
+            assert_eq!(max(&format!(r#"{{"max_tokens":{odd}}}"#)), None, "{odd}");
+        }
     }
 
     fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {

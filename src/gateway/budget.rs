@@ -1,23 +1,28 @@
-//! Tenants' budgets (`spec.tenants`): requests a minute per tenant, as a token bucket per
-//! gateway pod, and OpenAI's rate-limit headers on every answer.
+//! Tenants' budgets (`spec.tenants`): requests and tokens a minute per tenant, counted in a
+//! sliding window per gateway pod ([`window`]), and OpenAI's rate-limit headers on every
+//! answer.
 //!
 //! - **Who**: a client authenticated by `clientAuth` is the tenant of its name; otherwise,
 //!   where the policy trusts `tenants.header`, the header's value if `tenants.clients` lists
-//!   it; everyone else is one tenant, [`ANONYMOUS`]. Names (and so metric labels and buckets)
+//!   it; everyone else is one tenant, [`ANONYMOUS`]. Names (and so metric labels and budgets)
 //!   come only from the Secret and the policy, never from request text.
-//! - **Budget**: `requestsPerMinute` of the tenant's entry, else of `tenants.default`; none
-//!   set, no budget. Each of the `gateway.replicas` pods enforces an even share: a bucket of
-//!   `rpm / replicas` requests, refilled continuously at that many a minute (so a burst of the
-//!   whole share is allowed after a quiet minute). Approximate while pods come and go.
-//! - **Counting**: a request takes one from its tenant's bucket when the gateway accepts it
-//!   (before its body is read) and gives it back if the limiter sheds it: load shedding does
-//!   not spend a client's budget.
-//! - **Over budget**: 429 with `type: requests`, `code: rate_limit_exceeded` (load shedding's
-//!   type is `rate_limit_exceeded`: the two can be told apart), and `Retry-After` /
-//!   `retry-after-ms` for one request to refill.
-//! - **Headers**: every answer to a tenant with a budget carries `x-ratelimit-limit-requests`
-//!   (this pod's share), `x-ratelimit-remaining-requests` and `x-ratelimit-reset-requests`
-//!   (until the bucket is full again, as OpenAI writes it: `6m0s`, `1.5s`, `20ms`).
+//! - **Budget**: `requestsPerMinute` and `tokensPerMinute` of the tenant's entry, else of
+//!   `tenants.default`; none set, no budget. Each of the `gateway.replicas` pods enforces an
+//!   even share (at least one a minute): a request fits while what the tenant used in the last
+//!   60 s (this minute's count plus the previous minute's, weighted by its overlap) leaves
+//!   room for it. A whole share may come at once; over any stretch of minutes a client gets
+//!   its share a minute, within a few percent (a token bucket of a minute's capacity would
+//!   let a whole extra minute through). Approximate while pods come and go.
+//! - **Counting**: a request takes one from its tenant's request budget when the gateway
+//!   accepts it (before its body is read) and gives it back if the limiter sheds it: load
+//!   shedding does not spend a client's budget. Tokens: see [`Charge::reserve_tokens`] and
+//!   [`super::tenancy`].
+//! - **Over budget**: 429 with `type: requests` (or `tokens`), `code: rate_limit_exceeded`
+//!   (load shedding's type is `rate_limit_exceeded`: the two can be told apart), and
+//!   `Retry-After` / `retry-after-ms` for when the request fits.
+//! - **Headers**: every answer to a tenant with a budget carries
+//!   `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`: this pod's share, what is left
+//!   of it, and until nothing counts any more, as OpenAI writes it (`6m0s`, `1.5s`, `20ms`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,7 +32,10 @@ use axum::http::{HeaderMap, HeaderValue};
 use parking_lot::Mutex;
 
 use super::error::GatewayError;
-use crate::policy::config::TenantsConfig;
+use crate::policy::config::{Budget, TenantsConfig};
+
+pub mod window;
+use window::Window;
 
 /// The tenant of requests from no known client.
 pub const ANONYMOUS: &str = "anonymous";
@@ -47,23 +55,24 @@ pub fn tenant(config: &TenantsConfig, client: Option<Arc<str>>, headers: &Header
 /// What a tenant has left on this pod, for the headers.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Quota {
-    /// This pod's share of the requests a minute.
-    pub limit: u32,
-    pub remaining: u32,
-    /// Until the bucket is full again.
+    /// This pod's share of the budget a minute.
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until nothing used counts against it any more.
     pub reset: Duration,
 }
 
 impl Quota {
-    /// Adds OpenAI's `x-ratelimit-*-requests` headers.
-    pub fn insert(&self, h: &mut HeaderMap) {
-        h.insert("x-ratelimit-limit-requests", HeaderValue::from(self.limit));
-        h.insert(
-            "x-ratelimit-remaining-requests",
-            HeaderValue::from(self.remaining),
-        );
+    /// Adds OpenAI's `x-ratelimit-{limit,remaining,reset}-{unit}` headers (`unit`:
+    /// `requests` or `tokens`).
+    pub fn insert(&self, h: &mut HeaderMap, unit: &str) {
+        let name = |what: &str| {
+            http::HeaderName::try_from(format!("x-ratelimit-{what}-{unit}")).expect("a header name")
+        };
+        h.insert(name("limit"), HeaderValue::from(self.limit));
+        h.insert(name("remaining"), HeaderValue::from(self.remaining));
         let reset = HeaderValue::from_str(&openai_duration(self.reset)).expect("ASCII");
-        h.insert("x-ratelimit-reset-requests", reset);
+        h.insert(name("reset"), reset);
     }
 }
 
@@ -80,58 +89,66 @@ pub fn openai_duration(d: Duration) -> String {
     }
 }
 
-#[derive(Debug)]
-struct Bucket {
-    /// Requests left (fractional while refilling).
-    tokens: f64,
-    /// When `tokens` was counted, seconds.
-    at: f64,
-}
-
-/// The buckets of the tenants seen, one lock for all (a few names, a few instructions each).
+/// The windows of the tenants seen, one lock for all (a few names, a few instructions each).
 #[derive(Debug, Default)]
 pub struct Budgets {
-    buckets: Mutex<HashMap<Arc<str>, Bucket>>,
+    windows: Mutex<Windows>,
 }
 
-/// A bucket's shape on this pod: `rpm` a minute shared by `replicas` pods.
-#[derive(Debug, Clone, Copy)]
-struct Shape {
-    /// Requests it holds when full (at least 1 unless the budget is 0).
-    capacity: f64,
-    /// Requests it gains a second.
-    per_second: f64,
+#[derive(Debug, Default)]
+struct Windows {
+    requests: HashMap<Arc<str>, Window>,
+    tokens: HashMap<Arc<str>, Window>,
 }
 
-impl Shape {
-    fn new(rpm: u32, replicas: u32) -> Self {
-        let share = f64::from(rpm) / f64::from(replicas.max(1));
-        Shape {
-            capacity: share.max(f64::from(u8::from(rpm > 0))),
-            per_second: share / 60.0,
-        }
-    }
+/// Which of a tenant's budgets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Requests,
+    Tokens,
+}
 
-    /// How long until `n` more requests have refilled (a minute for a budget of 0).
-    fn refill(&self, n: f64) -> Duration {
-        match self.per_second {
-            r if r > 0.0 => Duration::from_secs_f64((n.max(0.0) / r).min(3600.0)),
-            _ => Duration::from_secs(60),
+impl Unit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Requests => "requests",
+            Unit::Tokens => "tokens",
         }
     }
+}
 
-    /// The quota of a bucket holding `tokens`.
-    fn quota(&self, tokens: f64) -> Quota {
-        Quota {
-            limit: self.capacity.floor() as u32,
-            remaining: tokens.floor() as u32,
-            reset: self.refill(self.capacity - tokens),
+impl Windows {
+    fn of(&mut self, unit: Unit) -> &mut HashMap<Arc<str>, Window> {
+        match unit {
+            Unit::Requests => &mut self.requests,
+            Unit::Tokens => &mut self.tokens,
         }
     }
+}
+
+/// This pod's share of `per_minute` shared by `replicas` pods: at least 1 unless the budget
+/// is 0 (a share under one request a minute still lets one through each minute).
+fn share(per_minute: u64, replicas: u32) -> f64 {
+    let share = per_minute as f64 / f64::from(replicas.max(1));
+    share.max(f64::from(u8::from(per_minute > 0)))
+}
+
+/// The quota of a window at `now`, under `limit`.
+fn quota(w: &Window, limit: f64, now: f64) -> Quota {
+    Quota {
+        limit: limit.floor() as u64,
+        remaining: (limit - w.used(now)).clamp(0.0, limit).floor() as u64,
+        reset: secs(w.reset(now)),
+    }
+}
+
+/// Seconds as a Duration, at most an hour.
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.clamp(0.0, 3600.0))
 }
 
 impl Budgets {
-    /// Takes one request from `tenant`'s bucket of `rpm` a minute shared by `replicas` pods at
+    /// Takes one request from `tenant`'s budget of `rpm` a minute shared by `replicas` pods at
     /// `now`: what is left, or, when nothing is, the quota and the wait for one request.
     pub fn take(
         &self,
@@ -140,166 +157,209 @@ impl Budgets {
         replicas: u32,
         now: Duration,
     ) -> Result<Quota, (Quota, Duration)> {
-        let shape = Shape::new(rpm, replicas);
+        self.take_n(Unit::Requests, tenant, u64::from(rpm), replicas, 1.0, now)
+    }
+
+    /// Takes `n` of `unit` from `tenant`'s budget of `per_minute` shared by `replicas` pods at
+    /// `now`, when they fit under it in the last 60 s; else the quota and the wait until they
+    /// do (a minute for a budget of 0).
+    pub fn take_n(
+        &self,
+        unit: Unit,
+        tenant: &Arc<str>,
+        per_minute: u64,
+        replicas: u32,
+        n: f64,
+        now: Duration,
+    ) -> Result<Quota, (Quota, Duration)> {
+        let limit = share(per_minute, replicas);
         let now = now.as_secs_f64();
-        let mut buckets = self.buckets.lock();
-        let b = buckets.entry(tenant.clone()).or_insert(Bucket {
-            tokens: shape.capacity,
-            at: now,
-        });
-        b.tokens = (b.tokens + (now - b.at).max(0.0) * shape.per_second).min(shape.capacity);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            Ok(shape.quota(b.tokens))
-        } else {
-            Err((shape.quota(b.tokens), shape.refill(1.0 - b.tokens)))
+        let mut windows = self.windows.lock();
+        let w = (windows.of(unit).entry(tenant.clone())).or_insert_with(|| Window::new(now));
+        w.roll(now);
+        match w.wait(limit, n, now) {
+            0.0 if n <= limit => {
+                w.add(n, limit);
+                Ok(quota(w, limit, now))
+            }
+            wait if wait.is_finite() => Err((quota(w, limit, now), secs(wait))),
+            _ => Err((quota(w, limit, now), Duration::from_secs(60))),
         }
+    }
+
+    /// Gives `n` of `unit` back to `tenant` (a negative `n` takes more: a request that used
+    /// more tokens than it was admitted for, owed into the coming minute); what it has left
+    /// then.
+    pub fn give(
+        &self,
+        unit: Unit,
+        tenant: &str,
+        per_minute: u64,
+        replicas: u32,
+        n: f64,
+        now: Duration,
+    ) -> Option<Quota> {
+        let limit = share(per_minute, replicas);
+        let now = now.as_secs_f64();
+        let mut windows = self.windows.lock();
+        let w = windows.of(unit).get_mut(tenant)?;
+        w.roll(now);
+        w.add(-n, limit);
+        Some(quota(w, limit, now))
     }
 
     /// Gives back the request `tenant` took (its request was shed, not served); what it has
     /// left then.
-    pub fn refund(&self, tenant: &str, rpm: u32, replicas: u32) -> Option<Quota> {
-        let shape = Shape::new(rpm, replicas);
-        let mut buckets = self.buckets.lock();
-        let b = buckets.get_mut(tenant)?;
-        b.tokens = (b.tokens + 1.0).min(shape.capacity);
-        Some(shape.quota(b.tokens))
+    pub fn refund(&self, tenant: &str, rpm: u32, replicas: u32, now: Duration) -> Option<Quota> {
+        self.give(Unit::Requests, tenant, u64::from(rpm), replicas, 1.0, now)
     }
 }
 
-/// One request taken from a tenant's budget: whose, and what is left.
+/// What was taken from a tenant's budgets for one request, and what is left.
 #[derive(Debug)]
 pub struct Charge {
-    tenant: Arc<str>,
-    rpm: u32,
+    pub tenant: Arc<str>,
+    budget: Budget,
     replicas: u32,
-    quota: Mutex<Quota>,
+    state: Mutex<ChargeState>,
+}
+
+#[derive(Debug, Default)]
+struct ChargeState {
+    requests: Option<Quota>,
+    /// The tokens held for the request, and what the tenant has left.
+    tokens: Option<(u64, Quota)>,
 }
 
 impl Charge {
-    /// Gives the request back (it was shed: load shedding spends no budget).
-    pub fn refund(&self, budgets: &Budgets) {
-        if let Some(q) = budgets.refund(&self.tenant, self.rpm, self.replicas) {
-            *self.quota.lock() = q;
+    /// Gives the request and its tokens back (it was shed: load shedding spends no budget).
+    pub fn refund(&self, budgets: &Budgets, now: Duration) {
+        let mut st = self.state.lock();
+        if let (Some(rpm), Some(_)) = (self.budget.requests_per_minute, st.requests)
+            && let Some(q) = budgets.refund(&self.tenant, rpm, self.replicas, now)
+        {
+            st.requests = Some(q);
+        }
+        self.settle_locked(&mut st, budgets, 0, now);
+    }
+
+    /// Holds `n` estimated tokens of the request against the tenant's token budget, when it
+    /// has one: the 429 when they are not there, or never could be.
+    pub fn reserve_tokens(
+        &self,
+        budgets: &Budgets,
+        n: u64,
+        now: Duration,
+    ) -> Result<(), GatewayError> {
+        let Some(tpm) = self.budget.tokens_per_minute else {
+            return Ok(());
+        };
+        let limit = share(tpm, self.replicas);
+        let tenant = self.tenant.to_string();
+        if n as f64 > limit {
+            let limit = limit.floor() as u64;
+            return Err(GatewayError::TooLargeForBudget {
+                tenant,
+                limit,
+                requested: n,
+            });
+        }
+        let taken = budgets.take_n(
+            Unit::Tokens,
+            &self.tenant,
+            tpm,
+            self.replicas,
+            n as f64,
+            now,
+        );
+        match taken {
+            Ok(q) => {
+                self.state.lock().tokens = Some((n, q));
+                Ok(())
+            }
+            Err((q, retry_after)) => {
+                self.state.lock().tokens = Some((0, q));
+                Err(GatewayError::OverBudget {
+                    tenant,
+                    unit: Unit::Tokens.as_str(),
+                    limit: q.limit,
+                    retry_after,
+                })
+            }
         }
     }
 
-    /// What the tenant has left, as of the charge (or the refund).
-    pub fn quota(&self) -> Quota {
-        *self.quota.lock()
+    /// Settles the tokens held to the `used` ones (0 for a request shed or refused).
+    pub fn settle_tokens(&self, budgets: &Budgets, used: u64, now: Duration) {
+        self.settle_locked(&mut self.state.lock(), budgets, used, now);
+    }
+
+    fn settle_locked(&self, st: &mut ChargeState, budgets: &Budgets, used: u64, now: Duration) {
+        let (Some(tpm), Some((held, _))) = (self.budget.tokens_per_minute, st.tokens) else {
+            return;
+        };
+        let back = held as f64 - used as f64;
+        if let Some(q) = budgets.give(Unit::Tokens, &self.tenant, tpm, self.replicas, back, now) {
+            st.tokens = Some((used, q));
+        }
+    }
+
+    /// Adds the `x-ratelimit-*` headers of the tenant's budgets, as of the last change.
+    pub fn insert_headers(&self, h: &mut HeaderMap) {
+        let st = self.state.lock();
+        if let Some(q) = st.requests {
+            q.insert(h, Unit::Requests.as_str());
+        }
+        if let Some((_, q)) = st.tokens {
+            q.insert(h, Unit::Tokens.as_str());
+        }
+    }
+
+    /// What the tenant has left, by unit, as of the last change.
+    pub fn remaining(&self) -> [(Unit, Option<u64>); 2] {
+        let st = self.state.lock();
+        [
+            (Unit::Requests, st.requests.map(|q| q.remaining)),
+            (Unit::Tokens, st.tokens.map(|(_, q)| q.remaining)),
+        ]
     }
 }
 
-/// Takes a request of `client` (authenticated, if it was) from its tenant's budget at `now`:
-/// None where the policy sets no budget for it; the 429 and the tenant's quota when it has
-/// none left.
+/// Takes a request of `tenant` from its budgets at `now`: None where the policy sets it no
+/// budget; the 429 and the tenant's quota when it has no request left.
 pub fn charge(
     budgets: &Budgets,
-    config: Option<&TenantsConfig>,
-    client: Option<Arc<str>>,
-    headers: &HeaderMap,
+    config: &TenantsConfig,
+    tenant: Arc<str>,
     now: Duration,
 ) -> Result<Option<Charge>, (GatewayError, Quota)> {
-    let Some(config) = config else {
+    let budget = config.budget(&tenant);
+    if budget.requests_per_minute.is_none() && budget.tokens_per_minute.is_none() {
         return Ok(None);
-    };
-    let tenant = tenant(config, client, headers);
-    let Some(rpm) = config.budget(&tenant).requests_per_minute else {
-        return Ok(None);
-    };
-    let replicas = config.replicas;
-    match budgets.take(&tenant, rpm, replicas, now) {
-        Ok(quota) => Ok(Some(Charge {
-            tenant,
-            rpm,
-            replicas,
-            quota: Mutex::new(quota),
-        })),
-        Err((quota, retry_after)) => Err((
-            GatewayError::OverBudget {
-                tenant: tenant.to_string(),
-                limit: quota.limit,
-                retry_after,
-            },
-            quota,
-        )),
     }
+    let replicas = config.replicas;
+    let mut state = ChargeState::default();
+    if let Some(rpm) = budget.requests_per_minute {
+        match budgets.take(&tenant, rpm, replicas, now) {
+            Ok(quota) => state.requests = Some(quota),
+            Err((quota, retry_after)) => {
+                let e = GatewayError::OverBudget {
+                    tenant: tenant.to_string(),
+                    unit: Unit::Requests.as_str(),
+                    limit: quota.limit,
+                    retry_after,
+                };
+                return Err((e, quota));
+            }
+        }
+    }
+    Ok(Some(Charge {
+        tenant,
+        budget,
+        replicas,
+        state: Mutex::new(state),
+    }))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SEC: Duration = Duration::from_secs(1);
-
-    #[test]
-    fn a_bucket_holds_its_share_refills_by_the_second_and_says_when() {
-        let b = Budgets::default();
-        let t: Arc<str> = "team-a".into();
-        // 120 a minute over two pods: 60 here, one a second.
-        for i in 0..60 {
-            let q = b.take(&t, 120, 2, SEC * 100).unwrap();
-            assert_eq!((q.limit, q.remaining), (60, 59 - i));
-        }
-        let (q, wait) = b.take(&t, 120, 2, SEC * 100).unwrap_err();
-        assert_eq!((q.remaining, wait), (0, SEC));
-        assert_eq!(q.reset, SEC * 60, "full again in a minute");
-        // Half a second later: still none, half a second to wait.
-        let (_, wait) = b.take(&t, 120, 2, SEC * 100 + SEC / 2).unwrap_err();
-        assert_eq!(wait, SEC / 2);
-        let q = b.take(&t, 120, 2, SEC * 101).unwrap();
-        assert_eq!(q.remaining, 0);
-        // A shed request's one comes back.
-        b.refund("team-a", 120, 2);
-        assert_eq!(b.take(&t, 120, 2, SEC * 101).unwrap().remaining, 0);
-        // Other tenants have their own.
-        let other: Arc<str> = "team-b".into();
-        assert_eq!(b.take(&other, 120, 2, SEC * 101).unwrap().remaining, 59);
-    }
-
-    #[test]
-    fn a_budget_of_zero_refuses_everything_and_a_tiny_one_still_lets_one_through() {
-        let b = Budgets::default();
-        let t: Arc<str> = "none".into();
-        let (q, wait) = b.take(&t, 0, 1, SEC).unwrap_err();
-        assert_eq!((q.limit, q.remaining, wait), (0, 0, SEC * 60));
-        // 1 a minute over 4 pods: one request, then one every 4 minutes.
-        let t: Arc<str> = "tiny".into();
-        assert!(b.take(&t, 1, 4, SEC).is_ok());
-        let (_, wait) = b.take(&t, 1, 4, SEC).unwrap_err();
-        assert_eq!(wait, SEC * 240);
-    }
-
-    #[test]
-    fn durations_are_written_as_openai_writes_them() {
-        assert_eq!(openai_duration(Duration::from_millis(20)), "20ms");
-        assert_eq!(openai_duration(Duration::from_millis(1500)), "1.5s");
-        assert_eq!(openai_duration(SEC), "1s");
-        assert_eq!(openai_duration(SEC * 360), "6m0s");
-        assert_eq!(openai_duration(Duration::from_millis(61_250)), "1m1.25s");
-    }
-
-    #[test]
-    fn the_tenant_is_the_client_else_a_listed_trusted_header_else_anonymous() {
-        let mut config = TenantsConfig {
-            header: Some(http::HeaderName::from_static("x-tenant")),
-            ..TenantsConfig::default()
-        };
-        config.clients.insert("batch".into(), Default::default());
-        let mut h = HeaderMap::new();
-        assert_eq!(&*tenant(&config, None, &h), ANONYMOUS);
-        h.insert("x-tenant", "batch".parse().unwrap());
-        assert_eq!(&*tenant(&config, None, &h), "batch");
-        assert_eq!(
-            &*tenant(&config, Some("web".into()), &h),
-            "web",
-            "the key wins"
-        );
-        h.insert("x-tenant", "made-up-1234".parse().unwrap());
-        assert_eq!(&*tenant(&config, None, &h), ANONYMOUS, "not listed");
-        config.header = None;
-        h.insert("x-tenant", "batch".parse().unwrap());
-        assert_eq!(&*tenant(&config, None, &h), ANONYMOUS, "not trusted");
-    }
-}
+mod tests;

@@ -58,11 +58,20 @@ pub enum GatewayError {
         retry_after: Duration,
         waited: Duration,
     },
-    /// The tenant has spent its budget on this pod (429, `type: requests`).
+    /// The tenant has spent its budget on this pod (429, `type` the budget's unit: `requests`
+    /// or `tokens`).
     OverBudget {
         tenant: String,
-        limit: u32,
+        unit: &'static str,
+        limit: u64,
         retry_after: Duration,
+    },
+    /// The request's token estimate alone exceeds its tenant's token budget on this pod: it
+    /// could never be admitted (429 `type: tokens`, as OpenAI answers, without Retry-After).
+    TooLargeForBudget {
+        tenant: String,
+        limit: u64,
+        requested: u64,
     },
     /// No valid policy has been loaded yet (503).
     NotReady,
@@ -119,7 +128,9 @@ impl GatewayError {
             | GatewayError::BodyTimeout(_) => Some(Outcome::ClientError),
             GatewayError::Shed { .. } => Some(Outcome::Rejected),
             GatewayError::Expired { .. } => Some(Outcome::Expired),
-            GatewayError::OverBudget { .. } => Some(Outcome::OverBudget),
+            GatewayError::OverBudget { .. } | GatewayError::TooLargeForBudget { .. } => {
+                Some(Outcome::OverBudget)
+            }
             GatewayError::Overloaded { .. } | GatewayError::BodyMemory { .. } => {
                 Some(Outcome::Overloaded)
             }
@@ -196,14 +207,27 @@ impl GatewayError {
             .code("rate_limit_exceeded"),
             E::OverBudget {
                 tenant,
+                unit,
                 limit,
                 retry_after,
             } => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "requests",
+                unit,
                 format!(
-                    "Rate limit reached for {tenant:?} on requests per minute: limit {limit} on this gateway pod; retry after {} s.",
+                    "Rate limit reached for {tenant:?} on {unit} per minute: limit {limit} on this gateway pod; retry after {} s.",
                     retry_after_header_secs(*retry_after)
+                ),
+            )
+            .code("rate_limit_exceeded"),
+            E::TooLargeForBudget {
+                tenant,
+                limit,
+                requested,
+            } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "tokens",
+                format!(
+                    "Request too large for {tenant:?} on tokens per minute: limit {limit} on this gateway pod, requested {requested} (the prompt's bytes / 4 plus max_tokens). Lower max_tokens or the prompt."
                 ),
             )
             .code("rate_limit_exceeded"),

@@ -20,6 +20,7 @@ use super::error::GatewayError;
 use super::intake::{BodyPermit, read_body, unread_body};
 use super::measure::{Api, InflightPlace, Sampler, Tracker, count};
 use super::relay::{Forward, forward};
+use super::tenancy::{Tenancy, tenant_of};
 use super::unary::{self, Plan};
 use crate::limiter::Priority;
 use crate::policy::source::Snapshot;
@@ -117,25 +118,61 @@ struct Accepted {
     bytes: Bytes,
     /// The body's share of the body-memory budget, until the upstream has the body.
     body_permit: Option<BodyPermit>,
-    /// The request taken from its tenant's budget, where it has one.
-    charge: Option<Arc<Charge>>,
+    /// The request's tenant, where the policy has tenants.
+    tenancy: Option<Tenancy>,
 }
 
 impl Accepted {
-    /// Gives the tenant's request back when `e` is load shedding, not the client's doing.
-    fn refund_if_shed(&self, gw: &Gateway, e: &GatewayError) {
-        if let (Some(c), GatewayError::Shed { .. } | GatewayError::Expired { .. }) =
-            (&self.charge, e)
-        {
-            c.refund(&gw.budgets);
+    /// Answers with the gateway's own `e` after the request was accepted: counted for the
+    /// model (label `model`) and the tenant, whose budget gets back what load shedding took.
+    fn refuse(
+        &self,
+        gw: &Gateway,
+        model: &str,
+        api: Api,
+        stream: bool,
+        e: GatewayError,
+    ) -> Response {
+        if let Some(t) = &self.tenancy {
+            t.refused(gw, &e);
+        }
+        refuse(gw, model, api, stream, e)
+    }
+
+    /// The latency gate's priority for the request (fair shedding among tenants), after its
+    /// tokens are held against its tenant's budget.
+    fn gate_priority(
+        &mut self,
+        gw: &Gateway,
+        model: &str,
+        prompt_bytes: usize,
+        max_output: Option<u64>,
+    ) -> Result<Priority, GatewayError> {
+        match &mut self.tenancy {
+            Some(t) => t.before_gate(
+                gw,
+                &self.snap,
+                model,
+                self.priority,
+                prompt_bytes,
+                max_output,
+            ),
+            None => Ok(self.priority),
+        }
+    }
+
+    /// The gate's verdict, for fair shedding.
+    fn gated(&self, gw: &Gateway, admitted: bool) {
+        if let Some(t) = &self.tenancy {
+            t.gated(gw, admitted);
         }
     }
 }
 
 /// Adds the tenant's `x-ratelimit-*` headers to an answer.
-fn with_quota(mut resp: Response, charge: Option<budget::Quota>) -> Response {
-    if let Some(q) = charge {
-        q.insert(resp.headers_mut());
+fn with_quota(mut resp: Response, charge: Option<Arc<Charge>>) -> Response {
+    if let Some(c) = charge {
+        c.insert_headers(resp.headers_mut());
     }
     resp
 }
@@ -164,15 +201,21 @@ async fn accept(
         let service = crate::policy::config::endpoint_label(&snap.config.upstream.url);
         return Err(refused(GatewayError::NoEndpoints { service }));
     }
-    let tenants = snap.config.tenants.as_ref();
+    let tenant = tenant_of(&snap, client, headers);
     let now = gw.clock.now();
-    let charge = match budget::charge(&gw.budgets, tenants, client, headers, now) {
-        Ok(c) => c,
-        Err((e, quota)) => {
-            if let GatewayError::OverBudget { tenant, .. } = &e {
-                gw.metrics.over_budget.with_label_values(&[tenant]).inc();
-            }
-            let resp = with_quota(refuse(gw, "", api, false, e), Some(quota));
+    let charge = match (&snap.config.tenants, &tenant) {
+        (Some(config), Some(t)) => budget::charge(&gw.budgets, config, t.clone(), now),
+        _ => Ok(None),
+    };
+    let tenancy = match (charge, tenant) {
+        (Ok(c), Some(t)) => Some(Tenancy::new(t, c)),
+        (Ok(_), None) => None,
+        (Err((e, quota)), t) => {
+            let t = t.expect("a budget has a tenant");
+            gw.metrics.over_budget.with_label_values(&[&t]).inc();
+            Tenancy::new(t, None).refused(gw, &e);
+            let mut resp = refuse(gw, "", api, false, e);
+            quota.insert(resp.headers_mut(), budget::Unit::Requests.as_str());
             return Err(Box::new(unread_body(headers, resp)));
         }
     };
@@ -188,7 +231,7 @@ async fn accept(
         place,
         bytes,
         body_permit,
-        charge: charge.map(Arc::new),
+        tenancy,
     })
 }
 
@@ -198,28 +241,33 @@ async fn completion(gw: Arc<Gateway>, api: Api, headers: HeaderMap, body: Body) 
         Ok(r) => r,
         Err(resp) => return *resp,
     };
-    let charge = acc.charge.clone();
+    let charge = acc.tenancy.as_ref().and_then(|t| t.charge.clone());
     let resp = accepted_completion(gw, api, headers, acc, start).await;
-    with_quota(resp, charge.map(|c| c.quota()))
+    with_quota(resp, charge)
 }
 
 async fn accepted_completion(
     gw: Arc<Gateway>,
     api: Api,
     headers: HeaderMap,
-    acc: Accepted,
+    mut acc: Accepted,
     start: Instant,
 ) -> Response {
-    let req = match parse_completion(&acc.bytes) {
+    let bytes = acc.bytes.clone();
+    let req = match parse_completion(&bytes) {
         Ok(r) => r,
-        Err((stream, e)) => return refuse(&gw, "", api, stream, e),
+        Err((stream, e)) => return acc.refuse(&gw, "", api, stream, e),
     };
-    let a = match admit_or_wait(&gw, acc.snap.clone(), &req.model, acc.priority).await {
+    let max_output = req.head.max_output;
+    let gate = match acc.gate_priority(&gw, &req.model, bytes.len(), max_output) {
+        Ok(p) => p,
+        Err(e) => return acc.refuse(&gw, "", api, req.stream, e),
+    };
+    let admitted = admit_or_wait(&gw, acc.snap.clone(), &req.model, gate).await;
+    acc.gated(&gw, admitted.is_ok());
+    let a = match admitted {
         Ok(a) => a,
-        Err((label, e)) => {
-            acc.refund_if_shed(&gw, &e);
-            return refuse(&gw, &label, api, req.stream, e);
-        }
+        Err((label, e)) => return acc.refuse(&gw, &label, api, req.stream, e),
     };
     let upstream = &a.snap.config.upstream;
     let assemble = !req.stream
@@ -239,10 +287,14 @@ async fn accepted_completion(
                     false
                 }
             });
-    let tracker =
-        Tracker::new(acc.place, &a.label, api, req.stream, a.shadow, start).holding(a.active);
-    let sampler = (req.stream || assemble)
-        .then(|| Sampler::start(&gw, &a.snap, a.endpoint, a.key, &req.model));
+    let measured = req.stream || assemble;
+    let spend = acc.tenancy.map(|t| t.spend(measured));
+    let used = spend.as_ref().and_then(|s| s.used());
+    let tracker = Tracker::new(acc.place, &a.label, api, req.stream, a.shadow, start)
+        .holding(a.active)
+        .spending(spend);
+    let sampler = measured
+        .then(|| Sampler::start(&gw, &a.snap, a.endpoint, a.key, &req.model).counting(used));
     let body = if assemble {
         // The client's body is let go once rewritten: one copy is held, not two. (The
         // Responses API reports usage in its final event without being asked.)
@@ -252,7 +304,7 @@ async fn accepted_completion(
     };
     let model = req.model.to_string();
     drop(req);
-    drop(acc.bytes);
+    drop((acc.bytes, bytes));
     let kind = match api {
         Api::Chat => assemble::Kind::Chat,
         Api::Responses => assemble::Kind::Response,
@@ -262,7 +314,7 @@ async fn accepted_completion(
         gw: &gw,
         snap: &a.snap,
         endpoint: a.endpoint,
-        admission: Some((&model, acc.priority)),
+        admission: Some((&model, gate)),
         method: Method::POST,
         path_and_query: api.path(),
         headers: &headers,
@@ -270,102 +322,6 @@ async fn accepted_completion(
         tracker,
         sampler,
         assemble: assemble.then_some(kind),
-        body_permit: acc.body_permit,
-    })
-    .await
-}
-
-/// The passed-through endpoints (embeddings, models): proxied unchanged, admitted
-/// by the body's `model` when there is one, not measured.
-pub async fn passthrough(
-    State(gw): State<Arc<Gateway>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let start = Instant::now();
-    let api = if uri.path() == "/v1/models" {
-        Api::Models
-    } else {
-        Api::Other
-    };
-    // `/v1/models/{id}` must not smuggle a traversal or an encoded separator upstream.
-    if uri
-        .path()
-        .split('/')
-        .any(|seg| seg == "." || seg == ".." || seg.contains('%') || seg.contains('\\'))
-    {
-        let e = GatewayError::NotFound {
-            path: uri.path().to_owned(),
-        };
-        return e.into_response();
-    }
-    let acc = match accept(&gw, api, &headers, body).await {
-        Ok(r) => r,
-        Err(resp) => return *resp,
-    };
-    let charge = acc.charge.clone();
-    let resp = accepted_passthrough(gw, api, method, uri, headers, acc, start).await;
-    with_quota(resp, charge.map(|c| c.quota()))
-}
-
-async fn accepted_passthrough(
-    gw: Arc<Gateway>,
-    api: Api,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    acc: Accepted,
-    start: Instant,
-) -> Response {
-    // A body is a JSON object (read like a completion's) or empty (a GET).
-    let head = if acc.bytes.trim_ascii().is_empty() {
-        RequestHead::default()
-    } else {
-        match RequestHead::parse(&acc.bytes) {
-            Ok(h) => h,
-            Err(e) => return refuse(&gw, "", api, false, e.into()),
-        }
-    };
-    let model = head.model().map(|m| m.to_string());
-    // (A request that waited in the queue is admitted under the policy in force by then.)
-    let (label, shadow, active, endpoint, snap) = match &model {
-        Some(m) => {
-            if let Err(e) = check_model_name(m) {
-                return refuse(&gw, "", api, false, e);
-            }
-            match admit_or_wait(&gw, acc.snap.clone(), m, acc.priority).await {
-                Ok(a) => (a.label, a.shadow, Some(a.active), a.endpoint, a.snap),
-                Err((label, e)) => {
-                    acc.refund_if_shed(&gw, &e);
-                    return refuse(&gw, &label, api, false, e);
-                }
-            }
-        }
-        // Nothing to admit (`GET /v1/models`): any endpoint taking requests answers it.
-        None => {
-            let now = gw.clock.now();
-            let any = gw.random.with(|r| acc.snap.fleet.any(now, r, None));
-            (String::new(), false, None, any.unwrap_or(0), acc.snap)
-        }
-    };
-    let mut tracker = Tracker::new(acc.place, &label, api, false, shadow, start);
-    if let Some(a) = active {
-        tracker = tracker.holding(a);
-    }
-    forward(Forward {
-        gw: &gw,
-        snap: &snap,
-        endpoint,
-        admission: model.as_deref().map(|m| (m, acc.priority)),
-        method,
-        path_and_query: uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
-        headers: &headers,
-        body: acc.bytes,
-        tracker,
-        sampler: None,
-        assemble: None,
         body_permit: acc.body_permit,
     })
     .await
@@ -412,6 +368,9 @@ pub async fn not_found(uri: Uri) -> Response {
     }
     .into_response()
 }
+
+mod passthrough;
+pub use passthrough::passthrough;
 
 #[cfg(test)]
 mod tests;

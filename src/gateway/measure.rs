@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::Gateway;
 use super::admission::Active;
 use super::assemble::Assembler;
+use super::tenancy::{Spend, Used};
 use crate::gateway::metrics::{GatewayMetrics, Outcome, RequestMetrics};
 use crate::limiter::{KeyId, Signal};
 use crate::openai::sse::{EventKind, SseEvent, SseParser, classify, classify_value};
@@ -97,6 +98,8 @@ pub struct Tracker {
     stream: bool,
     shadow: bool,
     outcome: Option<Outcome>,
+    /// The request's tenancy, settled when it ends.
+    spend: Option<Spend>,
     start: Instant,
     inflight: IntGauge,
     duration: Histogram,
@@ -121,6 +124,7 @@ impl Tracker {
             stream,
             shadow,
             outcome: None,
+            spend: None,
             start,
             inflight,
             place,
@@ -131,6 +135,12 @@ impl Tracker {
     /// Holds the limiter's count of the request for as long as the request lasts.
     pub fn holding(mut self, active: Active) -> Self {
         self.active = Some(active);
+        self
+    }
+
+    /// Settles the request's tenancy when it ends.
+    pub fn spending(mut self, spend: Option<Spend>) -> Self {
+        self.spend = spend;
         self
     }
 
@@ -162,6 +172,9 @@ impl Drop for Tracker {
             self.stream,
             outcome,
         );
+        if let Some(s) = self.spend.take() {
+            s.finish(&self.place.0, outcome);
+        }
         self.inflight.dec();
     }
 }
@@ -206,6 +219,8 @@ pub struct Sampler {
     key: KeyId,
     model: String,
     timer: StreamTimer,
+    /// Where the request's token use is counted, for its tenant.
+    used: Option<Arc<Used>>,
     /// Until the first content-bearing chunk.
     waiting: Option<Waiting>,
     metrics: RequestMetrics,
@@ -232,7 +247,14 @@ impl Sampler {
             key,
             model: model.to_owned(),
             timer: StreamTimer::new(now),
+            used: None,
         }
+    }
+
+    /// Counts the stream's content events (and its usage, if read) into `used`.
+    pub fn counting(mut self, used: Option<Arc<Used>>) -> Self {
+        self.used = used;
+        self
     }
 
     /// The request goes to `endpoint` (key `key`) of the same snapshot instead: it waits for
@@ -252,6 +274,9 @@ impl Sampler {
 
     /// `n` content-bearing events arrived together now.
     fn on_content(&mut self, n: usize) {
+        if let Some(u) = &self.used {
+            u.events(n);
+        }
         let now = self.gw.clock.now();
         let Some(timing) = self.timer.on_content(n, now) else {
             return;
@@ -314,6 +339,13 @@ impl Observer {
             saw_done: false,
             saw_error: false,
             assembler,
+        }
+    }
+
+    /// The upstream reported the request's usage: counted for its tenant.
+    pub fn usage(&self, prompt: u64, completion: u64) {
+        if let Some(u) = self.sampler.as_ref().and_then(|s| s.used.as_ref()) {
+            u.usage(prompt, completion);
         }
     }
 

@@ -20,7 +20,10 @@ use crate::gateway::unary::UnaryModes;
 use crate::limiter::Clock;
 use crate::policy::source::PolicyStore;
 
+mod fair;
 mod state;
+use crate::gateway::fair::FairBook;
+use fair::FairCollector;
 use state::StateCollector;
 
 /// How a request ended, the `outcome` label.
@@ -84,11 +87,22 @@ pub struct GatewayMetrics {
     pub queue_wait: HistogramVec,
     /// Requests refused for a spent budget, by tenant.
     pub over_budget: IntCounterVec,
+    /// Requests by tenant and outcome (where there are tenants).
+    pub tenant_requests: IntCounterVec,
+    /// Tokens used by tenant.
+    pub tenant_tokens: IntCounterVec,
+    /// What a tenant's budget on this pod has left, by unit, as of its last request.
+    pub tenant_budget_remaining: IntGaugeVec,
 }
 
 impl GatewayMetrics {
     /// The families of a gateway reading its policy and limiter state from `store`.
-    pub fn new(store: Arc<PolicyStore>, clock: Arc<dyn Clock>, unary: Arc<UnaryModes>) -> Self {
+    pub fn new(
+        store: Arc<PolicyStore>,
+        clock: Arc<dyn Clock>,
+        unary: Arc<UnaryModes>,
+        fair: Arc<FairBook>,
+    ) -> Self {
         let registry = Registry::new();
         let hist = |name: &str, help: &str, b: &[f64]| {
             HistogramVec::new(
@@ -175,6 +189,30 @@ impl GatewayMetrics {
                 &["tenant"],
             )
             .unwrap(),
+            tenant_requests: IntCounterVec::new(
+                Opts::new(
+                    "sluice_tenant_requests_total",
+                    "Requests by tenant and outcome (as in sluice_requests_total), where the policy has tenants (spec.tenants or clientAuth). Tenant names come from the clientAuth Secret and the policy, or are anonymous.",
+                ),
+                &["tenant", "outcome"],
+            )
+            .unwrap(),
+            tenant_tokens: IntCounterVec::new(
+                Opts::new(
+                    "sluice_tenant_tokens_total",
+                    "Tokens used by the tenant's admitted requests, prompt plus output: the usage the gateway read, else the prompt's estimate (bytes / 4) plus one token per content event relayed, else the estimate.",
+                ),
+                &["tenant"],
+            )
+            .unwrap(),
+            tenant_budget_remaining: IntGaugeVec::new(
+                Opts::new(
+                    "sluice_tenant_budget_remaining",
+                    "What the tenant's budget on this gateway pod had left after its last request, by unit (requests, tokens).",
+                ),
+                &["tenant", "unit"],
+            )
+            .unwrap(),
             registry,
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
@@ -189,6 +227,10 @@ impl GatewayMetrics {
             Box::new(m.queue_depth.clone()),
             Box::new(m.queue_wait.clone()),
             Box::new(m.over_budget.clone()),
+            Box::new(m.tenant_requests.clone()),
+            Box::new(m.tenant_tokens.clone()),
+            Box::new(m.tenant_budget_remaining.clone()),
+            Box::new(FairCollector::new(fair, clock.clone())),
             Box::new(StateCollector::new(store, clock, unary)),
         ];
         for c in collectors {
@@ -261,7 +303,12 @@ mod tests {
         let clock = ManualClock::default();
         clock.advance(std::time::Duration::from_secs(1));
         (
-            GatewayMetrics::new(store.clone(), Arc::new(clock), Arc::default()),
+            GatewayMetrics::new(
+                store.clone(),
+                Arc::new(clock),
+                Arc::default(),
+                Arc::default(),
+            ),
             store,
         )
     }
@@ -339,6 +386,7 @@ mod tests {
         let m = GatewayMetrics::new(
             store.clone(),
             Arc::new(ManualClock::default()),
+            Arc::default(),
             Arc::default(),
         );
         let text = m.render();

@@ -24,6 +24,7 @@ pub mod body;
 pub mod budget;
 pub mod client_keys;
 pub mod error;
+pub mod fair;
 pub mod handlers;
 pub mod intake;
 pub mod measure;
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod queue;
 pub mod relay;
 mod server;
+pub mod tenancy;
 pub mod unary;
 pub mod upstream;
 
@@ -168,8 +170,10 @@ pub struct Gateway {
     pub body_memory: Arc<tokio::sync::Semaphore>,
     /// Requests waiting for room (`spec.queue`).
     pub queue: Arc<queue::AdmissionQueue>,
-    /// The tenants' request budgets on this pod (`spec.tenants`).
+    /// The tenants' budgets on this pod (`spec.tenants`).
     pub budgets: budget::Budgets,
+    /// The tenants' use, for fair shedding.
+    pub fair: Arc<fair::FairBook>,
 }
 
 /// How a [`Gateway`] is set up apart from its policy, metrics and clock.
@@ -226,7 +230,9 @@ impl Gateway {
         options: GatewayOptions,
     ) -> anyhow::Result<Arc<Self>> {
         let unary = Arc::new(unary::UnaryModes::new(options.usage_probe));
-        let metrics = GatewayMetrics::new(store.clone(), clock.clone(), unary.clone());
+        let fair = Arc::new(fair::FairBook::default());
+        let metrics =
+            GatewayMetrics::new(store.clone(), clock.clone(), unary.clone(), fair.clone());
         let api_key = match (&options.upstream_api_key, &options.upstream_api_key_file) {
             (Some(k), _) => Some(api_key::bearer(&k.0)?),
             (None, Some(path)) => Some(api_key::read_key_file(path)?),
@@ -245,6 +251,7 @@ impl Gateway {
         Ok(Arc::new(Gateway {
             queue,
             budgets: budget::Budgets::default(),
+            fair,
             client_keys: Arc::new(client_keys),
             unary,
             store,

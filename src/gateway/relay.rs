@@ -412,8 +412,12 @@ async fn assembled(
         limits.faults.count(why);
         return fail(GatewayError::BrokenStream);
     }
-    if !assembler.has_usage() {
-        gw.unary.lacks_usage(&limits.upstream, gw.clock.now());
+    match assembler.usage_tokens() {
+        Some((prompt, completion)) => obs.usage(prompt, completion),
+        None if !assembler.has_usage() => {
+            gw.unary.lacks_usage(&limits.upstream, gw.clock.now());
+        }
+        None => {}
     }
     tracker.finish(Outcome::Success);
     axum::Json(assembler.finish()).into_response()

@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 
-use crate::policy::crd::{BudgetSpec, MAX_REQUESTS_PER_MINUTE, RateLimitPolicySpec};
+use crate::policy::crd::{
+    BudgetSpec, MAX_REQUESTS_PER_MINUTE, MAX_TOKENS_PER_MINUTE, MAX_WEIGHT, RateLimitPolicySpec,
+};
 
 /// Who the tenants are and their budgets (see [`crate::gateway::budget`]).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -18,11 +20,25 @@ pub struct TenantsConfig {
     pub replicas: u32,
 }
 
-/// A tenant's budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// A tenant's budget and weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
     /// Requests a minute, over all gateway pods; None: no request budget.
     pub requests_per_minute: Option<u32>,
+    /// Tokens a minute, over all gateway pods; None: no token budget.
+    pub tokens_per_minute: Option<u64>,
+    /// Weight in fair shedding (1 to 1000).
+    pub weight: u32,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            weight: 1,
+        }
+    }
 }
 
 impl TenantsConfig {
@@ -40,8 +56,24 @@ fn budget(spec: Option<&BudgetSpec>, field: &str, c: &mut super::Checker) -> Bud
             format!("{n} must be at most {MAX_REQUESTS_PER_MINUTE}"),
         );
     }
+    let tpm = spec.and_then(|b| b.tokens_per_minute);
+    if let Some(n) = tpm.filter(|n| *n > MAX_TOKENS_PER_MINUTE) {
+        c.fail(
+            format!("{field}.tokensPerMinute"),
+            format!("{n} must be at most {MAX_TOKENS_PER_MINUTE}"),
+        );
+    }
+    let weight = spec.and_then(|b| b.weight).unwrap_or(1);
+    if !(1..=MAX_WEIGHT).contains(&weight) {
+        c.fail(
+            format!("{field}.weight"),
+            format!("{weight} must be between 1 and {MAX_WEIGHT}"),
+        );
+    }
     Budget {
         requests_per_minute: rpm,
+        tokens_per_minute: tpm,
+        weight: weight.clamp(1, MAX_WEIGHT),
     }
 }
 

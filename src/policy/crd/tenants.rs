@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 
 /// Most budgets per minute may be (requests).
 pub const MAX_REQUESTS_PER_MINUTE: u32 = 10_000_000;
+/// Most budgets per minute may be (tokens).
+pub const MAX_TOKENS_PER_MINUTE: u64 = 10_000_000_000;
+/// Largest fair-shedding weight.
+pub const MAX_WEIGHT: u32 = 1000;
 
 /// The clients sharing the service and what each may use.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -41,9 +45,27 @@ pub struct TenantsSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct BudgetSpec {
-    /// Requests a minute (0 refuses every request); unset: no request budget. Split evenly
-    /// over `gateway.replicas`: each pod enforces its share.
+    /// Requests a minute (0 refuses every request); unset: no request budget. Counted over
+    /// any 60 s (a sliding window): a whole minute's worth may come at once. Split evenly over
+    /// `gateway.replicas`: each pod enforces its share (at least one a minute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 10000000))]
     pub requests_per_minute: Option<u32>,
+
+    /// Tokens a minute, prompt plus output (0 refuses every request); unset: no token budget.
+    /// A request is admitted against an estimate (its body's bytes / 4, plus `max_tokens`, or
+    /// 256 without one) and settled to the tokens it used when it ends (the usage the gateway
+    /// read, else the output events it relayed). A request whose estimate alone exceeds this
+    /// pod's share is refused with 429 "Request too large". Split evenly over
+    /// `gateway.replicas` like `requestsPerMinute`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000000000_u64))]
+    pub tokens_per_minute: Option<u64>,
+
+    /// The tenant's weight in fair shedding, 1 to 1000 (default 1): when the gateway sheds,
+    /// a tenant's fair share of the tokens admitted is proportional to its weight, and the
+    /// tenants over their share are shed first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub weight: Option<u32>,
 }

@@ -101,7 +101,15 @@ fn tenants_budgets_are_per_name_with_a_default_and_a_header_needs_trust() {
     assert_eq!(t.header.as_ref().map(|h| h.as_str()), Some("x-tenant"));
     assert_eq!(t.budget("batch").requests_per_minute, Some(0));
     assert_eq!(t.budget("anyone").requests_per_minute, Some(60));
+    assert_eq!(t.budget("anyone").weight, 1, "weights default to 1");
     assert_eq!(t.replicas, 1);
+    let doc = with(
+        "{default: {tokensPerMinute: 0}, clients: {web: {tokensPerMinute: 5000000000, weight: 4}}}",
+    );
+    let t = PolicyConfig::from_yaml(&doc).unwrap().1.tenants.unwrap();
+    assert_eq!(t.budget("web").tokens_per_minute, Some(5_000_000_000));
+    assert_eq!((t.budget("web").weight, t.budget("x").weight), (4, 1));
+    assert_eq!(t.budget("x").tokens_per_minute, Some(0));
     let doc = format!("{}  gateway: {{replicas: 3}}\n", with("{}"));
     let (_, c) = PolicyConfig::from_yaml(&doc).unwrap();
     assert_eq!(c.tenants.unwrap().replicas, 3);
@@ -127,6 +135,21 @@ fn tenants_budgets_are_per_name_with_a_default_and_a_header_needs_trust() {
             "{default: {requestsPerMinute: 10000001}}",
             "default.requestsPerMinute",
             "at most",
+        ),
+        (
+            "{default: {tokensPerMinute: 10000000001}}",
+            "default.tokensPerMinute",
+            "at most",
+        ),
+        (
+            "{clients: {web: {weight: 0}}}",
+            "clients[\"web\"].weight",
+            "between 1 and 1000",
+        ),
+        (
+            "{default: {weight: 1001}}",
+            "default.weight",
+            "between 1 and 1000",
         ),
     ] {
         assert_single_error(&with(t), &format!("spec.tenants.{field}"), needle);

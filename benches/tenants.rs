@@ -1,0 +1,243 @@
+//! Tenants, whole system: one simulated engine (16 slots), sluice in front of it, two clients
+//! sharing it. "light" offers a quarter of the engine's capacity C, "heavy" three times it.
+//!
+//! - **C** is measured first, in the same run: the goodput of a closed loop holding the engine's
+//!   16 slots busy.
+//! - **One tenant**: the same total load (3.25 C) from one anonymous client: the goodput to
+//!   compare the two-tenant total with.
+//! - **Two tenants, no tenancy**: the clients are not told apart (no `clientAuth`): each is shed
+//!   alike (sluice before fair shedding).
+//! - **Two tenants, fair**: `clientAuth` names them, so fair shedding runs.
+//! - **Budget**: a client with `requestsPerMinute: 120` offering twice that (4 req/s, under C,
+//!   so nothing is shed for load) for `SLUICE_TENANTS_BUDGET_SECONDS` (default 180): the
+//!   requests it gets served against 2 a second.
+//!
+//! Each load runs `SLUICE_TENANTS_SECONDS` (default 60) with seeds 1..=`SLUICE_TENANTS_SEEDS`
+//! (default 2). Results: stdout (a markdown table) and `target/tenants/results.json`.
+//! Run: `cargo bench --bench tenants`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sluice::loadgen::report::Report;
+use sluice::loadgen::{ApiKey, Endpoint, LoadgenArgs, run_load};
+
+use common::process::ChildProcess;
+use common::{spawn, spawn_gateway};
+
+/// 16 slots; the step times of `common::ENGINE`.
+const ENGINE: &[&str] = &[
+    "--max-num-seqs",
+    "16",
+    "--decode-step-ms",
+    "6",
+    "--decode-step-ms-per-seq",
+    "0.6",
+    "--prefill-ms-per-token",
+    "0.2",
+];
+const TTFT_SLO: Duration = Duration::from_secs(1);
+const ITL_SLO: Duration = Duration::from_millis(50);
+
+fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
+fn load(url: &str, key: Option<&str>, rate: f64, secs: f64, seed: u64) -> LoadgenArgs {
+    LoadgenArgs {
+        url: url.into(),
+        model: "sim-llm".into(),
+        endpoint: Endpoint::Chat,
+        api_key: key.map(|k| ApiKey(k.into())),
+        rate,
+        duration: Duration::from_secs_f64(secs),
+        schedule: None,
+        burstiness: 1.0,
+        prompt_chars: (200, 1000),
+        output_tokens: (100, 200),
+        ttft_slo: TTFT_SLO,
+        itl_slo: ITL_SLO,
+        priority_mix: None,
+        honor_retry_after: false,
+        max_retries: None,
+        max_inflight: None,
+        gradient: false,
+        metrics_url: None,
+        timeout: Duration::from_secs(30),
+        seed,
+        json: None,
+        svg: None,
+        quiet: true,
+    }
+}
+
+struct Setup {
+    _procs: Vec<ChildProcess>,
+    engine: String,
+    gateway: Option<String>,
+}
+
+async fn engine(seed: u64) -> (ChildProcess, String) {
+    let seed = seed.to_string();
+    let mut args = vec!["sim-engine", "--listen", "127.0.0.1:0", "--seed", &seed];
+    args.extend_from_slice(ENGINE);
+    spawn(&args, "simulated engine", "/health").await
+}
+
+/// The engine and a gateway whose policy adds `spec` (with the client keys in `keys`).
+async fn system(spec: Option<&str>, keys: &Path, dir: &Path, seed: u64) -> Setup {
+    let (e, url) = engine(seed).await;
+    let Some(spec) = spec else {
+        return Setup {
+            _procs: vec![e],
+            engine: url,
+            gateway: None,
+        };
+    };
+    let policy = dir.join("policy.yaml");
+    let doc = format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: bench}}\nspec:\n  upstream: {{url: '{url}'}}\n  defaults: {{ttft: 500ms, itl: 40ms}}\n{spec}"
+    );
+    std::fs::write(&policy, doc).expect("write policy");
+    let (gw, gw_url) = if spec.contains("clientAuth") {
+        spawn(
+            &[
+                "gateway",
+                "--listen",
+                "127.0.0.1:0",
+                "--policy-file",
+                policy.to_str().unwrap(),
+                "--client-keys-dir",
+                keys.to_str().unwrap(),
+            ],
+            "gateway",
+            "/readyz",
+        )
+        .await
+    } else {
+        spawn_gateway(&policy).await
+    };
+    Setup {
+        _procs: vec![gw, e],
+        engine: url,
+        gateway: Some(gw_url),
+    }
+}
+
+fn summary(r: &Report) -> Value {
+    json!({
+        "offered_rps": r.offered_rps,
+        "goodput_rps": r.goodput_rps,
+        "shed": r.reject_rate,
+        "sent": r.sent,
+        "rejected": r.rejected,
+        "ok": r.ok,
+        "ttft_p99_s": r.ttft_s.as_ref().map(|p| p.p99),
+    })
+}
+
+fn main() {
+    common::runtime().block_on(bench());
+}
+
+async fn bench() {
+    let secs: f64 = env_num("SLUICE_TENANTS_SECONDS").unwrap_or(60.0);
+    let budget_secs: f64 = env_num("SLUICE_TENANTS_BUDGET_SECONDS").unwrap_or(180.0);
+    let seeds: u64 = env_num("SLUICE_TENANTS_SEEDS").unwrap_or(2);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tenants");
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys");
+    let _ = std::fs::remove_dir_all(&keys);
+    std::fs::create_dir_all(&keys).unwrap();
+    for (name, key) in [
+        ("light", "sk-light"),
+        ("heavy", "sk-heavy"),
+        ("metered", "sk-metered"),
+    ] {
+        std::fs::write(keys.join(name), format!("{key}\n")).unwrap();
+    }
+    // C: a closed loop of 16 in flight straight at the engine.
+    let s = system(None, &keys, &dir, 1).await;
+    let mut cap = load(&s.engine, None, 60.0, 30.0, 1);
+    cap.max_inflight = Some(16);
+    let c = run_load(&cap).await.unwrap().goodput_rps;
+    drop(s);
+    eprintln!("capacity C = {c:.2} req/s");
+    let (light, heavy) = (0.25 * c, 3.0 * c);
+    let fair = "clientAuth: {secretRef: {name: clients}}\n";
+    let mut runs = Vec::new();
+    let mut table = String::from(
+        "| run | seed | light goodput / offered (req/s) | light shed | heavy goodput | heavy shed | total goodput |\n|---|---|---|---|---|---|---|\n",
+    );
+    for seed in 1..=seeds {
+        let s = system(Some(""), &keys, &dir, seed).await;
+        let gw = s.gateway.clone().unwrap();
+        let one = run_load(&load(&gw, None, light + heavy, secs, seed))
+            .await
+            .unwrap();
+        drop(s);
+        table.push_str(&format!(
+            "| one tenant at 3.25 C | {seed} | | | | | {:.2} |\n",
+            one.goodput_rps
+        ));
+        runs.push(json!({"run": "one tenant", "seed": seed, "total": summary(&one)}));
+        for (name, spec, keyed) in [("no tenancy", "", false), ("fair", fair, true)] {
+            let s = system(Some(spec), &keys, &dir, seed).await;
+            let gw = s.gateway.clone().unwrap();
+            let (lk, hk) = if keyed {
+                (Some("sk-light"), Some("sk-heavy"))
+            } else {
+                (None, None)
+            };
+            let (la, ha) = (
+                load(&gw, lk, light, secs, seed * 10 + 1),
+                load(&gw, hk, heavy, secs, seed * 10 + 2),
+            );
+            let (l, h) = futures_util::join!(run_load(&la), run_load(&ha));
+            let (l, h) = (l.unwrap(), h.unwrap());
+            drop(s);
+            table.push_str(&format!(
+                "| two tenants, {name} | {seed} | {:.2} / {:.2} | {:.1} % | {:.2} | {:.1} % | {:.2} |\n",
+                l.goodput_rps,
+                l.offered_rps,
+                l.reject_rate * 100.0,
+                h.goodput_rps,
+                h.reject_rate * 100.0,
+                l.goodput_rps + h.goodput_rps
+            ));
+            runs.push(
+                json!({"run": name, "seed": seed, "light": summary(&l), "heavy": summary(&h)}),
+            );
+            eprintln!("{table}");
+        }
+    }
+    // The budget: 120 a minute, offered 4 a second.
+    let spec = format!("{fair}  tenants: {{clients: {{metered: {{requestsPerMinute: 120}}}}}}\n");
+    let s = system(Some(&spec), &keys, &dir, 1).await;
+    let gw = s.gateway.clone().unwrap();
+    let r = run_load(&load(&gw, Some("sk-metered"), 4.0, budget_secs, 7))
+        .await
+        .unwrap();
+    drop(s);
+    let want = 2.0 * budget_secs;
+    let got = r.ok as f64;
+    let budget = format!(
+        "budget 120/min offered 4/s for {budget_secs} s: served {got} of {} sent (budget {want}: {:+.1} %), {} refused",
+        r.sent,
+        (got / want - 1.0) * 100.0,
+        r.rejected
+    );
+    runs.push(json!({"run": "budget", "served": got, "budget": want, "sent": r.sent, "rejected": r.rejected}));
+    println!(
+        "capacity C = {c:.2} req/s; light {light:.2}, heavy {heavy:.2} req/s\n\n{table}\n{budget}"
+    );
+    let out = json!({"capacity_rps": c, "seconds": secs, "runs": runs});
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&out).unwrap(),
+    )
+    .unwrap();
+}

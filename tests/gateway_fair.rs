@@ -1,0 +1,160 @@
+//! Tenants in the latency gate and their token budgets, through the real router and relay in
+//! this process with an injected clock and a seeded random source (see `support::inproc`):
+//! a light tenant is served while a heavy one over its fair share is shed, priorities rank
+//! before fairness, and token budgets are held at the estimate and settled to the tokens
+//! relayed, with OpenAI's token headers.
+
+mod support;
+
+use std::time::Duration;
+
+use support::http::{client, metric, send};
+use support::inproc::InProc;
+
+const MS: Duration = Duration::from_millis(1);
+const LIGHT: (&str, &str) = ("x-tenant", "light");
+const HEAVY: (&str, &str) = ("x-tenant", "heavy");
+
+/// Over a TTFT of 1 s the gate sheds half of the standard requests (a cliff at p = 0.5, no
+/// concurrency rules).
+fn policy(tenants: &str) -> String {
+    format!(
+        "defaults: {{ttft: 1s, itl: 1s, timeConstant: 4s}}\nshedding: {{maxRejectProbability: 0.5, ramp: 1, adaptiveConcurrency: false}}\ntenants: {{header: x-tenant, trustHeader: true, {tenants}}}"
+    )
+}
+
+/// Every stream the engine serves takes 1.5 s to its first token: the gate stays half shut.
+const SLOW: Duration = Duration::from_millis(1500);
+
+#[tokio::test]
+async fn a_light_tenant_is_served_while_a_heavy_one_over_its_share_is_shed() {
+    let g = InProc::start(&policy("clients: {light: {}, heavy: {}}")).await;
+    // Load in flight, so that work conservation (nothing in flight) does not apply.
+    let _load = g.busy("m", 10).await;
+    assert_eq!(g.stream("m", &[LIGHT], MS, &[]).await.status, 200);
+    // Heavy comes first: until some of its requests are shed, no one is over a share.
+    let mut heavy_shed = 0;
+    for _ in 0..8 {
+        heavy_shed += usize::from(g.stream("m", &[HEAVY], SLOW, &[]).await.status == 429);
+    }
+    assert!(heavy_shed > 0);
+    // Then heavy sends 4 requests for each of light's; the gate sheds about half of heavy's.
+    let mut light_shed = 0;
+    for i in 8..68 {
+        heavy_shed += usize::from(g.stream("m", &[HEAVY], SLOW, &[]).await.status == 429);
+        if i % 4 == 3 {
+            light_shed += usize::from(g.stream("m", &[LIGHT], SLOW, &[]).await.status == 429);
+        }
+    }
+    assert_eq!(light_shed, 0, "light stays under its share");
+    assert!((24..=44).contains(&heavy_shed), "{heavy_shed} of 68");
+    let m = g.metrics().await;
+    let gauge = |name: &str, t: &str| {
+        let labels = [("model", "other"), ("tenant", t)];
+        metric(&m, name, &labels).unwrap_or_else(|| panic!("{name} {t}: {m}"))
+    };
+    let heavy_share = gauge("sluice_tenant_fair_share_tokens_per_second", "heavy");
+    let heavy_use = gauge("sluice_tenant_use_tokens_per_second", "heavy");
+    assert!(heavy_share.is_finite() && heavy_use > heavy_share, "{m}");
+    assert!(gauge("sluice_tenant_use_tokens_per_second", "light") < heavy_share);
+    assert!(gauge("sluice_tenant_shed_ratio", "heavy") > 0.2, "{m}");
+    assert_eq!(gauge("sluice_tenant_shed_ratio", "light"), 0.0);
+    // Priorities rank first: light's sheddable requests take the gate's word.
+    let sheddable = [LIGHT, ("x-sluice-priority", "sheddable")];
+    let mut shed = 0;
+    for _ in 0..10 {
+        shed += usize::from(g.stream("m", &sheddable, SLOW, &[]).await.status == 429);
+    }
+    assert!(shed >= 2, "{shed} of 10 sheddable requests shed");
+    let m = g.metrics().await;
+    let requests = |t: &str, o: &str| {
+        metric(
+            &m,
+            "sluice_tenant_requests_total",
+            &[("tenant", t), ("outcome", o)],
+        )
+    };
+    assert_eq!(
+        requests("light", "rejected").unwrap_or(0.0),
+        shed as f64,
+        "{m}"
+    );
+    assert_eq!(requests("heavy", "rejected"), Some(heavy_shed as f64));
+    assert_eq!(requests("heavy", "success"), Some(68.0 - heavy_shed as f64));
+}
+
+#[tokio::test]
+async fn the_only_tenant_sending_takes_the_gates_word() {
+    let g = InProc::start(&policy("clients: {light: {}}")).await;
+    let _load = g.busy("m", 10).await;
+    assert_eq!(g.stream("m", &[LIGHT], SLOW, &[]).await.status, 200);
+    let mut shed = 0;
+    for _ in 0..20 {
+        shed += usize::from(g.stream("m", &[LIGHT], SLOW, &[]).await.status == 429);
+    }
+    assert!(
+        (5..=15).contains(&shed),
+        "{shed} of 20: about half, as without tenants"
+    );
+}
+
+/// The body `InProc::stream` sends, whose bytes are its prompt estimate × 4.
+fn stream_body_bytes() -> u64 {
+    let body = serde_json::json!({"model": "m", "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]});
+    body.to_string().len() as u64
+}
+
+#[tokio::test]
+async fn tokens_are_held_at_the_estimate_and_settled_to_the_tokens_relayed() {
+    let g = InProc::start(&policy("default: {tokensPerMinute: 1200}")).await;
+    let prompt = stream_body_bytes().div_ceil(4);
+    // No max_tokens: the estimate is the prompt plus 256 output tokens.
+    let first = g.stream("m", &[], MS, &[MS, MS]).await;
+    assert_eq!(first.status, 200);
+    let header = |o: &support::inproc::Outcome, n: &str| o.header(n).unwrap();
+    assert_eq!(header(&first, "x-ratelimit-limit-tokens"), "1200");
+    let held = 1200 - prompt - 256;
+    assert_eq!(
+        header(&first, "x-ratelimit-remaining-tokens"),
+        held.to_string()
+    );
+    // It used its prompt and three content events: the rest came back when it ended.
+    let second = g.stream("m", &[], MS, &[]).await;
+    let settled = 1200 - (prompt + 3);
+    assert_eq!(
+        header(&second, "x-ratelimit-remaining-tokens"),
+        (settled - prompt - 256).to_string()
+    );
+    let m = g.metrics().await;
+    let tokens = metric(&m, "sluice_tenant_tokens_total", &[("tenant", "anonymous")]);
+    assert_eq!(tokens, Some((2 * prompt + 4) as f64), "{m}");
+    // A max_tokens that could never fit is refused outright and takes nothing.
+    let c = client();
+    let url = format!("{}/v1/chat/completions", g.url);
+    let huge = r#"{"model":"m","stream":true,"max_tokens":1000000000,"messages":[]}"#;
+    let r = send(&c, "POST", &url, &[], huge).await;
+    assert_eq!(r.status, 429);
+    let e = r.json();
+    assert_eq!(e["error"]["type"], "tokens");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Request too large")
+    );
+    assert!(r.header("retry-after").is_none(), "waiting would not help");
+    // Four requests held open hold four estimates: what is left is less than a fifth.
+    let left = 1200 - (prompt + 3) - (prompt + 1);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(g.hold("m").await);
+    }
+    assert!(left - 4 * (prompt + 256) < prompt + 256);
+    let spent = g.stream("m", &[], MS, &[]).await;
+    assert_eq!(spent.status, 429);
+    let e = spent.body.as_ref().unwrap();
+    assert_eq!(e["error"]["type"], "tokens");
+    assert_eq!(e["error"]["code"], "rate_limit_exceeded");
+    assert!(spent.retry_after() > Duration::ZERO);
+}
