@@ -100,29 +100,11 @@ fn env_num(name: &str) -> Option<f64> {
 
 fn args(url: &str, rate: f64, secs: f64, seed: u64) -> LoadgenArgs {
     LoadgenArgs {
-        url: url.into(),
-        model: "sim-llm".into(),
-        endpoint: sluice::loadgen::Endpoint::Chat,
-        api_key: None,
-        rate,
-        duration: Duration::from_secs_f64(secs),
-        schedule: None,
-        burstiness: 1.0,
         prompt_chars: (500, 3000),
         output_tokens: (32, 128),
         ttft_slo: TTFT_SLO,
         itl_slo: ITL_SLO,
-        priority_mix: None,
-        honor_retry_after: false,
-        max_retries: None,
-        max_inflight: None,
-        gradient: false,
-        metrics_url: None,
-        timeout: Duration::from_secs(30),
-        seed,
-        json: None,
-        svg: None,
-        quiet: true,
+        ..common::loadgen(url, rate, secs, seed)
     }
 }
 

@@ -29,7 +29,7 @@ use common::process::ChildProcess;
 
 use sluice::loadgen::arrivals::Phase;
 use sluice::loadgen::report::Report;
-use sluice::loadgen::{Endpoint, LoadgenArgs, Schedule, run_load};
+use sluice::loadgen::{LoadgenArgs, Schedule, run_load};
 
 const TTFT_SLO: Duration = Duration::from_secs(2);
 const ITL_SLO: Duration = Duration::from_millis(150);
@@ -86,35 +86,20 @@ async fn run(limiter: Limiter, rate: f64, seed: u64) -> Report {
         _ => llama.url.clone(),
     };
     let args = LoadgenArgs {
-        url,
         model: "gemma".into(),
-        endpoint: Endpoint::Chat,
-        api_key: None,
-        rate,
-        duration: POINT,
         schedule: Some(Schedule(vec![Phase {
             rate,
             duration: POINT,
         }])),
-        burstiness: 1.0,
         prompt_chars: PROMPT_CHARS,
         output_tokens: OUTPUT_TOKENS,
         ttft_slo: TTFT_SLO,
         itl_slo: ITL_SLO,
-        priority_mix: None,
-        honor_retry_after: false,
-        max_retries: None,
         max_inflight: match limiter {
             Limiter::Cap(n) => Some(n),
             _ => None,
         },
-        gradient: false,
-        metrics_url: None,
-        timeout: Duration::from_secs(30),
-        seed,
-        json: None,
-        svg: None,
-        quiet: true,
+        ..common::loadgen(&url, rate, POINT.as_secs_f64(), seed)
     };
     let report = run_load(&args).await.expect("load generator runs");
     // The gateway stops before the engine; then its policy file goes.

@@ -23,22 +23,11 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use sluice::loadgen::report::Report;
-use sluice::loadgen::{ApiKey, Endpoint, LoadgenArgs, run_load};
+use sluice::loadgen::{ApiKey, LoadgenArgs, run_load};
 
 use common::process::ChildProcess;
 use common::{spawn, spawn_gateway};
 
-/// 16 slots; the step times of `common::ENGINE`.
-const ENGINE: &[&str] = &[
-    "--max-num-seqs",
-    "16",
-    "--decode-step-ms",
-    "6",
-    "--decode-step-ms-per-seq",
-    "0.6",
-    "--prefill-ms-per-token",
-    "0.2",
-];
 const TTFT_SLO: Duration = Duration::from_secs(1);
 const ITL_SLO: Duration = Duration::from_millis(50);
 
@@ -48,29 +37,11 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
 
 fn load(url: &str, key: Option<&str>, rate: f64, secs: f64, seed: u64) -> LoadgenArgs {
     LoadgenArgs {
-        url: url.into(),
-        model: "sim-llm".into(),
-        endpoint: Endpoint::Chat,
         api_key: key.map(|k| ApiKey(k.into())),
-        rate,
-        duration: Duration::from_secs_f64(secs),
-        schedule: None,
-        burstiness: 1.0,
-        prompt_chars: (200, 1000),
         output_tokens: (100, 200),
         ttft_slo: TTFT_SLO,
         itl_slo: ITL_SLO,
-        priority_mix: None,
-        honor_retry_after: false,
-        max_retries: None,
-        max_inflight: None,
-        gradient: false,
-        metrics_url: None,
-        timeout: Duration::from_secs(30),
-        seed,
-        json: None,
-        svg: None,
-        quiet: true,
+        ..common::loadgen(url, rate, secs, seed)
     }
 }
 
@@ -83,7 +54,9 @@ struct Setup {
 async fn engine(seed: u64) -> (ChildProcess, String) {
     let seed = seed.to_string();
     let mut args = vec!["sim-engine", "--listen", "127.0.0.1:0", "--seed", &seed];
-    args.extend_from_slice(ENGINE);
+    // `common::ENGINE`'s step times, with 16 slots.
+    args.extend_from_slice(common::ENGINE);
+    args[6] = "16";
     spawn(&args, "simulated engine", "/health").await
 }
 
@@ -167,10 +140,10 @@ async fn bench() {
     drop(s);
     eprintln!("capacity C = {c:.2} req/s");
     let (light, heavy) = (0.25 * c, 3.0 * c);
-    let fair = "clientAuth: {secretRef: {name: clients}}\n";
+    let fair = "  clientAuth: {secretRef: {name: clients}}\n";
     let mut runs = Vec::new();
     let mut table = String::from(
-        "| run | seed | light goodput / offered (req/s) | light shed | heavy goodput | heavy shed | total goodput |\n|---|---|---|---|---|---|---|\n",
+        "| run | seed | light offered / served / goodput (req/s) | light shed | heavy goodput | heavy shed | total goodput |\n|---|---|---|---|---|---|---|\n",
     );
     for seed in 1..=seeds {
         let s = system(Some(""), &keys, &dir, seed).await;
@@ -200,9 +173,10 @@ async fn bench() {
             let (l, h) = (l.unwrap(), h.unwrap());
             drop(s);
             table.push_str(&format!(
-                "| two tenants, {name} | {seed} | {:.2} / {:.2} | {:.1} % | {:.2} | {:.1} % | {:.2} |\n",
-                l.goodput_rps,
+                "| two tenants, {name} | {seed} | {:.2} / {:.2} / {:.2} | {:.1} % | {:.2} | {:.1} % | {:.2} |\n",
                 l.offered_rps,
+                l.ok as f64 / l.duration_s,
+                l.goodput_rps,
                 l.reject_rate * 100.0,
                 h.goodput_rps,
                 h.reject_rate * 100.0,

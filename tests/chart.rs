@@ -328,6 +328,9 @@ fn the_chart_renders_the_shared_rbac_and_its_options() {
         "sluice_upstream_requests_total",
         "sluice_upstream_pressure_ratio",
         "sluice_upstream_in_flight_requests",
+        "sluice_tenant_requests_total",
+        "sluice_tenant_use_tokens_per_second",
+        "sluice_tenant_fair_share_tokens_per_second",
     ] {
         assert!(
             exprs.contains(metric),

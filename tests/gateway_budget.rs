@@ -129,3 +129,32 @@ async fn load_shedding_spends_no_budget() {
     g.clock.advance(4400 * MS);
     assert_eq!(g.stream("m", &[BATCH], 100 * MS, &[]).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_client_rotating_tenant_names_is_one_anonymous_tenant_with_one_budget() {
+    let g = InProc::start(&policy("")).await;
+    // Made-up names, each new: all anonymous, sharing the default's 2 a minute.
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let name = format!("rotating-{i}");
+        let o = g
+            .stream("m", &[("x-tenant", name.as_str())], NOW, &[])
+            .await;
+        statuses.push(o.status);
+    }
+    assert_eq!(statuses, [200, 200, 429, 429, 429, 429]);
+    // No metric label, and no budget, was made from the names the client sent.
+    let m = g.metrics().await;
+    assert!(!m.contains("rotating-"), "{m}");
+    let requests = |o: &str| {
+        metric(
+            &m,
+            "sluice_tenant_requests_total",
+            &[("tenant", "anonymous"), ("outcome", o)],
+        )
+    };
+    assert_eq!(
+        (requests("success"), requests("over_budget")),
+        (Some(2.0), Some(4.0))
+    );
+}

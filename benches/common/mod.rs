@@ -58,6 +58,38 @@ pub async fn cluster() -> (kube::Client, String) {
     (client, path)
 }
 
+/// A quiet load generator's arguments for `url`: `rate` a second of chat requests for `secs`
+/// (Poisson arrivals), `seed`; the benches set what they measure (prompts, outputs, SLOs,
+/// limits) with struct update syntax.
+pub fn loadgen(url: &str, rate: f64, secs: f64, seed: u64) -> sluice::loadgen::LoadgenArgs {
+    sluice::loadgen::LoadgenArgs {
+        url: url.into(),
+        model: "sim-llm".into(),
+        endpoint: sluice::loadgen::Endpoint::Chat,
+        api_key: None,
+        rate,
+        duration: Duration::from_secs_f64(secs),
+        schedule: None,
+        burstiness: 1.0,
+        prompt_chars: (200, 1000),
+        output_tokens: (32, 128),
+        ttft_slo: Duration::from_secs(1),
+        itl_slo: Duration::from_millis(50),
+        priority_mix: None,
+        honor_retry_after: false,
+        max_retries: None,
+        max_inflight: None,
+        gradient: false,
+        metrics_url: None,
+        // Requests still waiting after 30 s are misses either way; the client gives up.
+        timeout: Duration::from_secs(30),
+        seed,
+        json: None,
+        svg: None,
+        quiet: true,
+    }
+}
+
 /// The engine: 32 batch slots, decode step 6 ms + 0.6 ms per active sequence (25 ms with a
 /// full batch), prefill 0.2 ms per prompt token.
 pub const ENGINE: &[&str] = &[

@@ -265,21 +265,14 @@ fn args(
     schedule: Vec<Phase>,
     seed: u64,
 ) -> LoadgenArgs {
+    let (rate, secs) = (schedule[0].rate, schedule[0].duration.as_secs_f64());
     LoadgenArgs {
-        url: url.into(),
-        model: "sim-llm".into(),
-        endpoint: sluice::loadgen::Endpoint::Chat,
-        api_key: None,
-        rate: schedule[0].rate,
-        duration: schedule[0].duration,
         schedule: Some(sluice::loadgen::Schedule(schedule)),
         burstiness: w.burstiness,
         prompt_chars: w.prompt_chars,
         output_tokens: w.output_tokens,
         ttft_slo: w.ttft_slo,
         itl_slo: w.itl_slo,
-        priority_mix: None,
-        honor_retry_after: false,
         // SLUICE_GOODPUT_RETRIES: retries of a shed request (the OpenAI SDKs make 2).
         max_retries: crate::env_num("SLUICE_GOODPUT_RETRIES"),
         max_inflight: match limiter {
@@ -287,14 +280,9 @@ fn args(
             _ => None,
         },
         gradient: matches!(limiter, Limiter::Gradient),
-        metrics_url: None,
-        // Requests still waiting after 30 s are misses either way; the client gives up
-        // (as real clients do) so a no-limiter run drains in bounded time.
-        timeout: Duration::from_secs(30),
-        seed,
-        json: None,
-        svg: None,
-        quiet: true,
+        // (Requests still waiting after 30 s are misses either way, so a no-limiter run
+        // drains in bounded time.)
+        ..crate::common::loadgen(url, rate, secs, seed)
     }
 }
 
