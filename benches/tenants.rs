@@ -12,11 +12,17 @@
 //!   so nothing is shed for load) for `SLUICE_TENANTS_BUDGET_SECONDS` (default 180): the
 //!   requests it gets served against 2 a second.
 //!
+//! - **Peer**: LiteLLM's proxy with per-key rpm limits (heavy's set to what the engine has
+//!   left after light), for both loads, when `SLUICE_TENANTS_LITELLM` names its executable
+//!   (see `tenants/litellm.rs`).
+//!
 //! Each load runs `SLUICE_TENANTS_SECONDS` (default 60) with seeds 1..=`SLUICE_TENANTS_SEEDS`
 //! (default 2). Results: stdout (a markdown table) and `target/tenants/results.json`.
 //! Run: `cargo bench --bench tenants`.
 
 mod common;
+#[path = "tenants/litellm.rs"]
+mod litellm;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -112,6 +118,35 @@ fn summary(r: &Report) -> Value {
     })
 }
 
+/// Light and heavy at `rates`, at once, through `url` (with their keys, if any).
+async fn two(
+    url: &str,
+    keys: Option<(&str, &str)>,
+    (light, heavy): (f64, f64),
+    secs: f64,
+    seed: u64,
+) -> (Report, Report) {
+    let (la, ha) = (
+        load(url, keys.map(|k| k.0), light, secs, seed * 10 + 1),
+        load(url, keys.map(|k| k.1), heavy, secs, seed * 10 + 2),
+    );
+    let (l, h) = futures_util::join!(run_load(&la), run_load(&ha));
+    (l.unwrap(), h.unwrap())
+}
+
+fn row(name: &str, seed: u64, l: &Report, h: &Report) -> String {
+    format!(
+        "| {name} | {seed} | {:.2} / {:.2} / {:.2} | {:.1} % | {:.2} | {:.1} % | {:.2} |\n",
+        l.offered_rps,
+        l.ok as f64 / l.duration_s,
+        l.goodput_rps,
+        l.reject_rate * 100.0,
+        h.goodput_rps,
+        h.reject_rate * 100.0,
+        l.goodput_rps + h.goodput_rps
+    )
+}
+
 fn main() {
     common::runtime().block_on(bench());
 }
@@ -141,6 +176,10 @@ async fn bench() {
     eprintln!("capacity C = {c:.2} req/s");
     let (light, heavy) = (0.25 * c, 3.0 * c);
     let fair = "  clientAuth: {secretRef: {name: clients}}\n";
+    let peer = std::env::var("SLUICE_TENANTS_LITELLM").ok();
+    if peer.is_none() {
+        eprintln!("SLUICE_TENANTS_LITELLM is not set: the LiteLLM peer is not run");
+    }
     let mut runs = Vec::new();
     let mut table = String::from(
         "| run | seed | light offered / served / goodput (req/s) | light shed | heavy goodput | heavy shed | total goodput |\n|---|---|---|---|---|---|---|\n",
@@ -160,30 +199,34 @@ async fn bench() {
         for (name, spec, keyed) in [("no tenancy", "", false), ("fair", fair, true)] {
             let s = system(Some(spec), &keys, &dir, seed).await;
             let gw = s.gateway.clone().unwrap();
-            let (lk, hk) = if keyed {
-                (Some("sk-light"), Some("sk-heavy"))
-            } else {
-                (None, None)
-            };
-            let (la, ha) = (
-                load(&gw, lk, light, secs, seed * 10 + 1),
-                load(&gw, hk, heavy, secs, seed * 10 + 2),
-            );
-            let (l, h) = futures_util::join!(run_load(&la), run_load(&ha));
-            let (l, h) = (l.unwrap(), h.unwrap());
+            let keys = keyed.then_some(("sk-light", "sk-heavy"));
+            let (l, h) = two(&gw, keys, (light, heavy), secs, seed).await;
             drop(s);
-            table.push_str(&format!(
-                "| two tenants, {name} | {seed} | {:.2} / {:.2} / {:.2} | {:.1} % | {:.2} | {:.1} % | {:.2} |\n",
-                l.offered_rps,
-                l.ok as f64 / l.duration_s,
-                l.goodput_rps,
-                l.reject_rate * 100.0,
-                h.goodput_rps,
-                h.reject_rate * 100.0,
-                l.goodput_rps + h.goodput_rps
-            ));
+            table.push_str(&row(&format!("two tenants, {name}"), seed, &l, &h));
             runs.push(
                 json!({"run": name, "seed": seed, "light": summary(&l), "heavy": summary(&h)}),
+            );
+            eprintln!("{table}");
+        }
+        // The peer, configured as a user would: heavy limited to what the engine has left
+        // after light (in requests a minute), light to twice what it sends.
+        if let Some(litellm) = &peer {
+            let (e, engine_url) = engine(seed).await;
+            let heavy_rpm = ((c - light) * 60.0).round() as u64;
+            let light_rpm = (light * 120.0).round() as u64;
+            let limits = [
+                ("sk-light", Some(light_rpm), None),
+                ("sk-heavy", Some(heavy_rpm), None),
+            ];
+            let (p, url) = litellm::start(litellm, &engine_url, &limits, &dir).await;
+            let keys = Some(("sk-light", "sk-heavy"));
+            let (l, h) = two(&url, keys, (light, heavy), secs, seed).await;
+            drop((p, e));
+            let name = format!("two tenants, LiteLLM rpm (light {light_rpm}, heavy {heavy_rpm})");
+            table.push_str(&row(&name, seed, &l, &h));
+            runs.push(
+                json!({"run": "litellm", "seed": seed, "light": summary(&l), "heavy": summary(&h),
+                "light_rpm": light_rpm, "heavy_rpm": heavy_rpm}),
             );
             eprintln!("{table}");
         }
@@ -205,6 +248,24 @@ async fn bench() {
         r.rejected
     );
     runs.push(json!({"run": "budget", "served": got, "budget": want, "sent": r.sent, "rejected": r.rejected}));
+    let mut budget = format!("sluice: {budget}");
+    if let Some(litellm) = &peer {
+        let (e, engine_url) = engine(1).await;
+        let limits = [("sk-metered", Some(120), None)];
+        let (p, url) = litellm::start(litellm, &engine_url, &limits, &dir).await;
+        let r = run_load(&load(&url, Some("sk-metered"), 4.0, budget_secs, 7))
+            .await
+            .unwrap();
+        drop((p, e));
+        let got = r.ok as f64;
+        budget.push_str(&format!(
+            "\nLiteLLM: served {got} of {} sent (budget {want}: {:+.1} %), {} refused",
+            r.sent,
+            (got / want - 1.0) * 100.0,
+            r.rejected
+        ));
+        runs.push(json!({"run": "budget litellm", "served": got, "budget": want, "sent": r.sent, "rejected": r.rejected}));
+    }
     println!(
         "capacity C = {c:.2} req/s; light {light:.2}, heavy {heavy:.2} req/s\n\n{table}\n{budget}"
     );

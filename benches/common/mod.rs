@@ -111,9 +111,16 @@ pub async fn spawn(args: &[&str], what: &str, ready_path: &str) -> (ChildProcess
         &[("RUST_LOG", "warn,sluice::sim=info,sluice::gateway=info")],
     );
     let url = format!("http://{}", p.listen_addr(what, 20));
+    ready(&mut p, &url, ready_path, 20).await;
+    (p, url)
+}
+
+/// Waits until `p` answers `ready_path` at `url` with 200 (fails after `secs`, or when the
+/// process exits).
+pub async fn ready(p: &mut ChildProcess, url: &str, ready_path: &str, secs: u64) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         if let Ok(Some(status)) = p.child.try_wait() {
             panic!("{} exited early: {status}", p.name);
@@ -124,9 +131,9 @@ pub async fn spawn(args: &[&str], what: &str, ready_path: &str) -> (ChildProcess
         if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), client.request(req)).await
             && r.status() == 200
         {
-            return (p, url);
+            return;
         }
-        assert!(Instant::now() < deadline, "{url} not ready after 20 s");
+        assert!(Instant::now() < deadline, "{url} not ready after {secs} s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
