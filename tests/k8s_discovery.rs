@@ -101,8 +101,14 @@ async fn the_services_ready_endpoints_become_the_fleet_under_the_gateways_own_ro
         &slice("engine-b", &[("engine-4", "192.0.2.14", true, false)]),
     )
     .await;
+    // (The discovered count and the fleet's gauges change one after the other: wait for both.)
+    let gone = ["engine-2", "engine-3", service_label.as_str()];
     let m = gw
-        .wait_metric(&c, "sluice_upstream_discovered_endpoints", &[], 3.0, 10)
+        .wait_metrics(&c, 10, |m| {
+            metric(m, "sluice_upstream_discovered_endpoints", &[]) == Some(3.0)
+                && (gone.iter())
+                    .all(|g| metric(m, "sluice_upstream_up", &[("upstream", g)]).is_none())
+        })
         .await;
     for pod in ["engine-0", "engine-1", "engine-4"] {
         assert_eq!(
@@ -111,7 +117,7 @@ async fn the_services_ready_endpoints_become_the_fleet_under_the_gateways_own_ro
             "{m}"
         );
     }
-    for gone in ["engine-2", "engine-3", service_label.as_str()] {
+    for gone in gone {
         assert_eq!(
             metric(&m, "sluice_upstream_up", &[("upstream", gone)]),
             None,
@@ -124,11 +130,14 @@ async fn the_services_ready_endpoints_become_the_fleet_under_the_gateways_own_ro
     a2[1].2 = false;
     put(&slices, &slice("engine-a", &a2)).await;
     let m = gw
-        .wait_metric(&c, "sluice_upstream_discovered_endpoints", &[], 2.0, 10)
+        .wait_metrics(&c, 10, |m| {
+            metric(m, "sluice_upstream_discovered_endpoints", &[]) == Some(2.0)
+                && metric(m, "sluice_upstream_up", &[("upstream", "engine-1")]).is_none()
+        })
         .await;
     assert_eq!(
-        metric(&m, "sluice_upstream_up", &[("upstream", "engine-1")]),
-        None
+        metric(&m, "sluice_upstream_up", &[("upstream", "engine-0")]),
+        Some(1.0)
     );
 
     // No ready endpoint anywhere: 503 no_endpoints, the gateway itself stays ready.

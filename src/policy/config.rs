@@ -8,6 +8,7 @@
 mod queue;
 mod tenants;
 mod url;
+pub use super::document::parse_policy_yaml;
 pub use queue::QueueConfig;
 pub use tenants::{Budget, TenantsConfig};
 pub use url::{EngineMetricsConfig, UpstreamConfig, endpoint_label, upstream_url};
@@ -413,28 +414,6 @@ impl TryFrom<&RateLimitPolicySpec> for PolicyConfig {
             _ => Err(PolicyError::Invalid(c.errors)),
         }
     }
-}
-
-/// Reads a RateLimitPolicy YAML document (as `kubectl apply -f` takes it), without validating
-/// its spec.
-pub fn parse_policy_yaml(text: &str) -> Result<RateLimitPolicy, PolicyError> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Header {
-        #[serde(default)]
-        api_version: String,
-        #[serde(default)]
-        kind: String,
-    }
-    let header: Header =
-        serde_yaml::from_str(text).map_err(|e| PolicyError::Yaml(e.to_string()))?;
-    if header.api_version != API_VERSION || header.kind != KIND {
-        return Err(PolicyError::WrongKind {
-            api_version: header.api_version,
-            kind: header.kind,
-        });
-    }
-    serde_yaml::from_str(text).map_err(|e| PolicyError::Yaml(e.to_string()))
 }
 
 impl PolicyConfig {

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod crd;
+mod document;
 pub mod duration;
 pub mod follow;
 pub mod source;

@@ -287,6 +287,25 @@ impl Gw {
         }
     }
 
+    /// The metrics page once `ready` holds for it (fails after `secs`): for changes that
+    /// reach several families one after the other.
+    pub async fn wait_metrics(
+        &self,
+        c: &HttpClient,
+        secs: u64,
+        ready: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let m = self.metrics(c).await;
+            if ready(&m) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "never ready:\n{m}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn metrics(&self, c: &HttpClient) -> String {
         let r = get(c, &format!("{}/metrics", self.url)).await;
         assert_eq!(r.status, 200);
