@@ -109,10 +109,9 @@ impl Tenancy {
         if let Some(c) = &self.charge {
             c.reserve_tokens(&gw.budgets, prompt.saturating_add(output), now)?;
         }
-        let label = snap
-            .fleet
-            .limiter(0)
-            .label(snap.fleet.limiter(0).key(model));
+        // (Every endpoint's limiter has the same keys: the first one names the model's.)
+        let first = snap.fleet.limiter(0);
+        let label = first.label(first.key(model));
         let weight = (snap.config.tenants.as_ref()).map_or(1, |t| t.budget(&self.tenant).weight);
         let estimate = (prompt, max_output);
         let (under, cost) = (gw.fair).offer(label, &self.tenant, f64::from(weight), estimate, now);
@@ -130,16 +129,17 @@ impl Tenancy {
     /// The request is answered by the gateway itself with `e`: a request shed gives back what
     /// it took from the budgets; counted in the tenant's requests.
     pub fn refused(&self, gw: &Gateway, e: &GatewayError) {
-        if let Some(c) = &self.charge {
-            let shed = matches!(e, GatewayError::Shed { .. } | GatewayError::Expired { .. });
-            if shed
-                || matches!(
-                    e,
-                    GatewayError::OverBudget { .. } | GatewayError::TooLargeForBudget { .. }
-                )
-            {
-                c.refund(&gw.budgets, gw.clock.now());
-            }
+        // Shed by the gate, or refused for tokens after its request was taken: the budget
+        // gets back what was taken; the client's own errors keep it spent.
+        let given_back = matches!(
+            e,
+            GatewayError::Shed { .. }
+                | GatewayError::Expired { .. }
+                | GatewayError::OverBudget { .. }
+                | GatewayError::TooLargeForBudget { .. }
+        );
+        if let (Some(c), true) = (&self.charge, given_back) {
+            c.refund(&gw.budgets, gw.clock.now());
         }
         if let Some(o) = e.outcome() {
             count(gw, &self.tenant, o, self.charge.as_deref());
