@@ -259,7 +259,18 @@ impl PolicyStore {
     /// The discovered Service's state for metrics: whether its watch works and how many of
     /// its endpoints are served (0 while the Service URL is); None without discovery.
     pub fn discovery_state(&self) -> Option<(bool, usize)> {
+        Self::state_of(&self.discovery.lock())
+    }
+
+    /// The policy in force together with the discovery state it was built from: both are
+    /// read under the discovery lock, which every rebuild holds, so a scrape never shows the
+    /// new endpoint count beside the old fleet.
+    pub fn load_with_discovery(&self) -> (Option<Arc<Snapshot>>, Option<(bool, usize)>) {
         let d = self.discovery.lock();
+        (self.load(), Self::state_of(&d))
+    }
+
+    fn state_of(d: &Discovery) -> Option<(bool, usize)> {
         d.target.as_ref()?;
         let n = match &d.served {
             Served::Endpoints(list) => list.len(),

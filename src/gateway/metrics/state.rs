@@ -317,7 +317,7 @@ impl Collector for StateCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let snap = self.store.load();
+        let (snap, discovery) = self.store.load_with_discovery();
         let mut out = Vec::new();
         let gauges = MODEL_GAUGES.map(|(name, help)| model_gauge(name, help));
         if let Some(s) = &snap {
@@ -361,7 +361,7 @@ impl Collector for StateCollector {
             g.set(v);
             out.extend(g.collect());
         }
-        if let Some((up, endpoints)) = self.store.discovery_state() {
+        if let Some((up, endpoints)) = discovery {
             for ((name, help), v) in DISCOVERY_GAUGES
                 .into_iter()
                 .zip([f64::from(u8::from(up)), endpoints as f64])
