@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sluice::gateway::fair::{FairBook, gate_priority};
+use sluice::gateway::fair::{self, FairBook};
 use sluice::limiter::{
     Limiter, LimiterConfig, Mode, Priority, Scope, Shedding, Signal, SplitMix64, Thresholds,
 };
@@ -32,7 +32,7 @@ fn book(n: usize) -> (FairBook, Vec<Arc<str>>) {
             let cost = if i == 0 { 50_000 } else { 500 };
             let (under, c) = book.offer(MODEL, t, 1.0, (cost, Some(0)), now);
             if !under && i == 0 && step % 4 != 0 {
-                book.shed(MODEL, t, c, now);
+                book.shed(MODEL, t, (c, now), now);
             }
         }
     }
@@ -60,7 +60,7 @@ fn per_request(c: &mut Criterion) {
                 let now = Duration::from_nanos(t);
                 let (under, cost) =
                     book.offer(black_box(MODEL), &names[i], 1.0, (300, Some(200)), now);
-                book.shed(MODEL, &names[i], cost, now);
+                book.shed(MODEL, &names[i], (cost, now), now);
                 under
             })
         });
@@ -118,7 +118,7 @@ fn with_the_limiter(c: &mut Criterion) {
             let key = l.key(black_box(MODEL));
             let label = l.label(key);
             let (under, _) = book.offer(label, &names[i], 1.0, (300, Some(200)), now);
-            l.decide(key, gate_priority(Priority::Standard, under), now, &mut rng)
+            l.decide(key, fair::gate(Priority::Standard, under).0, now, &mut rng)
         })
     });
     g.finish();

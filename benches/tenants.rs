@@ -17,7 +17,9 @@
 //!   (see `tenants/litellm.rs`).
 //!
 //! Each load runs `SLUICE_TENANTS_SECONDS` (default 60) with seeds 1..=`SLUICE_TENANTS_SEEDS`
-//! (default 2). Results: stdout (a markdown table) and `target/tenants/results.json`.
+//! (default 2). Results: stdout (a markdown table), `target/tenants/results.json`, and
+//! `target/tenants/timeline.svg`: each tenant's goodput second by second in the first seed's
+//! two-tenant runs.
 //! Run: `cargo bench --bench tenants`.
 
 mod common;
@@ -31,6 +33,7 @@ use serde_json::{Value, json};
 use sluice::loadgen::report::Report;
 use sluice::loadgen::{ApiKey, LoadgenArgs, run_load};
 
+use common::plot::{COLORS, Chart, Series, stack};
 use common::process::ChildProcess;
 use common::{spawn, spawn_gateway};
 
@@ -147,6 +150,52 @@ fn row(name: &str, seed: u64, l: &Report, h: &Report) -> String {
     )
 }
 
+/// Requests a second over a 5 s window, centred, from a run's per-second counts.
+fn smoothed(
+    r: &Report,
+    count: impl Fn(&sluice::loadgen::report::Second) -> usize,
+) -> Vec<(f64, f64)> {
+    let n = r.series.len();
+    (0..n)
+        .map(|i| {
+            let w = &r.series[i.saturating_sub(2)..(i + 3).min(n)];
+            let sum: usize = w.iter().map(&count).sum();
+            (r.series[i].t as f64, sum as f64 / w.len() as f64)
+        })
+        .collect()
+}
+
+/// A panel of one two-tenant run: light's offered rate and goodput, heavy's goodput.
+fn timeline(name: &str, l: &Report, h: &Report, c: f64) -> Chart {
+    let line = |name: &str, color, points, dashed| Series {
+        name: name.into(),
+        color,
+        points,
+        dashed,
+        ..Series::default()
+    };
+    Chart {
+        title: format!("{name}: goodput by tenant (engine capacity C = {c:.2} req/s)"),
+        x_label: "time (s)".into(),
+        y_label: "req/s (5 s window)".into(),
+        x_max: l.duration_s.max(h.duration_s).ceil(),
+        y_max: c * 1.3,
+        series: vec![
+            line("light offered", COLORS[3], smoothed(l, |s| s.offered), true),
+            line("light goodput", COLORS[3], smoothed(l, |s| s.good), false),
+            line("heavy goodput", COLORS[1], smoothed(h, |s| s.good), false),
+            line(
+                "capacity C",
+                COLORS[0],
+                vec![(0.0, c), (l.duration_s, c)],
+                true,
+            ),
+        ],
+        height: 220.0,
+        ..Chart::default()
+    }
+}
+
 fn main() {
     common::runtime().block_on(bench());
 }
@@ -184,6 +233,7 @@ async fn bench() {
     let mut table = String::from(
         "| run | seed | light offered / served / goodput (req/s) | light shed | heavy goodput | heavy shed | total goodput |\n|---|---|---|---|---|---|---|\n",
     );
+    let mut panels = Vec::new();
     for seed in 1..=seeds {
         let s = system(Some(""), &keys, &dir, seed).await;
         let gw = s.gateway.clone().unwrap();
@@ -202,6 +252,9 @@ async fn bench() {
             let keys = keyed.then_some(("sk-light", "sk-heavy"));
             let (l, h) = two(&gw, keys, (light, heavy), secs, seed).await;
             drop(s);
+            if seed == 1 {
+                panels.push(timeline(&format!("two tenants, {name}"), &l, &h, c));
+            }
             table.push_str(&row(&format!("two tenants, {name}"), seed, &l, &h));
             runs.push(
                 json!({"run": name, "seed": seed, "light": summary(&l), "heavy": summary(&h)}),
@@ -269,6 +322,7 @@ async fn bench() {
     println!(
         "capacity C = {c:.2} req/s; light {light:.2}, heavy {heavy:.2} req/s\n\n{table}\n{budget}"
     );
+    std::fs::write(dir.join("timeline.svg"), stack(&panels)).unwrap();
     let out = json!({"capacity_rps": c, "seconds": secs, "runs": runs});
     std::fs::write(
         dir.join("results.json"),

@@ -158,3 +158,107 @@ async fn tokens_are_held_at_the_estimate_and_settled_to_the_tokens_relayed() {
     assert_eq!(e["error"]["code"], "rate_limit_exceeded");
     assert!(spent.retry_after() > Duration::ZERO);
 }
+
+/// The concurrency ceiling on, every request over it shed (p = 1), and, once reloaded with
+/// `queue`, a queue for the other standard requests.
+fn ceiling_policy(queue: &str) -> String {
+    format!(
+        "defaults: {{ttft: 1s, itl: 1s, timeConstant: 4s}}\nshedding: {{maxRejectProbability: 1, ramp: 1}}\ntenants: {{header: x-tenant, trustHeader: true, clients: {{light: {{}}, heavy: {{}}}}}}\n{queue}"
+    )
+}
+
+async fn gauge(g: &InProc, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(&g.metrics().await, name, labels).unwrap_or(0.0)
+}
+
+/// Five requests held at the engine, waiting 3 s for their first token: more than the
+/// concurrency ceiling (4 before more is learnt), and the TTFT read from their ages three times
+/// its threshold, so the ceiling refuses every `standard` request.
+async fn over_the_ceiling(g: &InProc) -> Vec<support::inproc::Held> {
+    let mut load = Vec::new();
+    for _ in 0..5 {
+        load.push(g.hold("m").await);
+    }
+    g.clock.advance(3000 * MS);
+    load
+}
+
+/// Waits until `n` requests wait in the gateway (sent concurrently).
+async fn waiting(g: &InProc, n: usize) {
+    for _ in 0..500 {
+        if gauge(g, "sluice_queue_requests", &[]).await == n as f64 {
+            return;
+        }
+        tokio::time::sleep(10 * MS).await;
+    }
+    panic!("never {n} waiting");
+}
+
+#[tokio::test]
+async fn under_its_share_a_request_waits_for_the_next_free_slot_ahead_of_the_others_not_past_the_ceiling()
+ {
+    let g = InProc::start(&ceiling_policy("")).await;
+    // Heavy's first requests, on an idle engine, are all admitted, and one of light's (the
+    // tenants' mean outputs are known from then on) ...
+    for _ in 0..10 {
+        assert_eq!(g.stream("m", &[HEAVY], MS, &[]).await.status, 200);
+    }
+    assert_eq!(g.stream("m", &[LIGHT], MS, &[]).await.status, 200);
+    // ... then the engine is over the ceiling, and heavy, going on, is shed whole and over its
+    // share.
+    let load = over_the_ceiling(&g).await;
+    for _ in 0..20 {
+        assert_eq!(g.stream("m", &[HEAVY], MS, &[]).await.status, 429);
+    }
+    // With a queue for the others, heavy's next request waits in it; then light's, under its
+    // share, waits too (shed by the ceiling, not sent past it as before), ahead of heavy's.
+    g.reload(&ceiling_policy("queue: {maxWait: 60s, maxRequests: 8}"));
+    let heavy = g.send("m", &[HEAVY], "heavy", 0);
+    waiting(&g, 1).await;
+    // (The fair share is recomputed at most every 100 ms.)
+    g.clock.advance(200 * MS);
+    let light = g.send("m", &[LIGHT], "light", 0);
+    waiting(&g, 2).await;
+    assert_eq!(
+        gauge(
+            &g,
+            "sluice_limiter_in_flight_requests",
+            &[("model", "other")]
+        )
+        .await,
+        5.0,
+        "nothing past the ceiling"
+    );
+    // The five end: light takes the first slot, heavy the next.
+    drop(load);
+    let first = g.arrival().await;
+    assert_eq!(first.body["user"], "light");
+    drop(first);
+    let second = g.arrival().await;
+    assert_eq!(second.body["user"], "heavy");
+    drop(second);
+    for sent in [light, heavy] {
+        let o = tokio::time::timeout(Duration::from_secs(10), sent).await;
+        assert_eq!(o.expect("answered").unwrap().status, 200);
+    }
+
+    // No slot within the TTFT threshold (1 s): light's request goes anyway, not shed.
+    let load = over_the_ceiling(&g).await;
+    let light = g.send("m", &[LIGHT], "light-2", 0);
+    waiting(&g, 1).await;
+    g.clock.advance(1001 * MS);
+    // (Any event tries the queue: here a heavy request arriving, which is shed into it.)
+    let heavy = g.send("m", &[HEAVY], "heavy-2", 0);
+    let promoted = g.arrival().await;
+    assert_eq!(promoted.body["user"], "light-2");
+    drop(promoted);
+    let o = tokio::time::timeout(Duration::from_secs(10), light).await;
+    assert_eq!(o.expect("answered").unwrap().status, 200);
+    let m = g.metrics().await;
+    let wait = |o: &str| metric(&m, "sluice_queue_wait_seconds_count", &[("outcome", o)]);
+    assert_eq!(wait("promoted"), Some(1.0), "{m}");
+    let rejected = [("tenant", "light"), ("outcome", "rejected")];
+    assert_eq!(metric(&m, "sluice_tenant_requests_total", &rejected), None);
+    drop(load);
+    heavy.abort();
+}

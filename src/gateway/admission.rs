@@ -211,20 +211,28 @@ pub fn admit(
     settle(snap, routed, model, &gw.clock, &gw.queue)
 }
 
-/// [`admit`], and when the request is shed and the policy has a queue, its wait for room
-/// there ([`AdmissionQueue::wait`]).
+/// [`admit`], and when the request is shed and the policy has a queue, or it is `fair` (a
+/// `standard` request of a tenant under its fair share, [`super::fair`]), its wait for room
+/// there ([`AdmissionQueue::wait`]). A `fair` request finding no slot in time goes upstream as
+/// `critical` would: it is not shed.
 pub async fn admit_or_wait(
     gw: &Gateway,
     snap: Arc<Snapshot>,
     model: &str,
-    priority: Priority,
+    (priority, fair): (Priority, bool),
 ) -> Result<Admitted, (String, GatewayError)> {
     // The policy is kept past the decision only where a shed request may wait.
-    let queued = snap.config.queue.is_some().then(|| snap.clone());
+    let queued = (fair || snap.config.queue.is_some()).then(|| snap.clone());
     match (admit(gw, snap, model, priority), queued) {
         (Err((label, e @ GatewayError::Shed { .. })), Some(snap)) => {
-            let waited = gw.queue.wait(&snap, model, priority, e).await;
-            waited.map_err(|e| (label, e))
+            match gw.queue.wait(&snap, model, (priority, fair), e).await {
+                Err(GatewayError::Shed { .. }) if fair => {
+                    // (Under the policy in force by then, as a waiter admitted from the queue.)
+                    let now = gw.store.load().filter(|s| !s.fleet.is_empty());
+                    admit(gw, now.unwrap_or(snap), model, Priority::Critical)
+                }
+                waited => waited.map_err(|e| (label, e)),
+            }
         }
         (other, _) => other,
     }

@@ -7,18 +7,21 @@
 //!   `max_tokens` or [`DEFAULT_OUTPUT`] before any is known), whether it is then admitted or
 //!   shed: the rate is what a tenant *offers*. When a served request ends,
 //!   the difference between its estimate and the tokens it really used (the usage the gateway
-//!   read, else the content events it relayed) is settled into the same rate.
+//!   read, else the content events it relayed) is settled into the same rate, as if counted
+//!   at its true cost when it arrived (the correction decays with the time since).
 //! - **Fair shares** are max-min fair among the tenants active on the model, weighted
 //!   (`spec.tenants.clients.<name>.weight`, default 1), over the token rate the gate admits
 //!   now: the share per unit of weight `α` solves `Σ min(useᵢ, wᵢ·α) = admitted`. A tenant
 //!   using less than its share leaves the rest to the others. While every tenant fits (nothing
 //!   is being shed), `α` is infinite and no one is over.
 //! - **The rule**: a `standard` request of a tenant at or under its share, while another is
-//!   over its own, is admitted as the gate admits `critical` ones (not drawn, not held to the
-//!   ceiling; still counted in flight). The tenants over their share take the gate's decision
-//!   as before, so the gate's feedback on latency acts on them alone. Since the tenants under
-//!   their share use at most the admitted rate between them, this cannot admit more than the
-//!   gate does. `critical` is never shed; `sheddable` requests take the gate's decision
+//!   over its own, is not shed: when the gate would shed it, it waits for the next free slot
+//!   ahead of every other `standard` request, at most the model's TTFT threshold, and then
+//!   goes as `critical` would ([`super::queue`]). It does not pass the concurrency ceiling at
+//!   once, which would put it in the engine's queue exactly when that is longest. The tenants
+//!   over their share take the gate's decision as before, so the gate's feedback on latency
+//!   acts on them alone. Since the tenants under their share use at most the admitted rate
+//!   between them, this cannot admit more than the gate does. `critical` is never shed; `sheddable` requests take the gate's decision
 //!   whatever the tenant (priorities rank first).
 //! - **Cost**: one lock per decision (this book's), and a second for a request shed; `α` is
 //!   recomputed from all of a model's tenants at most every [`RECOMPUTE`] (a sort), otherwise
@@ -78,6 +81,13 @@ impl Meter {
     fn add(&mut self, x: f64, now: f64) {
         self.rate = (self.read(now) + x / WINDOW).max(0.0);
         self.at = now.max(self.at);
+    }
+
+    /// Adds `x` at `now` as if it had been added at `at`: what is left of it after the decay
+    /// since. (A correction to an amount added at `at`, such as a request's estimate settled
+    /// when it ends, must not take back more than is left of the estimate.)
+    fn add_since(&mut self, x: f64, at: f64, now: f64) {
+        self.add(x * (-(now - at).max(0.0) / WINDOW).exp(), now);
     }
 }
 
@@ -178,8 +188,8 @@ impl FairBook {
     /// `prompt` estimated tokens and allowed `max_output`: counts it in the tenant's use at
     /// its estimated cost (the prompt plus the tenant's mean output so far, at most
     /// `max_output`), and says whether the tenant is then at or under its fair share while
-    /// another is over (then a `standard` request is admitted as `critical`; see the module
-    /// docs), and the cost it was counted at.
+    /// another is over (then a `standard` request the gate sheds waits for the next free
+    /// slot; see the module docs), and the cost it was counted at.
     pub fn offer(
         &self,
         model: &str,
@@ -216,39 +226,41 @@ impl FairBook {
         (shares.alpha.is_finite() && per_weight <= shares.alpha, cost)
     }
 
-    /// The gate shed a request offered with `cost` (offers count as admitted until then, so
-    /// an admitted request takes one lock): it leaves the model's admitted rate and counts in
-    /// the tenant's shed fraction.
-    pub fn shed(&self, model: &str, tenant: &str, cost: f64, now: Duration) {
+    /// The gate shed a request offered with `cost` at `offered` (offers count as admitted
+    /// until then, so an admitted request takes one lock): it leaves the model's admitted rate
+    /// and counts in the tenant's shed fraction.
+    pub fn shed(&self, model: &str, tenant: &str, (cost, offered): (f64, Duration), now: Duration) {
         let now = now.as_secs_f64();
         let mut models = self.models.lock();
         let Some(shares) = models.get_mut(model) else {
             return;
         };
-        shares.admitted.add(-cost, now);
+        shares.admitted.add_since(-cost, offered.as_secs_f64(), now);
         if let Some(t) = shares.tenants.get_mut(tenant) {
             t.shed.add(1.0, now);
         }
     }
 
-    /// Settles a served request: it used `delta` tokens more (or fewer) than estimated, of
-    /// which `output` were output (None: not measured).
+    /// Settles a served request offered at `offered`: it used `delta` tokens more (or fewer)
+    /// than estimated, of which `output` were output (None: not measured). The correction is
+    /// what is left of it since the offer, as if the request had been counted at its true
+    /// cost then.
     pub fn settle(
         &self,
         model: &str,
         tenant: &str,
-        delta: f64,
+        (delta, offered): (f64, Duration),
         output: Option<u64>,
         now: Duration,
     ) {
-        let now = now.as_secs_f64();
+        let (at, now) = (offered.as_secs_f64(), now.as_secs_f64());
         let mut models = self.models.lock();
         let Some(shares) = models.get_mut(model) else {
             return;
         };
-        shares.admitted.add(delta, now);
+        shares.admitted.add_since(delta, at, now);
         if let Some(t) = shares.tenants.get_mut(tenant) {
-            t.offered.add(delta, now);
+            t.offered.add_since(delta, at, now);
             if let Some(out) = output.map(|o| o as f64) {
                 t.output = Some(t.output.map_or(out, |m| m + OUTPUT_MEAN_WEIGHT * (out - m)));
             }
@@ -280,13 +292,11 @@ impl FairBook {
     }
 }
 
-/// The priority the latency gate sees: a `standard` request of a tenant under its fair share
-/// (while another is over) is admitted as `critical`.
-pub fn gate_priority(priority: Priority, under_share: bool) -> Priority {
-    match priority {
-        Priority::Standard if under_share => Priority::Critical,
-        p => p,
-    }
+/// How the latency gate sees a request: its priority, and whether, when shed, it waits for
+/// the next free slot ahead of the other `standard` requests ([`super::queue`]): a `standard`
+/// request of a tenant at or under its fair share while another is over its own.
+pub fn gate(priority: Priority, under_share: bool) -> (Priority, bool) {
+    (priority, under_share && priority == Priority::Standard)
 }
 
 #[cfg(test)]

@@ -139,15 +139,16 @@ impl Accepted {
         refuse(gw, model, api, stream, e)
     }
 
-    /// The latency gate's priority for the request (fair shedding among tenants), after its
-    /// tokens are held against its tenant's budget.
-    fn gate_priority(
+    /// How the latency gate sees the request ([`super::fair::gate`]: its priority, and
+    /// whether it waits for a slot when shed), after its tokens are held against its tenant's
+    /// budget.
+    fn gate(
         &mut self,
         gw: &Gateway,
         model: &str,
         prompt_bytes: usize,
         max_output: Option<u64>,
-    ) -> Result<Priority, GatewayError> {
+    ) -> Result<(Priority, bool), GatewayError> {
         match &mut self.tenancy {
             Some(t) => t.before_gate(
                 gw,
@@ -157,7 +158,7 @@ impl Accepted {
                 prompt_bytes,
                 max_output,
             ),
-            None => Ok(self.priority),
+            None => Ok((self.priority, false)),
         }
     }
 
@@ -259,7 +260,7 @@ async fn accepted_completion(
         Err((stream, e)) => return acc.refuse(&gw, "", api, stream, e),
     };
     let max_output = req.head.max_output;
-    let gate = match acc.gate_priority(&gw, &req.model, bytes.len(), max_output) {
+    let gate = match acc.gate(&gw, &req.model, bytes.len(), max_output) {
         Ok(p) => p,
         Err(e) => return acc.refuse(&gw, "", api, req.stream, e),
     };
@@ -314,7 +315,7 @@ async fn accepted_completion(
         gw: &gw,
         snap: &a.snap,
         endpoint: a.endpoint,
-        admission: Some((&model, gate)),
+        admission: Some((&model, gate.0)),
         method: Method::POST,
         path_and_query: api.path(),
         headers: &headers,

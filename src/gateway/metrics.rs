@@ -173,7 +173,7 @@ impl GatewayMetrics {
             queue_wait: HistogramVec::new(
                 HistogramOpts::new(
                     "sluice_queue_wait_seconds",
-                    "Time requests spent in the admission queue, by outcome: admitted (sent upstream), expired (429 at maxWait), evicted (429: a request of higher priority took its place in a full queue), cancelled (the client went away).",
+                    "Time requests spent in the admission queue, by outcome: admitted (sent upstream), expired (429 at maxWait), evicted (429: a request of higher priority took its place in a full queue), cancelled (the client went away), promoted (a request of a tenant under its fair share that found no free slot within the TTFT threshold, sent upstream anyway).",
                 )
                 .buckets(vec![
                     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,

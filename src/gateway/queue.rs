@@ -2,7 +2,15 @@
 //! for room instead of getting 429 at once.
 //!
 //! - **Order**: priority first, then arrival. `critical` is never shed, so never waits;
-//!   `standard` goes before `sheddable`, and both wait at most `maxWait`. A request finding the
+//!   `standard` goes before `sheddable`, and both wait at most `maxWait`.
+//! - **Tenants under their fair share** ([`super::fair`]): a `standard` request of a tenant
+//!   at or under its share, while another is over its own, waits here whenever the gate
+//!   sheds it, with or without `spec.queue`, ranked ahead of every other `standard` request.
+//!   Its room is a free slot ([`Room::Slot`]: the concurrency ceiling would not refuse it,
+//!   whatever the latency pressure's draw says), so it takes the next slot a request frees,
+//!   before any new arrival. It waits at most the model's TTFT threshold (a longer wait
+//!   would miss it anyway); then it goes upstream as `critical` would (`outcome="promoted"`),
+//!   so it is never shed for fairness' sake. A request finding the
 //!   queue full (`maxRequests`) is shed, unless it outranks the last one waiting (the newest of
 //!   the lowest priority), which is then shed in its place.
 //! - **Room** ([`crate::limiter::fleet::Fleet::admit_queued`]): an endpoint whose limiter
@@ -37,11 +45,11 @@ use tokio::sync::oneshot;
 
 use super::admission::{Admitted, settle};
 use super::error::GatewayError;
-use crate::limiter::fleet::Routed;
+use crate::limiter::fleet::{Room, Routed};
 use crate::limiter::{Clock, Priority};
 use crate::policy::source::{PolicyStore, Snapshot};
 
-/// A waiter's place: its priority's rank (0 first) and its arrival.
+/// A waiter's place: its rank (0 first: [`rank`]) and its arrival.
 type Place = (u8, u64);
 
 /// How a wait ended without room.
@@ -56,6 +64,7 @@ enum Left {
 struct Waiter {
     model: Box<str>,
     priority: Priority,
+    room: Room,
     deadline: Duration,
     tx: oneshot::Sender<Result<(Arc<Snapshot>, Routed), Left>>,
 }
@@ -82,13 +91,19 @@ impl std::fmt::Debug for AdmissionQueue {
     }
 }
 
-fn rank(p: Priority) -> u8 {
+/// `critical` (never waits), then `standard` requests of tenants under their fair share,
+/// other `standard`, `sheddable`.
+fn rank(p: Priority, fair: bool) -> u8 {
     match p {
         Priority::Critical => 0,
-        Priority::Standard => 1,
-        Priority::Sheddable => 2,
+        Priority::Standard if fair => 1,
+        Priority::Standard => 2,
+        Priority::Sheddable => 3,
     }
 }
+
+/// How many may wait for a policy without `spec.queue` (its tenants under their share).
+const FAIR_MAX_REQUESTS: usize = 64;
 
 impl AdmissionQueue {
     /// An empty queue for the policies of `store`, timed by `clock`, reporting its depth and
@@ -128,25 +143,40 @@ impl AdmissionQueue {
     }
 
     /// A request of `priority` for `model`, which the limiter shed (`shed`) under `snap`,
-    /// waits for room when the policy has a queue: admitted when room comes, or the error
-    /// that answers it (`shed` itself without a queue, or when the queue is full).
+    /// waits for room when the policy has a queue, or when it is `fair` (a `standard`
+    /// request of a tenant under its fair share): admitted when room comes, or the error that
+    /// answers it (`shed` itself without a queue, or when the queue is full; a `fair` one's
+    /// caller sends it on anyway).
     pub async fn wait(
         self: &Arc<Self>,
         snap: &Snapshot,
         model: &str,
-        priority: Priority,
+        (priority, fair): (Priority, bool),
         shed: GatewayError,
     ) -> Result<Admitted, GatewayError> {
-        let (Some(q), GatewayError::Shed { retry_after, .. }) = (snap.config.queue, &shed) else {
+        let GatewayError::Shed { retry_after, .. } = &shed else {
             return Err(shed);
+        };
+        let (max_wait, max_requests, room) = match (snap.config.queue, fair) {
+            (q, true) => {
+                let first = snap.fleet.limiter(0);
+                let ttft = first.thresholds(first.key(model)).ttft;
+                let n = q.map_or(FAIR_MAX_REQUESTS, |q| q.max_requests);
+                (Duration::from_secs_f64(ttft), n, Room::Slot)
+            }
+            (Some(q), false) => (q.max_wait, q.max_requests, Room::Sure),
+            (None, false) => return Err(shed),
         };
         let retry_after = *retry_after;
         let start = self.clock.now();
         let (tx, rx) = oneshot::channel();
-        let place = (rank(priority), self.next.fetch_add(1, Ordering::Relaxed));
+        let place = (
+            rank(priority, fair),
+            self.next.fetch_add(1, Ordering::Relaxed),
+        );
         let evicted = {
             let mut waiters = self.waiters.lock();
-            let evicted = if waiters.len() < q.max_requests {
+            let evicted = if waiters.len() < max_requests {
                 None
             } else if waiters.last_key_value().is_some_and(|(p, _)| p.0 > place.0) {
                 waiters.pop_last().map(|(_, w)| w)
@@ -156,7 +186,8 @@ impl AdmissionQueue {
             let waiter = Waiter {
                 model: model.into(),
                 priority,
-                deadline: start + q.max_wait,
+                room,
+                deadline: start + max_wait,
                 tx,
             };
             waiters.insert(place, waiter);
@@ -178,7 +209,7 @@ impl AdmissionQueue {
         let mut rx = rx;
         let result = tokio::select! {
             r = &mut rx => r,
-            () = tokio::time::sleep(q.max_wait) => {
+            () = tokio::time::sleep(max_wait) => {
                 self.dispatch();
                 rx.await
             }
@@ -196,6 +227,10 @@ impl AdmissionQueue {
         match left {
             Left::Evicted => {
                 guard.outcome = "evicted";
+                Err(shed)
+            }
+            Left::Expired { .. } if fair => {
+                guard.outcome = "promoted";
                 Err(shed)
             }
             Left::Expired { ahead } => {
@@ -224,6 +259,8 @@ impl AdmissionQueue {
         let mut done = Vec::new();
         {
             let mut waiters = self.waiters.lock();
+            // Models with no room for the waiters seen so far (room for sure is stricter than
+            // a free slot, and the waiters looking for a slot come first).
             let mut full: Vec<&str> = Vec::new();
             let mut ahead = 0;
             for (place, w) in waiters.iter() {
@@ -236,7 +273,7 @@ impl AdmissionQueue {
                     continue;
                 };
                 if !full.contains(&&*w.model) {
-                    if let Some(r) = snap.fleet.admit_queued(&w.model, w.priority, now) {
+                    if let Some(r) = snap.fleet.admit_queued(&w.model, w.priority, w.room, now) {
                         done.push((*place, Ok((snap.clone(), r))));
                         continue;
                     }

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::http::HeaderMap;
 
@@ -74,8 +75,9 @@ pub struct Tenancy {
     pub charge: Option<Arc<Charge>>,
     /// Estimated prompt and output tokens, once the body is read.
     estimate: Option<(u64, u64)>,
-    /// The model label and estimated cost the request was offered to fair shedding with.
-    offered: Option<(String, f64)>,
+    /// The model label and estimated cost the request was offered to fair shedding with, and
+    /// when.
+    offered: Option<(String, f64, Duration)>,
     /// Set when the request is relayed and measured.
     pub used: Option<Arc<Used>>,
 }
@@ -93,7 +95,8 @@ impl Tenancy {
 
     /// Before the latency gate: holds the request's estimated tokens against the tenant's
     /// token budget (the 429 when they are not there), offers it to fair shedding for `model`
-    /// and says at which priority the gate sees it ([`fair::gate_priority`]).
+    /// and says how the gate sees it ([`fair::gate`]: its priority, and whether it waits for a
+    /// slot when shed).
     pub fn before_gate(
         &mut self,
         gw: &Gateway,
@@ -102,7 +105,7 @@ impl Tenancy {
         priority: Priority,
         prompt_bytes: usize,
         max_output: Option<u64>,
-    ) -> Result<Priority, GatewayError> {
+    ) -> Result<(Priority, bool), GatewayError> {
         let now = gw.clock.now();
         let (prompt, output) = fair::estimate(prompt_bytes, max_output);
         self.estimate = Some((prompt, output));
@@ -115,14 +118,14 @@ impl Tenancy {
         let weight = (snap.config.tenants.as_ref()).map_or(1, |t| t.budget(&self.tenant).weight);
         let estimate = (prompt, max_output);
         let (under, cost) = (gw.fair).offer(label, &self.tenant, f64::from(weight), estimate, now);
-        self.offered = Some((label.to_owned(), cost));
-        Ok(fair::gate_priority(priority, under))
+        self.offered = Some((label.to_owned(), cost, now));
+        Ok(fair::gate(priority, under))
     }
 
     /// The gate's verdict (after any wait in the queue).
     pub fn gated(&self, gw: &Gateway, admitted: bool) {
-        if let (Some((label, cost)), false) = (&self.offered, admitted) {
-            (gw.fair).shed(label, &self.tenant, *cost, gw.clock.now());
+        if let (Some((label, cost, at)), false) = (&self.offered, admitted) {
+            (gw.fair).shed(label, &self.tenant, (*cost, *at), gw.clock.now());
         }
     }
 
@@ -202,9 +205,10 @@ impl Spend {
         };
         let used = prompt.saturating_add(output);
         let now = gw.clock.now();
-        if let Some((label, cost)) = &t.offered {
+        if let Some((label, cost, at)) = &t.offered {
             let output = measured.then_some(output);
-            (gw.fair).settle(label, &t.tenant, used as f64 - cost, output, now);
+            let delta = (used as f64 - cost, *at);
+            (gw.fair).settle(label, &t.tenant, delta, output, now);
         }
         if let Some(c) = &t.charge {
             c.settle_tokens(&gw.budgets, used, now);

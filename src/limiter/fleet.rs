@@ -91,6 +91,16 @@ struct Look {
     in_flight: u32,
 }
 
+/// What counts as room for a request waiting in the admission queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// The limiter would admit it for sure: no draw at all.
+    Sure,
+    /// The concurrency ceiling would not refuse a `standard` request: a slot is free,
+    /// whatever the latency pressure's draw says (a tenant under its fair share).
+    Slot,
+}
+
 impl Look {
     fn room(&self) -> bool {
         self.reject_probability == 0.0
@@ -214,18 +224,29 @@ impl Fleet {
         self.route(model, priority, now, rng, Some(failed))
     }
 
-    /// Admits a request waiting in the admission queue, if some endpoint takes it for sure at
+    /// Admits a request waiting in the admission queue, if some endpoint has `room` for it at
     /// `now`: first one with room (the least pressed), then one whose engine says nothing
     /// waits in it ([`crate::limiter::engine::EngineGate::open`]); None when none does (nothing drawn,
     /// nothing counted).
-    pub fn admit_queued(&self, model: &str, priority: Priority, now: Duration) -> Option<Routed> {
+    pub fn admit_queued(
+        &self,
+        model: &str,
+        priority: Priority,
+        room: Room,
+        now: Duration,
+    ) -> Option<Routed> {
         let key = self.members.first()?.limiter.key(model);
         let mut looks: Vec<Look> = (self.eligible(now, None).into_iter())
             .map(|e| self.look(e, key, priority, now))
             .collect();
         looks.sort_by(Look::order);
-        let room = looks.iter().filter(|l| l.room()).find_map(|l| {
-            let d = self.limiter(l.endpoint).admit_if_room(key, priority, now)?;
+        let room = looks.iter().find_map(|l| {
+            let limiter = self.limiter(l.endpoint);
+            let d = match room {
+                Room::Sure if l.room() => limiter.admit_if_room(key, priority, now)?,
+                Room::Sure => return None,
+                Room::Slot => limiter.admit_if_slot(key, now)?,
+            };
             Some((l.endpoint, d))
         });
         let (endpoint, decision) = room.or_else(|| {

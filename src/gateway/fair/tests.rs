@@ -22,7 +22,7 @@ fn drive(book: &FairBook, tenants: &[(&str, f64, f64, f64)], secs: u64) -> Vec<b
                 let admit = admitted[i] >= 1.0;
                 admitted[i] -= f64::from(u8::from(admit));
                 if !admit {
-                    book.shed("m", &names[i], 10.0, now);
+                    book.shed("m", &names[i], (10.0, now), now);
                 }
             }
         }
@@ -112,32 +112,36 @@ fn a_settled_request_corrects_its_tenants_use_and_the_admitted_rate() {
     let (_, cost) = book.offer("m", &t, 1.0, (100, Some(900)), MS);
     assert_eq!(cost, 1000.0);
     assert_eq!(book.offer("m", &t, 1.0, (100, None), MS).1, 356.0);
-    book.shed("m", "a", 356.0, MS);
+    book.shed("m", "a", (356.0, MS), MS);
     // It used 100: 900 fewer than estimated, 40 of them output.
-    book.settle("m", "a", -900.0, Some(40), MS);
+    book.settle("m", "a", (-900.0, MS), Some(40), MS);
     let s = share_of(&book, "a", MS);
     assert!((s.use_rate - 456.0 / WINDOW).abs() < 1e-6, "{s:?}");
     // From now on its estimate is its mean output, at most its max_tokens.
     assert_eq!(book.offer("m", &t, 1.0, (100, None), MS).1, 140.0);
     assert_eq!(book.offer("m", &t, 1.0, (100, Some(8)), MS).1, 108.0);
     // A correction never makes a rate negative; unknown models and tenants are ignored.
-    book.settle("m", "a", -1e9, None, MS);
+    book.settle("m", "a", (-1e9, MS), None, MS);
     assert_eq!(share_of(&book, "a", MS).use_rate, 0.0);
-    book.settle("nope", "a", 5.0, None, MS);
-    book.shed("m", "nope", 5.0, MS);
+    book.settle("nope", "a", (5.0, MS), None, MS);
+    book.shed("m", "nope", (5.0, MS), MS);
 }
 
 #[test]
-fn only_standard_requests_under_their_share_pass_as_critical() {
+fn only_standard_requests_under_their_share_wait_for_a_slot() {
     use Priority::*;
-    assert_eq!(gate_priority(Standard, true), Critical);
-    assert_eq!(gate_priority(Standard, false), Standard);
+    assert_eq!(gate(Standard, true), (Standard, true));
+    assert_eq!(gate(Standard, false), (Standard, false));
     assert_eq!(
-        gate_priority(Sheddable, true),
-        Sheddable,
+        gate(Sheddable, true),
+        (Sheddable, false),
         "priorities rank first"
     );
-    assert_eq!(gate_priority(Critical, false), Critical);
+    assert_eq!(
+        gate(Critical, true),
+        (Critical, false),
+        "never shed: never waits"
+    );
 }
 
 #[test]
@@ -145,4 +149,33 @@ fn estimates_count_prompt_bytes_by_four_and_the_output_allowed() {
     assert_eq!(estimate(0, None), (0, DEFAULT_OUTPUT));
     assert_eq!(estimate(401, Some(16)), (101, 16));
     assert_eq!(estimate(4, Some(u64::MAX)), (1, u64::MAX));
+}
+
+#[test]
+fn a_long_request_is_settled_by_what_is_left_of_its_estimate_not_below_zero_for_others() {
+    // Two tenants offer the same 274 tokens at once; `a` ends at once, `b` 3 s later, each
+    // having used 19. Settled as if counted at 19 then, both read the same use, and the
+    // admitted rate equals their sum (before, `b`'s correction took back the whole 255 from a
+    // rate decayed since, hit zero and left the admitted rate short of the use: a shedding
+    // that never happened, and a finite fair share).
+    let book = FairBook::default();
+    let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+    let t0 = Duration::from_secs(100);
+    let t1 = t0 + Duration::from_secs(3);
+    for t in [&a, &b] {
+        assert_eq!(book.offer("m", t, 1.0, (18, None), t0).1, 274.0);
+    }
+    book.settle("m", "a", (-255.0, t0), Some(1), t0);
+    book.settle("m", "b", (-255.0, t0), Some(1), t1);
+    let (sa, sb) = (share_of(&book, "a", t1), share_of(&book, "b", t1));
+    let expected = 19.0 / WINDOW * (-3.0 / WINDOW).exp();
+    assert!((sa.use_rate - expected).abs() < 1e-9, "{sa:?}");
+    assert!((sb.use_rate - expected).abs() < 1e-9, "{sb:?}");
+    // A third request after 100 ms recomputes the share: everything offered was admitted.
+    let t2 = t1 + Duration::from_millis(100);
+    assert!(
+        !book.offer("m", &a, 1.0, (18, None), t2).0,
+        "no one is under a share"
+    );
+    assert!(share_of(&book, "b", t2).fair_share.is_infinite());
 }

@@ -72,7 +72,7 @@ async fn accepted_passthrough(
         }
     };
     let model = head.model().map(|m| m.to_string());
-    let mut gate = acc.priority;
+    let mut gate = (acc.priority, false);
     // (A request that waited in the queue is admitted under the policy in force by then.)
     let (label, shadow, active, endpoint, snap) = match &model {
         Some(m) => {
@@ -81,7 +81,7 @@ async fn accepted_passthrough(
             }
             // (Embeddings and the like: no output unless the body allows one.)
             let max_output = Some(head.max_output.unwrap_or(0));
-            gate = match acc.gate_priority(&gw, m, bytes.len(), max_output) {
+            gate = match acc.gate(&gw, m, bytes.len(), max_output) {
                 Ok(p) => p,
                 Err(e) => return acc.refuse(&gw, "", api, false, e),
             };
@@ -109,7 +109,7 @@ async fn accepted_passthrough(
         gw: &gw,
         snap: &snap,
         endpoint,
-        admission: model.as_deref().map(|m| (m, gate)),
+        admission: model.as_deref().map(|m| (m, gate.0)),
         method,
         path_and_query: uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
         headers: &headers,

@@ -52,10 +52,28 @@ impl Limiter {
         priority: Priority,
         now: Duration,
     ) -> Option<Decision> {
+        self.admit_if(key, priority, now, |a| a.reject_probability == 0.0)
+    }
+
+    /// Admits a `standard` request on `key` at `now` and counts it in flight, under one lock,
+    /// if the concurrency ceiling would not refuse it, whatever the draw on the latency
+    /// pressure would say: a slot is free (for a tenant under its fair share,
+    /// [`crate::gateway::fair`]); otherwise counts nothing.
+    pub(crate) fn admit_if_slot(&self, key: KeyId, now: Duration) -> Option<Decision> {
+        self.admit_if(key, Priority::Standard, now, |a| a.over_ceiling.is_none())
+    }
+
+    fn admit_if(
+        &self,
+        key: KeyId,
+        priority: Priority,
+        now: Duration,
+        room: impl Fn(&super::super::Assessment) -> bool,
+    ) -> Option<Decision> {
         let entry = &self.entries[key.0 as usize];
         let mut st = entry.lock();
         let a = self.assess(&mut st, &entry.thresholds, priority, now.as_secs_f64());
-        if a.reject_probability > 0.0 {
+        if !room(&a) {
             return None;
         }
         st.conc.in_flight += 1;

@@ -2,7 +2,7 @@
 //! batch the engine runs, before any latency is late; the word lapses by itself.
 
 use super::*;
-use crate::limiter::fleet::Fleet;
+use crate::limiter::fleet::{Fleet, Room};
 
 /// Never under the draw of a `p < 1` rejection: only a certain one sheds.
 const LUCKY: f64 = 0.999;
@@ -105,7 +105,7 @@ fn a_queued_request_goes_where_there_is_room_then_one_at_a_time_where_the_engine
     let k = l.key("llama");
     // Eight in flight and the TTFT average at four times its threshold: no room.
     load(l, k, 2.0, 0.01, SEC, 20);
-    let queued = |now| fleet.admit_queued("llama", Priority::Standard, now);
+    let queued = |now| fleet.admit_queued("llama", Priority::Standard, Room::Sure, now);
     assert_eq!(queued(SEC), None);
     // The engine says it is full: still none.
     l.engine().report(true, Some(8.0), None, SEC * 2);
@@ -135,4 +135,31 @@ fn a_queued_request_goes_where_there_is_room_then_one_at_a_time_where_the_engine
     let r = queued(SEC * 3).expect("room");
     assert_eq!(r.decision.reject_probability, 0.0);
     assert_eq!(l.in_flight(k), 1);
+}
+
+#[test]
+fn a_waiter_for_a_slot_takes_one_the_ceiling_leaves_whatever_the_pressure_draws() {
+    let fleet = Fleet::new(&adaptive(), &["a".into()]);
+    let l = fleet.limiter(0);
+    let k = l.key("llama");
+    let slot = |now| fleet.admit_queued("llama", Priority::Standard, Room::Slot, now);
+    let sure = |now| fleet.admit_queued("llama", Priority::Standard, Room::Sure, now);
+    // Eight in flight, G = 8, the ITL average at twice its threshold and the TTFT one under
+    // it: the draw sheds some, but nothing queues in the engine, so the ceiling refuses none.
+    load(l, k, 0.1, 0.06, SEC, 20);
+    assert!(l.look(k, Priority::Standard, SEC).1 > 0.0, "the draw sheds");
+    assert_eq!(sure(SEC), None);
+    let r = slot(SEC).expect("a slot");
+    assert_eq!((r.endpoint, r.decision.verdict), (0, Verdict::Admit));
+    assert_eq!(l.in_flight(k), 9);
+    // The TTFT average at four times its threshold: requests queue in the engine, the ceiling
+    // refuses, and a slot waiter takes nothing ...
+    load(l, k, 2.0, 0.01, SEC, 20);
+    assert_eq!(slot(SEC), None);
+    assert_eq!(l.in_flight(k), 8);
+    // ... until a request ends below G: work conservation, room for both kinds.
+    l.end_request(k, SEC);
+    assert!(slot(SEC).is_some());
+    l.end_request(k, SEC);
+    assert!(sure(SEC).is_some());
 }
