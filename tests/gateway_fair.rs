@@ -159,11 +159,11 @@ async fn tokens_are_held_at_the_estimate_and_settled_to_the_tokens_relayed() {
     assert!(spent.retry_after() > Duration::ZERO);
 }
 
-/// The concurrency ceiling on, every request over it shed (p = 1), and, once reloaded with
+/// The concurrency ceiling on, a request over it shed with probability `p`, and, with
 /// `queue`, a queue for the other standard requests.
-fn ceiling_policy(queue: &str) -> String {
+fn ceiling_policy(p: f64, queue: &str) -> String {
     format!(
-        "defaults: {{ttft: 1s, itl: 1s, timeConstant: 4s}}\nshedding: {{maxRejectProbability: 1, ramp: 1}}\ntenants: {{header: x-tenant, trustHeader: true, clients: {{light: {{}}, heavy: {{}}}}}}\n{queue}"
+        "defaults: {{ttft: 1s, itl: 1s, timeConstant: 4s}}\nshedding: {{maxRejectProbability: {p}, ramp: 1}}\ntenants: {{header: x-tenant, trustHeader: true, clients: {{light: {{}}, heavy: {{}}}}}}\n{queue}"
     )
 }
 
@@ -171,16 +171,47 @@ async fn gauge(g: &InProc, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric(&g.metrics().await, name, labels).unwrap_or(0.0)
 }
 
-/// Five requests held at the engine, waiting 3 s for their first token: more than the
-/// concurrency ceiling (4 before more is learnt), and the TTFT read from their ages three times
-/// its threshold, so the ceiling refuses every `standard` request.
-async fn over_the_ceiling(g: &InProc) -> Vec<support::inproc::Held> {
+/// Five requests of heavy held at the engine, waiting `wait` for their first token: more than the
+/// concurrency ceiling (4 before more is learnt), with the TTFT read from their ages over its
+/// threshold of 1 s (read as twice their mean age). At 3 s (more than twice the threshold)
+/// the ceiling refuses every `standard` request; below 2 s, it sheds them with the policy's
+/// `maxRejectProbability`.
+async fn over_the_ceiling(g: &InProc, wait: Duration) -> Vec<support::inproc::Held> {
     let mut load = Vec::new();
     for _ in 0..5 {
-        load.push(g.hold("m").await);
+        load.push(g.hold_as("m", &[HEAVY]).await);
     }
-    g.clock.advance(3000 * MS);
+    g.clock.advance(wait);
     load
+}
+
+/// Heavy's and light's first requests, on an idle engine, all admitted (the tenants' mean
+/// outputs are known from then on).
+async fn warm(g: &InProc) {
+    for _ in 0..10 {
+        assert_eq!(g.stream("m", &[HEAVY], MS, &[]).await.status, 200);
+    }
+    assert_eq!(g.stream("m", &[LIGHT], MS, &[]).await.status, 200);
+}
+
+/// A request of `tenant` that waits in the gateway: sent again while the gate admits it by
+/// chance (those are let go at once).
+async fn waits(g: &InProc, tenant: (&str, &str)) -> support::inproc::Sent {
+    for _ in 0..20 {
+        let sent = g.send("m", &[tenant], tenant.1, 0);
+        for _ in 0..500 {
+            if gauge(g, "sluice_queue_requests", &[]).await == 1.0 {
+                return sent;
+            }
+            if sent.is_finished() {
+                break;
+            }
+            tokio::time::sleep(10 * MS).await;
+        }
+        assert_eq!(sent.await.unwrap().status, 200, "admitted by chance");
+        drop(g.arrival().await);
+    }
+    panic!("{} never waited", tenant.1);
 }
 
 /// Waits until `n` requests wait in the gateway (sent concurrently).
@@ -197,22 +228,20 @@ async fn waiting(g: &InProc, n: usize) {
 #[tokio::test]
 async fn under_its_share_a_request_waits_for_the_next_free_slot_ahead_of_the_others_not_past_the_ceiling()
  {
-    let g = InProc::start(&ceiling_policy("")).await;
-    // Heavy's first requests, on an idle engine, are all admitted, and one of light's (the
-    // tenants' mean outputs are known from then on) ...
-    for _ in 0..10 {
-        assert_eq!(g.stream("m", &[HEAVY], MS, &[]).await.status, 200);
-    }
-    assert_eq!(g.stream("m", &[LIGHT], MS, &[]).await.status, 200);
-    // ... then the engine is over the ceiling, and heavy, going on, is shed whole and over its
+    let g = InProc::start(&ceiling_policy(1.0, "")).await;
+    warm(&g).await;
+    // Then the engine is over the ceiling, and heavy, going on, is shed whole and over its
     // share.
-    let load = over_the_ceiling(&g).await;
+    let load = over_the_ceiling(&g, 3000 * MS).await;
     for _ in 0..20 {
         assert_eq!(g.stream("m", &[HEAVY], MS, &[]).await.status, 429);
     }
     // With a queue for the others, heavy's next request waits in it; then light's, under its
     // share, waits too (shed by the ceiling, not sent past it as before), ahead of heavy's.
-    g.reload(&ceiling_policy("queue: {maxWait: 60s, maxRequests: 8}"));
+    g.reload(&ceiling_policy(
+        1.0,
+        "queue: {maxWait: 60s, maxRequests: 8}",
+    ));
     let heavy = g.send("m", &[HEAVY], "heavy", 0);
     waiting(&g, 1).await;
     // (The fair share is recomputed at most every 100 ms.)
@@ -243,7 +272,7 @@ async fn under_its_share_a_request_waits_for_the_next_free_slot_ahead_of_the_oth
     }
 
     // No slot within the TTFT threshold (1 s): light's request goes anyway, not shed.
-    let load = over_the_ceiling(&g).await;
+    let load = over_the_ceiling(&g, 3000 * MS).await;
     let light = g.send("m", &[LIGHT], "light-2", 0);
     waiting(&g, 1).await;
     g.clock.advance(1001 * MS);
@@ -261,4 +290,41 @@ async fn under_its_share_a_request_waits_for_the_next_free_slot_ahead_of_the_oth
     assert_eq!(metric(&m, "sluice_tenant_requests_total", &rejected), None);
     drop(load);
     heavy.abort();
+}
+
+#[tokio::test]
+async fn while_a_tenant_under_its_share_waits_no_one_else_takes_a_slot_by_chance() {
+    let g = InProc::start(&ceiling_policy(0.5, "")).await;
+    warm(&g).await;
+    // Over the ceiling, with the TTFT read at 1.4 s (1.8 s below): a standard request is
+    // shed with probability 0.5, so some of heavy's get in by chance.
+    let load = over_the_ceiling(&g, 700 * MS).await;
+    let mut in_by_chance = Vec::new();
+    for _ in 0..12 {
+        if g.send("m", &[HEAVY], "heavy", 0).await.unwrap().status == 200 {
+            in_by_chance.push(g.arrival().await);
+        }
+    }
+    assert!(
+        (2..=10).contains(&in_by_chance.len()),
+        "{} of 12",
+        in_by_chance.len()
+    );
+    // Light's request, under its share, waits for a slot; meanwhile none of heavy's gets one
+    // by chance.
+    g.clock.advance(200 * MS);
+    let light = waits(&g, LIGHT).await;
+    for i in 0..20 {
+        let o = g.send("m", &[HEAVY], "heavy", 0).await.unwrap();
+        assert_eq!(o.status, 429, "{i}");
+    }
+    // The load ends: the slot goes to light.
+    drop((load, in_by_chance));
+    let first = g.arrival().await;
+    assert_eq!(first.body["user"], "light");
+    drop(first);
+    let o = tokio::time::timeout(Duration::from_secs(10), light).await;
+    assert_eq!(o.expect("answered").unwrap().status, 200);
+    // With no one waiting, heavy is admitted again.
+    assert_eq!(g.stream("m", &[HEAVY], MS, &[]).await.status, 200);
 }

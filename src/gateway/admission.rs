@@ -197,17 +197,23 @@ impl Drop for Active {
 /// Admits a request for `model` at `now` at `priority` (see [`request_priority`]) on an
 /// endpoint of the policy's fleet with room, or sheds it when none has room
 /// ([`crate::limiter::fleet`]). A shed request's error carries its Retry-After; its label is
-/// the key's, for counting.
+/// the key's, for counting. While a request of a tenant under its fair share waits for a
+/// slot of the model, no other `standard` or `sheddable` request takes one by chance: those
+/// are admitted only where there is room for sure ([`Fleet::admit_for_sure`]).
+///
+/// [`Fleet::admit_for_sure`]: crate::limiter::fleet::Fleet::admit_for_sure
 pub fn admit(
     gw: &Gateway,
     snap: Arc<Snapshot>,
     model: &str,
-    priority: Priority,
+    (priority, fair): (Priority, bool),
 ) -> Result<Admitted, (String, GatewayError)> {
     let now = gw.clock.now();
-    let routed = gw
-        .random
-        .with(|r| snap.fleet.admit(model, priority, now, r));
+    let by_chance = fair || priority == Priority::Critical || !gw.queue.fair_waiting(model);
+    let routed = gw.random.with(|r| match by_chance {
+        true => snap.fleet.admit(model, priority, now, r),
+        false => snap.fleet.admit_for_sure(model, priority, now, r),
+    });
     settle(snap, routed, model, &gw.clock, &gw.queue)
 }
 
@@ -223,13 +229,13 @@ pub async fn admit_or_wait(
 ) -> Result<Admitted, (String, GatewayError)> {
     // The policy is kept past the decision only where a shed request may wait.
     let queued = (fair || snap.config.queue.is_some()).then(|| snap.clone());
-    match (admit(gw, snap, model, priority), queued) {
+    match (admit(gw, snap, model, (priority, fair)), queued) {
         (Err((label, e @ GatewayError::Shed { .. })), Some(snap)) => {
             match gw.queue.wait(&snap, model, (priority, fair), e).await {
                 Err(GatewayError::Shed { .. }) if fair => {
                     // (Under the policy in force by then, as a waiter admitted from the queue.)
                     let now = gw.store.load().filter(|s| !s.fleet.is_empty());
-                    admit(gw, now.unwrap_or(snap), model, Priority::Critical)
+                    admit(gw, now.unwrap_or(snap), model, (Priority::Critical, false))
                 }
                 waited => waited.map_err(|e| (label, e)),
             }

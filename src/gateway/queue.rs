@@ -10,7 +10,10 @@
 //!   whatever the latency pressure's draw says), so it takes the next slot a request frees,
 //!   before any new arrival. It waits at most the model's TTFT threshold (a longer wait
 //!   would miss it anyway); then it goes upstream as `critical` would (`outcome="promoted"`),
-//!   so it is never shed for fairness' sake. A request finding the
+//!   so it is never shed for fairness' sake. While one waits, no other `standard` or
+//!   `sheddable` request of the model takes a slot by chance (the draw of the latency gate):
+//!   those are admitted only where there is room for sure, so the slot a request frees goes
+//!   to the waiter. A request finding the
 //!   queue full (`maxRequests`) is shed, unless it outranks the last one waiting (the newest of
 //!   the lowest priority), which is then shed in its place.
 //! - **Room** ([`crate::limiter::fleet::Fleet::admit_queued`]): an endpoint whose limiter
@@ -77,6 +80,8 @@ pub struct AdmissionQueue {
     waiters: Mutex<BTreeMap<Place, Waiter>>,
     next: AtomicU64,
     len: AtomicUsize,
+    /// Of them, requests of tenants under their fair share.
+    fair: AtomicUsize,
     /// Requests sent on from the queue, ever (for the rate in Retry-After).
     served: AtomicU64,
     depth: IntGauge,
@@ -96,11 +101,14 @@ impl std::fmt::Debug for AdmissionQueue {
 fn rank(p: Priority, fair: bool) -> u8 {
     match p {
         Priority::Critical => 0,
-        Priority::Standard if fair => 1,
+        Priority::Standard if fair => FAIR,
         Priority::Standard => 2,
         Priority::Sheddable => 3,
     }
 }
+
+/// The rank of a `standard` request of a tenant under its fair share.
+const FAIR: u8 = 1;
 
 /// How many may wait for a policy without `spec.queue` (its tenants under their share).
 const FAIR_MAX_REQUESTS: usize = 64;
@@ -120,6 +128,7 @@ impl AdmissionQueue {
             waiters: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(0),
             len: AtomicUsize::new(0),
+            fair: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             depth,
             wait,
@@ -137,7 +146,23 @@ impl AdmissionQueue {
         self.len() == 0
     }
 
-    fn set_len(&self, n: usize) {
+    /// Whether a request of a tenant under its fair share waits for a slot of `model`: then
+    /// no other `standard` or `sheddable` request takes one by chance
+    /// ([`crate::limiter::fleet::Fleet::admit_for_sure`]).
+    pub fn fair_waiting(&self, model: &str) -> bool {
+        if self.fair.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let waiters = self.waiters.lock();
+        let fair = waiters.range((FAIR, 0)..(FAIR + 1, 0));
+        fair.into_iter().any(|(_, w)| &*w.model == model)
+    }
+
+    /// Records the queue's length (and how many of its waiters are fair), under its lock.
+    fn set_len(&self, waiters: &BTreeMap<Place, Waiter>) {
+        let n = waiters.len();
+        let fair = waiters.range((FAIR, 0)..(FAIR + 1, 0)).count();
+        self.fair.store(fair, Ordering::Relaxed);
         self.len.store(n, Ordering::Relaxed);
         self.depth.set(n as i64);
     }
@@ -191,7 +216,7 @@ impl AdmissionQueue {
                 tx,
             };
             waiters.insert(place, waiter);
-            self.set_len(waiters.len());
+            self.set_len(&waiters);
             evicted
         };
         if let Some(w) = evicted {
@@ -286,7 +311,7 @@ impl AdmissionQueue {
             let done: Vec<_> = (done.into_iter())
                 .filter_map(|(place, r)| Some((waiters.remove(&place)?, r)))
                 .collect();
-            self.set_len(waiters.len());
+            self.set_len(&waiters);
             drop(waiters);
             // Outside the lock: a request admitted here whose waiter has just gone away is
             // ended, and the queue tried again.
@@ -321,7 +346,7 @@ impl Drop for Leave<'_> {
         {
             let mut waiters = q.waiters.lock();
             if waiters.remove(&self.place).is_some() {
-                q.set_len(waiters.len());
+                q.set_len(&waiters);
             }
         }
         let waited = q.clock.now().saturating_sub(self.start);

@@ -207,7 +207,21 @@ impl Fleet {
         now: Duration,
         rng: &mut R,
     ) -> Routed {
-        self.route(model, priority, now, rng, None)
+        self.route(model, priority, now, rng, (None, true))
+            .expect("an empty fleet is answered before routing")
+    }
+
+    /// [`Fleet::admit`] without the draw ([`Limiter::admit_for_sure`]): admitted only where
+    /// there is room for sure, otherwise shed (a tenant under its fair share waits for the
+    /// next slot, and no request takes it by chance before it).
+    pub fn admit_for_sure<R: Uniform + ?Sized>(
+        &self,
+        model: &str,
+        priority: Priority,
+        now: Duration,
+        rng: &mut R,
+    ) -> Routed {
+        self.route(model, priority, now, rng, (None, false))
             .expect("an empty fleet is answered before routing")
     }
 
@@ -221,7 +235,7 @@ impl Fleet {
         rng: &mut R,
         failed: usize,
     ) -> Option<Routed> {
-        self.route(model, priority, now, rng, Some(failed))
+        self.route(model, priority, now, rng, (Some(failed), true))
     }
 
     /// Admits a request waiting in the admission queue, if some endpoint has `room` for it at
@@ -294,12 +308,16 @@ impl Fleet {
         priority: Priority,
         now: Duration,
         rng: &mut R,
-        avoid: Option<usize>,
+        (avoid, by_chance): (Option<usize>, bool),
     ) -> Option<Routed> {
         let first = &self.members.first()?.limiter;
         let key = first.key(model);
+        let decide = |l: &Limiter, rng: &mut R| match by_chance {
+            true => l.admit(key, priority, now, rng),
+            false => l.admit_for_sure(key, priority, now, rng),
+        };
         if self.members.len() == 1 && avoid.is_none() {
-            let decision = first.admit(key, priority, now, rng);
+            let decision = decide(first, rng);
             self.count(0, &decision);
             return Some(Routed {
                 endpoint: 0,
@@ -320,7 +338,7 @@ impl Fleet {
         let n = eligible.len();
         if n <= 1 {
             let &e = eligible.first()?;
-            return Some(admitted(e, self.limiter(e).admit(key, priority, now, rng)));
+            return Some(admitted(e, decide(self.limiter(e), rng)));
         }
         let look = |endpoint: usize| self.look(endpoint, key, priority, now);
         // Two choices.
@@ -366,7 +384,7 @@ impl Fleet {
                     .unwrap_or(std::cmp::Ordering::Equal)
             })
             .expect("at least one endpoint");
-        let mut decision = self.limiter(best).admit(key, priority, now, rng);
+        let mut decision = decide(self.limiter(best), rng);
         if decision.verdict == Verdict::Reject {
             let soonest = waits.iter().map(|w| w.2).fold(f64::INFINITY, f64::min);
             decision.retry_after = Some(self.limiter(best).retry_after(soonest, rng));

@@ -248,7 +248,7 @@ impl Limiter {
         now: Duration,
         rng: &mut R,
     ) -> Decision {
-        self.decide_counting(key, priority, now, rng, false)
+        self.decide_counting(key, priority, now, rng, (false, true))
     }
 
     /// Admits or sheds a new request of `priority` on `key` at `now`, and counts an admitted
@@ -265,16 +265,31 @@ impl Limiter {
         now: Duration,
         rng: &mut R,
     ) -> Decision {
-        self.decide_counting(key, priority, now, rng, true)
+        self.decide_counting(key, priority, now, rng, (true, true))
     }
 
+    /// [`Limiter::admit`] without the draw: admitted only for sure (a reject probability of
+    /// 0), otherwise shed with the Retry-After a shed request gets. For a request that must
+    /// not take a slot by chance while a tenant under its fair share waits for one.
+    pub fn admit_for_sure<R: Uniform + ?Sized>(
+        &self,
+        key: KeyId,
+        priority: Priority,
+        now: Duration,
+        rng: &mut R,
+    ) -> Decision {
+        self.decide_counting(key, priority, now, rng, (true, false))
+    }
+
+    /// Decides, counting an admitted request in flight (`count`) and drawing against the
+    /// reject probability (`draw`; without it any probability above 0 sheds).
     fn decide_counting<R: Uniform + ?Sized>(
         &self,
         key: KeyId,
         priority: Priority,
         now: Duration,
         rng: &mut R,
-        count: bool,
+        (count, draw): (bool, bool),
     ) -> Decision {
         let entry = &self.entries[key.0 as usize];
         let th = entry.thresholds;
@@ -291,7 +306,7 @@ impl Limiter {
             reject_probability: a.reject_probability,
             retry_after: None,
         };
-        if a.reject_probability == 0.0 || rng.next_f64() >= a.reject_probability {
+        if a.reject_probability == 0.0 || (draw && rng.next_f64() >= a.reject_probability) {
             st.conc.in_flight += u32::from(count);
             return admit;
         }

@@ -355,12 +355,19 @@ impl InProc {
     /// A streamed request that reached the upstream and got its response headers, held open
     /// (no token yet) until dropped.
     pub async fn hold(&self, model: &str) -> Held {
+        self.hold_as(model, &[]).await
+    }
+
+    /// [`InProc::hold`] with request `headers`.
+    pub async fn hold_as(&self, model: &str, headers: &[(&str, &str)]) -> Held {
         let body = serde_json::json!({"model": model, "stream": true,
             "messages": [{"role": "user", "content": "hi"}]});
-        let req = hyper::Request::post(format!("{}/v1/chat/completions", self.url))
-            .header("content-type", "application/json")
-            .body(http_body_util::Full::new(Bytes::from(body.to_string())))
-            .unwrap();
+        let mut req = hyper::Request::post(format!("{}/v1/chat/completions", self.url))
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = (req.body(http_body_util::Full::new(Bytes::from(body.to_string())))).unwrap();
         let response = tokio::spawn(self.client.request(req));
         let arrival = self.arrivals.lock().await.recv().await.unwrap();
         let resp = response.await.unwrap().unwrap();

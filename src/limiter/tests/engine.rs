@@ -163,3 +163,24 @@ fn a_waiter_for_a_slot_takes_one_the_ceiling_leaves_whatever_the_pressure_draws(
     l.end_request(k, SEC);
     assert!(sure(SEC).is_some());
 }
+
+#[test]
+fn admitted_for_sure_never_takes_a_slot_by_the_draw() {
+    let l = Limiter::new(config());
+    let k = l.key("llama");
+    // Eight in flight and the TTFT average at twice its threshold: the draw sheds some.
+    load(&l, k, 1.0, 0.01, SEC, 20);
+    let lucky = || Sequence::new(vec![LUCKY, 0.5]);
+    let d = l.admit_for_sure(k, Priority::Standard, SEC, &mut lucky());
+    assert_eq!(d.verdict, Verdict::Reject, "{d:?}");
+    assert!(d.retry_after.is_some());
+    assert_eq!(l.in_flight(k), 8, "nothing counted");
+    // The same draw admits by chance.
+    let d = l.admit(k, Priority::Standard, SEC, &mut lucky());
+    assert_eq!(d.verdict, Verdict::Admit);
+    assert_eq!(l.in_flight(k), 9);
+    // Room for sure (critical, or no pressure): admitted without a draw.
+    let d = l.admit_for_sure(k, Priority::Critical, SEC, &mut lucky());
+    assert_eq!(d.verdict, Verdict::Admit);
+    assert_eq!(l.in_flight(k), 10);
+}
