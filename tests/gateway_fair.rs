@@ -214,17 +214,6 @@ async fn waits(g: &InProc, tenant: (&str, &str)) -> support::inproc::Sent {
     panic!("{} never waited", tenant.1);
 }
 
-/// Waits until `n` requests wait in the gateway (sent concurrently).
-async fn waiting(g: &InProc, n: usize) {
-    for _ in 0..500 {
-        if gauge(g, "sluice_queue_requests", &[]).await == n as f64 {
-            return;
-        }
-        tokio::time::sleep(10 * MS).await;
-    }
-    panic!("never {n} waiting");
-}
-
 #[tokio::test]
 async fn under_its_share_a_request_waits_for_the_next_free_slot_ahead_of_the_others_not_past_the_ceiling()
  {
@@ -243,11 +232,11 @@ async fn under_its_share_a_request_waits_for_the_next_free_slot_ahead_of_the_oth
         "queue: {maxWait: 60s, maxRequests: 8}",
     ));
     let heavy = g.send("m", &[HEAVY], "heavy", 0);
-    waiting(&g, 1).await;
+    g.queued(1).await;
     // (The fair share is recomputed at most every 100 ms.)
     g.clock.advance(200 * MS);
     let light = g.send("m", &[LIGHT], "light", 0);
-    waiting(&g, 2).await;
+    g.queued(2).await;
     assert_eq!(
         gauge(
             &g,
@@ -274,7 +263,7 @@ async fn under_its_share_a_request_waits_for_the_next_free_slot_ahead_of_the_oth
     // No slot within the TTFT threshold (1 s): light's request goes anyway, not shed.
     let load = over_the_ceiling(&g, 3000 * MS).await;
     let light = g.send("m", &[LIGHT], "light-2", 0);
-    waiting(&g, 1).await;
+    g.queued(1).await;
     g.clock.advance(1001 * MS);
     // (Any event tries the queue: here a heavy request arriving, which is shed into it.)
     let heavy = g.send("m", &[HEAVY], "heavy-2", 0);

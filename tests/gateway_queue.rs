@@ -49,17 +49,6 @@ async fn gauge(g: &InProc, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric(&g.metrics().await, name, labels).unwrap_or(0.0)
 }
 
-/// Waits until `n` requests wait in the queue (it is filled by requests sent concurrently).
-async fn queued(g: &InProc, n: usize) {
-    for _ in 0..500 {
-        if gauge(g, "sluice_queue_requests", &[]).await == n as f64 {
-            return;
-        }
-        tokio::time::sleep(10 * MS).await;
-    }
-    panic!("the queue never held {n}");
-}
-
 async fn answer(sent: Sent) -> Outcome {
     tokio::time::timeout(Duration::from_secs(10), sent)
         .await
@@ -71,11 +60,11 @@ async fn answer(sent: Sent) -> Outcome {
 async fn waiting_requests_go_in_priority_then_arrival_order_as_requests_end() {
     let (g, load) = overloaded(&policy("60s", 8), GatewayOptions::default()).await;
     let s = g.send("m", &[SHEDDABLE], "s", 0);
-    queued(&g, 1).await;
+    g.queued(1).await;
     let a = g.send("m", &[], "a", 0);
-    queued(&g, 2).await;
+    g.queued(2).await;
     let b = g.send("m", &[], "b", 0);
-    queued(&g, 3).await;
+    g.queued(3).await;
     // Without the queue each of them would have been 429 already.
     assert_eq!(
         gauge(&g, "sluice_requests_total", &requests("rejected")).await,
@@ -85,7 +74,7 @@ async fn waiting_requests_go_in_priority_then_arrival_order_as_requests_end() {
     drop(load);
     let first = g.arrival().await;
     assert_eq!(first.body["user"], "a", "standard before sheddable");
-    queued(&g, 2).await;
+    g.queued(2).await;
     // One in flight with the TTFT average over its threshold: no room for another until it
     // ends; then the next in order.
     drop(first);
@@ -98,7 +87,7 @@ async fn waiting_requests_go_in_priority_then_arrival_order_as_requests_end() {
     for sent in [a, b, s] {
         assert_eq!(answer(sent).await.status, 200);
     }
-    queued(&g, 0).await;
+    g.queued(0).await;
     let m = g.metrics().await;
     let admitted = [("outcome", "admitted")];
     assert_eq!(
@@ -112,10 +101,10 @@ async fn a_request_still_waiting_at_max_wait_gets_429_with_the_queue_ahead_in_it
     let (g, _load) = overloaded(&policy("2s", 8), GatewayOptions::default()).await;
     // Sheddable at t0; a standard one a second later, ahead of it in order.
     let s = g.send("m", &[SHEDDABLE], "s", 0);
-    queued(&g, 1).await;
+    g.queued(1).await;
     g.clock.advance(1000 * MS);
     let t = g.send("m", &[], "t", 0);
-    queued(&g, 2).await;
+    g.queued(2).await;
     // At t0 + 2 s the sheddable one has waited maxWait, with one request still ahead of it
     // and none served meanwhile: 2 s per request ahead is added to its own Retry-After.
     g.clock.advance(1000 * MS);
@@ -133,7 +122,7 @@ async fn a_request_still_waiting_at_max_wait_gets_429_with_the_queue_ahead_in_it
         (7287 * MS..=8345 * MS).contains(&retry),
         "retry-after-ms {retry:?}"
     );
-    queued(&g, 1).await;
+    g.queued(1).await;
     // The standard one at t0 + 3 s, nothing ahead: its own, 4 ln 3 − 1 = 3.394 s at t0 + 1 s.
     g.clock.advance(1000 * MS);
     g.gw.queue.dispatch();
@@ -167,13 +156,13 @@ async fn a_request_still_waiting_at_max_wait_gets_429_with_the_queue_ahead_in_it
 async fn a_full_queue_sheds_newcomers_unless_they_outrank_the_last_one_waiting() {
     let (g, _load) = overloaded(&policy("60s", 1), GatewayOptions::default()).await;
     let s = g.send("m", &[SHEDDABLE], "s", 0);
-    queued(&g, 1).await;
+    g.queued(1).await;
     // A standard request takes the sheddable one's place, which is shed at once.
     let t = g.send("m", &[], "t", 0);
     let s = answer(s).await;
     assert_eq!(s.status, 429);
     assert!(s.retry_after() > Duration::ZERO);
-    queued(&g, 1).await;
+    g.queued(1).await;
     // Another standard one finds the queue full of its own rank: shed at once.
     let u = answer(g.send("m", &[], "u", 0)).await;
     assert_eq!(u.status, 429);
@@ -199,9 +188,9 @@ async fn a_full_queue_sheds_newcomers_unless_they_outrank_the_last_one_waiting()
 async fn a_client_that_goes_away_leaves_the_queue_at_once() {
     let (g, load) = overloaded(&policy("60s", 8), GatewayOptions::default()).await;
     let gone = g.send("m", &[], "gone", 0);
-    queued(&g, 1).await;
+    g.queued(1).await;
     gone.abort();
-    queued(&g, 0).await;
+    g.queued(0).await;
     let m = g.metrics().await;
     let cancelled = [("outcome", "cancelled")];
     assert_eq!(
@@ -210,7 +199,7 @@ async fn a_client_that_goes_away_leaves_the_queue_at_once() {
     );
     // Its place is free: room goes to the next request, not to the one that left.
     let next = g.send("m", &[], "next", 0);
-    queued(&g, 1).await;
+    g.queued(1).await;
     drop(load);
     let arrival = g.arrival().await;
     assert_eq!(arrival.body["user"], "next");
@@ -226,7 +215,7 @@ async fn queued_bodies_are_held_against_the_body_memory_budget() {
     };
     let (g, _load) = overloaded(&policy("60s", 8), options).await;
     let big = g.send("m", &[], "big", 60_000);
-    queued(&g, 1).await;
+    g.queued(1).await;
     // A second body of the same size does not fit next to the waiting one.
     let refused = answer(g.send("m", &[], "second", 60_000)).await;
     assert_eq!(refused.status, 503);
@@ -235,8 +224,8 @@ async fn queued_bodies_are_held_against_the_body_memory_budget() {
     assert!(held >= 60_000.0, "{held}");
     // The waiting one leaves: its body's share is given back, and the next one waits.
     big.abort();
-    queued(&g, 0).await;
+    g.queued(0).await;
     let again = g.send("m", &[], "again", 60_000);
-    queued(&g, 1).await;
+    g.queued(1).await;
     again.abort();
 }

@@ -17,8 +17,9 @@
 //! - **The rule**: a `standard` request of a tenant at or under its share, while another is
 //!   over its own, is not shed: when the gate would shed it, it waits for the next free slot
 //!   ahead of every other `standard` request, at most the model's TTFT threshold, and then
-//!   goes as `critical` would ([`super::queue`]). It does not pass the concurrency ceiling at
-//!   once, which would put it in the engine's queue exactly when that is longest. The tenants
+//!   goes as `critical` would ([`super::queue`]); meanwhile no other request of the model
+//!   takes a slot by the gate's draw. It does not pass the concurrency ceiling at once, which
+//!   would put it in the engine's queue exactly when that is longest. The tenants
 //!   over their share take the gate's decision as before, so the gate's feedback on latency
 //!   acts on them alone. Since the tenants under their share use at most the admitted rate
 //!   between them, this cannot admit more than the gate does. `critical` is never shed; `sheddable` requests take the gate's decision

@@ -439,6 +439,18 @@ impl InProc {
         self.arrivals.lock().await.recv().await.unwrap()
     }
 
+    /// Waits until `n` requests wait in the gateway's admission queue (sent concurrently).
+    pub async fn queued(&self, n: usize) {
+        for _ in 0..500 {
+            let m = self.metrics().await;
+            if super::http::metric(&m, "sluice_queue_requests", &[]) == Some(n as f64) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the queue never held {n}");
+    }
+
     /// The gateway's /metrics text.
     pub async fn metrics(&self) -> String {
         let r = super::http::get(&self.client, &format!("{}/metrics", self.url)).await;
