@@ -33,6 +33,7 @@
 
 pub mod health;
 mod room;
+pub use room::Room;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,16 +90,6 @@ struct Look {
     pressure: f64,
     reject_probability: f64,
     in_flight: u32,
-}
-
-/// What counts as room for a request waiting in the admission queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Room {
-    /// The limiter would admit it for sure: no draw at all.
-    Sure,
-    /// The concurrency ceiling would not refuse a `standard` request: a slot is free,
-    /// whatever the latency pressure's draw says (a tenant under its fair share).
-    Slot,
 }
 
 impl Look {

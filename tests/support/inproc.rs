@@ -23,6 +23,9 @@ use tokio::sync::{Mutex, mpsc};
 
 use super::http::{HttpClient, client, policy_yaml};
 
+mod held;
+pub use held::Held;
+
 /// A request that reached the stub upstream; its response stream is open until dropped.
 pub struct Arrival {
     /// Which stub upstream it reached (the index in [`InProc::upstreams`]).
@@ -92,47 +95,6 @@ async fn stub_chat(
 pub struct Busy {
     _upstream: Vec<mpsc::UnboundedSender<Bytes>>,
     _bodies: Vec<hyper::body::Incoming>,
-}
-
-/// A request held open by [`InProc::hold`]: the test sends its events and reads them.
-pub struct Held {
-    arrival: Arrival,
-    body: hyper::body::Incoming,
-}
-
-impl Held {
-    /// The stub upstream the request reached.
-    pub fn upstream(&self) -> usize {
-        self.arrival.upstream
-    }
-
-    /// The upstream sends `data: <data>` and a blank line.
-    pub fn send(&self, data: &str) {
-        self.arrival.send(data);
-    }
-
-    /// Reads `n` bytes of the relayed body (panics if it ends first).
-    pub async fn read(&mut self, n: usize) {
-        let mut got = 0;
-        while got < n {
-            let frame = self
-                .body
-                .frame()
-                .await
-                .expect("more body")
-                .expect("no error");
-            got += frame.into_data().map(|d| d.len()).unwrap_or(0);
-        }
-    }
-
-    /// Ends the upstream's response and reads the rest of the body.
-    pub async fn finish(self) {
-        let Held { arrival, mut body } = self;
-        drop(arrival);
-        while let Some(f) = body.frame().await {
-            f.expect("the stream ends cleanly");
-        }
-    }
 }
 
 /// How one streamed request went.

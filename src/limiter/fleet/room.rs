@@ -6,6 +6,16 @@ use std::time::Duration;
 
 use super::super::{Decision, KeyId, Limiter, Priority, Verdict};
 
+/// What counts as room for a request waiting in the admission queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// The limiter would admit it for sure: no draw at all.
+    Sure,
+    /// The concurrency ceiling would not refuse a `standard` request: a slot is free,
+    /// whatever the latency pressure's draw says (a tenant under its fair share).
+    Slot,
+}
+
 impl Limiter {
     /// For a new endpoint: each key starts with the good concurrency of the median endpoint
     /// of `others` (the lower one of an even count), with its age, so it takes that many
