@@ -303,9 +303,11 @@ async fn while_a_tenant_under_its_share_waits_no_one_else_takes_a_slot_by_chance
     // by chance.
     g.clock.advance(200 * MS);
     let light = waits(&g, LIGHT).await;
+    // (Nor of another model under the same limiter key, `other`: they share its slots.)
     for i in 0..20 {
-        let o = g.send("m", &[HEAVY], "heavy", 0).await.unwrap();
-        assert_eq!(o.status, 429, "{i}");
+        let model = ["m", "m2"][i % 2];
+        let o = g.send(model, &[HEAVY], "heavy", 0).await.unwrap();
+        assert_eq!(o.status, 429, "{model} {i}");
     }
     // The load ends: the slot goes to light.
     drop((load, in_by_chance));

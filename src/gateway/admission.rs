@@ -209,7 +209,7 @@ pub fn admit(
     (priority, fair): (Priority, bool),
 ) -> Result<Admitted, (String, GatewayError)> {
     let now = gw.clock.now();
-    let by_chance = fair || priority == Priority::Critical || !gw.queue.fair_waiting(model);
+    let by_chance = fair || priority == Priority::Critical || !gw.queue.fair_waiting(&snap, model);
     let routed = gw.random.with(|r| match by_chance {
         true => snap.fleet.admit(model, priority, now, r),
         false => snap.fleet.admit_for_sure(model, priority, now, r),

@@ -66,6 +66,8 @@ enum Left {
 
 struct Waiter {
     model: Box<str>,
+    /// The label of the limiter key the model falls under.
+    label: Box<str>,
     priority: Priority,
     room: Room,
     deadline: Duration,
@@ -146,16 +148,19 @@ impl AdmissionQueue {
         self.len() == 0
     }
 
-    /// Whether a request of a tenant under its fair share waits for a slot of `model`: then
-    /// no other `standard` or `sheddable` request takes one by chance
+    /// Whether a request of a tenant under its fair share waits for a slot of the limiter key
+    /// `model` falls under in `snap` (models sharing a key share its slots): then no other
+    /// `standard` or `sheddable` request takes one by chance
     /// ([`crate::limiter::fleet::Fleet::admit_for_sure`]).
-    pub fn fair_waiting(&self, model: &str) -> bool {
+    pub fn fair_waiting(&self, snap: &Snapshot, model: &str) -> bool {
         if self.fair.load(Ordering::Relaxed) == 0 {
             return false;
         }
+        let first = snap.fleet.limiter(0);
+        let label = first.label(first.key(model));
         let waiters = self.waiters.lock();
         let fair = waiters.range((FAIR, 0)..(FAIR + 1, 0));
-        fair.into_iter().any(|(_, w)| &*w.model == model)
+        fair.into_iter().any(|(_, w)| &*w.label == label)
     }
 
     /// Records the queue's length (and how many of its waiters are fair), under its lock.
@@ -182,10 +187,11 @@ impl AdmissionQueue {
         let GatewayError::Shed { retry_after, .. } = &shed else {
             return Err(shed);
         };
+        let first = snap.fleet.limiter(0);
+        let key = first.key(model);
         let (max_wait, max_requests, room) = match (snap.config.queue, fair) {
             (q, true) => {
-                let first = snap.fleet.limiter(0);
-                let ttft = first.thresholds(first.key(model)).ttft;
+                let ttft = first.thresholds(key).ttft;
                 let n = q.map_or(FAIR_MAX_REQUESTS, |q| q.max_requests);
                 (Duration::from_secs_f64(ttft), n, Room::Slot)
             }
@@ -210,6 +216,7 @@ impl AdmissionQueue {
             };
             let waiter = Waiter {
                 model: model.into(),
+                label: first.label(key).into(),
                 priority,
                 room,
                 deadline: start + max_wait,
