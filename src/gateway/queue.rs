@@ -50,6 +50,7 @@ use super::admission::{Admitted, settle};
 use super::error::GatewayError;
 use crate::limiter::fleet::{Room, Routed};
 use crate::limiter::{Clock, Priority};
+use crate::policy::crd::DEFAULT_MAX_REQUESTS;
 use crate::policy::source::{PolicyStore, Snapshot};
 
 /// A waiter's place: its rank (0 first: [`rank`]) and its arrival.
@@ -112,8 +113,10 @@ fn rank(p: Priority, fair: bool) -> u8 {
 /// The rank of a `standard` request of a tenant under its fair share.
 const FAIR: u8 = 1;
 
-/// How many may wait for a policy without `spec.queue` (its tenants under their share).
-const FAIR_MAX_REQUESTS: usize = 64;
+/// The waiters of tenants under their fair share.
+fn fair(waiters: &BTreeMap<Place, Waiter>) -> impl Iterator<Item = &Waiter> {
+    waiters.range((FAIR, 0)..(FAIR + 1, 0)).map(|(_, w)| w)
+}
 
 impl AdmissionQueue {
     /// An empty queue for the policies of `store`, timed by `clock`, reporting its depth and
@@ -158,16 +161,13 @@ impl AdmissionQueue {
         }
         let first = snap.fleet.limiter(0);
         let label = first.label(first.key(model));
-        let waiters = self.waiters.lock();
-        let fair = waiters.range((FAIR, 0)..(FAIR + 1, 0));
-        fair.into_iter().any(|(_, w)| &*w.label == label)
+        fair(&self.waiters.lock()).any(|w| &*w.label == label)
     }
 
     /// Records the queue's length (and how many of its waiters are fair), under its lock.
     fn set_len(&self, waiters: &BTreeMap<Place, Waiter>) {
         let n = waiters.len();
-        let fair = waiters.range((FAIR, 0)..(FAIR + 1, 0)).count();
-        self.fair.store(fair, Ordering::Relaxed);
+        self.fair.store(fair(waiters).count(), Ordering::Relaxed);
         self.len.store(n, Ordering::Relaxed);
         self.depth.set(n as i64);
     }
@@ -192,7 +192,7 @@ impl AdmissionQueue {
         let (max_wait, max_requests, room) = match (snap.config.queue, fair) {
             (q, true) => {
                 let ttft = first.thresholds(key).ttft;
-                let n = q.map_or(FAIR_MAX_REQUESTS, |q| q.max_requests);
+                let n = q.map_or(DEFAULT_MAX_REQUESTS as usize, |q| q.max_requests);
                 (Duration::from_secs_f64(ttft), n, Room::Slot)
             }
             (Some(q), false) => (q.max_wait, q.max_requests, Room::Sure),

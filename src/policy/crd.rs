@@ -30,7 +30,7 @@ mod tenants;
 mod upstream;
 pub use access::{ClientAuthSpec, PriorityClass, PrioritySpec, SecretKeyRef, SecretRef};
 pub use gateway::{DEFAULT_GATEWAY_PORT, DEFAULT_METRICS_PORT, GatewaySpec, metrics_port};
-pub use queue::{MAX_QUEUE_REQUESTS, MAX_QUEUE_WAIT_SECS, QueueSpec};
+pub use queue::{DEFAULT_MAX_REQUESTS, MAX_QUEUE_REQUESTS, MAX_QUEUE_WAIT_SECS, QueueSpec};
 pub use tenants::{
     BudgetSpec, MAX_REQUESTS_PER_MINUTE, MAX_TOKENS_PER_MINUTE, MAX_WEIGHT, TenantsSpec,
 };

@@ -28,6 +28,10 @@ pub struct QueueSpec {
     pub max_requests: u32,
 }
 
+/// `maxRequests` when the policy leaves it out (also how many requests of tenants under
+/// their fair share may wait where the policy has no queue).
+pub const DEFAULT_MAX_REQUESTS: u32 = 64;
+
 fn default_max_requests() -> u32 {
-    64
+    DEFAULT_MAX_REQUESTS
 }
