@@ -173,6 +173,14 @@ async fn the_services_ready_endpoints_become_the_fleet_under_the_gateways_own_ro
         10,
     )
     .await;
+    // The log line is written after the switch the metric shows: wait for it to be read.
+    let logged = eventually(10, "the fallback logged", || async {
+        let w = gw.process.warnings();
+        w.iter()
+            .any(|l| l.contains("has no EndpointSlice"))
+            .then_some(())
+    });
+    logged.await;
     let warned = gw.process.warnings();
     let once = |what: &str| warned.iter().filter(|l| l.contains(what)).count();
     assert_eq!(once("no ready endpoint"), 1, "{warned:#?}");
