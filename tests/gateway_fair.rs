@@ -159,6 +159,27 @@ async fn tokens_are_held_at_the_estimate_and_settled_to_the_tokens_relayed() {
     assert!(spent.retry_after() > Duration::ZERO);
 }
 
+#[tokio::test]
+async fn a_stream_reporting_its_usage_is_settled_to_it() {
+    let g = InProc::start(&policy("default: {tokensPerMinute: 1200}")).await;
+    let prompt = stream_body_bytes().div_ceil(4);
+    // Three content events relayed, but the usage chunk says 5 prompt and 7 completion
+    // tokens: the usage is what the engine spent (counting events would settle prompt + 3).
+    let gaps = [MS, MS];
+    let first = g
+        .stream_reporting("m", &[], (MS, &gaps), Some((5, 7)))
+        .await;
+    assert_eq!(first.status, 200);
+    let second = g.stream("m", &[], MS, &[]).await;
+    assert_eq!(
+        second.header("x-ratelimit-remaining-tokens").unwrap(),
+        (1200 - 12 - prompt - 256).to_string()
+    );
+    let m = g.metrics().await;
+    let tokens = metric(&m, "sluice_tenant_tokens_total", &[("tenant", "anonymous")]);
+    assert_eq!(tokens, Some((12 + prompt + 1) as f64), "{m}");
+}
+
 /// The concurrency ceiling on, a request over it shed with probability `p`, and, with
 /// `queue`, a queue for the other standard requests.
 fn ceiling_policy(p: f64, queue: &str) -> String {

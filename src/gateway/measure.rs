@@ -15,7 +15,7 @@ use super::assemble::Assembler;
 use super::tenancy::{Spend, Used};
 use crate::gateway::metrics::{GatewayMetrics, Outcome, RequestMetrics};
 use crate::limiter::{KeyId, Signal};
-use crate::openai::sse::{EventKind, SseEvent, SseParser, classify, classify_value};
+use crate::openai::sse::{EventKind, SseEvent, SseParser, classify_value, measure};
 use crate::openai::timing::{StreamTimer, Timing};
 use crate::policy::source::Snapshot;
 
@@ -357,6 +357,7 @@ impl Observer {
     pub fn observe(&mut self, bytes: &[u8]) {
         let mut content = 0;
         let (mut done, mut error, mut too_large) = (false, false, 0);
+        let mut usage = None;
         let assembler = &mut self.assembler;
         self.parser.feed(bytes, |event| {
             let event = match event {
@@ -383,7 +384,12 @@ impl Observer {
                     }
                     Err(_) => EventKind::Unparsed,
                 },
-                _ => classify(event),
+                // Relaying a stream: the usage it carries settles its tokens.
+                _ => {
+                    let (kind, u) = measure(event);
+                    usage = u.or(usage);
+                    kind
+                }
             };
             match kind {
                 EventKind::Content => content += 1,
@@ -395,6 +401,9 @@ impl Observer {
         self.saw_done |= done;
         self.saw_error |= error;
         self.too_large += too_large;
+        if let Some((prompt, completion)) = usage {
+            self.usage(prompt, completion);
+        }
         if let Some(s) = self.sampler.as_mut() {
             s.on_content(content);
         }

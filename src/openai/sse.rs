@@ -10,6 +10,11 @@
 //! non-empty `delta`. The role chunk, the finish chunk and the usage chunk carry none. A
 //! Responses stream has no `[DONE]`: its `response.completed` (or `response.incomplete`) event
 //! ends it, and `response.failed` or an `error` event is an error.
+//!
+//! An event's token usage is read where it has one: the chunk's `usage` (the last chunk of a
+//! stream whose request set `stream_options.include_usage`; on every chunk with vLLM's
+//! continuous usage stats, the last one counting) or a Responses event's `response.usage`. A
+//! `usage` of another shape is ignored, never a reason to miss the event's tokens.
 
 use std::borrow::Cow;
 
@@ -44,6 +49,46 @@ struct ChunkView<'a> {
     /// `"error": null` is no error (deserializes to None).
     #[serde(default)]
     error: Option<IgnoredAny>,
+    /// A chat or completion chunk's usage (the last chunk, when the request asked for
+    /// `stream_options.include_usage`).
+    #[serde(default)]
+    usage: Option<Lenient<UsageView>>,
+    /// A Responses API event's response (`response.completed` carries its usage).
+    #[serde(default)]
+    response: Option<Lenient<ResponseView>>,
+}
+
+/// A field read when it has the expected shape, else ignored: an odd `usage` must not make
+/// the event's tokens go uncounted.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Lenient<T> {
+    Read(T),
+    Other(IgnoredAny),
+}
+
+impl<T> Lenient<T> {
+    fn read(&self) -> Option<&T> {
+        match self {
+            Lenient::Read(t) => Some(t),
+            Lenient::Other(_) => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ResponseView {
+    #[serde(default)]
+    usage: Option<Lenient<UsageView>>,
+}
+
+/// Token counts, as chat and completions name them or as the Responses API does.
+#[derive(Deserialize)]
+struct UsageView {
+    #[serde(default, alias = "input_tokens")]
+    prompt_tokens: Option<u64>,
+    #[serde(default, alias = "output_tokens")]
+    completion_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -66,12 +111,19 @@ struct DeltaView<'a> {
 
 /// Classifies the JSON payload of one event.
 pub fn classify(data: &[u8]) -> EventKind {
+    measure(data).0
+}
+
+/// Classifies the JSON payload of one event and reads the token usage it reports, if any:
+/// prompt and completion tokens (`input_tokens` and `output_tokens` in a Responses API
+/// event's `response`).
+pub fn measure(data: &[u8]) -> (EventKind, Option<(u64, u64)>) {
     if data == b"[DONE]" {
-        return EventKind::Done;
+        return (EventKind::Done, None);
     }
     match serde_json::from_slice::<ChunkView>(data) {
-        Ok(chunk) => chunk.kind(),
-        Err(_) => EventKind::Unparsed,
+        Ok(chunk) => (chunk.kind(), chunk.usage()),
+        Err(_) => (EventKind::Unparsed, None),
     }
 }
 
@@ -86,6 +138,15 @@ pub fn classify_value(v: &serde_json::Value) -> EventKind {
 }
 
 impl ChunkView<'_> {
+    fn usage(&self) -> Option<(u64, u64)> {
+        let usage = match &self.response {
+            Some(r) => r.read()?.usage.as_ref()?,
+            None => self.usage.as_ref()?,
+        };
+        let u = usage.read()?;
+        Some((u.prompt_tokens?, u.completion_tokens?))
+    }
+
     /// The one set of rules: an error object, else content when any choice carries a token.
     fn kind(&self) -> EventKind {
         if self.error.is_some() {

@@ -258,6 +258,19 @@ impl InProc {
         ttft: Duration,
         gaps: &[Duration],
     ) -> Outcome {
+        self.stream_reporting(model, headers, (ttft, gaps), None)
+            .await
+    }
+
+    /// [`InProc::stream`] whose last chunk reports `usage` (prompt, completion tokens), as a
+    /// request with `stream_options.include_usage` gets it.
+    pub async fn stream_reporting(
+        &self,
+        model: &str,
+        headers: &[(&str, &str)],
+        (ttft, gaps): (Duration, &[Duration]),
+        usage: Option<(u64, u64)>,
+    ) -> Outcome {
         let mut req = hyper::Request::post(format!("{}/v1/chat/completions", self.url))
             .header("content-type", "application/json");
         for (k, v) in headers {
@@ -298,6 +311,11 @@ impl InProc {
             assert!(frame.is_data());
         }
         arrival.send(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#);
+        if let Some((p, c)) = usage {
+            let u = serde_json::json!({"choices": [],
+                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}});
+            arrival.send(&u.to_string());
+        }
         arrival.send("[DONE]");
         let upstream_authorization = arrival.authorization.clone();
         let upstream = Some(arrival.upstream);

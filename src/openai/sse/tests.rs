@@ -277,3 +277,38 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn reads_the_usage_an_event_reports() {
+    let chat =
+        br#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#;
+    assert_eq!(measure(chat), (EventKind::Empty, Some((12, 30))));
+    // vLLM's continuous usage stats: a content chunk carrying the running usage.
+    let running = br#"{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":12,"completion_tokens":3}}"#;
+    assert_eq!(measure(running), (EventKind::Content, Some((12, 3))));
+    let responses = br#"{"type":"response.completed","response":{"id":"r","output":[{"content":[{"text":"hi"}]}],"usage":{"input_tokens":9,"output_tokens":4,"output_tokens_details":{"reasoning_tokens":0}}}}"#;
+    assert_eq!(measure(responses), (EventKind::Done, Some((9, 4))));
+    // No usage, a null one, a partial one: nothing read.
+    for none in [
+        &br#"{"choices":[{"index":0,"delta":{"content":"a"}}]}"#[..],
+        br#"{"choices":[],"usage":null}"#,
+        br#"{"choices":[],"usage":{"prompt_tokens":1}}"#,
+        br#"{"type":"response.created","response":{"id":"r","usage":null}}"#,
+        b"[DONE]",
+    ] {
+        assert_eq!(measure(none).1, None, "{}", String::from_utf8_lossy(none));
+    }
+}
+
+#[test]
+fn an_odd_usage_does_not_hide_the_events_tokens() {
+    for odd in [
+        &br#"{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":"lots"}"#[..],
+        br#"{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":-1,"completion_tokens":2.5}}"#,
+        br#"{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":"3","completion_tokens":4}}"#,
+    ] {
+        assert_eq!(measure(odd), (EventKind::Content, None));
+    }
+    let odd_response = br#"{"type":"response.completed","response":"done"}"#;
+    assert_eq!(measure(odd_response), (EventKind::Done, None));
+}
