@@ -180,6 +180,26 @@ async fn a_stream_reporting_its_usage_is_settled_to_it() {
     assert_eq!(tokens, Some((12 + prompt + 1) as f64), "{m}");
 }
 
+#[tokio::test]
+async fn the_budget_left_is_read_at_each_scrape() {
+    let g = InProc::start(&policy("default: {requestsPerMinute: 10}")).await;
+    let left = |m: &str| {
+        let labels = [("tenant", "anonymous"), ("unit", "requests")];
+        metric(m, "sluice_tenant_budget_remaining", &labels)
+    };
+    for _ in 0..3 {
+        assert_eq!(g.stream("m", &[], MS, &[]).await.status, 200);
+    }
+    assert_eq!(left(&g.metrics().await), Some(7.0));
+    // Idle past the minute: the budget refilled, without another request to say so.
+    g.clock.advance(Duration::from_secs(121));
+    assert_eq!(left(&g.metrics().await), Some(10.0));
+    // The policy drops the budget: nothing left to show.
+    g.reload(&policy("clients: {light: {}}"));
+    let m = g.metrics().await;
+    assert_eq!(left(&m), None, "{m}");
+}
+
 /// The concurrency ceiling on, a request over it shed with probability `p`, and, with
 /// `queue`, a queue for the other standard requests.
 fn ceiling_policy(p: f64, queue: &str) -> String {

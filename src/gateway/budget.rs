@@ -208,6 +208,43 @@ impl Budgets {
         Some(quota(w, limit, now))
     }
 
+    /// What each tenant seen has left of each budget at `now` under `config`, None where
+    /// `config` sets that budget no more. Read at every scrape: a budget that refilled while
+    /// its tenant was idle shows full.
+    pub fn remaining(
+        &self,
+        config: Option<&TenantsConfig>,
+        now: Duration,
+    ) -> Vec<(Arc<str>, Unit, Option<u64>)> {
+        let now = now.as_secs_f64();
+        let windows = self.windows.lock();
+        let units = [
+            (Unit::Requests, &windows.requests),
+            (Unit::Tokens, &windows.tokens),
+        ];
+        let mut out = Vec::with_capacity(windows.requests.len() + windows.tokens.len());
+        for (unit, map) in units {
+            for (tenant, w) in map {
+                let per_minute = config.and_then(|c| {
+                    let b = c.budget(tenant);
+                    let per_minute = match unit {
+                        Unit::Requests => b.requests_per_minute.map(u64::from),
+                        Unit::Tokens => b.tokens_per_minute,
+                    };
+                    Some(share(per_minute?, c.replicas))
+                });
+                let left = per_minute.map(|limit| {
+                    // Read as of now, without moving the tenant's window (a request does).
+                    let mut w = w.clone();
+                    w.roll(now);
+                    quota(&w, limit, now).remaining
+                });
+                out.push((tenant.clone(), unit, left));
+            }
+        }
+        out
+    }
+
     /// Gives back the request `tenant` took (its request was shed, not served); what it has
     /// left then.
     pub fn refund(&self, tenant: &str, rpm: u32, replicas: u32, now: Duration) -> Option<Quota> {
@@ -313,15 +350,6 @@ impl Charge {
         if let Some((_, q)) = st.tokens {
             q.insert(h, Unit::Tokens.as_str());
         }
-    }
-
-    /// What the tenant has left, by unit, as of the last change.
-    pub fn remaining(&self) -> [(Unit, Option<u64>); 2] {
-        let st = self.state.lock();
-        [
-            (Unit::Requests, st.requests.map(|q| q.remaining)),
-            (Unit::Tokens, st.tokens.map(|(_, q)| q.remaining)),
-        ]
     }
 }
 

@@ -336,6 +336,18 @@ pub async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     let permits = gw.max_body_memory.div_ceil(1024);
     let held = permits.saturating_sub(gw.body_memory.available_permits()) * 1024;
     gw.metrics.body_memory.set(held as i64);
+    let snap = gw.store.load();
+    let tenants = snap.as_ref().and_then(|s| s.config.tenants.as_ref());
+    let gauge = &gw.metrics.tenant_budget_remaining;
+    for (tenant, unit, left) in gw.budgets.remaining(tenants, gw.clock.now()) {
+        let labels = [&*tenant, unit.as_str()];
+        match left {
+            Some(left) => gauge
+                .with_label_values(&labels)
+                .set(i64::try_from(left).unwrap_or(i64::MAX)),
+            None => drop(gauge.remove_label_values(&labels)),
+        }
+    }
     let mut resp = gw.metrics.render().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -208,7 +208,7 @@ impl GatewayMetrics {
             tenant_budget_remaining: IntGaugeVec::new(
                 Opts::new(
                     "sluice_tenant_budget_remaining",
-                    "What the tenant's budget on this gateway pod had left after its last request, by unit (requests, tokens).",
+                    "What the tenant's budget on this gateway pod has left, read at each scrape, by unit (requests, tokens).",
                 ),
                 &["tenant", "unit"],
             )

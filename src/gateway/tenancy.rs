@@ -145,7 +145,7 @@ impl Tenancy {
             c.refund(&gw.budgets, gw.clock.now());
         }
         if let Some(o) = e.outcome() {
-            count(gw, &self.tenant, o, self.charge.as_deref());
+            count(gw, &self.tenant, o);
         }
     }
 
@@ -157,20 +157,12 @@ impl Tenancy {
     }
 }
 
-/// Counts a request of `tenant` that ended with `outcome` and the budget it has left.
-fn count(gw: &Gateway, tenant: &str, outcome: Outcome, charge: Option<&Charge>) {
-    let m = &gw.metrics;
-    m.tenant_requests
+/// Counts a request of `tenant` that ended with `outcome` (the budget it has left is read
+/// at each scrape: [`super::budget::Budgets::remaining`]).
+fn count(gw: &Gateway, tenant: &str, outcome: Outcome) {
+    (gw.metrics.tenant_requests)
         .with_label_values(&[tenant, outcome.as_str()])
         .inc();
-    for (unit, left) in charge.map(Charge::remaining).into_iter().flatten() {
-        if let Some(left) = left {
-            let g = m
-                .tenant_budget_remaining
-                .with_label_values(&[tenant, unit.as_str()]);
-            g.set(i64::try_from(left).unwrap_or(i64::MAX));
-        }
-    }
 }
 
 /// An admitted request's tenancy until it ends ([`Spend::finish`], from its tracker).
@@ -217,6 +209,6 @@ impl Spend {
             .tenant_tokens
             .with_label_values(&[&t.tenant])
             .inc_by(used);
-        count(gw, &t.tenant, outcome, t.charge.as_deref());
+        count(gw, &t.tenant, outcome);
     }
 }

@@ -86,6 +86,34 @@ fn tokens_config(tpm: u64, replicas: u32) -> TenantsConfig {
     }
 }
 
+/// What tenant `t` has left of its token budget at `now`, as a scrape reads it.
+fn tokens_left(b: &Budgets, config: &TenantsConfig, now: Duration) -> Option<u64> {
+    let left = b.remaining(Some(config), now);
+    let t = left
+        .iter()
+        .find(|(t, unit, _)| &**t == "t" && *unit == Unit::Tokens);
+    t.expect("tenant t's token window").2
+}
+
+#[test]
+fn what_is_left_is_read_at_the_scrape_and_follows_the_policy() {
+    let b = Budgets::default();
+    let config = tokens_config(600, 1);
+    let c = charge(&b, &config, "t".into(), SEC).unwrap().unwrap();
+    c.reserve_tokens(&b, 600, SEC).unwrap();
+    assert_eq!(tokens_left(&b, &config, SEC), Some(0));
+    // Idle for two minutes: nothing used counts any more, whatever the last request saw.
+    assert_eq!(tokens_left(&b, &config, SEC * 121), Some(600));
+    // A pod's share follows the replicas; a policy without the budget has none to show.
+    assert_eq!(
+        tokens_left(&b, &tokens_config(600, 3), SEC * 121),
+        Some(200)
+    );
+    assert_eq!(tokens_left(&b, &TenantsConfig::default(), SEC * 121), None);
+    let none = b.remaining(None, SEC * 121);
+    assert!(none.iter().all(|(_, _, left)| left.is_none()), "{none:?}");
+}
+
 #[test]
 fn tokens_are_held_at_the_estimate_and_settled_to_what_was_used() {
     let b = Budgets::default();
@@ -93,10 +121,10 @@ fn tokens_are_held_at_the_estimate_and_settled_to_what_was_used() {
     let config = tokens_config(6000, 2);
     let c = charge(&b, &config, "t".into(), SEC).unwrap().unwrap();
     c.reserve_tokens(&b, 1000, SEC).unwrap();
-    assert_eq!(c.remaining()[1], (Unit::Tokens, Some(2000)));
+    assert_eq!(tokens_left(&b, &config, SEC), Some(2000));
     // It used 200: 800 come back.
     c.settle_tokens(&b, 200, SEC);
-    assert_eq!(c.remaining()[1], (Unit::Tokens, Some(2800)));
+    assert_eq!(tokens_left(&b, &config, SEC), Some(2800));
     let mut h = HeaderMap::new();
     c.insert_headers(&mut h);
     assert_eq!(h["x-ratelimit-limit-tokens"], "3000");
@@ -113,7 +141,7 @@ fn tokens_are_held_at_the_estimate_and_settled_to_what_was_used() {
     let c = charge(&b, &config, "t".into(), SEC).unwrap().unwrap();
     c.reserve_tokens(&b, 2800, SEC).unwrap();
     c.settle_tokens(&b, 1e9 as u64, SEC);
-    assert_eq!(c.remaining()[1], (Unit::Tokens, Some(0)));
+    assert_eq!(tokens_left(&b, &config, SEC), Some(0));
     let c = charge(&b, &config, "t".into(), SEC).unwrap().unwrap();
     match c.reserve_tokens(&b, 10, SEC) {
         Err(GatewayError::OverBudget {
@@ -137,7 +165,7 @@ fn a_shed_request_gives_its_tokens_back_and_one_too_large_takes_nothing() {
     let c = charge(&b, &config, "t".into(), SEC).unwrap().unwrap();
     c.reserve_tokens(&b, 500, SEC).unwrap();
     c.refund(&b, SEC);
-    assert_eq!(c.remaining()[1], (Unit::Tokens, Some(600)));
+    assert_eq!(tokens_left(&b, &config, SEC), Some(600));
     // max_tokens of 10⁹: refused outright, nothing held, no Retry-After to wait for.
     let c = charge(&b, &config, "t".into(), SEC).unwrap().unwrap();
     match c.reserve_tokens(&b, 1_000_000_000, SEC) {
