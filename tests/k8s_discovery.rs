@@ -1,5 +1,5 @@
 //! Discovery against a real kube-apiserver: a gateway process following a policy that names a
-//! Service of its namespace turns that Service's EndpointSlices into its fleet, under exactly
+//! Service of its namespace (by its bare name) turns that Service's EndpointSlices into its fleet, under exactly
 //! the Role the operator gives it; a Service of another namespace is refused by RBAC and the
 //! Service URL is served; the operator grants list/watch on EndpointSlices only for its own
 //! namespace, under the chart's rules.
@@ -61,15 +61,16 @@ async fn the_services_ready_endpoints_become_the_fleet_under_the_gateways_own_ro
     ensure_crd(&k).await;
     let ns = TestNamespace::new(&k, "discovery").await;
     let c = http_client();
-    let service_url = format!("http://engine.{}.svc:8000", ns.name);
+    // The Service by its bare name: the one of the policy's namespace, as a pod there resolves it.
+    let service_url = "http://engine:8000";
     let api: Api<RateLimitPolicy> = Api::namespaced(k.clone(), &ns.name);
-    api.create(&PostParams::default(), &policy("p", &service_url))
+    api.create(&PostParams::default(), &policy("p", service_url))
         .await
         .unwrap();
     let sa = gateway_rbac(&k, &ns.name, "p", true).await;
     let kc = support::impersonating_kubeconfig(&ns.name, &sa);
     let gw = support::http::Gw::start_k8s(&c, &ns.name, "p", &kc.0).await;
-    let service_label = format!("engine.{}.svc:8000", ns.name);
+    let service_label = "engine:8000".to_owned();
 
     // No slice yet: the Service URL, from a working watch.
     gw.wait_metric(&c, "sluice_upstream_discovery_up", &[], 1.0, 20)
@@ -283,9 +284,16 @@ async fn the_operator_grants_endpointslices_only_for_a_service_of_the_policys_na
         grants().await.then_some(())
     })
     .await;
-    for upstream in [
-        json!({"url": "http://engine.elsewhere.svc:8000"}),
-        json!({"url": url, "discovery": "None"}),
+    // Taken away, then granted again: for the full name, then for the bare one.
+    for (upstream, again) in [
+        (
+            json!({"url": "http://engine.elsewhere.svc:8000"}),
+            url.as_str(),
+        ),
+        (
+            json!({"url": url, "discovery": "None"}),
+            "http://engine:8000",
+        ),
     ] {
         let patch = json!({"spec": {"upstream": upstream}});
         fx.api
@@ -296,12 +304,12 @@ async fn the_operator_grants_endpointslices_only_for_a_service_of_the_policys_na
             (!grants().await).then_some(())
         })
         .await;
-        let back = json!({"spec": {"upstream": {"url": url, "discovery": "EndpointSlices"}}});
+        let back = json!({"spec": {"upstream": {"url": again, "discovery": "EndpointSlices"}}});
         fx.api
             .patch("p", &PatchParams::default(), &Patch::Merge(&back))
             .await
             .unwrap();
-        eventually(30, "granted again", || async {
+        eventually(30, &format!("granted again for {again}"), || async {
             grants().await.then_some(())
         })
         .await;

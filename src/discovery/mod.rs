@@ -1,6 +1,7 @@
 //! Discovery: the engine's replicas behind a Service of the cluster, each its own endpoint.
 //!
-//! When the URL a policy serves names a Service (`http://<service>.<namespace>.svc[.cluster.local]`)
+//! When the URL a policy serves names a Service (`http://<service>.<namespace>.svc[.cluster.local]`,
+//! or `http://<service>` in the policy's namespace)
 //! and `spec.upstream.discovery` is not `None`, the gateway follows the Service's
 //! EndpointSlices (label `kubernetes.io/service-name`) with a kube-runtime watcher and
 //! reflector ([`watch`]), and serves the union of their ready, not terminating endpoints as a
@@ -64,17 +65,29 @@ pub(crate) fn dns_label(s: &str) -> bool {
 
 impl ServiceRef {
     /// The Service `url` names: an `http` URL whose host is `<service>.<namespace>.svc` or
-    /// `<service>.<namespace>.svc.cluster.local` (a trailing dot allowed). Other hosts, and
-    /// `https` (a pod's certificate names the Service, not its IP), are not discovered.
-    pub fn of(url: &http::Uri, port_name: Option<&str>) -> Option<ServiceRef> {
+    /// `<service>.<namespace>.svc.cluster.local` (a trailing dot allowed), or a bare
+    /// `<service>` in `namespace` (the policy's: what a pod there resolves the name to, its
+    /// first DNS search domain). Other hosts (`<service>.<namespace>` is left alone: it may as
+    /// well be a domain), and `https` (a pod's certificate names the Service, not its IP),
+    /// are not discovered.
+    pub fn of(
+        url: &http::Uri,
+        port_name: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Option<ServiceRef> {
         if url.scheme_str() != Some("http") {
             return None;
         }
         let host = url.host()?.trim_end_matches('.');
-        let rest = host
+        let (name, namespace) = match host
             .strip_suffix(".svc")
-            .or_else(|| host.strip_suffix(".svc.cluster.local"))?;
-        let (name, namespace) = rest.split_once('.')?;
+            .or_else(|| host.strip_suffix(".svc.cluster.local"))
+        {
+            Some(rest) => rest.split_once('.')?,
+            // (`localhost` is the pod itself, from its /etc/hosts.)
+            None if !host.contains('.') && host != "localhost" => (host, namespace?),
+            None => return None,
+        };
         (dns_label(name) && dns_label(namespace)).then(|| ServiceRef {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
@@ -84,11 +97,16 @@ impl ServiceRef {
         })
     }
 
-    /// The Service an upstream configuration discovers: its one served URL, when it names a
-    /// Service and `spec.upstream.discovery` is not `None`.
-    pub fn of_upstream(upstream: &crate::policy::UpstreamConfig) -> Option<ServiceRef> {
+    /// The Service an upstream configuration of a policy in `namespace` discovers: its one
+    /// served URL, when it names a Service and `spec.upstream.discovery` is not `None`.
+    pub fn of_upstream(
+        upstream: &crate::policy::UpstreamConfig,
+        namespace: Option<&str>,
+    ) -> Option<ServiceRef> {
         match upstream.endpoints.as_slice() {
-            [one] if upstream.discovery => ServiceRef::of(one, upstream.port_name.as_deref()),
+            [one] if upstream.discovery => {
+                ServiceRef::of(one, upstream.port_name.as_deref(), namespace)
+            }
             _ => None,
         }
     }

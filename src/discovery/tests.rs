@@ -10,7 +10,7 @@ fn uri(s: &str) -> http::Uri {
 }
 
 fn service() -> ServiceRef {
-    ServiceRef::of(&uri("http://engine.inference.svc:8000/v1"), None).unwrap()
+    ServiceRef::of(&uri("http://engine.inference.svc:8000/v1"), None, None).unwrap()
 }
 
 /// An endpoint: address, pod, ready, terminating (None: not said).
@@ -76,12 +76,43 @@ fn only_http_urls_naming_a_cluster_service_are_discovered() {
         ("http://10.0.0.5:8000", false),
         ("http://.inference.svc:8000", false),
     ] {
-        assert_eq!(ServiceRef::of(&uri(url), None).is_some(), found, "{url}");
+        assert_eq!(
+            ServiceRef::of(&uri(url), None, None).is_some(),
+            found,
+            "{url}"
+        );
     }
     assert_eq!(
-        ServiceRef::of(&uri("http://e.ns.svc"), None).unwrap().port,
+        ServiceRef::of(&uri("http://e.ns.svc"), None, None)
+            .unwrap()
+            .port,
         80
     );
+}
+
+#[test]
+fn a_bare_service_name_is_the_service_of_the_policys_namespace() {
+    let of = |url: &str, ns| ServiceRef::of(&uri(url), None, ns);
+    let s = of("http://engine:8000/v1", Some("inference")).unwrap();
+    assert_eq!(
+        (s.name.as_str(), s.namespace.as_str(), s.port),
+        ("engine", "inference", 8000)
+    );
+    assert_eq!(s.url, uri("http://engine:8000/v1"), "served as written");
+    // A name qualified elsewhere keeps its own namespace.
+    let other = of("http://engine.other.svc:8000", Some("inference")).unwrap();
+    assert_eq!(other.namespace, "other");
+    for (url, ns) in [
+        ("http://engine:8000", None), // no namespace known (a policy file)
+        ("http://localhost:8000", Some("inference")),
+        ("http://engine.inference:8000", Some("inference")), // may be a domain
+        ("http://Engine:8000", Some("inference")),
+        ("https://engine:8443", Some("inference")),
+        ("http://127.0.0.1:8000", Some("inference")),
+        ("http://[::1]:8000", Some("inference")),
+    ] {
+        assert_eq!(of(url, ns), None, "{url} in {ns:?}");
+    }
 }
 
 #[test]
@@ -123,9 +154,10 @@ fn the_port_is_the_named_one_else_the_urls_else_the_only_one() {
     };
     // Two ports, none the URL's, no name: nothing to use, and it is counted.
     assert_eq!(port(&service(), &two), (None, 1));
-    let named = ServiceRef::of(&uri("http://engine.inference.svc:8000"), Some("http")).unwrap();
+    let named =
+        ServiceRef::of(&uri("http://engine.inference.svc:8000"), Some("http"), None).unwrap();
     assert_eq!(port(&named, &two), (Some(8080), 0));
-    let by_number = ServiceRef::of(&uri("http://engine.inference.svc:9090"), None).unwrap();
+    let by_number = ServiceRef::of(&uri("http://engine.inference.svc:9090"), None, None).unwrap();
     assert_eq!(port(&by_number, &two), (Some(9090), 0));
     // One port (target port 8080 behind Service port 8000): that one.
     assert_eq!(port(&service(), &http_port(8080)), (Some(8080), 0));

@@ -310,21 +310,29 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             labels[i]
         );
     }
-    let store = Arc::new(PolicyStore::new(args.upstream.clone()).listening_on(args.listen));
+    // Following a policy through the API server: its client and namespace.
+    let followed = match (&args.policy_file, &args.policy) {
+        (None, Some(name)) => {
+            let client = kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "no Kubernetes configuration for --policy (in-cluster or KUBECONFIG): {e}"
+                )
+            })?;
+            let namespace = args
+                .namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            Some((client, namespace, name))
+        }
+        _ => None,
+    };
+    let store = PolicyStore::new(args.upstream.clone()).listening_on(args.listen);
+    let store = Arc::new(store.in_namespace(followed.as_ref().map(|(_, ns, _)| ns.clone())));
     let mut kube_client = None;
     if let Some(path) = &args.policy_file {
         let watcher = load_and_poll_file(path.clone(), store.clone(), args.reload_interval).await?;
         tokio::spawn(watcher);
-    } else if let Some(name) = &args.policy {
-        let client = kube::Client::try_default().await.map_err(|e| {
-            anyhow::anyhow!(
-                "no Kubernetes configuration for --policy (in-cluster or KUBECONFIG): {e}"
-            )
-        })?;
-        let namespace = args
-            .namespace
-            .clone()
-            .unwrap_or_else(|| client.default_namespace().to_owned());
+    } else if let Some((client, namespace, name)) = followed {
         tracing::info!(%namespace, policy = %name, "following the RateLimitPolicy through the Kubernetes API");
         kube_client = Some(client.clone());
         tokio::spawn(crate::policy::watch::watch_policy(

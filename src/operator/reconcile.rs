@@ -309,7 +309,7 @@ async fn apply_objects(
     .await?;
     // Discovery of a Service in the policy's namespace; one elsewhere needs a Role there,
     // which the operator cannot own (owner references stay within a namespace).
-    let discovers = crate::discovery::ServiceRef::of_upstream(&config.upstream)
+    let discovers = crate::discovery::ServiceRef::of_upstream(&config.upstream, Some(&ns))
         .is_some_and(|s| s.namespace == ns);
     let role = objects::gateway_role(&ns, &name, discovers);
     apply(ctx, &ns, role, &owner).await?;

@@ -70,6 +70,8 @@ pub struct PolicyStore {
     discovery: parking_lot::Mutex<Discovery>,
     /// The Service to discover, for the discovery task ([`crate::discovery::watch`]).
     target: tokio::sync::watch::Sender<Option<ServiceRef>>,
+    /// The namespace of the policy followed through the API server (None: a policy file).
+    namespace: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -115,7 +117,15 @@ impl PolicyStore {
             listen: None,
             discovery: Default::default(),
             target: tokio::sync::watch::Sender::new(None),
+            namespace: None,
         }
+    }
+
+    /// The policy's namespace: a bare Service name in its upstream URL names a Service there
+    /// ([`ServiceRef::of`]).
+    pub fn in_namespace(mut self, namespace: Option<String>) -> Self {
+        self.namespace = namespace;
+        self
     }
 
     /// Refuses policies whose upstream is `listen` itself (a request loop).
@@ -172,7 +182,7 @@ impl PolicyStore {
             config.upstream.endpoints = self.upstream_override.clone();
         }
         let mut d = self.discovery.lock();
-        let target = ServiceRef::of_upstream(&config.upstream);
+        let target = ServiceRef::of_upstream(&config.upstream, self.namespace.as_deref());
         if d.target != target {
             *d = Discovery {
                 target: target.clone(),
