@@ -255,6 +255,7 @@ async fn helm_install_to_real_pods_to_uninstall() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    load.until_ok(20, 60).await;
     let seen = load.stop().await;
     let new_pods = gateway_pods();
     assert!(
@@ -267,7 +268,6 @@ async fn helm_install_to_real_pods_to_uninstall() {
         seen.failed,
         seen.shed
     );
-    assert!(seen.ok >= 20, "too little load to prove anything");
 
     // 10. The engine as a fleet: the sim engine's Service is in the policy's namespace, so the
     // gateways route to its pods themselves, from its EndpointSlices. Scaled 1 -> 3 -> 1 -> 3
@@ -309,18 +309,17 @@ async fn helm_install_to_real_pods_to_uninstall() {
     rollout_status("sim-engine", 120);
     engine_fleet(&c, &new_pods, 3).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // Enough answers to prove something (71 in 25 s here, 48 once on a busier machine: a
+    // request that met a pod going away took up to 4 s).
+    load.until_ok(50, 60).await;
     let seen = load.stop().await;
     assert!(
         seen.failed.is_empty(),
-        "requests failed while the engine scaled and restarted: {:?} ({} ok, {} shed)",
+        "requests failed while the engine scaled and restarted: {:?} ({} ok, {} shed, slowest {:?})",
         seen.failed,
         seen.ok,
-        seen.shed
-    );
-    assert!(
-        seen.ok >= 50,
-        "too little load to prove anything: {}",
-        seen.ok
+        seen.shed,
+        seen.slowest
     );
 
     // 11. Delete the policy, then helm uninstall: nothing the chart created is left.

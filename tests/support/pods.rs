@@ -124,7 +124,7 @@ pub fn ready_pods(selector: &str) -> Vec<(String, String)> {
 /// stopped, counting what came back.
 pub struct SteadyLoad {
     stop: Arc<AtomicBool>,
-    workers: Vec<tokio::task::JoinHandle<Vec<String>>>,
+    workers: Vec<tokio::task::JoinHandle<(Vec<String>, Duration)>>,
     pub ok: Arc<AtomicU64>,
     pub shed: Arc<AtomicU64>,
 }
@@ -134,6 +134,8 @@ pub struct LoadResult {
     pub ok: u64,
     pub shed: u64,
     pub failed: Vec<String>,
+    /// The longest any one request took.
+    pub slowest: Duration,
 }
 
 impl SteadyLoad {
@@ -147,9 +149,12 @@ impl SteadyLoad {
                 tokio::spawn(async move {
                     let body = serde_json::json!({"model": "sim-llm", "max_tokens": 3,
                         "messages": [{"role": "user", "content": "hi"}]});
-                    let mut failed = Vec::new();
+                    let (mut failed, mut slowest) = (Vec::new(), Duration::ZERO);
                     while !stop.load(Ordering::SeqCst) {
-                        match super::http::try_post_json(&c, &url, &body).await {
+                        let sent = std::time::Instant::now();
+                        let answer = super::http::try_post_json(&c, &url, &body).await;
+                        slowest = slowest.max(sent.elapsed());
+                        match answer {
                             Ok(200) => ok.fetch_add(1, Ordering::SeqCst),
                             Ok(429) => shed.fetch_add(1, Ordering::SeqCst),
                             other => {
@@ -159,7 +164,7 @@ impl SteadyLoad {
                         };
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    failed
+                    (failed, slowest)
                 })
             })
             .collect();
@@ -171,16 +176,30 @@ impl SteadyLoad {
         }
     }
 
+    /// Keeps the load on until `n` requests were answered 200 since it started (at most
+    /// `secs`): how long the steps under it took varies with the machine, the proof needs
+    /// enough answers across them.
+    pub async fn until_ok(&self, n: u64, secs: u64) {
+        let what = format!("{n} requests answered under the load");
+        super::eventually(secs, &what, || async {
+            (self.ok.load(Ordering::SeqCst) >= n).then_some(())
+        })
+        .await;
+    }
+
     pub async fn stop(self) -> LoadResult {
         self.stop.store(true, Ordering::SeqCst);
-        let mut failed = Vec::new();
+        let (mut failed, mut slowest) = (Vec::new(), Duration::ZERO);
         for w in self.workers {
-            failed.extend(w.await.unwrap());
+            let (f, s) = w.await.unwrap();
+            failed.extend(f);
+            slowest = slowest.max(s);
         }
         LoadResult {
             ok: self.ok.load(Ordering::SeqCst),
             shed: self.shed.load(Ordering::SeqCst),
             failed,
+            slowest,
         }
     }
 }
