@@ -280,18 +280,31 @@ async fn the_operator_grants_endpointslices_only_for_a_service_of_the_policys_na
         let r: Role = owned(&fx.k, &fx.ns.name, "p-sluice").await;
         rules(r)
     };
+    // The policy's status says so: condition Discovery, with the reason when it is False.
+    let said = |status: &'static str, reason: &'static str| {
+        let api = fx.api.clone();
+        async move {
+            let p = api.get("p").await.unwrap();
+            let conditions = p.status.map(|s| s.conditions).unwrap_or_default();
+            let c = conditions.iter().find(|c| c.type_ == "Discovery")?;
+            (c.status == status && c.reason == reason).then_some(())
+        }
+    };
     eventually(30, "the Role grants endpointslices", || async {
         grants().await.then_some(())
     })
     .await;
+    eventually(30, "Discovery=True", || said("True", "EndpointSlices")).await;
     // Taken away, then granted again: for the full name, then for the bare one.
-    for (upstream, again) in [
+    for (upstream, reason, again) in [
         (
             json!({"url": "http://engine.elsewhere.svc:8000"}),
+            "OtherNamespace",
             url.as_str(),
         ),
         (
             json!({"url": url, "discovery": "None"}),
+            "Disabled",
             "http://engine:8000",
         ),
     ] {
@@ -304,6 +317,10 @@ async fn the_operator_grants_endpointslices_only_for_a_service_of_the_policys_na
             (!grants().await).then_some(())
         })
         .await;
+        eventually(30, &format!("Discovery=False, {reason}"), || {
+            said("False", reason)
+        })
+        .await;
         let back = json!({"spec": {"upstream": {"url": again, "discovery": "EndpointSlices"}}});
         fx.api
             .patch("p", &PatchParams::default(), &Patch::Merge(&back))
@@ -311,6 +328,10 @@ async fn the_operator_grants_endpointslices_only_for_a_service_of_the_policys_na
             .unwrap();
         eventually(30, &format!("granted again for {again}"), || async {
             grants().await.then_some(())
+        })
+        .await;
+        eventually(30, "Discovery=True again", || {
+            said("True", "EndpointSlices")
         })
         .await;
     }

@@ -24,6 +24,9 @@
 
 pub mod watch;
 
+mod plan;
+pub use plan::{Plan, plan};
+
 #[cfg(test)]
 mod tests;
 

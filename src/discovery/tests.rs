@@ -300,3 +300,62 @@ fn a_failure_before_the_first_list_keeps_the_service_url_and_says_so_once() {
     assert_eq!(f.on_error(forbidden, Duration::from_secs(600)), None);
     assert_eq!(f.served(), &Served::ServiceUrl);
 }
+
+#[test]
+fn the_status_says_whether_the_gateways_discover_and_why_not() {
+    let plan_of = |upstream: &str| {
+        let yaml = format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: p}}\nspec:\n  upstream: {upstream}\n"
+        );
+        let (_, config) = crate::policy::PolicyConfig::from_yaml(&yaml).unwrap();
+        plan(&config.upstream, "inference")
+    };
+    for (upstream, discovers, reason, says) in [
+        (
+            "{url: http://engine:8000}",
+            true,
+            "EndpointSlices",
+            "Service inference/engine:8000",
+        ),
+        (
+            "{url: http://engine.inference.svc.cluster.local:8000}",
+            true,
+            "EndpointSlices",
+            "Service inference/engine:8000",
+        ),
+        (
+            "{url: http://engine.other.svc:8000}",
+            false,
+            "OtherNamespace",
+            "not in the policy's namespace inference",
+        ),
+        (
+            "{url: http://engine:8000, discovery: None}",
+            false,
+            "Disabled",
+            "discovery is None",
+        ),
+        (
+            "{url: https://engine.inference.svc:8443}",
+            false,
+            "Https",
+            "certificate",
+        ),
+        (
+            "{url: http://vllm.example.com:8000}",
+            false,
+            "NotAService",
+            "http://vllm.example.com:8000/ does not name a Service",
+        ),
+        (
+            "{url: http://a:8000, endpoints: [http://a:8000, http://b:8000]}",
+            false,
+            "EndpointsListed",
+            "lists 2 endpoints",
+        ),
+    ] {
+        let p = plan_of(upstream);
+        assert_eq!((p.discovers, p.reason), (discovers, reason), "{upstream}");
+        assert!(p.message.contains(says), "{upstream}: {}", p.message);
+    }
+}

@@ -237,6 +237,7 @@ async fn reconcile_policy(
         &deployment.status.clone().unwrap_or_default(),
         replicas,
         &objects::gateway_endpoint(&ns, &name, port),
+        &crate::discovery::plan(&config.upstream, &ns),
         &now,
     );
     // A resync of an unchanged policy writes nothing.
@@ -309,8 +310,7 @@ async fn apply_objects(
     .await?;
     // Discovery of a Service in the policy's namespace; one elsewhere needs a Role there,
     // which the operator cannot own (owner references stay within a namespace).
-    let discovers = crate::discovery::ServiceRef::of_upstream(&config.upstream, Some(&ns))
-        .is_some_and(|s| s.namespace == ns);
+    let discovers = crate::discovery::plan(&config.upstream, &ns).discovers;
     let role = objects::gateway_role(&ns, &name, discovers);
     apply(ctx, &ns, role, &owner).await?;
     apply(ctx, &ns, objects::gateway_role_binding(&ns, &name), &owner).await?;

@@ -152,13 +152,15 @@ pub fn not_applied(
     }))
 }
 
-/// The status patch of a valid policy whose objects were applied.
+/// The status patch of a valid policy whose objects were applied; `discovery` says whether
+/// its gateways follow its Service's pods, and why not (condition `Discovery`).
 pub fn reconciled(
     generation: Option<i64>,
     previous: &[Condition],
     deployment: &DeploymentStatus,
     replicas: i32,
     endpoint: &str,
+    discovery: &crate::discovery::Plan,
     now: &Time,
 ) -> Value {
     let available = deployment.conditions.as_ref().is_some_and(|cs| {
@@ -177,6 +179,15 @@ pub fn reconciled(
         "conditions": [
             condition("Accepted", true, "Valid", "the spec is valid", generation, previous, now),
             condition("Ready", available, reason, &message, generation, previous, now),
+            condition(
+                "Discovery",
+                discovery.discovers,
+                discovery.reason,
+                &discovery.message,
+                generation,
+                previous,
+                now
+            ),
         ],
         "replicas": deployment.replicas.unwrap_or(0),
         "readyReplicas": ready,
@@ -229,7 +240,7 @@ mod tests {
             ready_replicas: Some(1),
             ..DeploymentStatus::default()
         };
-        let patch = reconciled(Some(1), &previous, &dep, 2, "http://e/v1", &at(10));
+        let patch = reconciled(Some(1), &previous, &dep, 2, "http://e/v1", &plan(), &at(10));
         let mut written: crate::policy::RateLimitPolicyStatus =
             serde_json::from_value(patch["status"].clone()).unwrap();
         assert!(!unchanged(None, &patch));
@@ -242,6 +253,7 @@ mod tests {
             &dep,
             2,
             "http://e/v1",
+            &plan(),
             &at(20),
         );
         assert!(unchanged(Some(&written), &again));
@@ -256,9 +268,18 @@ mod tests {
             &more,
             2,
             "http://e/v1",
+            &plan(),
             &at(20),
         );
         assert!(!unchanged(Some(&written), &changed));
+    }
+
+    fn plan() -> crate::discovery::Plan {
+        crate::discovery::Plan {
+            discovers: false,
+            reason: "NotAService",
+            message: "m".into(),
+        }
     }
 
     fn at(secs: i64) -> Time {
@@ -284,19 +305,43 @@ mod tests {
 
     #[test]
     fn transition_time_moves_only_when_the_status_does() {
-        let first = reconciled(Some(1), &[], &deployment(false, 0), 2, "e", &at(100));
+        let first = reconciled(
+            Some(1),
+            &[],
+            &deployment(false, 0),
+            2,
+            "e",
+            &plan(),
+            &at(100),
+        );
         let c1 = conditions(&first);
         assert_eq!(c1[1].status, "False");
         assert_eq!(c1[1].message, "0/2 gateway replicas ready");
         assert_eq!(c1[1].last_transition_time, at(100));
         // Later, still not ready but one replica more: message changes, time stays.
-        let second = reconciled(Some(1), &c1, &deployment(false, 1), 2, "e", &at(200));
+        let second = reconciled(
+            Some(1),
+            &c1,
+            &deployment(false, 1),
+            2,
+            "e",
+            &plan(),
+            &at(200),
+        );
         let c2 = conditions(&second);
         assert_eq!(c2[1].message, "1/2 gateway replicas ready");
         assert_eq!(c2[1].last_transition_time, at(100));
         assert_eq!(c2[0].last_transition_time, at(100), "Accepted unchanged");
         // Ready: the Ready condition transitions now.
-        let third = reconciled(Some(2), &c2, &deployment(true, 2), 2, "e", &at(300));
+        let third = reconciled(
+            Some(2),
+            &c2,
+            &deployment(true, 2),
+            2,
+            "e",
+            &plan(),
+            &at(300),
+        );
         let c3 = conditions(&third);
         assert_eq!(
             (c3[1].status.as_str(), c3[1].reason.as_str()),
@@ -329,7 +374,7 @@ mod tests {
         let again = invalid(Some(4), "spec.defaults.ttft: must be > 0", &cs, &at(20)).unwrap();
         assert_eq!(conditions(&again)[0].last_transition_time, at(10));
         // Valid again: Accepted transitions back to True.
-        let ok = reconciled(Some(5), &cs, &deployment(true, 2), 2, "e", &at(30));
+        let ok = reconciled(Some(5), &cs, &deployment(true, 2), 2, "e", &plan(), &at(30));
         assert_eq!(conditions(&ok)[0].last_transition_time, at(30));
     }
 
@@ -354,6 +399,7 @@ mod tests {
             &deployment(true, 2),
             2,
             "e",
+            &plan(),
             &at(30),
         ));
         let next = conditions(&accepted(Some(2), &ready, &at(40)).unwrap());
