@@ -381,6 +381,32 @@ mod tests {
     }
 
     #[test]
+    fn each_endpoint_of_the_fleet_counts_in_its_unary_mode() {
+        let urls = [
+            "http://10.0.0.1:8000",
+            "http://10.0.0.2:8000",
+            "http://10.0.0.3:8000",
+        ];
+        let policy = POLICY.replace(
+            "{url: 'http://127.0.0.1:9'}",
+            &format!("{{url: '{}', endpoints: [{}]}}", urls[0], urls.join(", ")),
+        );
+        let (_, config) = PolicyConfig::from_yaml(&policy).unwrap();
+        let store = Arc::new(PolicyStore::new(vec![]));
+        store.apply(1, "test".into(), config);
+        let unary = Arc::new(UnaryModes::new(true));
+        let now = std::time::Duration::ZERO;
+        unary.probed(&urls[0].parse().unwrap(), now, Some(true));
+        unary.probed(&urls[1].parse().unwrap(), now, Some(false));
+        let clock = Arc::new(ManualClock::default());
+        let text = GatewayMetrics::new(store, clock, unary, Arc::default()).render();
+        for mode in ["assembled", "passthrough", "probing"] {
+            let series = format!("sluice_unary_mode{{mode=\"{mode}\"}}");
+            assert_eq!(value(&text, &series), Some(1.0), "{mode}:\n{text}");
+        }
+    }
+
+    #[test]
     fn without_a_policy_only_the_source_gauges_speak() {
         let store = Arc::new(PolicyStore::new(vec![]));
         let m = GatewayMetrics::new(

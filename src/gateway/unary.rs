@@ -20,7 +20,7 @@
 //! upstream is unreachable (a restart may bring another server). An assembled stream that
 //! still lacks usage (the server changed without a restart the gateway saw) switches the
 //! upstream to passthrough at once; only that answer has `usage: null`, logged.
-//! `sluice_unary_mode{mode}` shows where the policy's upstream is. The Responses API reports
+//! `sluice_unary_mode{mode}` counts the fleet's endpoints in each mode. The Responses API reports
 //! usage in its final event without being asked: it is always assembled.
 
 use std::collections::HashMap;

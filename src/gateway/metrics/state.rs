@@ -300,7 +300,7 @@ fn unary_mode() -> IntGaugeVec {
     IntGaugeVec::new(
         Opts::new(
             "sluice_unary_mode",
-            "How unary requests reach the policy's upstream: 1 for the mode in use. assembled: asked for as a stream and measured; passthrough: relayed as they are, not measured (streamUnary false, or the upstream's streams lack usage); probing: passed through until a one-token probe shows whether the upstream's streams carry usage.",
+            "How unary requests reach the policy's upstream: how many of its endpoints are in each mode (1 for the mode in use with one upstream). assembled: asked for as a stream and measured; passthrough: relayed as they are, not measured (streamUnary false, or the upstream's streams lack usage); probing: passed through until a one-token probe shows whether the upstream's streams carry usage.",
         ),
         &["mode"],
     )
@@ -381,17 +381,23 @@ impl Collector for StateCollector {
         }
         out.extend(reloads.collect());
         if let Some(s) = &snap {
-            let up = &s.config.upstream;
+            // Each endpoint of the fleet is in one mode (a fleet of pods probes each).
             let now = self.clock.now();
-            let current = if up.stream_unary {
-                self.unary
-                    .mode(up.endpoints.first().unwrap_or(&up.url), now)
-            } else {
-                "passthrough"
-            };
+            let modes = ["assembled", "passthrough", "probing"];
+            let mut counts = [0i64; 3];
+            for i in 0..s.fleet.len() {
+                let current = if s.config.upstream.stream_unary {
+                    self.unary.mode(s.endpoint_url(i), now)
+                } else {
+                    "passthrough"
+                };
+                if let Some(k) = modes.iter().position(|m| *m == current) {
+                    counts[k] += 1;
+                }
+            }
             let mode = unary_mode();
-            for m in ["assembled", "passthrough", "probing"] {
-                mode.with_label_values(&[m]).set(i64::from(m == current));
+            for (m, n) in modes.iter().zip(counts) {
+                mode.with_label_values(&[m]).set(n);
             }
             out.extend(mode.collect());
         }
