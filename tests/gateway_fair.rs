@@ -226,6 +226,41 @@ async fn over_the_ceiling(g: &InProc, wait: Duration) -> Vec<support::inproc::He
     load
 }
 
+#[tokio::test]
+async fn a_promoted_request_retried_on_another_endpoint_goes_there_as_critical() {
+    let g = InProc::start(&ceiling_policy(1.0, "")).await;
+    warm(&g).await;
+    let load = over_the_ceiling(&g, 3000 * MS).await;
+    for _ in 0..20 {
+        assert_eq!(g.stream("m", &[HEAVY], MS, &[]).await.status, 429);
+    }
+    // (The fair share is recomputed at most every 100 ms.)
+    g.clock.advance(200 * MS);
+    let light = g.send("m", &[LIGHT], "light", 0);
+    g.queued(1).await;
+    // An endpoint joins that refuses connections: with room, it is where the promoted request
+    // goes first; it is then retried on the engine, still over its ceiling, where a standard
+    // request would be shed (maxRejectProbability 1).
+    let dead = support::refused();
+    g.reload_endpoints(&[&dead, &g.upstream], &ceiling_policy(1.0, ""));
+    g.clock.advance(1001 * MS);
+    let arrived = tokio::time::timeout(Duration::from_secs(10), g.arrival()).await;
+    let promoted = arrived.expect("the promoted request reached the engine");
+    assert_eq!(promoted.body["user"], "light");
+    drop(promoted);
+    let o = tokio::time::timeout(Duration::from_secs(10), light).await;
+    assert_eq!(o.expect("answered").unwrap().status, 200);
+    let m = g.metrics().await;
+    let unreachable = [("reason", "unreachable")];
+    let refusals = metric(&m, "sluice_upstream_errors_total", &unreachable);
+    assert_eq!(
+        refusals,
+        Some(1.0),
+        "tried on the refusing endpoint first: {m}"
+    );
+    drop(load);
+}
+
 /// Heavy's and light's first requests, on an idle engine, all admitted (the tenants' mean
 /// outputs are known from then on).
 async fn warm(g: &InProc) {

@@ -155,12 +155,6 @@ async fn a_reload_keeps_each_endpoints_state_and_a_removed_endpoint_drains() {
     full.finish().await;
 }
 
-/// A port on 127.0.0.1 where nothing listens: connections are refused.
-fn refused() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("http://{}", l.local_addr().unwrap())
-}
-
 /// An endpoint that reads each request and closes the connection without answering: the
 /// request was written, so it must not be sent anywhere else.
 async fn cut_after_reading() -> (String, tokio::task::JoinHandle<()>) {
@@ -183,7 +177,7 @@ fn up(m: &str, url: &str) -> Option<f64> {
 #[tokio::test]
 async fn a_refused_connection_is_retried_on_another_endpoint_and_the_endpoint_is_ejected() {
     let g = InProc::start(CLIFF).await;
-    let dead = refused();
+    let dead = support::refused();
     g.reload_endpoints(&[&dead, &g.upstream], CLIFF);
     // Every request is served, whichever endpoint it was routed to first.
     for i in 0..20 {

@@ -146,6 +146,9 @@ pub struct Admitted {
     pub label: String,
     /// Would have been shed; served because the policy is in shadow mode.
     pub shadow: bool,
+    /// The priority it was admitted at (`critical` for a fair waiter promoted when its wait
+    /// ran out): a retry on another endpoint goes at the same.
+    pub priority: Priority,
     /// Counts the request in its key's requests in flight until dropped.
     pub active: Active,
 }
@@ -214,7 +217,7 @@ pub fn admit(
         true => snap.fleet.admit(model, priority, now, r),
         false => snap.fleet.admit_for_sure(model, priority, now, r),
     });
-    settle(snap, routed, model, &gw.clock, &gw.queue)
+    settle(snap, routed, (model, priority), &gw.clock, &gw.queue)
 }
 
 /// [`admit`], and when the request is shed and the policy has a queue, or it is `fair` (a
@@ -256,14 +259,21 @@ pub fn admit_elsewhere(
     let now = gw.clock.now();
     let routed =
         (gw.random).with(|r| snap.fleet.admit_elsewhere(model, priority, now, r, failed))?;
-    Some(settle(snap, routed, model, &gw.clock, &gw.queue))
+    Some(settle(
+        snap,
+        routed,
+        (model, priority),
+        &gw.clock,
+        &gw.queue,
+    ))
 }
 
-/// The admitted request (or the shed one's error) of a routing decision under `snap`.
+/// The admitted request (or the shed one's error) of a routing decision under `snap` for
+/// `model` at `priority`.
 pub(super) fn settle(
     snap: Arc<Snapshot>,
     routed: Routed,
-    model: &str,
+    (model, priority): (&str, Priority),
     clock: &Arc<dyn Clock>,
     queue: &Arc<AdmissionQueue>,
 ) -> Result<Admitted, (String, GatewayError)> {
@@ -286,6 +296,7 @@ pub(super) fn settle(
         key,
         label,
         shadow: d.verdict == Verdict::ShadowReject,
+        priority,
     })
 }
 

@@ -315,7 +315,7 @@ async fn accepted_completion(
         gw: &gw,
         snap: &a.snap,
         endpoint: a.endpoint,
-        admission: Some((&model, gate.0)),
+        admission: Some((&model, a.priority)),
         method: Method::POST,
         path_and_query: api.path(),
         headers: &headers,

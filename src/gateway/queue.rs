@@ -250,7 +250,8 @@ impl AdmissionQueue {
         let left = match result {
             Ok(Ok((snap, routed))) => {
                 guard.outcome = "admitted";
-                return settle(snap, routed, model, &self.clock, self).map_err(|(_, e)| e);
+                let asked = (model, priority);
+                return settle(snap, routed, asked, &self.clock, self).map_err(|(_, e)| e);
             }
             Ok(Err(left)) => left,
             // (Every waiter taken out of the queue is answered; this is not expected.)

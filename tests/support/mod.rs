@@ -336,3 +336,9 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The URL of a port on 127.0.0.1 where nothing listens: connections are refused.
+pub fn refused() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", l.local_addr().unwrap())
+}

@@ -88,7 +88,10 @@ async fn accepted_passthrough(
             let admitted = admit_or_wait(&gw, acc.snap.clone(), m, gate).await;
             acc.gated(&gw, admitted.is_ok());
             match admitted {
-                Ok(a) => (a.label, a.shadow, Some(a.active), a.endpoint, a.snap),
+                Ok(a) => {
+                    gate.0 = a.priority; // (a retry elsewhere goes at what was admitted)
+                    (a.label, a.shadow, Some(a.active), a.endpoint, a.snap)
+                }
                 Err((label, e)) => return acc.refuse(&gw, &label, api, false, e),
             }
         }
