@@ -12,6 +12,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::ChildProcess;
+pub use super::files::{PolicyFile, policy_yaml};
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -342,50 +343,6 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         }
     }
     None
-}
-
-/// A policy file in the temp dir, removed when dropped.
-pub struct PolicyFile(pub std::path::PathBuf);
-
-impl PolicyFile {
-    pub fn new(text: &str) -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!(
-            "sluice-test-policy-{}-{n}.yaml",
-            std::process::id()
-        ));
-        std::fs::write(&p, text).unwrap();
-        PolicyFile(p)
-    }
-
-    pub fn write(&self, text: &str) {
-        std::fs::write(&self.0, text).unwrap();
-    }
-}
-
-impl Drop for PolicyFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// A policy YAML document for tests: the given upstream, thresholds and extras. Unless the
-/// extras list models, the policy names the sim engine's `sim-llm` (with the default
-/// thresholds), as a user would, so its metrics carry that label.
-pub fn policy_yaml(upstream: &str, spec_extra: &str) -> String {
-    let mut doc = format!(
-        "apiVersion: sluice.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: test}}\nspec:\n  upstream: {{url: '{upstream}'}}\n"
-    );
-    if !spec_extra.contains("models:") && !spec_extra.contains("scope: Global") {
-        doc.push_str("  models: [{name: sim-llm}]\n");
-    }
-    for line in spec_extra.lines() {
-        doc.push_str("  ");
-        doc.push_str(line);
-        doc.push('\n');
-    }
-    doc
 }
 
 /// Sends a JSON POST and reads the whole body: the status, or what went wrong (refused, reset,
