@@ -16,7 +16,7 @@ pub struct Plan {
 
 /// What discovery the upstream of a policy in `namespace` gets.
 pub fn plan(upstream: &UpstreamConfig, namespace: &str) -> Plan {
-    let plan = |discovers, reason, message: String| Plan {
+    let says = |discovers, reason, message: String| Plan {
         discovers,
         reason,
         message,
@@ -25,20 +25,20 @@ pub fn plan(upstream: &UpstreamConfig, namespace: &str) -> Plan {
     if let [_, _, ..] = upstream.endpoints.as_slice() {
         let n = upstream.endpoints.len();
         let m = format!("spec.upstream.endpoints lists {n} endpoints: the gateways route to them");
-        return plan(false, "EndpointsListed", m);
+        return says(false, "EndpointsListed", m);
     }
     let Some(url) = upstream.endpoints.first() else {
-        return plan(false, "NotAService", "no upstream URL".to_owned());
+        return says(false, "NotAService", "no upstream URL".to_owned());
     };
     if !upstream.discovery {
         let m = format!("spec.upstream.discovery is None: {served}");
-        return plan(false, "Disabled", m);
+        return says(false, "Disabled", m);
     }
     if url.scheme_str() == Some("https") {
         let m = format!(
             "{url} is https, which is not discovered (an engine pod's certificate names the Service, not the pod's IP): {served}"
         );
-        return plan(false, "Https", m);
+        return says(false, "Https", m);
     }
     match ServiceRef::of(url, upstream.port_name.as_deref(), Some(namespace)) {
         Some(s) if s.namespace == namespace => {
@@ -46,20 +46,20 @@ pub fn plan(upstream: &UpstreamConfig, namespace: &str) -> Plan {
                 "the gateways follow the EndpointSlices of Service {} and route to each ready pod",
                 s.describe()
             );
-            plan(true, "EndpointSlices", m)
+            says(true, "EndpointSlices", m)
         }
         Some(s) => {
             let m = format!(
                 "Service {} is not in the policy's namespace {namespace}, where the gateways may watch EndpointSlices: {served}",
                 s.describe()
             );
-            plan(false, "OtherNamespace", m)
+            says(false, "OtherNamespace", m)
         }
         None => {
             let m = format!(
                 "{url} does not name a Service of the cluster (http://<service>.<namespace>.svc[.cluster.local], or http://<service> of this namespace): {served}"
             );
-            plan(false, "NotAService", m)
+            says(false, "NotAService", m)
         }
     }
 }

@@ -214,7 +214,9 @@ async fn reconcile_policy(
             .await
             .map_err(ReconcileError::Status)?;
     }
-    let applied = apply_objects(policy, ctx, &ns, &config).await;
+    // What discovery the gateways get: the Role's grant and the status condition.
+    let discovery = crate::discovery::plan(&config.upstream, &ns);
+    let applied = apply_objects(policy, ctx, &ns, (&config, discovery.discovers)).await;
     let (deployment, replicas, port) = match applied {
         Ok(a) => a,
         Err(e) => {
@@ -237,7 +239,7 @@ async fn reconcile_policy(
         &deployment.status.clone().unwrap_or_default(),
         replicas,
         &objects::gateway_endpoint(&ns, &name, port),
-        &crate::discovery::plan(&config.upstream, &ns),
+        &discovery,
         &now,
     );
     // A resync of an unchanged policy writes nothing.
@@ -249,12 +251,13 @@ async fn reconcile_policy(
     Ok((Action::requeue(Duration::from_secs(300)), true))
 }
 
-/// Applies the owned objects; returns the Deployment as applied, the replicas and the port.
+/// Applies the owned objects (the Role granting EndpointSlices when the gateways
+/// `discovers`); returns the Deployment as applied, the replicas and the port.
 async fn apply_objects(
     policy: &RateLimitPolicy,
     ctx: &Context,
     ns: &str,
-    config: &PolicyConfig,
+    (config, discovers): (&PolicyConfig, bool),
 ) -> Result<(Deployment, i32, i32), ReconcileError> {
     let ns = ns.to_owned();
     let name = policy.name_any();
@@ -310,7 +313,6 @@ async fn apply_objects(
     .await?;
     // Discovery of a Service in the policy's namespace; one elsewhere needs a Role there,
     // which the operator cannot own (owner references stay within a namespace).
-    let discovers = crate::discovery::plan(&config.upstream, &ns).discovers;
     let role = objects::gateway_role(&ns, &name, discovers);
     apply(ctx, &ns, role, &owner).await?;
     apply(ctx, &ns, objects::gateway_role_binding(&ns, &name), &owner).await?;
